@@ -1,0 +1,149 @@
+"""The `tunelab` command line. Each command is a thin shell over one stage's function.
+
+Heavy imports (torch, transformers, gradio) happen inside the commands so `--help` stays fast.
+User errors (`tunelab.errors.UserError`) print one line and exit with code 2; `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunelab.errors import UserError
+
+app = typer.Typer(
+    help="Fine-tune small chat models with LoRA on a CPU or GPU, export to GGUF, serve, and learn from feedback.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (results go to docs/benchmarks.md).", no_args_is_help=True)
+feedback_app = typer.Typer(help="Turn app feedback into datasets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+app.add_typer(feedback_app, name="feedback")
+
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+]
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.")]
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def load(config: Path | None, overrides: list[str] | None):
+    from tunelab.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+# ----------------------------------------------------------------------------------- config
+@config_app.command("show")
+def config_show(config: ConfigArg, set_: SetOption = None) -> None:
+    """Print the resolved config (defaults + file + --set overrides)."""
+    typer.echo(load(config, set_).to_yaml(), nl=False)
+
+
+# ------------------------------------------------------------------------------------- data
+@data_app.command("prepare")
+def data_prepare(
+    config: ConfigArg,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a prepared copy for this config exists.")] = False,
+) -> None:
+    """Read, normalise, filter, dedup, split and tokenise the data sources; write a dataset folder + report."""
+    from tunelab.data.prepare import prepare_dataset
+
+    cfg = load(config, set_)
+    out = prepare_dataset(cfg, force=force, verbose=True)
+    typer.echo(f"prepared dataset: {out}")
+
+
+# ------------------------------------------------------------------------------------ train
+@app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the newest valid checkpoint in the run folder.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="With --no-resume: delete an existing run folder first.")] = False,
+) -> None:
+    """Fine-tune with LoRA; resumes an interrupted run in the same folder."""
+    from tunelab.train.recipe import run_training
+
+    cfg = load(config, set_)
+    run_training(cfg, resume=resume, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `tunelab train`.")],
+    set_: SetOption = None,
+) -> None:
+    """Validation loss and perplexity of base vs tuned on the held-out split, plus sample generations."""
+    from tunelab.eval.evaluate import evaluate_run
+
+    evaluate_run(run_dir, overrides=set_ or [], verbose=True)
+
+
+# ------------------------------------------------------------------------------- quickstart
+@app.command()
+def quickstart(
+    output: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
+    set_: SetOption = None,
+    serve: Annotated[bool, typer.Option(help="Export GGUF q4_k_m and open the app at the end.")] = False,
+) -> None:
+    """Prepare embedded data, fine-tune the embedded SmolLM2-135M on this CPU, evaluate base vs tuned."""
+    from tunelab.experiments.quickstart import run_quickstart
+
+    run_quickstart(output, overrides=set_ or [], serve=serve)
+
+
+def _register_stage_commands() -> None:
+    """Commands owned by later stages live next to their code (export/, serve/, experiments/, data/)."""
+    from tunelab.data.commands import bench_data_cmd
+    from tunelab.experiments.commands import bench_train_cmd, sweep_cmd
+    from tunelab.export.commands import bench_infer_cmd, chat_cmd, export_cmd
+    from tunelab.serve.commands import feedback_export_cmd, serve_cmd
+
+    app.command("export")(export_cmd)
+    app.command("chat")(chat_cmd)
+    app.command("serve")(serve_cmd)
+    app.command("sweep")(sweep_cmd)
+    feedback_app.command("export")(feedback_export_cmd)
+    bench_app.command("train")(bench_train_cmd)
+    bench_app.command("data")(bench_data_cmd)
+    bench_app.command("infer")(bench_infer_cmd)
+
+
+_register_stage_commands()
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

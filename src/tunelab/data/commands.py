@@ -1,0 +1,8 @@
+"""Placeholder: the owning stage replaces these with real commands."""
+
+from tunelab.errors import UserError
+
+
+def bench_data_cmd() -> None:
+    """Not built yet."""
+    raise UserError("this command is not built yet")
