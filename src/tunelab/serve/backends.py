@@ -1,0 +1,213 @@
+"""Chat inference behind one small interface: llama.cpp for `.gguf`, transformers (+PEFT) for folders.
+
+    backend = load_backend("runs/quickstart", threads=2)   # run folder, merged HF folder or .gguf file
+    for piece in backend.stream_chat(messages, GenerationParams(temperature=0.7)):
+        print(piece, end="", flush=True)
+
+`messages` is the canonical conversation (see docs/design.md) without the final assistant turn.
+Both backends render the prompt with the model's own chat template (the run's tokenizer, the merged
+folder's tokenizer, or `tokenizer.chat_template` in the GGUF metadata) and stop at the model's EOS.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from tunelab.errors import UserError
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class GenerationParams:
+    """Sampling settings shared by both backends. temperature 0 means greedy decoding."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+
+    def validate(self) -> GenerationParams:
+        if self.temperature < 0:
+            raise UserError(f"temperature: must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p: must be in (0, 1] (got {self.top_p})")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens: must be >= 1 (got {self.max_new_tokens})")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty: must be > 0 (got {self.repetition_penalty})")
+        return self
+
+
+class ChatBackend(Protocol):
+    model_id: str  # a short name for logs and the app (file or folder name)
+    kind: str  # "llama.cpp" or "transformers"
+
+    def stream_chat(self, messages: Messages, params: GenerationParams | None = None) -> Iterator[str]:
+        """Yield the assistant reply as text pieces, as they are generated."""
+        ...
+
+
+def load_backend(model_path: str | Path, threads: int | None = None) -> ChatBackend:
+    """`.gguf` -> llama.cpp; run folder (adapter/ + config.yaml) or HF model folder -> transformers."""
+    from tunelab.models.runs import is_run_dir
+
+    path = Path(model_path).expanduser()
+    if threads is not None and threads < 1:
+        raise UserError(f"threads: must be >= 1 (got {threads})")
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return LlamaCppBackend(path, threads)
+    if is_run_dir(path) or (path / "config.json").is_file():
+        return TransformersBackend(path, threads)
+    raise UserError(f"{path}: not a .gguf file, a run folder (adapter/ + config.yaml) or a HF model folder (config.json)")
+
+
+# ------------------------------------------------------------------------------------ llama.cpp
+class LlamaCppBackend:
+    kind = "llama.cpp"
+
+    def __init__(self, gguf_path: Path, threads: int | None = None, n_ctx: int = 2048):
+        from llama_cpp import Llama
+
+        self.model_id = gguf_path.name
+        # chat_format=None: llama-cpp-python formats with the GGUF's own `tokenizer.chat_template`
+        # and stops at its EOS token, so the GGUF file alone defines the conversation format.
+        try:
+            self.llm = Llama(
+                model_path=str(gguf_path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                chat_format=None,
+                verbose=False,
+            )
+        except ValueError as exc:
+            raise UserError(f"{gguf_path}: llama.cpp cannot load this GGUF ({exc})") from None
+        if "tokenizer.chat_template" not in self.llm.metadata:
+            raise UserError(f"{gguf_path}: the GGUF has no tokenizer.chat_template; re-export it with `tunelab export`")
+
+    def stream_chat(self, messages: Messages, params: GenerationParams | None = None) -> Iterator[str]:
+        params = (params or GenerationParams()).validate()
+        chunks = self.llm.create_chat_completion(
+            messages=messages,
+            stream=True,
+            temperature=params.temperature,  # llama.cpp samples greedily at 0
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            repeat_penalty=params.repetition_penalty,
+            seed=params.seed,
+        )
+        for chunk in chunks:
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
+
+
+# --------------------------------------------------------------------------------- transformers
+def load_hf_model_and_tokenizer(path: Path):
+    """A run folder gives base + adapter (PeftModel); any other folder is a plain HF model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models.runs import is_run_dir, load_run_model
+
+    if is_run_dir(path):
+        return load_run_model(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS (e.g. <|im_end|>) and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+class _StopWhenSet:
+    """A StoppingCriteria that ends generate() once the reader has gone away (e.g. the app's Stop button)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+class TransformersBackend:
+    kind = "transformers"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
+        self.model_id = path.resolve().name
+        self.model, self.tokenizer = load_hf_model_and_tokenizer(path)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"{path}: the tokenizer has no chat template")
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+
+    def prompt_ids(self, messages: Messages):
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+
+    def stream_chat(self, messages: Messages, params: GenerationParams | None = None) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        params = (params or GenerationParams()).validate()
+        inputs = self.prompt_ids(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        sampling = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        kwargs = dict(
+            **inputs,
+            **sampling,
+            max_new_tokens=params.max_new_tokens,
+            repetition_penalty=params.repetition_penalty,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0],
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+        )
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced in the reader's thread below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            stop.set()
+            worker.join()
+        if errors:
+            raise errors[0]
