@@ -1,0 +1,214 @@
+"""The LoRA training loop: one plain function, readable top to bottom.
+
+Data order is a pure function of (seed, step) (see batching.step_indices), so the "data position" of a
+checkpoint is just its step number, and a resumed run replays exactly the batches an uninterrupted run
+would have seen. Each optimizer step takes `batch_size x grad_accum` conversations; the loss is the sum
+of assistant-token cross-entropies divided by the number of assistant tokens in the whole step, so
+gradient accumulation (and DDP) give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.config import EvalConfig, TrainConfig
+from tunelab.eval.metrics import perplexity, validation_loss
+from tunelab.train.batching import IGNORE, make_batch, step_indices
+from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.loss import masked_lm_loss
+from tunelab.train.precision import Precision
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    peak_rss_mib: float
+    final_train_loss: float | None
+    final_val_loss: float | None
+    resumed_from: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_optimizer(model, cfg: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA weights only: no state for frozen ones
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per event, flushed) + TensorBoard. On resume, lines past the checkpoint go."""
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self._truncate_after(resume_step)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.file = open(self.path, "a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by a crash
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def train_lora(
+    model,
+    train_rows: list[Example],
+    val_rows: list[Example],
+    cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    run_dir: Path,
+    precision: Precision,
+    pad_id: int,
+    accelerator,
+    resume: bool = True,
+    log=print,
+    progress=None,
+) -> TrainResult:
+    device = accelerator.device
+    is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch_size * cfg.grad_accum
+    targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in train_rows]
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    start_step, tokens_seen, train_seconds, resumed_from = 0, 0, 0.0, None
+    if resume and (ckpt := latest_valid_checkpoint(run_dir, warn=log)) is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
+        resumed_from = start_step
+        log(f"resuming from {ckpt} (step {start_step} of {cfg.max_steps})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    metrics = MetricsLog(run_dir, start_step, enabled=is_main)
+
+    def evaluate(step: int) -> float:
+        loss = validation_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
+        metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        model.train()
+        return loss
+
+    model.train()
+    last_loss, last_val, history = None, None, []
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start_step, cfg.max_steps):
+        step_start = time.perf_counter()
+        indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
+        step_targets = sum(targets_per_row[i] for i in indices)
+        micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
+        loss_sum, step_tokens = torch.zeros((), device=device), 0
+        for i, rows in enumerate(micro_batches):
+            batch = make_batch([train_rows[r] for r in rows], cfg.packing, pad_id).to(device)
+            sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
+            with accelerator.no_sync(model) if not sync else nullcontext(), precision.autocast(device.type):
+                micro_loss, _ = masked_lm_loss(model, batch, cfg.loss_chunk_tokens)
+            # DDP averages gradients over processes; scale by world so the step equals one big batch.
+            accelerator.backward(micro_loss * world / max(step_targets, 1))
+            loss_sum += micro_loss.detach()
+            step_tokens += batch.num_tokens
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)
+        last_loss = loss_sum.item() / max(step_targets, 1)
+        tokens_seen += step_tokens
+        elapsed = time.perf_counter() - step_start
+        train_seconds += elapsed
+        window_tokens += step_tokens
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+            rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate, "step_s": elapsed}
+            metrics.write(record)
+            history.append(record)
+            window_tokens, window_start = 0, time.perf_counter()
+            if progress is not None:
+                progress(done, record)
+        if done % cfg.eval_steps == 0 or done == cfg.max_steps:
+            last_val = evaluate(done)
+            history.append({"step": done, "val_loss": last_val})
+            log(f"step {done}: val_loss {last_val:.4f}")
+        if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
+            state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val}
+            save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler, state, cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+
+    metrics.close()
+    if last_val is None:  # resumed a run that had already finished
+        last_val = evaluate(cfg.max_steps)
+    return TrainResult(
+        steps=cfg.max_steps,
+        tokens=tokens_seen,
+        train_seconds=train_seconds,
+        tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
+        peak_rss_mib=peak_rss_mib(),
+        final_train_loss=last_loss,
+        final_val_loss=last_val,
+        resumed_from=resumed_from,
+        history=history,
+    )
+
+
+def _reduce(accelerator, loss_sum: torch.Tensor, tokens: int):
+    if accelerator.num_processes == 1:
+        return loss_sum, tokens
+    packed = torch.stack([loss_sum.float(), torch.tensor(float(tokens), device=loss_sum.device)])
+    packed = accelerator.reduce(packed, reduction="sum")
+    return packed[0], int(packed[1].item())

@@ -1,0 +1,48 @@
+"""Attention for packed rows: causal attention inside each conversation, none across them.
+
+Registered with transformers' AttentionInterface as "tunelab_packed". The model forwards the
+`packed_segments` keyword (a tuple of (start, end)) down to this function. Running SDPA once per
+segment costs only the attention each conversation needs; a block-diagonal mask over the whole row
+would compute (and then discard) all the cross-conversation scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tunelab_packed"
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    segments = kwargs.get("packed_segments")
+    if segments is None:
+        # Not a packed call (e.g. generation): fall back to transformers' own SDPA path.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects a single packed row")
+    groups = query.shape[1] // key.shape[1]
+    outputs = []
+    for start, end in segments:
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=groups > 1,
+            )
+        )
+    attn = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return attn.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_attention_forward)
+    return NAME
