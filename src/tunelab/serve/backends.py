@@ -11,6 +11,8 @@ folder's tokenizer, or `tokenizer.chat_template` in the GGUF metadata) and stop 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,26 +71,73 @@ def load_backend(model_path: str | Path, threads: int | None = None) -> ChatBack
 
 
 # ------------------------------------------------------------------------------------ llama.cpp
-class LlamaCppBackend:
-    kind = "llama.cpp"
+_llama_load_lock = threading.Lock()
 
-    def __init__(self, gguf_path: Path, threads: int | None = None, n_ctx: int = 2048):
-        from llama_cpp import Llama
 
-        self.model_id = gguf_path.name
-        # chat_format=None: llama-cpp-python formats with the GGUF's own `tokenizer.chat_template`
-        # and stops at its EOS token, so the GGUF file alone defines the conversation format.
+def amx_build_needs_plain_buffers() -> bool:
+    """True when libllama was built with AMX kernels and we should not let it use them.
+
+    ggml's AMX "extra buffer type" is picked automatically for quantised weights (q8_0, q4_K, ...) when the
+    build machine had AMX. In some VMs (seen on Firecracker guests) those kernels die with SIGILL/SIGSEGV even
+    though the CPU reports AMX, so by default we load with plain CPU buffers (f16 is unaffected). Builds
+    without AMX (CMAKE_ARGS="-DGGML_AMX_INT8=OFF ...") keep llama.cpp's faster repacked buffers.
+    TUNELAB_LLAMA_EXTRA_BUFTS=1 forces the extra buffer types back on.
+    """
+    import llama_cpp
+
+    if os.environ.get("TUNELAB_LLAMA_EXTRA_BUFTS") == "1":
+        return False
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@contextlib.contextmanager
+def _plain_cpu_buffers():
+    # Llama() does not expose `use_extra_bufts`; it reads llama_model_default_params() in __init__, so we
+    # hand it defaults with extra buffer types off, only while one Llama is being constructed.
+    import llama_cpp.llama as llama_module
+
+    original = llama_module.llama_cpp.llama_model_default_params
+
+    def defaults_without_extra_bufts():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    with _llama_load_lock:
+        llama_module.llama_cpp.llama_model_default_params = defaults_without_extra_bufts
         try:
-            self.llm = Llama(
+            yield
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = original
+
+
+def open_llama(gguf_path: str | Path, threads: int | None = None, n_ctx: int = 2048, **kwargs):
+    """llama_cpp.Llama for a GGUF, quiet, with the thread count for both prompt and decode."""
+    from llama_cpp import Llama
+
+    guard = _plain_cpu_buffers() if amx_build_needs_plain_buffers() else contextlib.nullcontext()
+    try:
+        with guard:
+            return Llama(
                 model_path=str(gguf_path),
                 n_ctx=n_ctx,
                 n_threads=threads,
                 n_threads_batch=threads,
-                chat_format=None,
                 verbose=False,
+                **kwargs,
             )
-        except ValueError as exc:
-            raise UserError(f"{gguf_path}: llama.cpp cannot load this GGUF ({exc})") from None
+    except ValueError as exc:
+        raise UserError(f"{gguf_path}: llama.cpp cannot load this GGUF ({exc})") from None
+
+
+class LlamaCppBackend:
+    kind = "llama.cpp"
+
+    def __init__(self, gguf_path: Path, threads: int | None = None, n_ctx: int = 2048):
+        self.model_id = gguf_path.name
+        # chat_format=None: llama-cpp-python formats with the GGUF's own `tokenizer.chat_template`
+        # and stops at its EOS token, so the GGUF file alone defines the conversation format.
+        self.llm = open_llama(gguf_path, threads, n_ctx, chat_format=None)
         if "tokenizer.chat_template" not in self.llm.metadata:
             raise UserError(f"{gguf_path}: the GGUF has no tokenizer.chat_template; re-export it with `tunelab export`")
 

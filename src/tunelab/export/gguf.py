@@ -1,0 +1,144 @@
+"""HF folder -> GGUF with llama.cpp's own converter, then quantisation with the llama.cpp library.
+
+The converter (`convert_hf_to_gguf.py` + its `conversion/` package + the matching `gguf-py`) is not part of
+the llama-cpp-python wheel, only of its source distribution. We download that sdist once with pip, keep just
+the converter files in `~/.cache/tunelab/llama.cpp/<version>/`, and run the converter as a subprocess so its
+own gguf-py (not necessarily PyPI's `gguf`) is the one imported. `TUNELAB_LLAMA_CPP_SRC` points at an
+existing llama.cpp checkout instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+# What the converter needs from the sdist (paths under vendor/llama.cpp/).
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/", "LICENSE")
+QUANT_TYPES = ("f16", "q8_0", "q4_k_m")
+
+
+def _log(message: str) -> None:
+    print(f">> {message}", file=sys.stderr, flush=True)
+
+
+def atomic_target(path: Path) -> Path:
+    """A temp name next to `path` (same filesystem, so os.replace is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+# ---------------------------------------------------------------------------- converter source
+def llama_cpp_source_dir() -> Path:
+    """A folder holding convert_hf_to_gguf.py and gguf-py/, fetched once if needed."""
+    override = os.environ.get("TUNELAB_LLAMA_CPP_SRC")
+    if override:
+        src = Path(override).expanduser()
+        if not (src / "convert_hf_to_gguf.py").is_file() or not (src / "gguf-py").is_dir():
+            raise UserError(f"TUNELAB_LLAMA_CPP_SRC={src}: needs convert_hf_to_gguf.py and gguf-py/ (a llama.cpp checkout)")
+        return src
+    from tunelab.models.loading import cache_dir
+
+    version = importlib.metadata.version("llama-cpp-python")
+    target = cache_dir() / "llama.cpp" / version
+    if not (target / "convert_hf_to_gguf.py").is_file():
+        fetch_converter(version, target)
+    return target
+
+
+def fetch_converter(version: str, target: Path) -> None:
+    _log(
+        f"Fetching llama.cpp's GGUF converter (once): the llama-cpp-python {version} source distribution "
+        f"from PyPI (~75 MB), keeping only the converter in {target}"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "-q", "-d", tmp, f"llama-cpp-python=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            last = (done.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
+            raise UserError(
+                f"cannot download the llama-cpp-python {version} source (needs PyPI access): {last}; "
+                "or set TUNELAB_LLAMA_CPP_SRC to a llama.cpp checkout"
+            )
+        staged = Path(tmp) / "converter"
+        _extract_converter(sdists[0], staged)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+
+
+def _extract_converter(sdist: Path, out: Path) -> None:
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/", 3)  # llama_cpp_python-X/vendor/llama.cpp/<rest>
+            if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"] or not member.isfile():
+                continue
+            rest = parts[3]
+            if any(rest == f or (f.endswith("/") and rest.startswith(f)) for f in CONVERTER_FILES):
+                member.name = rest
+                tar.extract(member, out, filter="data")
+    if not (out / "convert_hf_to_gguf.py").is_file():
+        raise UserError(f"{sdist.name}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
+
+
+# ---------------------------------------------------------------------------------- conversion
+def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
+    """Run llama.cpp's converter on a HF folder; the GGUF carries the tokenizer, chat template and EOS."""
+    src = llama_cpp_source_dir()
+    tmp = atomic_target(out_file)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise UserError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf_dir}:\n{tail}")
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def quantize_gguf(src_file: Path, out_file: Path, qtype: str, threads: int | None = None) -> Path:
+    """Quantise with libllama's own quantiser (the same code as the `llama-quantize` tool)."""
+    import llama_cpp
+
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+              "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}
+    if qtype not in ftypes:
+        raise UserError(f"--gguf: unknown type `{qtype}` (known: {', '.join(QUANT_TYPES)})")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftypes[qtype]
+    params.nthread = threads or os.cpu_count() or 1
+    tmp = atomic_target(out_file)
+    status = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
+    if status != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"llama.cpp could not quantise {src_file} to {qtype} (status {status})")
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def gguf_metadata(path: Path) -> dict[str, object]:
+    """Scalar and string metadata of a GGUF (read with the gguf package; no model load)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out: dict[str, object] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer.ggml.") and name.endswith(("tokens", "scores", "token_type", "merges")):
+            continue  # the vocabulary arrays: large and not needed here
+        try:
+            out[name] = field.contents()
+        except Exception:  # exotic field types we never read
+            continue
+    return out
