@@ -168,6 +168,8 @@ def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[err["type"]]
         limit = next(iter(err["ctx"].values()))
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
         msg = f"must be {op} {limit}"
     got = err.get("input")
     if err["type"] not in ("missing",) and not isinstance(got, (dict, list)):
@@ -223,7 +225,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts, value = parse_override(item)
         node = raw
         for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise ConfigError(f"--set {item}: `{part}` is not an index of that list (it has {len(node)} items)")
                 node = node[int(part)]
                 continue
             if not isinstance(node.get(part), (dict, list)):
@@ -265,5 +269,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, lora, train, eval)")
         raw = loaded
-    raw = apply_overrides(raw, overrides or [])
+    if overrides:
+        # Overrides may reach into defaults the file does not spell out (e.g. data.sources.0.max_records).
+        raw = apply_overrides(_deep_merge(Config().model_dump(mode="json"), raw), overrides)
     return config_from_dict(raw, origin)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -15,7 +15,7 @@ NAME = "tunelab_packed"
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    segments = kwargs.get("packed_segments")
+    segments = kwargs.pop("packed_segments", None)
     if segments is None:
         # Not a packed call (e.g. generation): fall back to transformers' own SDPA path.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -42,7 +42,10 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 def register() -> str:
+    """Register the packed attention; padded batches and generation get transformers' usual SDPA masks."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(NAME, packed_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     return NAME

@@ -123,13 +123,13 @@ def save_folder_atomic(path: Path, write) -> None:
 
 
 def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=print) -> dict:
+    check_hardware(cfg)
     from accelerate import Accelerator
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
     from tunelab.models import load_tokenizer
     from tunelab.train.loop import train_lora
 
-    check_hardware(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     threads = set_threads(cfg.train.threads)
     run_dir = prepare_run_dir(cfg, resume, overwrite) if accelerator.is_main_process else Path(cfg.train.output_dir)

@@ -1,0 +1,119 @@
+"""`tunelab eval RUN_DIR`: base vs tuned on the same held-out split, plus sample generations.
+
+Loss is the trainer's own assistant-token cross-entropy (tunelab.eval.metrics), so numbers from
+training, evaluation and the benchmark are comparable. The base model is the tuned model with its
+adapter disabled: one load, exactly the same weights underneath.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tunelab.eval.metrics import perplexity, validation_loss
+
+
+
+def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbose: bool = False, samples: bool = True) -> dict:
+    from peft import PeftModel
+
+    from tunelab.config import apply_overrides, config_from_dict
+    from tunelab.data.prepare import load_prepared, prepare_dataset
+    from tunelab.models import load_model
+    from tunelab.models.runs import load_run_tokenizer, run_config
+    from tunelab.train.packed_attention import register as register_packed_attention
+    from tunelab.train.precision import choose_precision
+    from tunelab.train.recipe import rows_of, set_threads, write_text_atomic
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), overrides), str(run_dir / "config.yaml"))
+    set_threads(cfg.train.threads)
+    precision = choose_precision(cfg.train.precision)
+    _, val_set = load_prepared(prepare_dataset(cfg))
+    val_rows = rows_of(val_set)[: cfg.eval.max_val_rows or None]
+
+    model = load_model(cfg.model, dtype=precision.dtype)
+    if cfg.train.packing:
+        model.config._attn_implementation = register_packed_attention()
+    model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+    tokenizer = load_run_tokenizer(run_dir)
+    device = torch.device("cpu")
+    score = lambda: validation_loss(  # noqa: E731
+        model, val_rows, cfg.eval.batch_size, cfg.train.packing, tokenizer.pad_token_id, precision, device, cfg.train.loss_chunk_tokens
+    )
+    tuned_loss = score()
+    with model.disable_adapter():
+        base_loss = score()
+    report = {
+        "run_dir": str(run_dir),
+        "base_model": cfg.model.name,
+        "val_rows": len(val_rows),
+        "precision": precision.name,
+        "base": {"val_loss": base_loss, "val_ppl": perplexity(base_loss)},
+        "tuned": {"val_loss": tuned_loss, "val_ppl": perplexity(tuned_loss)},
+        "improved": tuned_loss < base_loss,
+        "samples": [],
+    }
+    if samples:
+        for prompt in cfg.eval.prompts:
+            tuned = generate_greedy(model, tokenizer, prompt, cfg.eval.max_new_tokens)
+            with model.disable_adapter():
+                base = generate_greedy(model, tokenizer, prompt, cfg.eval.max_new_tokens)
+            report["samples"].append({"prompt": prompt, "base": base, "tuned": tuned})
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    write_text_atomic(out / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
+    write_text_atomic(out / "samples.md", _samples_markdown(report))
+    if verbose:
+        _print_report(report, out)
+    return report
+
+
+def _samples_markdown(report: dict) -> str:
+    lines = [
+        f"# Evaluation of {report['run_dir']}",
+        "",
+        f"Held-out rows: {report['val_rows']} (precision {report['precision']})",
+        "",
+        "| model | val loss | perplexity |",
+        "|---|---|---|",
+        f"| base | {report['base']['val_loss']:.4f} | {report['base']['val_ppl']:.2f} |",
+        f"| tuned | {report['tuned']['val_loss']:.4f} | {report['tuned']['val_ppl']:.2f} |",
+        "",
+    ]
+    for sample in report["samples"]:
+        lines += [f"## {sample['prompt']}", "", "**Base:**", "", sample["base"], "", "**Tuned:**", "", sample["tuned"], ""]
+    return "\n".join(lines)
+
+
+def _print_report(report: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"held-out loss ({report['val_rows']} conversations, assistant tokens only)")
+    for column in ("model", "val loss", "perplexity"):
+        table.add_column(column)
+    for name in ("base", "tuned"):
+        table.add_row(name, f"{report[name]['val_loss']:.4f}", f"{report[name]['val_ppl']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(f"samples and report: {out}/samples.md, {out}/eval.json")

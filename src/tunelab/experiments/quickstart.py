@@ -1,0 +1,45 @@
+"""`tunelab quickstart`: the whole loop on the embedded model and data, on this CPU, in about 10 minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.config import load_config
+
+QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+def run_quickstart(output: Path, overrides: list[str] | None = None, serve: bool = False, log=print) -> dict:
+    from tunelab.eval.evaluate import evaluate_run
+    from tunelab.train.recipe import run_training
+
+    cfg = load_config(QUICKSTART_CONFIG, [f"train.output_dir={output}", *(overrides or [])])
+    log(f"quickstart: config {QUICKSTART_CONFIG}, run folder {output}")
+    summary = run_training(cfg, resume=True, log=log)
+    report = evaluate_run(output, verbose=True)
+    verdict = "lower" if report["improved"] else "NOT lower"
+    log(
+        f"\ntuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base {report['base']['val_loss']:.4f}"
+        f" ({summary['tokens_per_second']:.0f} train tok/s, {summary['precision']})\n"
+        f"run folder: {output}\n"
+        f"  adapter/        PEFT adapter (peft.PeftModel.from_pretrained)\n"
+        f"  eval/           base vs tuned loss and sample answers\n"
+        f"  metrics.jsonl   training curve (TensorBoard: tensorboard --logdir {output}/tb)\n"
+        f"next:\n"
+        f"  tunelab export {output} --gguf q4_k_m,q8_0,f16 --space {output}/space\n"
+        f"  tunelab chat {output}\n"
+        f"  tunelab serve {output}/export/model-q4_k_m.gguf"
+    )
+    if serve:
+        _export_and_serve(output, log)
+    return report
+
+
+def _export_and_serve(run_dir: Path, log) -> None:
+    from tunelab.export.commands import export_cmd
+    from tunelab.serve.commands import serve_cmd
+
+    gguf = run_dir / "export" / "model-q4_k_m.gguf"
+    if not gguf.is_file():
+        export_cmd(run_dir=run_dir, gguf="q4_k_m")
+    serve_cmd(model=gguf)
