@@ -1,0 +1,200 @@
+"""App handlers and input hygiene, called directly with a scripted backend (fast: no server, no model)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from serve_helpers import ScriptedBackend
+
+from tunelab.serve.app import (
+    ChatApp,
+    InputError,
+    Limits,
+    PlannerPrompt,
+    build_chat_messages,
+    chat_display,
+    clamp_params,
+    clean_text,
+    escape_for_display,
+    fit_history,
+    validate_planner_inputs,
+)
+from tunelab.serve.feedback import FeedbackStore
+
+REQUEST = SimpleNamespace(session_hash="abc123")
+
+
+def planner_args(**overrides):
+    args = dict(city="Lisbon", days=3, when="spring", budget="budget", pace="relaxed", interests=["food"],
+                preferences="no early mornings")  # fmt: skip
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture
+def app(tmp_path):
+    return ChatApp(ScriptedBackend(), FeedbackStore(tmp_path / "fb.db"), Limits(max_message_chars=100))
+
+
+def run(gen):
+    """All yields of a streaming handler; the last one is what the user ends up with."""
+    return list(gen)
+
+
+# ---------------------------------------------------------------------------------- hygiene
+def test_clean_text_drops_control_characters_but_keeps_newlines_tabs_and_unicode():
+    assert clean_text("a\x00b\x07c\r\nd\te\u202eF\x7f") == "abc\nd\teF"
+    assert clean_text("Zürich 🚲 東京") == "Zürich 🚲 東京"
+    assert clean_text(None) == ""
+
+
+def test_escape_for_display_neutralises_tags_but_keeps_markdown():
+    shown = escape_for_display('## Day 1\n- **Walk** <script>alert("x")</script> & <img src=x onerror=1>')
+    assert "<script>" not in shown and "<img" not in shown
+    assert "&lt;script&gt;" in shown and "&amp;" in shown
+    assert shown.startswith("## Day 1\n- **Walk**")
+
+
+def test_clamp_params_enforces_server_side_bounds():
+    params = clamp_params(9, 0, 10**9, Limits(max_new_tokens=300))
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (2.0, 0.05, 300)
+    with pytest.raises(InputError):
+        clamp_params("hot", 0.9, 10, Limits())
+
+
+def test_history_keeps_the_newest_turns_that_fit_and_skips_failed_ones():
+    turns = [
+        {"user": "a" * 50, "assistant": "b" * 50},
+        {"user": "old error", "assistant": "", "error": "boom"},
+        {"user": "c" * 10, "assistant": "d" * 10},
+    ]
+    assert fit_history(turns, 30) == [turns[2]]
+    assert fit_history(turns, 1000) == [turns[0], turns[2]]
+    messages = build_chat_messages("sys", turns, "now?", Limits())
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert build_chat_messages("  ", [], "hi", Limits()) == [{"role": "user", "content": "hi"}]
+
+
+def test_chat_display_escapes_both_sides_and_shows_errors():
+    shown = chat_display([{"user": "<b>hi</b>", "assistant": "<i>yo</i>"}, {"user": "x", "assistant": "", "error": "oops"}])
+    assert shown[0]["content"] == "&lt;b&gt;hi&lt;/b&gt;" and shown[1]["content"] == "&lt;i&gt;yo&lt;/i&gt;"
+    assert shown[-1] == {"role": "assistant", "content": "⚠️ oops"}
+
+
+# ----------------------------------------------------------------------------------- planner
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"city": "   "}, "Please enter a city"),
+        ({"city": "\x00\x01"}, "Please enter a city"),
+        ({"days": 0}, "between 1 and 14 days"),
+        ({"days": 60}, "between 1 and 14 days"),
+        ({"days": 2.5}, "between 1 and 14 days"),
+        ({"days": "many"}, "whole number"),
+        ({"city": "X" * 81}, "limit is 80"),
+        ({"when": "someday"}, "Travel time"),
+        ({"budget": "free"}, "Budget"),
+        ({"interests": ["<script>"]}, "Unknown interests"),
+        ({"preferences": "p" * 1001}, "limit is 1,000"),
+    ],
+)
+def test_planner_rejects_bad_inputs_with_a_friendly_message(overrides, message):
+    with pytest.raises(InputError, match=message):
+        validate_planner_inputs(**planner_args(**overrides), limits=Limits())
+
+
+def test_planner_prompt_comes_from_the_template_file():
+    inputs = validate_planner_inputs(**planner_args(city="  Porto\x00 ", days=2.0), limits=Limits())
+    assert inputs.city == "Porto" and inputs.days == 2
+    system, user = PlannerPrompt().messages(inputs)
+    assert system["role"] == "system" and "travel planner" in system["content"]
+    assert user["content"].startswith("Plan a 2-day trip to Porto in spring.")
+    assert "Interests: food." in user["content"] and "no early mornings" in user["content"]
+    assert "## Day N" in user["content"]
+
+
+def test_planner_template_can_be_replaced(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("Trip: {{ city }} for {{ days }} days")
+    inputs = validate_planner_inputs(**planner_args(), limits=Limits())
+    assert PlannerPrompt(template).messages(inputs)[1]["content"] == "Trip: Lisbon for 3 days"
+
+
+def test_plan_streams_markdown_and_remembers_the_answer(app):
+    outputs = run(app.plan(**planner_args(city="<b>Rome</b>"), temperature=0.2, max_new_tokens=5000, last_plan=None))
+    plan, record, status = outputs[-1]
+    assert len(outputs) > 3  # streamed piece by piece
+    assert plan.startswith("# 3-day plan for &lt;b&gt;Rome&lt;/b&gt;")
+    assert record["tab"] == "planner" and record["inputs"]["city"] == "<b>Rome</b>"
+    assert record["params"]["max_new_tokens"] == Limits().max_new_tokens  # clamped
+    assert record["response"].startswith("You said: Plan a 3-day trip")
+    assert status.startswith("Done")
+
+
+def test_plan_with_zero_days_shows_message_and_never_calls_the_model(app):
+    *_, (plan, record, status) = run(app.plan(**planner_args(days=0), temperature=0.7, max_new_tokens=50, last_plan=None))
+    assert "between 1 and 14 days" in status and record is None
+    assert app.backend.calls == []
+
+
+# -------------------------------------------------------------------------------------- chat
+def test_chat_streams_and_records_what_the_model_saw(app):
+    outputs = run(app.chat("Hello there", "Be nice", 0.5, 0.8, 32, [], None))
+    chatbot, turns, record, _, status = outputs[-1]
+    assert chatbot[-1] == {"role": "assistant", "content": "You said: Hello there"}
+    assert turns == [{"user": "Hello there", "assistant": "You said: Hello there"}]
+    assert record["messages"] == [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hello there"}]
+    assert record["params"]["temperature"] == 0.5 and record["model_id"] == "scripted-model"
+    assert status.startswith("Done")
+
+
+def test_second_turn_sends_the_history(app):
+    *_, (_, turns, _, _, _) = run(app.chat("one", "", 0.5, 0.8, 32, [], None))
+    *_, (_, turns, record, _, _) = run(app.chat("two", "", 0.5, 0.8, 32, turns, None))
+    assert [m["content"] for m in record["messages"]] == ["one", "You said: one", "two"]
+
+
+def test_too_long_message_is_refused_before_generation(app):
+    *_, (chatbot, turns, record, box, status) = run(app.chat("x" * 101, "", 0.5, 0.8, 32, [], None))
+    assert "limit is 100" in status and turns == [] and record is None
+    assert app.backend.calls == []
+
+
+def test_generation_error_is_shown_not_raised(tmp_path):
+    backend = ScriptedBackend(reply="partial answer here", fail_with=ValueError("Requested tokens exceed context window"))
+    app = ChatApp(backend, FeedbackStore(tmp_path / "fb.db"))
+    *_, (chatbot, turns, record, _, status) = run(app.chat("hi", "", 0.5, 0.8, 32, [], None))
+    assert "too long for this model" in status
+    assert chatbot[-1]["content"].startswith("partial ") and "⚠️" in chatbot[-1]["content"]
+    assert record is None  # a failed answer cannot be rated as if it were complete
+    # the failed turn is not sent to the model again
+    backend.fail_with = None
+    *_, (_, _, record, _, _) = run(app.chat("again", "", 0.5, 0.8, 32, turns, None))
+    assert [m["content"] for m in record["messages"]] == ["again"]
+
+
+# ---------------------------------------------------------------------------------- feedback
+def test_feedback_is_stored_for_the_latest_answer(app):
+    *_, (_, _, answer, _, _) = run(app.chat("Hello", "", 0.5, 0.8, 32, [], None))
+    status, *cleared = app.submit_feedback("down", ["too short", "incorrect"], " meh\x00 ", "Hi!", answer, REQUEST)
+    assert status.startswith("✅") and cleared == [None, [], "", ""]
+    [row] = app.store.rows()
+    assert row["rating"] == -1 and row["reasons"] == ["incorrect", "too short"]  # canonical order
+    assert row["comment"] == "meh" and row["better_answer"] == "Hi!"
+    assert row["response"] == "You said: Hello" and row["tab"] == "chat"
+    assert len(row["session_id"]) == 16 and "abc123" not in row["session_id"]
+
+
+@pytest.mark.parametrize(
+    "rating, answer, comment, message",
+    [
+        ("up", None, "", "no answer to rate"),
+        ("meh", {"response": "x"}, "", "Pick 👍 or 👎"),
+        ("up", {"response": "x"}, "c" * 2001, "limit is 2,000"),
+    ],
+)
+def test_feedback_problems_are_friendly_and_store_nothing(app, rating, answer, comment, message):
+    status, *_ = app.submit_feedback(rating, [], comment, "", answer, REQUEST)
+    assert message in status
+    assert app.store.count() == 0
