@@ -76,13 +76,14 @@ def serve_process(
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
     port: int | None = None,
+    host: str | None = "127.0.0.1",
     startup_timeout_s: float = 120,
     log_path: Path | None = None,
 ) -> Iterator["Server"]:
-    """Run the real CLI (`tunelab serve`) on 127.0.0.1 and a free port; always killed on exit."""
+    """Run the real CLI (`tunelab serve`) on a free port; always killed on exit. host=None: the CLI's default."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "tunelab.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--feedback-db", str(db), "--threads", "1", *(extra_args or [])]  # fmt: skip
+    cmd = [sys.executable, "-m", "tunelab.cli", "serve", str(model), "--port", str(port), "--feedback-db", str(db),
+           "--threads", "1", *(["--host", host] if host else []), *(extra_args or [])]  # fmt: skip
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", **(env or {})}
     log_path = log_path or db.with_suffix(f".{port}.log")
     log_file = log_path.open("wb")
@@ -132,3 +133,14 @@ def last_assistant_text(chatbot_value: list[dict]) -> str:
                 return "".join(part.get("text", "") for part in content if isinstance(part, dict))
             return content
     raise AssertionError(f"no assistant message in {chatbot_value!r}")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket listening on `port` (from /proc/net/tcp: state 0A = LISTEN)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        hex_ip, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(hex_ip)[::-1]))
+    return found

@@ -243,6 +243,7 @@ class ChatApp:
         self.limits = limits
         self.planner_prompt = planner_prompt or PlannerPrompt()
         self.share_feedback_data = share_feedback_data
+        self._download_dir = Path(tempfile.mkdtemp(prefix="tunelab-feedback-"))
 
     def _stream(self, messages: list[dict[str, str]], params: GenerationParams) -> Iterator[str]:
         """Accumulated answer text; the backend's generator is closed even when the user presses Stop."""
@@ -391,7 +392,8 @@ class ChatApp:
         if not self.share_feedback_data:
             raise gr.Error("Downloads are off on this server (start it with --auth to enable them).")
         rows = self.store.rows()
-        folder = Path(tempfile.mkdtemp(prefix="tunelab-feedback-"))
+        # One folder per server, overwritten each time: exports hold user text, so no pile-up of copies.
+        folder = self._download_dir
         if fmt == "csv":
             path = folder / "feedback.csv"
             path.write_text(rows_to_csv(rows), encoding="utf-8")
@@ -546,7 +548,8 @@ def build_app(
     store = feedback_db if isinstance(feedback_db, FeedbackStore) else FeedbackStore(feedback_db)
     prompt = PlannerPrompt(planner_template) if planner_template else PlannerPrompt()
     app = ChatApp(backend, store, limits, prompt, share_feedback_data)
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of served files (feedback downloads hold user text) expire after an hour.
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {escape_for_display(title)}\nModel: `{escape_for_display(backend.model_id)}`")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
