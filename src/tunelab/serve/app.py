@@ -23,6 +23,7 @@ import hashlib
 import html
 import json
 import logging
+import os
 import re
 import tempfile
 import unicodedata
@@ -30,7 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import gradio as gr
+# No usage analytics from a server that handles people's prompts (must be set before gradio is imported).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
