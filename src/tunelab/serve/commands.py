@@ -72,6 +72,8 @@ def feedback_export_cmd(
 
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format: choose one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
+    if push_to_hub is not None and push_to_hub.count("/") != 1:
+        raise UserError(f"--push-to-hub: expected a dataset repo id like user/name (got {push_to_hub!r})")
     if min_rating is not None and min_rating not in (-1, 1):
         raise UserError(f"--min-rating: ratings are -1 (👎) or 1 (👍) (got {min_rating})")
     output = output or db.with_name(f"{db.stem}.{fmt}.jsonl")
@@ -85,8 +87,41 @@ def feedback_export_cmd(
 
 
 def push_feedback_to_hub(path: Path, repo_id: str, private: bool = True) -> str:
-    """Upload an exported file to a Hub *dataset* repo (the Space's disk is not durable; the Hub is)."""
+    """Upload an exported file to a Hub *dataset* repo (a Space's disk is not durable; the Hub is).
+
+    Reuses the export stage's Hub code: same token rules (HF_TOKEN or `hf auth login`, never stored by us),
+    same offline check and one-line errors.
+    """
+    import inspect
+
     from tunelab.export import hub
 
-    return hub.push_file_to_hub(path, repo_id, repo_type="dataset", private=private)
+    if repo_id.count("/") != 1:
+        raise UserError(f"--push-to-hub: expected a dataset repo id like user/name (got {repo_id!r})")
+    plan = [(Path(path), Path(path).name)]
+    if "repo_type" in inspect.signature(hub.push_to_hub).parameters:
+        return hub.push_to_hub(repo_id, plan, private, repo_type="dataset")
+    return _push_dataset(repo_id, plan, private)
 
+
+def _push_dataset(repo_id: str, plan: list[tuple[Path, str]], private: bool) -> str:
+    # Until tunelab.export.hub.push_to_hub accepts repo_type (it creates model repos only), the same steps
+    # for a dataset repo.
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from tunelab.export.hub import check_hub_reachable
+
+    if get_token() is None:
+        raise UserError("--push-to-hub: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+    check_hub_reachable()
+    api = HfApi()  # reads the token itself; tunelab never holds it
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local)) for local, remote in plan]
+        api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message="tunelab feedback export")
+    except HfHubHTTPError as exc:
+        raise UserError(f"--push-to-hub {repo_id}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ConnectionError) as exc:
+        raise UserError(f"--push-to-hub {repo_id}: network error ({type(exc).__name__}); nothing was uploaded") from None
+    return str(url)
