@@ -9,6 +9,7 @@ existing llama.cpp checkout instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import os
@@ -108,10 +109,31 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
     return out_file
 
 
+@contextlib.contextmanager
+def native_stderr_captured():
+    """Send C-level stderr (fd 2) to a temp file: the quantiser prints one warning per tensor that falls back
+    to another type (576-wide rows are not q4_K-able); we show that text only if quantising fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        log_file = Path(tmp) / "stderr.txt"
+        with open(log_file, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield log_file
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+
 def quantize_gguf(src_file: Path, out_file: Path, qtype: str, threads: int | None = None) -> Path:
     """Quantise with libllama's own quantiser (the same code as the `llama-quantize` tool)."""
+    import logging
+
     import llama_cpp
 
+    # libllama logs every tensor while quantising; keep only errors (llama-cpp-python's logger).
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
               "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}
     if qtype not in ftypes:
@@ -120,10 +142,12 @@ def quantize_gguf(src_file: Path, out_file: Path, qtype: str, threads: int | Non
     params.ftype = ftypes[qtype]
     params.nthread = threads or os.cpu_count() or 1
     tmp = atomic_target(out_file)
-    status = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
+    with native_stderr_captured() as captured:
+        status = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
     if status != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise UserError(f"llama.cpp could not quantise {src_file} to {qtype} (status {status})")
+        tail = "\n".join(captured.read_text(errors="replace").strip().splitlines()[-10:])
+        raise UserError(f"llama.cpp could not quantise {src_file} to {qtype} (status {status}):\n{tail}")
     os.replace(tmp, out_file)
     return out_file
 

@@ -1,0 +1,106 @@
+"""`tunelab export`: merge -> GGUF f16 -> quantise -> parity check -> model card -> Space / Hub.
+
+    RUN/export/merged/          HF model (safetensors, tokenizer + chat template, generation_config, README.md)
+    RUN/export/model-*.gguf     as asked with --gguf
+    RUN/export/parity.json      the parity report (also printed as a table)
+    RUN/export/export.json      what was written and how long each step took
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.export.gguf import QUANT_TYPES, convert_hf_to_gguf, quantize_gguf
+
+log = print
+
+
+def parse_quants(text: str) -> list[str]:
+    quants = [q.strip().lower() for q in text.split(",") if q.strip()]
+    unknown = [q for q in quants if q not in QUANT_TYPES]
+    if unknown:
+        raise UserError(f"--gguf: unknown type `{unknown[0]}` (known: {', '.join(QUANT_TYPES)})")
+    return list(dict.fromkeys(quants))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def export_run(
+    run_dir: Path, quants: list[str], space_dir: Path | None = None, threads: int | None = None,
+    repo_id: str | None = None,
+) -> dict:
+    """Everything but the Hub push. Raises ParityError (a UserError) when the f16 GGUF is wrong."""
+    from tunelab.export.card import base_model_and_license, model_card
+    from tunelab.export.merge import merge_run, val_rows
+    from tunelab.export.parity import parity_table, raise_if_failed, run_parity
+    from tunelab.export.space import build_space
+    from tunelab.models.runs import run_config
+
+    cfg = run_config(run_dir)
+    export_dir = run_dir / "export"
+    export_dir.mkdir(exist_ok=True)
+    merged_dir = export_dir / "merged"
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    log(f">> merging adapter into {cfg.model.name} -> {merged_dir}")
+    losses = merge_run(run_dir, merged_dir)
+    timings["merge_s"] = time.perf_counter() - started
+
+    # f16 is always made: it is the quantiser's input and the parity reference; dropped later if not asked.
+    step = time.perf_counter()
+    log(">> converting to GGUF f16 with llama.cpp's convert_hf_to_gguf.py")
+    f16 = convert_hf_to_gguf(merged_dir, export_dir / "model-f16.gguf", "f16")
+    timings["gguf_f16_s"] = time.perf_counter() - step
+    ggufs = {"f16": f16}
+    for quant in [q for q in quants if q != "f16"]:
+        step = time.perf_counter()
+        log(f">> quantising to {quant}")
+        ggufs[quant] = quantize_gguf(f16, export_dir / f"model-{quant}.gguf", quant, threads)
+        timings[f"gguf_{quant}_s"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    log(">> parity check: merged HF fp32 vs each GGUF in llama.cpp")
+    rows = val_rows(run_dir, limit=8)
+    report = run_parity(merged_dir, ggufs, [r["input_ids"][:256] for r in rows] or None, threads=threads)
+    timings["parity_s"] = time.perf_counter() - step
+    write_json_atomic(export_dir / "parity.json", report)
+    table = parity_table(report)
+    log(table)
+    raise_if_failed(report)  # before anything is published
+
+    if "f16" not in quants:
+        f16.unlink()
+        ggufs.pop("f16")
+    gguf_names = [p.name for p in ggufs.values()]
+    card = model_card(run_dir, cfg, losses, gguf_names, table)
+    (merged_dir / "README.md").write_text(card, encoding="utf-8")
+
+    space_files = []
+    if space_dir is not None:
+        _, license_ = base_model_and_license(cfg)
+        title = f"{run_dir.resolve().name} chat"
+        space_files = build_space(space_dir, export_dir, title, license_ if " " not in license_ else "other", repo_id)
+        log(f">> Space bundle: {space_dir} (run it: python {space_dir / 'app.py'})")
+
+    timings["total_s"] = time.perf_counter() - started
+    timings["merge_f16_q4_k_m_s"] = timings["merge_s"] + timings["gguf_f16_s"] + timings.get("gguf_q4_k_m_s", 0.0)
+    summary = {
+        "run_dir": str(run_dir),
+        "merged": str(merged_dir),
+        "ggufs": {q: str(p) for q, p in ggufs.items()},
+        "space": [str(p) for p in space_files],
+        "val_loss": losses,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    write_json_atomic(export_dir / "export.json", summary)
+    log(f">> export done in {timings['total_s']:.1f} s (merge + f16 + q4_k_m: {timings['merge_f16_q4_k_m_s']:.1f} s)")
+    return summary
