@@ -459,7 +459,10 @@ def _chat_tab(app: ChatApp, system_prompt: str) -> None:
         system = gr.Textbox(label="System prompt", value=system_prompt, max_length=limits.max_system_prompt_chars, lines=2)
         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
         top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-        max_new_tokens = gr.Slider(1, limits.max_new_tokens, value=min(256, limits.max_new_tokens), step=1, label="Max new tokens")
+        max_new_tokens = gr.Slider(
+            1, limits.max_new_tokens, value=min(256, limits.max_new_tokens), step=1, label="Max new tokens",
+            elem_id="chat-max-tokens",
+        )
     chat_inputs = [message, system, temperature, top_p, max_new_tokens, turns, last_answer]
     chat_outputs = [chatbot, turns, last_answer, message, status]
     common = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE, time_limit=600)
@@ -492,7 +495,8 @@ def _planner_tab(app: ChatApp) -> None:
     with gr.Accordion("Settings", open=False):
         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
         max_new_tokens = gr.Slider(
-            16, limits.max_new_tokens, value=min(600, limits.max_new_tokens), step=1, label="Max new tokens"
+            16, limits.max_new_tokens, value=min(600, limits.max_new_tokens), step=1, label="Max new tokens",
+            elem_id="planner-max-tokens",
         )
     with gr.Row():
         go = gr.Button("Plan my trip", variant="primary", elem_id="planner-go")
@@ -594,6 +598,8 @@ def launch(
         ssr_mode=False,
         mcp_server=False,
         enable_monitoring=False,
+        run_history=False,  # it keeps prompts in the browser and offers Hub uploads; not for a shared app
+        footer_links=["api", "gradio", "settings"],
     )
     if not quiet:
         print(f"tunelab app running on {local_url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)

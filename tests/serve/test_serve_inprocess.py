@@ -1,0 +1,81 @@
+"""The app served in-process with a scripted backend: Stop, session isolation and the launch defaults (fast)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from serve_helpers import ScriptedBackend, free_port, listening_addresses
+
+from tunelab.serve.app import build_app, launch
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class SlowBackend(ScriptedBackend):
+    """Emits one word every `delay` seconds and counts how many generators were closed."""
+
+    def __init__(self, delay: float = 0.2, words: int = 200):
+        super().__init__(reply=" ".join(f"w{i}" for i in range(words)))
+        self.delay = delay
+        self.closed = threading.Event()
+
+    def stream_chat(self, messages, params=None):
+        try:
+            for piece in super().stream_chat(messages, params):
+                time.sleep(self.delay)
+                yield piece
+        finally:
+            self.closed.set()
+
+
+@pytest.fixture
+def served(tmp_path):
+    backend = SlowBackend()
+    demo = build_app(backend, tmp_path / "fb.db")
+    url = launch(demo, port=free_port(), block=False, quiet=True)
+    try:
+        yield backend, url, demo
+    finally:
+        demo.close()
+
+
+def test_launch_binds_loopback_by_default(served):
+    _, url, _ = served
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    assert listening_addresses(port) == {"127.0.0.1"}
+    assert url.startswith("http://127.0.0.1:")
+
+
+def test_stop_frees_the_model_for_the_next_request(served):
+    from gradio_client import Client
+
+    backend, url, _ = served
+    client = Client(url, verbose=False)
+    job = client.submit("long please", "", 0.5, 0.9, 200, api_name="/chat")
+    time.sleep(1.5)  # let it stream a few words
+    job.cancel()
+    assert backend.closed.wait(timeout=30), "the backend generator was not closed after Stop"
+    backend.delay = 0.0
+    backend.reply = "short reply"
+    _, _, status = client.predict("next", "", 0.5, 0.9, 16, api_name="/chat")
+    assert status.startswith("Done")  # the single model slot was released
+
+
+def test_sessions_do_not_share_conversations(served):
+    from gradio_client import Client
+
+    backend, url, demo = served
+    backend.delay = 0.0
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    alice.predict("I am Alice", "", 0.5, 0.9, 16, api_name="/chat")
+    bob.predict("I am Bob", "", 0.5, 0.9, 16, api_name="/chat")
+    status, *_ = bob.predict("up", [], "bob's", "", api_name="/chat_feedback")
+    assert status.startswith("✅")
+    [row] = demo.tunelab_app.store.rows()
+    assert [m["content"] for m in row["messages"]] == ["I am Bob"]
+    alice_rows_before = len(demo.tunelab_app.store.rows())
+    chatbot, _, _ = alice.predict("again", "", 0.5, 0.9, 16, api_name="/chat")
+    assert "Bob" not in str(chatbot)
+    assert len(demo.tunelab_app.store.rows()) == alice_rows_before
