@@ -56,6 +56,11 @@ def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+@pytest.fixture(name="make_tiny_model", scope="session")
+def make_tiny_model_fixture():
+    return make_tiny_model
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")

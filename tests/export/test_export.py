@@ -1,0 +1,206 @@
+"""Merge, GGUF conversion/quantisation, parity failure detection, dry-run listing and token hygiene."""
+
+from __future__ import annotations
+
+import runpy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tunelab.errors import UserError
+from tunelab.export.gguf import convert_hf_to_gguf, gguf_metadata, quantize_gguf
+from tunelab.export.merge import merge_run
+from tunelab.export.parity import ParityError, raise_if_failed, run_parity
+from tunelab.export.pipeline import parse_quants
+
+FAKE_TOKEN = "hf_tunelabFAKEtoken0123456789abcdef"
+
+
+def greedy(model, tokenizer, text: str, n: int = 12) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def corrupt_tensor(gguf_file: Path, name: str = "blk.0.ffn_down.weight") -> None:
+    """Overwrite one tensor in place (memory-mapped), as a broken converter or a bit rot would."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_file), "r+")
+    tensor = next(t for t in reader.tensors if t.name == name)
+    tensor.data[...] = np.random.default_rng(0).standard_normal(tensor.data.shape).astype(tensor.data.dtype)
+    tensor.data.flush() if hasattr(tensor.data, "flush") else None
+    del reader
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_export")
+    merged = out / "merged"
+    merge_run(tiny_run, merged)
+    f16 = convert_hf_to_gguf(merged, out / "model-f16.gguf")
+    return merged, f16
+
+
+def test_parse_quants_rejects_unknown():
+    assert parse_quants("q4_k_m, f16,q4_k_m") == ["q4_k_m", "f16"]
+    with pytest.raises(UserError, match="q5_x"):
+        parse_quants("q4_k_m,q5_x")
+
+
+def test_merged_model_matches_adapter_on_base(tiny_run, tiny_export):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models.runs import load_run_model
+
+    merged_dir, _ = tiny_export
+    peft_model, tokenizer = load_run_model(tiny_run)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    merged_tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    prompt = "Plan a trip to Lisbon."
+    expected = greedy(peft_model, tokenizer, prompt)
+    assert greedy(merged, merged_tok, prompt) == expected
+    with peft_model.disable_adapter():  # the adapter really changes the answer, so the check above means something
+        assert greedy(peft_model, tokenizer, prompt) != expected
+    assert merged_tok.chat_template == tokenizer.chat_template
+    assert merged.generation_config.eos_token_id == merged_tok.convert_tokens_to_ids("<|im_end|>")
+    assert (merged_dir / "model.safetensors").is_file()
+
+
+def test_gguf_keeps_chat_template_and_eos(tiny_export, tmp_path):
+    from transformers import AutoTokenizer
+
+    merged_dir, f16 = tiny_export
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    q8 = quantize_gguf(f16, tmp_path / "model-q8_0.gguf", "q8_0", threads=1)
+    for path, file_type in ((f16, 1), (q8, 7)):  # LLAMA_FTYPE_MOSTLY_F16 = 1, MOSTLY_Q8_0 = 7
+        meta = gguf_metadata(path)
+        assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+        assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert meta["general.file_type"] == file_type
+    assert q8.stat().st_size < 0.8 * f16.stat().st_size  # the vocabulary metadata is the same in both
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files behind
+
+
+def test_parity_passes_for_the_right_gguf(tiny_export):
+    merged_dir, f16 = tiny_export
+    report = run_parity(merged_dir, {"f16": f16}, max_new_tokens=16, threads=1)
+    row = report["ggufs"][0]
+    assert row["passed"] is True and row["exact_matches"] == row["prompts"]
+    assert abs(row["ppl_delta_pct"]) < 1.0
+    raise_if_failed(report)
+
+
+def test_parity_fails_for_another_model(tiny_export, tmp_path, make_tiny_model):
+    merged_dir, _ = tiny_export
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    wrong = convert_hf_to_gguf(other, tmp_path / "model-f16.gguf")
+    report = run_parity(merged_dir, {"f16": wrong}, max_new_tokens=16, threads=1)
+    assert report["ggufs"][0]["passed"] is False
+    with pytest.raises(ParityError, match="does not reproduce the merged model"):
+        raise_if_failed(report)
+
+
+def test_export_fails_loudly_on_a_corrupted_gguf(tiny_run, monkeypatch):
+    from tunelab.export import pipeline
+
+    def convert_then_corrupt(hf_dir, out_file, outtype="f16"):
+        convert_hf_to_gguf(hf_dir, out_file, outtype)
+        corrupt_tensor(out_file)
+        return out_file
+
+    monkeypatch.setattr(pipeline, "convert_hf_to_gguf", convert_then_corrupt)
+    monkeypatch.setattr(pipeline, "log", lambda *a: None)
+    with pytest.raises(ParityError, match="model-f16.gguf does not reproduce"):
+        pipeline.export_run(tiny_run, ["f16"], threads=1)
+    assert '"passed": false' in (tiny_run / "export" / "parity.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_cli_export(tiny_run, tmp_path_factory):
+    """`tunelab export --push-to-hub --dry-run --space` on the tiny run, with a fake token in the env."""
+    from tunelab.cli import app
+
+    space = tmp_path_factory.mktemp("space") / "space"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_TOKEN", FAKE_TOKEN)
+    mp.setenv("HF_ENDPOINT", "https://127.0.0.1")  # nothing listens: any upload attempt would fail
+    try:
+        result = CliRunner().invoke(app, ["export", str(tiny_run), "--gguf", "q4_k_m,q8_0,f16", "--space", str(space),
+                                          "--push-to-hub", "someone/tiny-chat", "--dry-run", "--threads", "1"])
+    finally:
+        mp.undo()
+    assert result.exit_code == 0, result.output
+    return result.output, space
+
+
+def test_dry_run_lists_exactly_the_upload(tiny_run, tiny_cli_export):
+    output, _ = tiny_cli_export
+    listed = [line.split()[0] for line in output.splitlines() if line.startswith("  ") and "<-" in line]
+    assert listed == [
+        "README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json",
+        "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+        "model-f16.gguf", "model-q4_k_m.gguf", "model-q8_0.gguf", "parity.json",
+    ]
+    assert "would upload to https://huggingface.co/someone/tiny-chat" in output
+    assert "uploaded:" not in output
+    assert "gguf" in output and "PASS" in output  # the parity table is printed
+
+
+def test_token_never_written(tiny_run, tiny_cli_export):
+    _, space = tiny_cli_export
+    for root in (tiny_run, space):
+        for f in root.rglob("*"):
+            if f.is_file():
+                assert FAKE_TOKEN.encode() not in f.read_bytes(), f"token leaked into {f}"
+    card = (tiny_run / "export" / "merged" / "README.md").read_text()
+    assert "base_model:" in card and "## How to run" in card
+
+
+def test_push_without_network_is_one_user_error(tiny_run, tiny_cli_export, monkeypatch):
+    from tunelab.export.hub import push_to_hub, upload_plan
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UserError) as info:
+        push_to_hub("someone/tiny-chat", upload_plan(tiny_run, tiny_run / "export"), private=True)
+    message = str(info.value)
+    assert "\n" not in message and "cannot reach" in message and FAKE_TOKEN not in message
+
+
+def test_push_without_token_says_how_to_log_in(tiny_run, monkeypatch, tmp_path):
+    from tunelab.export.hub import push_to_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login either
+    with pytest.raises(UserError, match="HF_TOKEN"):
+        push_to_hub("someone/tiny-chat", [], private=False)
+
+
+@pytest.mark.slow
+def test_space_bundle_is_a_gradio_space_that_chats(tiny_cli_export, monkeypatch):
+    _, space = tiny_cli_export
+    readme = (space / "README.md").read_text()
+    assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
+    assert "llama-cpp-python" in (space / "requirements.txt").read_text()
+    assert (space / "model-q4_k_m.gguf").stat().st_size > 0
+    monkeypatch.setenv("THREADS", "1")
+    app = runpy.run_path(str(space / "app.py"))  # builds the UI without launching a server
+    replies = list(app["respond"]("Hello!", [], 0.0, 0.9, 8))
+    assert replies and isinstance(replies[-1], str)
+
+
+def test_export_rejects_a_non_run_folder(tmp_path):
+    from tunelab.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(tmp_path)])
+    assert result.exit_code != 0 and isinstance(result.exception, UserError)
+    shutil.rmtree(tmp_path, ignore_errors=True)
