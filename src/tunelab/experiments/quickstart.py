@@ -36,10 +36,14 @@ def run_quickstart(output: Path, overrides: list[str] | None = None, serve: bool
 
 
 def _export_and_serve(run_dir: Path, log) -> None:
-    from tunelab.export.commands import export_cmd
-    from tunelab.serve.commands import serve_cmd
+    """`make demo` ends here: GGUF q4_k_m (llama.cpp, fastest on CPU) served by the app on 127.0.0.1."""
+    from tunelab.export.pipeline import export_run
+    from tunelab.serve.app import build_app, launch
+    from tunelab.serve.backends import load_backend
 
     gguf = run_dir / "export" / "model-q4_k_m.gguf"
     if not gguf.is_file():
-        export_cmd(run_dir=run_dir, gguf="q4_k_m")
-    serve_cmd(model=gguf)
+        export_run(run_dir, ["q4_k_m"])
+    demo = build_app(load_backend(gguf), run_dir / "feedback.db")
+    log(f"serving {gguf} (feedback -> {run_dir / 'feedback.db'}); Ctrl+C to stop")
+    launch(demo, block=True)
