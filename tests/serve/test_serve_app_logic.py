@@ -13,6 +13,7 @@ from tunelab.serve.app import (
     Limits,
     PlannerPrompt,
     build_chat_messages,
+    turn_for_message,
     chat_display,
     clamp_params,
     clean_text,
@@ -143,7 +144,8 @@ def test_chat_streams_and_records_what_the_model_saw(app):
     outputs = run(app.chat("Hello there", "Be nice", 0.5, 0.8, 32, [], None))
     chatbot, turns, record, _, status = outputs[-1]
     assert chatbot[-1] == {"role": "assistant", "content": "You said: Hello there"}
-    assert turns == [{"user": "Hello there", "assistant": "You said: Hello there"}]
+    assert [(t["user"], t["assistant"]) for t in turns] == [("Hello there", "You said: Hello there")]
+    assert turns[0]["record"] == record
     assert record["messages"] == [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hello there"}]
     assert record["params"]["temperature"] == 0.5 and record["model_id"] == "scripted-model"
     assert status.startswith("Done")
@@ -198,3 +200,23 @@ def test_feedback_problems_are_friendly_and_store_nothing(app, rating, answer, c
     status, *_ = app.submit_feedback(rating, [], comment, "", answer, REQUEST)
     assert message in status
     assert app.store.count() == 0
+
+
+def test_thumbs_on_an_older_message_selects_that_answer(app):
+    *_, (_, turns, _, _, _) = run(app.chat("first", "", 0.5, 0.8, 32, [], None))
+    *_, (_, turns, latest, _, _) = run(app.chat("second", "", 0.5, 0.8, 32, turns, None))
+    record, rating, note = app.select_answer(turns, SimpleNamespace(index=1, liked=False))
+    assert record["response"] == "You said: first" and rating == "down" and "answer 1" in note
+    record, rating, _ = app.select_answer(turns, SimpleNamespace(index=3, liked=True))
+    assert record is latest and rating == "up"
+    first, _, _ = app.select_answer(turns, SimpleNamespace(index=1, liked=False))
+    status, *_ = app.submit_feedback("down", ["too short"], "", "", first, REQUEST)
+    assert status.startswith("✅") and app.store.rows()[0]["response"] == "You said: first"
+
+
+def test_turn_for_message_skips_user_messages_and_counts_error_turns():
+    turns = [{"user": "a", "assistant": "b"}, {"user": "c", "assistant": "", "error": "x"}, {"user": "d", "assistant": "e"}]
+    assert turn_for_message(turns, 1) is turns[0]
+    assert turn_for_message(turns, 3) is turns[1]
+    assert turn_for_message(turns, 5) is turns[2]
+    assert turn_for_message(turns, 0) is None and turn_for_message(turns, 9) is None

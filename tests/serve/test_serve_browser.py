@@ -85,8 +85,15 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         assert page.locator("#chatbot img[src=x]").count() == 0  # ...not turned into elements
         assert page.locator("#chatbot script").count() == 0
 
-        # ---- thumbs-down with a reason (and HTML in the comment)
-        status = send_feedback(page, "chat", "👎", ["incorrect"], XSS_COMMENT)
+        # ---- the thumbs-down under the answer, a reason (and HTML in the comment)
+        page.locator('#chatbot button[aria-label="Dislike"]').last.click()
+        page.locator("#chat-feedback-status").get_by_text("Rating answer 1").wait_for(timeout=30_000)
+        assert page.locator("#chat-rating input[value=down]").is_checked()
+        page.locator("#chat-reasons label", has_text="incorrect").click()
+        page.locator("#chat-comment textarea").fill(XSS_COMMENT)
+        page.locator("#chat-send-feedback").click()
+        page.locator("#chat-feedback-status").get_by_text("saved").wait_for(timeout=30_000)
+        status = page.locator("#chat-feedback-status").inner_text()
         feedback_id = int(re.search(r"#(\d+)", status).group(1))
         [row] = db_rows(db, "id = ?", (feedback_id,))
         assert row["tab"] == "chat" and row["rating"] == -1

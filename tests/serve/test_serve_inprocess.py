@@ -75,7 +75,9 @@ def test_sessions_do_not_share_conversations(served):
     assert status.startswith("✅")
     [row] = demo.tunelab_app.store.rows()
     assert [m["content"] for m in row["messages"]] == ["I am Bob"]
-    alice_rows_before = len(demo.tunelab_app.store.rows())
     chatbot, _, _ = alice.predict("again", "", 0.5, 0.9, 16, api_name="/chat")
-    assert "Bob" not in str(chatbot)
-    assert len(demo.tunelab_app.store.rows()) == alice_rows_before
+    assert "Bob" not in str(chatbot) and "I am Alice" in str(chatbot)
+    alice.predict("down", [], "alice's", "", api_name="/chat_feedback")
+    bob_row, alice_row = demo.tunelab_app.store.rows()
+    assert [m["content"] for m in alice_row["messages"]][-1] == "again"
+    assert bob_row["session_id"] != alice_row["session_id"]  # anonymous, but one id per browser session

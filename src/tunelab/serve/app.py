@@ -164,6 +164,20 @@ def chat_display(turns: list[dict]) -> list[dict[str, str]]:
     return shown
 
 
+def turn_for_message(turns: list[dict], message_index: Any) -> dict | None:
+    """The turn whose assistant message sits at `message_index` in `chat_display(turns)`."""
+    if isinstance(message_index, (list, tuple)):
+        message_index = message_index[0]
+    position = 0
+    for turn in turns:
+        position += 1  # the user message
+        if turn["assistant"] or turn.get("error"):
+            if position == message_index:
+                return turn
+            position += 1
+    return None
+
+
 def friendly_generation_error(exc: Exception) -> str:
     text = str(exc)
     if "context window" in text or "exceed context" in text:
@@ -297,9 +311,11 @@ class ChatApp:
             for answer in self._stream(messages, params):
                 turn["assistant"] = answer
                 record = {**record, "response": answer}
+                turn["record"] = record  # kept per turn: the 👍/👎 on an older message can select it later
                 yield chat_display(turns), turns, record, gr.skip(), "Generating…"
         except Exception as exc:  # never let a model failure take the session (or server) down
             log.exception("chat generation failed")
+            turn.pop("record", None)
             turn["error"] = friendly_generation_error(exc)
             yield chat_display(turns), turns, last_answer, gr.skip(), f"⚠️ {turn['error']}"
             return
@@ -308,6 +324,17 @@ class ChatApp:
             yield chat_display(turns), turns, last_answer, gr.skip(), f"⚠️ {turn['error']}"
             return
         yield chat_display(turns), turns, record, gr.skip(), "Done. Rate the answer below."
+
+    def select_answer(self, turns, event: gr.LikeData):
+        """The 👍/👎 under any chat answer: make that answer the one the feedback form rates.
+        Outputs: last-answer state, rating, feedback status."""
+        turn = turn_for_message(turns or [], event.index)
+        if turn is None or not turn.get("record"):
+            return gr.skip(), gr.skip(), "⚠️ That message cannot be rated."
+        number = (turns or []).index(turn) + 1
+        rating = "up" if event.liked is True else "down" if event.liked is False else None
+        note = f"Rating answer {number}: add reasons or a better answer if you like, then press **Send feedback**."
+        return turn["record"], rating, note
 
     # ---------------------------------------------------------------------------- planner tab
     def plan(self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan):
@@ -413,7 +440,7 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 # --------------------------------------------------------------------------------------- layout
-def _feedback_panel(app: ChatApp, tab: str, answer_state: gr.State) -> None:
+def _feedback_panel(app: ChatApp, tab: str, answer_state: gr.State) -> tuple[gr.Radio, gr.Markdown]:
     """Rating, reasons, comment and better answer for the session's latest answer in one tab."""
     with gr.Accordion("Feedback on this answer", open=True, elem_id=f"{tab}-feedback"):
         with gr.Row():
@@ -437,13 +464,14 @@ def _feedback_panel(app: ChatApp, tab: str, answer_state: gr.State) -> None:
         api_name=f"{tab}_feedback",
         concurrency_limit=8,
     )
+    return rating, status
 
 
 def _chat_tab(app: ChatApp, system_prompt: str) -> None:
     limits = app.limits
     turns = gr.State([])
     last_answer = gr.State(None)
-    chatbot = gr.Chatbot(label=f"Chat with {app.backend.model_id}", height=420, elem_id="chatbot", feedback_options=None)
+    chatbot = gr.Chatbot(label=f"Chat with {app.backend.model_id}", height=420, elem_id="chatbot")
     message = gr.Textbox(
         label="Message",
         placeholder="Ask anything… (Enter to send)",
@@ -475,7 +503,12 @@ def _chat_tab(app: ChatApp, system_prompt: str) -> None:
         cancels=[sent, submitted],
         api_name="chat_clear",
     )
-    _feedback_panel(app, "chat", last_answer)
+    rating, feedback_status = _feedback_panel(app, "chat", last_answer)
+    chatbot.like(
+        app.select_answer, inputs=[turns], outputs=[last_answer, rating, feedback_status], api_visibility="private"
+    )
+    # the Chatbot's own trash button clears only what is shown; forget the conversation too
+    chatbot.clear(lambda: ([], None, ""), outputs=[turns, last_answer, status], api_visibility="private")
 
 
 def _planner_tab(app: ChatApp) -> None:
