@@ -1,0 +1,221 @@
+"""One side of `tunelab bench train --vs trl`, run in its own process so its peak RSS is its own.
+
+    python -m tunelab.experiments.bench_worker --side tunelab|trl --spec SPEC.json --out RESULT.json
+
+SPEC.json (written by tunelab.experiments.bench_train) holds the model folder, the settings shared by both
+sides and the path of a data file with the prepared conversations (`train`: all training rows, `val`: the
+held-out rows, each `[input_ids, labels]`). Both sides train on the same conversations in the same order:
+tunelab's own order (`batching.step_indices`), which the TRL side is given pre-ordered with sequential
+sampling. Model loading and dataset preparation are outside the timed part; the timed part is the sum of the
+optimizer steps. After training, each adapter is scored by tunelab's own evaluator
+(`tunelab.eval.metrics.validation_loss`, assistant tokens only) on the same held-out rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ordered_rows(train_rows: list, steps: int, per_step: int, seed: int) -> list:
+    """The conversations tunelab's loop trains on, in its order (step by step)."""
+    from tunelab.train.batching import step_indices
+
+    return [train_rows[i] for step in range(steps) for i in step_indices(step, per_step, len(train_rows), seed)]
+
+
+def score(model, val_rows: list, precision_name: str, pad_id: int) -> float:
+    """tunelab's held-out loss (assistant tokens), padded batches, in the precision the side trained in."""
+    from tunelab.eval.metrics import validation_loss
+    from tunelab.train.precision import Precision
+
+    precision = Precision(precision_name, "bench")
+    return validation_loss(model, val_rows, 8, False, pad_id, precision, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------ tunelab
+def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict:
+    from accelerate import Accelerator
+
+    from tunelab.config import Config, EvalConfig
+    from tunelab.models import load_tokenizer
+    from tunelab.train.loop import train_lora
+    from tunelab.train.precision import Precision
+    from tunelab.train.recipe import build_lora_model
+
+    cfg = Config.model_validate(
+        {
+            "model": {"name": spec["model_path"]},
+            "lora": spec["lora"],
+            "train": {
+                "output_dir": str(workdir / "run"),
+                "max_steps": spec["steps"],
+                "batch_size": spec["batch_size"],
+                "grad_accum": 1,
+                "lr": spec["lr"],
+                "warmup_steps": spec["warmup_steps"],
+                "weight_decay": spec["weight_decay"],
+                "max_grad_norm": spec["max_grad_norm"],
+                "max_seq_len": spec["max_seq_len"],
+                "precision": spec["precision"],
+                "threads": spec["threads"],
+                "save_steps": spec["steps"],
+                "eval_steps": spec["steps"],
+                "seed": spec["seed"],
+            },
+        }
+    )
+    precision = Precision(spec["precision"], "bench")
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_lora_model(cfg, precision)
+    result = train_lora(
+        model, train_rows, val_rows[:1], cfg.train, EvalConfig(batch_size=8), workdir / "run", precision,
+        tokenizer.pad_token_id, Accelerator(cpu=True), resume=False, log=lambda *_: None,
+    )
+    step_seconds = [h["step_s"] for h in result.history if "step_s" in h]
+    return {
+        "tokens": result.tokens,
+        "train_seconds": result.train_seconds,
+        "step_seconds": step_seconds,
+        "val_loss": score(model, val_rows, spec["precision"], tokenizer.pad_token_id),
+        "final_train_loss": result.final_train_loss,
+    }
+
+
+# ---------------------------------------------------------------------------------------- TRL
+def trl_settings(spec: dict, output_dir: str) -> dict:
+    """SFTConfig arguments: TRL's defaults, plus what makes the job the same as tunelab's (see docs/benchmarks.md)."""
+    bf16 = spec["precision"] == "bf16"
+    return {
+        "output_dir": output_dir,
+        "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "linear",
+        "warmup_steps": spec["warmup_steps"],
+        "weight_decay": spec["weight_decay"],
+        "max_grad_norm": spec["max_grad_norm"],
+        "optim": "adamw_torch",
+        "max_length": spec["max_seq_len"],
+        "packing": False,
+        "bf16": bf16,  # SFTConfig defaults to bf16=True; the fp32 comparison turns it off
+        "model_init_kwargs": {"dtype": "bfloat16" if bf16 else "float32"},
+        "use_cpu": True,
+        "train_sampling_strategy": "sequential",  # the rows come pre-ordered in tunelab's order
+        "shuffle_dataset": False,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_steps": 10,
+        "dataloader_num_workers": 0,
+        "seed": spec["seed"],
+    }
+
+
+def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+    from tunelab.train.batching import IGNORE
+
+    rows = ordered_rows(train_rows, spec["steps"], spec["batch_size"], spec["seed"])
+    # Pre-tokenised dataset: TRL turns `assistant_masks` into labels (-100 elsewhere), i.e. assistant-only loss.
+    dataset = Dataset.from_dict(
+        {"input_ids": [ids for ids, _ in rows], "assistant_masks": [[int(x != IGNORE) for x in labels] for _, labels in rows]}
+    )
+    tokenizer = load_tokenizer(ModelConfig(name=spec["model_path"]))
+    lora = spec["lora"]
+    peft_config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"], task_type="CAUSAL_LM"
+    )
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append(time.perf_counter())
+
+    timer = StepTimer()
+    trainer = SFTTrainer(
+        model=spec["model_path"],
+        args=SFTConfig(**trl_settings(spec, str(workdir / "trl"))),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
+    counted = {"tokens": 0}
+
+    def count_real_tokens(module, args, kwargs):  # what the model is actually fed, padding excluded
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
+        counted["tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
+
+    model = trainer.model
+    handle = model.register_forward_pre_hook(count_real_tokens, with_kwargs=True)
+    trainer.train()
+    handle.remove()
+    step_seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+    losses = [h.get("loss", h.get("train_loss")) for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
+    return {
+        "tokens": counted["tokens"],
+        "train_seconds": sum(step_seconds),
+        "step_seconds": step_seconds,
+        "val_loss": score(model, val_rows, spec["precision"], tokenizer.pad_token_id),
+        "final_train_loss": losses[-1] if losses else None,
+        "trl_settings": {k: v for k, v in trl_settings(spec, "").items() if k != "output_dir"},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", choices=["tunelab", "trl"], required=True)
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    spec = json.loads(args.spec.read_text())
+    from tunelab.train.recipe import set_threads
+
+    threads = set_threads(spec["threads"])
+    data = json.loads(Path(spec["data_file"]).read_text())
+    train_rows = [tuple(r) for r in data["train"]]
+    val_rows = [tuple(r) for r in data["val"]]
+    with tempfile.TemporaryDirectory(prefix=f"bench-{args.side}-") as tmp:
+        run = run_tunelab if args.side == "tunelab" else run_trl
+        result = run(spec, train_rows, val_rows, Path(tmp))
+    result.update(
+        side=args.side,
+        precision=spec["precision"],
+        threads=threads,
+        steps=spec["steps"],
+        tok_per_s=result["tokens"] / max(result["train_seconds"], 1e-9),
+        s_per_step=statistics.median(result["step_seconds"]) if result["step_seconds"] else None,
+        peak_rss_mib=peak_rss_mib(),
+        pid=os.getpid(),
+    )
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
