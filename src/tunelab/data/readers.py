@@ -157,7 +157,8 @@ def unwrap_records(value: Any, label: str) -> Iterator[tuple[Any, str]]:
         return
     if isinstance(value, dict):
         convs = value.get("conversations")
-        if isinstance(convs, list) and convs and all(isinstance(c, list) for c in convs):  # chatterbot corpus file
+        # chatterbot corpus file: a list of line lists (a stray non-list item becomes one bad record, not a bad file)
+        if isinstance(convs, list) and any(isinstance(c, list) for c in convs) and not any(isinstance(c, dict) for c in convs):
             for i, item in enumerate(convs):
                 yield item, f"{label}#{i}"
             return
