@@ -10,11 +10,13 @@ only after the new one is complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -27,6 +29,57 @@ PREFIX = "step-"
 
 class CheckpointWriteError(UserError):
     pass
+
+
+FAULT_ENV = "TUNELAB_FAULT"
+_FAULT_ERRNOS = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "erofs": errno.EROFS}
+
+
+def maybe_inject_fault(point: str, step: int) -> None:
+    """TEST-ONLY fault injection (tests/reliability): a no-op unless the env var TUNELAB_FAULT is set.
+
+    `TUNELAB_FAULT=POINT:STEP[:ACTION][,...]`, e.g. `checkpoint_files:4` SIGKILLs this process inside the write
+    of checkpoint 4 after some of its files exist; ACTION `enospc` / `eacces` / `erofs` raises that OSError
+    instead (a full disk or a permission error at exactly that point). Points: `step`, `metrics`, `eval`
+    (loop.py), `checkpoint_files`, `checkpoint_manifest`, `checkpoint_renamed` (here), `final_save` (recipe.py).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, rest = item.strip().partition(":")
+        at, _, action = rest.partition(":")
+        if name != point or not at.isdigit() or int(at) != step:
+            continue
+        if action in ("", "kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        code = _FAULT_ERRNOS[action]
+        raise OSError(code, os.strerror(code), f"<{FAULT_ENV} {item.strip()}>")
+
+
+def write_failure_reason(exc: BaseException, folder: Path) -> str | None:
+    """One-line reason if `exc` is a failed write (full disk, permissions), else None (a real bug: re-raise).
+
+    A full disk does not always surface as OSError: torch.save raises RuntimeError ("unexpected pos ...")
+    and safetensors its own SafetensorError ("I/O error: No space left on device").
+    """
+    from safetensors import SafetensorError
+
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if not isinstance(exc, (RuntimeError, SafetensorError)):
+        return None
+    text = str(exc)
+    if "No space left" in text or "os error 28" in text:
+        return os.strerror(errno.ENOSPC)
+    if isinstance(exc, SafetensorError) or "inline_container" in text or "file write failed" in text:
+        try:
+            if shutil.disk_usage(folder).free < (1 << 20):
+                return os.strerror(errno.ENOSPC)
+        except OSError:
+            pass
+        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return None
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -80,6 +133,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         tmp.mkdir()
         model.save_pretrained(tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        maybe_inject_fault("checkpoint_files", step)  # some files written, no manifest yet
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
@@ -93,14 +147,20 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         manifest.write_text(json.dumps({"step": step, "files": files}, indent=2))
         with open(manifest, "rb") as f:
             os.fsync(f.fileno())
+        maybe_inject_fault("checkpoint_manifest", step)  # complete, not yet renamed into place
         if final.exists():  # a stale one from a run that died after renaming; ours is newer
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+        maybe_inject_fault("checkpoint_renamed", step)  # in place, older ones not yet pruned
+    except Exception as exc:
+        reason = write_failure_reason(exc, root)
+        if reason is None:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(
-            f"{root}: cannot write checkpoint step {step}: {exc.strerror or exc} (existing checkpoints are intact)"
+            f"{root}: cannot write checkpoint step {step}: {reason} (existing checkpoints are intact; "
+            "fix it and re-run the same command to resume)"
         ) from None
     prune_checkpoints(run_dir, keep)
     return final

@@ -22,7 +22,7 @@ import torch
 from tunelab.config import EvalConfig, TrainConfig
 from tunelab.eval.metrics import perplexity, validation_loss
 from tunelab.train.batching import IGNORE, make_batch, step_indices
-from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, maybe_inject_fault, save_checkpoint
 from tunelab.train.loss import masked_lm_loss
 from tunelab.train.precision import Precision
 
@@ -128,22 +128,27 @@ def train_lora(
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     start_step, tokens_seen, train_seconds, resumed_from = 0, 0, 0.0, None
+    last_loss, last_val, history = None, None, []
     if resume and (ckpt := latest_valid_checkpoint(run_dir, warn=log)) is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
+        last_loss, last_val = state.get("train_loss"), state.get("val_loss")
         resumed_from = start_step
-        log(f"resuming from {ckpt} (step {start_step} of {cfg.max_steps})")
+        if start_step >= cfg.max_steps:
+            log(f"run already complete: {ckpt} is step {start_step} of {cfg.max_steps}; nothing to train")
+        else:
+            log(f"resuming from {ckpt} (step {start_step} of {cfg.max_steps})")
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
     def evaluate(step: int) -> float:
         loss = validation_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
+        maybe_inject_fault("eval", step)  # evaluated, not yet recorded
         metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
         model.train()
         return loss
 
     model.train()
-    last_loss, last_val, history = None, None, []
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start_step, cfg.max_steps):
         step_start = time.perf_counter()
@@ -165,6 +170,7 @@ def train_lora(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
 
         loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)
         last_loss = loss_sum.item() / max(step_targets, 1)
@@ -177,6 +183,7 @@ def train_lora(
             rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate, "step_s": elapsed}
             metrics.write(record)
+            maybe_inject_fault("metrics", done)  # step logged, no checkpoint yet
             history.append(record)
             window_tokens, window_start = 0, time.perf_counter()
             if progress is not None:
@@ -186,12 +193,12 @@ def train_lora(
             history.append({"step": done, "val_loss": last_val})
             log(f"step {done}: val_loss {last_val:.4f}")
         if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
-            state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val}
+            state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
             save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
 
     metrics.close()
-    if last_val is None:  # resumed a run that had already finished
+    if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
         last_val = evaluate(cfg.max_steps)
     return TrainResult(
         steps=cfg.max_steps,

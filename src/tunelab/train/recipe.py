@@ -67,14 +67,15 @@ def check_hardware(cfg: Config) -> None:
     check_quantization_supported(cfg.model)
 
 
-def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Refuse an unusable run folder before anything is written (prepare_run_dir writes)."""
     run_dir = Path(cfg.train.output_dir)
-    existing = run_dir.exists() and any(run_dir.iterdir())
-    if existing and not resume:
-        if not overwrite:
-            raise UserError(f"{run_dir}: run folder already exists; pass --overwrite to replace it, or drop --no-resume to resume it")
-        shutil.rmtree(run_dir)
-    elif existing and (run_dir / "config.yaml").is_file():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.output_dir: {run_dir} exists and is not a folder")
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if existing and not resume and not overwrite:
+        raise UserError(f"{run_dir}: run folder already exists; pass --overwrite to replace it, or drop --no-resume to resume it")
+    if existing and resume and (run_dir / "config.yaml").is_file():
         from tunelab.config import load_config
 
         difference = _first_difference(load_config(run_dir / "config.yaml"), cfg)
@@ -82,8 +83,22 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
             raise UserError(
                 f"{run_dir}: holds a run with a different config ({difference}); use another train.output_dir, or --no-resume --overwrite"
             )
+    return run_dir
+
+
+# Temp names of write_text_atomic / save_folder_atomic that a SIGKILL can leave behind in the run folder.
+_LEFTOVER_GLOBS = (".config.yaml.*", ".summary.json.*", ".adapter.*", ".tokenizer.*", "metrics.jsonl.tmp")
+
+
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    run_dir = check_run_dir(cfg, resume, overwrite)
     try:
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        for pattern in _LEFTOVER_GLOBS:
+            for leftover in run_dir.glob(pattern):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot write the run folder: {exc.strerror or exc}") from None
@@ -128,24 +143,47 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
     from tunelab.models import load_tokenizer
-    from tunelab.train.loop import train_lora
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     threads = set_threads(cfg.train.threads)
+    check_run_dir(cfg, resume, overwrite)
+    # Model folder, chat template and data files are checked before the run folder is touched:
+    # a config error leaves nothing behind.
+    tokenizer = load_tokenizer(cfg.model)
+    data_dir = prepare_dataset(cfg, verbose=accelerator.is_main_process)
     run_dir = prepare_run_dir(cfg, resume, overwrite) if accelerator.is_main_process else Path(cfg.train.output_dir)
     precision = choose_precision(cfg.train.precision, accelerator.device.type)
     log(f"precision: {precision.name} ({precision.reason}); threads: {threads}")
 
-    data_dir = prepare_dataset(cfg, verbose=accelerator.is_main_process)
     train_set, val_set = load_prepared(data_dir)
     train_rows, val_rows = rows_of(train_set), rows_of(val_set)
     if cfg.eval.max_val_rows:
         val_rows = val_rows[: cfg.eval.max_val_rows]
     log(f"data: {len(train_rows)} train / {len(val_rows)} val conversations from {data_dir}")
 
-    tokenizer = load_tokenizer(cfg.model)
     model = build_lora_model(cfg, precision)
     started = time.time()
+    try:
+        return _train_and_save(cfg, model, tokenizer, train_rows, val_rows, run_dir, data_dir, precision, accelerator,
+                               threads, resume, log, started)
+    except Exception as exc:
+        from tunelab.train.checkpoint import write_failure_reason
+
+        reason = None if isinstance(exc, UserError) else write_failure_reason(exc, run_dir)
+        if reason is None:
+            raise
+        where = getattr(exc, "filename", None) or run_dir
+        raise UserError(
+            f"{where}: cannot write to the run folder: {reason} (checkpoints in {run_dir / 'checkpoints'} are intact; "
+            "fix it and re-run the same command to resume)"
+        ) from None
+
+
+def _train_and_save(cfg, model, tokenizer, train_rows, val_rows, run_dir, data_dir, precision, accelerator, threads,
+                    resume, log, started) -> dict:
+    from tunelab.train.checkpoint import maybe_inject_fault
+    from tunelab.train.loop import train_lora
+
     with _progress_bar(cfg.train.max_steps, enabled=accelerator.is_main_process) as progress:
         result = train_lora(
             model, train_rows, val_rows, cfg.train, cfg.eval, run_dir, precision, tokenizer.pad_token_id,
@@ -155,6 +193,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
         return {}
     model = accelerator.unwrap_model(model)
     save_folder_atomic(run_dir / "adapter", model.save_pretrained)
+    maybe_inject_fault("final_save", result.steps)  # adapter written, tokenizer and summary not yet
     save_folder_atomic(run_dir / "tokenizer", tokenizer.save_pretrained)
     summary = {
         "base_model": cfg.model.name,
