@@ -81,3 +81,25 @@ def test_embedded_chatterbot_gives_english_question_answer_pairs(tmp_path, chatm
     assert 1500 < len(rows) < 2500
     assert all(r.messages[0]["role"] == "user" and r.messages[-1]["role"] == "assistant" for r in rows)
     assert any(r.where.startswith("chatterbot/greetings.yml#") for r in rows)
+
+
+def test_a_failure_while_writing_leaves_the_previous_folder_intact(tmp_path, monkeypatch):
+    import pytest
+
+    from tunelab.data import prepare
+
+    path = write_json(tmp_path / "d.json", qa_rows(10))
+    cfg = make_config(tmp_path, [{"path": str(path)}])
+    folder = prepare_dataset(cfg)
+    before = json.loads((folder / "report.json").read_text())
+
+    def half_written(out, train, val):
+        (out / "train").mkdir()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prepare, "save_splits", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset(cfg, force=True)
+    assert json.loads((folder / "report.json").read_text()) == before
+    assert len(load_prepared(folder)[0]) + len(load_prepared(folder)[1]) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "prepared"]  # no temp folder left

@@ -120,10 +120,11 @@ class DataPipeline:
             ctx = readers.ReadContext(label, name, self.log, self.data.max_record_chars, stats)
             records = readers.iter_hub(located.hub_id, src.split, stats) if path is None else readers.iter_file(path, ctx)
             kept = []
-            for record in records:
-                kept.append(record)
-                if budget is not None and len(kept) >= budget:
-                    break
+            with contextlib.closing(records):  # closes the file even when max_records stops early
+                for record in records:
+                    kept.append(record)
+                    if budget is not None and len(kept) >= budget:
+                        break
             counts.files += 1
             counts.records_read += stats.records
             counts.unparsed_bytes += stats.unparsed_bytes

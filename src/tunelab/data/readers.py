@@ -346,8 +346,9 @@ def iter_hub(dataset_id: str, split: str, stats: FileStats) -> Iterator[RawRecor
     import datasets
 
     offline = hub_offline_reason()
+    was_offline = datasets.config.HF_HUB_OFFLINE
     try:
-        if offline:  # only the local datasets cache can help; one attempt, no retries
+        if offline:  # only the local datasets cache can help: one attempt, no network retries
             datasets.config.HF_HUB_OFFLINE = True
         dataset = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
@@ -358,6 +359,8 @@ def iter_hub(dataset_id: str, split: str, stats: FileStats) -> Iterator[RawRecor
                 "(use a local path or embedded:sharegpt / embedded:chatterbot)"
             ) from None
         raise DataError(f"data.sources: cannot load Hub dataset `{dataset_id}` (split {split}): {first}") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
     for index, value in enumerate(dataset):
         stats.records += 1
         yield RawRecord(value, f"{dataset_id}#{index}")
