@@ -76,6 +76,7 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
 
         # ---- chat: a streamed answer, with HTML/JS in the prompt
         page.get_by_text("Settings").first.click()
+        set_slider(page, "chat-temperature", 0)  # greedy: the same answer on every run
         set_slider(page, "chat-max-tokens", 48)
         page.locator("#chat-message textarea").fill(XSS_MESSAGE)
         page.locator("#chat-send").click()
@@ -99,7 +100,8 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         assert row["tab"] == "chat" and row["rating"] == -1
         assert json.loads(row["reasons"]) == ["incorrect"] and row["comment"] == XSS_COMMENT
         assert json.loads(row["messages"])[-1] == {"role": "user", "content": XSS_MESSAGE}
-        assert json.loads(row["params"])["max_new_tokens"] == 48
+        assert json.loads(row["params"]) == {"temperature": 0.0, "top_p": 0.9, "max_new_tokens": 48,
+                                             "repetition_penalty": 1.1, "seed": None}  # what the sliders said
         assert row["response"].strip() and letters(row["response"])[:20] in letters(chat_text)
         assert row["model_id"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
         page.screenshot(path=str(ARTIFACTS / "app-chat.png"), full_page=True)
@@ -114,6 +116,7 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         page.locator("#planner-interests label", has_text="food").click()
         page.locator("#planner-preferences textarea").fill("<script>window.__xss=5</script> vegetarian")
         page.get_by_text("Settings").nth(1).click()
+        set_slider(page, "planner-temperature", 0)
         set_slider(page, "planner-max-tokens", 96)
         page.locator("#planner-go").click()
         page.locator("#planner-status").get_by_text("Done").wait_for(timeout=180_000)

@@ -485,7 +485,7 @@ def _chat_tab(app: ChatApp, system_prompt: str) -> None:
     status = gr.Markdown(elem_id="chat-status")
     with gr.Accordion("Settings", open=False):
         system = gr.Textbox(label="System prompt", value=system_prompt, max_length=limits.max_system_prompt_chars, lines=2)
-        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="chat-temperature")
         top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
         max_new_tokens = gr.Slider(
             1, limits.max_new_tokens, value=min(256, limits.max_new_tokens), step=1, label="Max new tokens",
@@ -526,7 +526,7 @@ def _planner_tab(app: ChatApp) -> None:
         label="Other preferences (optional)", max_length=limits.max_preferences_chars, lines=2, elem_id="planner-preferences"
     )
     with gr.Accordion("Settings", open=False):
-        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="planner-temperature")
         max_new_tokens = gr.Slider(
             16, limits.max_new_tokens, value=min(600, limits.max_new_tokens), step=1, label="Max new tokens",
             elem_id="planner-max-tokens",
