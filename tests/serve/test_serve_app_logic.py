@@ -220,3 +220,15 @@ def test_turn_for_message_skips_user_messages_and_counts_error_turns():
     assert turn_for_message(turns, 3) is turns[1]
     assert turn_for_message(turns, 5) is turns[2]
     assert turn_for_message(turns, 0) is None and turn_for_message(turns, 9) is None
+
+
+def test_without_shared_feedback_data_the_overview_hides_items_and_download_is_refused(tmp_path):
+    import gradio as gr
+
+    app = ChatApp(ScriptedBackend(), FeedbackStore(tmp_path / "fb.db"), share_feedback_data=False)
+    *_, (_, _, answer, _, _) = run(app.chat("private question", "", 0.5, 0.8, 32, [], None))
+    app.submit_feedback("up", [], "private comment", "", answer, REQUEST)
+    headline, by_rating, _, _, recent = app.overview()
+    assert "**1**" in headline and by_rating == [["up", 1]] and recent == []
+    with pytest.raises(gr.Error):
+        app.download("jsonl")
