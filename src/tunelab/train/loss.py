@@ -22,16 +22,21 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        weight = weight.to(hidden.dtype)  # no-op when the frozen LM head is already in the compute dtype
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
-            logits = (h @ weight.to(h.dtype).T).float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            total += F.nll_loss(log_probs, t, reduction="sum")
+            # One fp32 [chunk, vocab] buffer, reused in place: logits -> exp -> softmax -> d(loss)/d(logits).
+            logits = (h @ weight.T).float()
+            target_logit = logits.gather(1, t[:, None])
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(dim=1, keepdim=True)
+            total += (norm.log() + top - target_logit).sum()
             if grad_hidden is not None:
-                probs = log_probs.exp_()
+                probs.div_(norm)
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad_hidden[start : start + chunk] = (probs.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
+                grad_hidden[start : start + chunk] = probs.to(h.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return total
 

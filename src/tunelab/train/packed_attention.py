@@ -25,20 +25,19 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         raise ValueError("packed attention expects a single packed row")
     groups = query.shape[1] // key.shape[1]
     outputs = []
-    for start, end in segments:
-        outputs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=groups > 1,
-            )
-        )
+    for q, k, v in zip(*(split_segments(t, segments) for t in (query, key, value))):
+        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1))
     attn = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return attn.transpose(1, 2).contiguous(), None
+
+
+def split_segments(t: torch.Tensor, segments) -> tuple[torch.Tensor, ...]:
+    """Per-conversation views along the sequence axis. `split`, not slicing: the backward of a slice builds a
+    zero tensor of the whole row per segment and adds them up; the backward of a split is one `cat`."""
+    lengths = [end - start for start, end in segments]
+    if segments[0][0] == 0 and all(a[1] == b[0] for a, b in zip(segments, segments[1:])) and segments[-1][1] == t.shape[2]:
+        return t.split(lengths, dim=2)
+    return tuple(t[:, :, start:end] for start, end in segments)  # segments not tiling the row (not made by pack)
 
 
 def register() -> str:
