@@ -179,7 +179,7 @@ def test_generation_error_is_shown_not_raised(tmp_path):
 # ---------------------------------------------------------------------------------- feedback
 def test_feedback_is_stored_for_the_latest_answer(app):
     *_, (_, _, answer, _, _) = run(app.chat("Hello", "", 0.5, 0.8, 32, [], None))
-    status, *cleared = app.submit_feedback("down", ["too short", "incorrect"], " meh\x00 ", "Hi!", answer, REQUEST)
+    status, *cleared = app.submit_feedback("down", ["too short", "incorrect"], " meh\x00 ", "Hi!", answer, request=REQUEST)
     assert status.startswith("✅") and cleared == [None, [], "", ""]
     [row] = app.store.rows()
     assert row["rating"] == -1 and row["reasons"] == ["incorrect", "too short"]  # canonical order
@@ -197,7 +197,7 @@ def test_feedback_is_stored_for_the_latest_answer(app):
     ],
 )
 def test_feedback_problems_are_friendly_and_store_nothing(app, rating, answer, comment, message):
-    status, *_ = app.submit_feedback(rating, [], comment, "", answer, REQUEST)
+    status, *_ = app.submit_feedback(rating, [], comment, "", answer, request=REQUEST)
     assert message in status
     assert app.store.count() == 0
 
@@ -210,7 +210,7 @@ def test_thumbs_on_an_older_message_selects_that_answer(app):
     record, rating, _ = app.select_answer(turns, SimpleNamespace(index=3, liked=True))
     assert record is latest and rating == "up"
     first, _, _ = app.select_answer(turns, SimpleNamespace(index=1, liked=False))
-    status, *_ = app.submit_feedback("down", ["too short"], "", "", first, REQUEST)
+    status, *_ = app.submit_feedback("down", ["too short"], "", "", first, request=REQUEST)
     assert status.startswith("✅") and app.store.rows()[0]["response"] == "You said: first"
 
 
@@ -227,7 +227,7 @@ def test_without_shared_feedback_data_the_overview_hides_items_and_download_is_r
 
     app = ChatApp(ScriptedBackend(), FeedbackStore(tmp_path / "fb.db"), share_feedback_data=False)
     *_, (_, _, answer, _, _) = run(app.chat("private question", "", 0.5, 0.8, 32, [], None))
-    app.submit_feedback("up", [], "private comment", "", answer, REQUEST)
+    app.submit_feedback("up", [], "private comment", "", answer, request=REQUEST)
     headline, by_rating, _, _, recent = app.overview()
     assert "**1**" in headline and by_rating == [["up", 1]] and recent == []
     with pytest.raises(gr.Error):

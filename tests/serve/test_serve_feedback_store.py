@@ -131,6 +131,18 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert sorted(ids) == [row["id"] for row in store.rows()]
 
 
+def test_a_retried_submission_is_stored_once(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.db")
+    first = store.add(record(submission_id="b9f1-retry", comment="first try"))
+    again = store.add(record(submission_id="b9f1-retry", comment="second try"))
+    other = store.add(record(comment="no key"))
+    other2 = store.add(record(comment="no key"))  # without a key every submit is a new row
+    assert first == again and len({first, other, other2}) == 3
+    assert [r["comment"] for r in store.rows()] == ["first try", "no key", "no key"]
+    with pytest.raises(UserError, match="submission_id"):
+        store.add(record(submission_id="x" * 65))
+
+
 def test_summary_counts_by_rating_reason_and_model(tmp_path):
     store = FeedbackStore(tmp_path / "fb.db")
     store.add(record(rating=1))

@@ -81,3 +81,17 @@ def test_sessions_do_not_share_conversations(served):
     bob_row, alice_row = demo.tunelab_app.store.rows()
     assert [m["content"] for m in alice_row["messages"]][-1] == "again"
     assert bob_row["session_id"] != alice_row["session_id"]  # anonymous, but one id per browser session
+
+
+def test_feedback_with_the_same_submission_id_is_stored_once(served):
+    from gradio_client import Client
+
+    backend, url, demo = served
+    backend.delay = 0.0
+    client = Client(url, verbose=False)
+    client.predict("hello", "", 0.5, 0.9, 16, api_name="/chat")
+    replies = [client.predict("up", [], "once", "", "sub-42", api_name="/chat_feedback")[0] for _ in range(3)]
+    assert len(set(replies)) == 1 and replies[0].startswith("✅")
+    assert [r["comment"] for r in demo.tunelab_app.store.rows()] == ["once"]
+    client.predict("up", [], "no key", "", api_name="/chat_feedback")  # the key is optional
+    assert len(demo.tunelab_app.store.rows()) == 2

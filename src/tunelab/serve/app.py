@@ -39,6 +39,7 @@ from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
 from tunelab import __version__
+from tunelab.errors import UserError
 from tunelab.serve.backends import ChatBackend, GenerationParams
 from tunelab.serve.feedback import (
     MAX_BETTER_ANSWER_CHARS,
@@ -365,8 +366,11 @@ class ChatApp:
         yield title + escape_for_display(answer), record, "Done. Rate the plan below."
 
     # ------------------------------------------------------------------------------ feedback
-    def submit_feedback(self, rating, reasons, comment, better_answer, answer, request: gr.Request):
-        """Store one rating of the session's latest answer. Outputs: status, rating, reasons, comment, better."""
+    def submit_feedback(
+        self, rating, reasons, comment, better_answer, answer, submission_id="", request: gr.Request = None
+    ):
+        """Store one rating of the session's latest answer. Outputs: status, rating, reasons, comment, better.
+        `submission_id` (optional, API clients) makes a retried submission idempotent."""
         keep = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
         if not answer or not answer.get("response"):
             return ("⚠️ There is no answer to rate yet.", *keep)
@@ -389,9 +393,10 @@ class ChatApp:
                 params=answer["params"],
                 app_version=APP_VERSION,
                 session_id=session_id_for(request),
+                submission_id=(submission_id or "").strip() or None,
             )
             feedback_id = self.store.add(record)  # returns after COMMIT: only then do we say "saved"
-        except InputError as exc:
+        except (InputError, UserError) as exc:
             return (f"⚠️ {exc}", *keep)
         except Exception:
             log.exception("storing feedback failed")
@@ -457,9 +462,11 @@ def _feedback_panel(app: ChatApp, tab: str, answer_state: gr.State) -> tuple[gr.
         )
         send = gr.Button("Send feedback", elem_id=f"{tab}-send-feedback")
         status = gr.Markdown(elem_id=f"{tab}-feedback-status")
+        # API clients may send an idempotency key so that retrying after a lost reply stores nothing twice
+        submission_id = gr.Textbox(value="", visible=False, label="submission_id")
     send.click(
         app.submit_feedback,
-        inputs=[rating, reasons, comment, better, answer_state],
+        inputs=[rating, reasons, comment, better, answer_state, submission_id],
         outputs=[status, rating, reasons, comment, better],
         api_name=f"{tab}_feedback",
         concurrency_limit=8,

@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     response      TEXT    NOT NULL,                       -- the full answer that was rated
     model_id      TEXT    NOT NULL,
     params        TEXT    NOT NULL DEFAULT '{}',          -- JSON: generation parameters
-    app_version   TEXT    NOT NULL
+    app_version   TEXT    NOT NULL,
+    submission_id TEXT    UNIQUE                          -- optional client key: a retried submit is stored once
 );
 CREATE INDEX IF NOT EXISTS feedback_created_at ON feedback (created_at);
 """
@@ -73,12 +74,15 @@ CREATE INDEX IF NOT EXISTS feedback_created_at ON feedback (created_at);
 JSON_COLUMNS = ("reasons", "messages", "inputs", "params")
 COLUMNS = (
     "id", "created_at", "session_id", "tab", "rating", "reasons", "comment", "better_answer",
-    "messages", "inputs", "response", "model_id", "params", "app_version",
+    "messages", "inputs", "response", "model_id", "params", "app_version", "submission_id",
 )  # fmt: skip
 
 # Hugging Face tokens look like `hf_` + 30+ letters/digits. People paste them into comment boxes by accident;
 # they must never reach the database (which may itself be pushed to the Hub).
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+
+
+_SUBMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def redact_secrets(text: str) -> str:
@@ -101,6 +105,7 @@ class FeedbackRecord:
     better_answer: str = ""
     inputs: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    submission_id: str | None = None  # idempotency key chosen by the client (e.g. a UUID)
 
     def validate(self) -> FeedbackRecord:
         if self.tab not in TABS:
@@ -114,6 +119,8 @@ class FeedbackRecord:
             raise UserError(f"feedback: the comment is longer than {MAX_COMMENT_CHARS} characters")
         if len(self.better_answer) > MAX_BETTER_ANSWER_CHARS:
             raise UserError(f"feedback: the better answer is longer than {MAX_BETTER_ANSWER_CHARS} characters")
+        if self.submission_id is not None and not _SUBMISSION_ID.fullmatch(self.submission_id):
+            raise UserError("feedback: submission_id must be 1-64 letters, digits, '-' or '_'")
         return self
 
 
@@ -171,7 +178,9 @@ class FeedbackStore:
 
     # ---------------------------------------------------------------------------------- write
     def add(self, record: FeedbackRecord) -> int:
-        """Insert one row in its own transaction; returns its id once committed (durable)."""
+        """Insert one row in its own transaction; returns its id once committed (durable).
+        A record whose submission_id is already stored is not stored again: the existing id is returned, so a
+        client that lost the reply (network, server restart) can safely send the same submission again."""
         record.validate()
         row = {
             "created_at": _utc_now(),
@@ -187,18 +196,27 @@ class FeedbackStore:
             "model_id": record.model_id,
             "params": json.dumps(record.params),
             "app_version": record.app_version,
+            "submission_id": record.submission_id,
         }
         names = ", ".join(row)
         marks = ", ".join(f":{k}" for k in row)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                cursor = self._conn.execute(f"INSERT INTO feedback ({names}) VALUES ({marks})", row)
+                cursor = self._conn.execute(
+                    f"INSERT INTO feedback ({names}) VALUES ({marks}) ON CONFLICT (submission_id) DO NOTHING", row
+                )
+                if cursor.rowcount == 1:
+                    row_id = cursor.lastrowid
+                else:  # already stored by an earlier attempt of the same submission
+                    row_id = self._conn.execute(
+                        "SELECT id FROM feedback WHERE submission_id = ?", (record.submission_id,)
+                    ).fetchone()[0]
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-        return int(cursor.lastrowid)
+        return int(row_id)
 
     # ----------------------------------------------------------------------------------- read
     def _reader(self) -> sqlite3.Connection:
