@@ -1,0 +1,76 @@
+"""The GPU paths: QLoRA (4-bit NF4 base, bitsandbytes), adamw_8bit, gradient checkpointing, bf16 autocast.
+
+These need CUDA + bitsandbytes and are skipped on CPU-only machines (CI has no GPU); the figures from the
+last run on a GPU are in docs/benchmarks.md. The CPU-only guard for the same configs is tested in
+tests/test_cli.py (test_cuda_only_configs_fail_early_on_cpu).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tokenizer_for_tests():
+    folder = os.environ.get("TUNELAB_TEST_TOKENIZER")
+    if folder:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig())
+
+
+def small_llama_folder(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer_for_tests()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    folder = tmp_path / "small-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def conversations_file(tmp_path, n=64):
+    path = tmp_path / "data.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            messages = [{"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@cuda
+@pytest.mark.parametrize("quantized", [True, False], ids=["qlora-4bit-adamw8bit", "lora-bf16"])
+def test_cuda_training_learns_and_resumes(tmp_path, quantized):
+    from tunelab.config import load_config
+    from tunelab.train.recipe import run_training
+
+    model_dir, data = small_llama_folder(tmp_path), conversations_file(tmp_path)
+    overrides = [
+        f"model.name={model_dir}", f"data.sources=[{{path: {data}}}]", f"data.output_dir={tmp_path / 'prepared'}",
+        "data.dedup.near=false", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=12", "train.batch_size=4",
+        "train.lr=2e-3", "train.save_steps=6", "train.eval_steps=6", "train.max_seq_len=128",
+        f"model.load_in_4bit={str(quantized).lower()}", f"train.optimizer={'adamw_8bit' if quantized else 'adamw'}",
+        f"train.gradient_checkpointing={str(quantized).lower()}", "data.val_fraction=0.1",
+    ]
+    summary = run_training(load_config(None, overrides), log=lambda *_: None)
+    assert summary["precision"] == "bf16"
+    losses = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in losses if "loss" in r]
+    assert train_losses[-1] < train_losses[0]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # Extending the run resumes from the step-12 checkpoint.
+    more = run_training(load_config(None, [*overrides, "train.max_steps=14"]), log=lambda *_: None)
+    assert more["resumed_from_step"] == 12 and more["steps"] == 14
