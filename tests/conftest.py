@@ -31,3 +31,12 @@ def build_tiny_llama(vocab_size: int = 256, seed: int = 0):
 @pytest.fixture
 def tiny_llama():
     return build_tiny_llama()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps a process-wide singleton; tests that pick CPU vs GPU each need their own."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
