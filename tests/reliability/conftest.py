@@ -33,8 +33,8 @@ class Workspace:
     data_file: Path
     cache: Path
 
-    def config(self, output_dir: Path, name: str | None = None, **sections) -> Path:
-        """Write a config for a run in `output_dir`; `sections` merge over the defaults (e.g. model={...})."""
+    def config(self, output_dir: Path, name: str | None = None, at: Path | None = None, **sections) -> Path:
+        """Write a config for a run in `output_dir` (next to it, or at `at`); `sections` merge over the defaults."""
         cfg = {
             "data": {"sources": [{"path": str(self.data_file)}], "val_fraction": 0.2, "dedup": {"near": False}},
             "model": {"name": str(self.model_dir)},
@@ -48,7 +48,7 @@ class Workspace:
         }
         for section, values in sections.items():
             cfg[section].update(values)
-        path = Path(output_dir).parent / f"{name or Path(output_dir).name}.yaml"
+        path = at or Path(output_dir).parent / f"{name or Path(output_dir).name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
