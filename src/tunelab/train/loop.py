@@ -23,7 +23,7 @@ from tunelab.config import EvalConfig, TrainConfig
 from tunelab.eval.metrics import perplexity, validation_loss
 from tunelab.train.batching import IGNORE, make_batch, step_indices
 from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, maybe_inject_fault, save_checkpoint
-from tunelab.train.loss import masked_lm_loss
+from tunelab.train.loss import AssistantLoss
 from tunelab.train.precision import Precision
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
@@ -139,7 +139,8 @@ def train_lora(
             log(f"run already complete: {ckpt} is step {start_step} of {cfg.max_steps}; nothing to train")
         else:
             log(f"resuming from {ckpt} (step {start_step} of {cfg.max_steps})")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_module, optimizer = accelerator.prepare(AssistantLoss(model, cfg.loss_chunk_tokens), optimizer)
+    model = accelerator.unwrap_model(loss_module).model  # on the device; DDP/FSDP hooks live on loss_module
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
     def evaluate(step: int) -> float:
@@ -160,14 +161,14 @@ def train_lora(
         for i, rows in enumerate(micro_batches):
             batch = make_batch([train_rows[r] for r in rows], cfg.packing, pad_id).to(device)
             sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
-            with accelerator.no_sync(model) if not sync else nullcontext(), precision.autocast(device.type):
-                micro_loss, _ = masked_lm_loss(model, batch, cfg.loss_chunk_tokens)
+            with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
+                micro_loss = loss_module(batch)
             # DDP averages gradients over processes; scale by world so the step equals one big batch.
             accelerator.backward(micro_loss * world / max(step_targets, 1))
             loss_sum += micro_loss.detach()
             step_tokens += batch.num_tokens
         if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -195,7 +196,7 @@ def train_lora(
             log(f"step {done}: val_loss {last_val:.4f}")
         if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
             state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
-            save_checkpoint(run_dir, done, accelerator.unwrap_model(model), optimizer, scheduler, state, cfg.save_total_limit)
+            save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
 
     metrics.close()

@@ -66,6 +66,19 @@ def masked_lm_loss(model, batch: Batch, chunk_tokens: int = 1024) -> tuple[torch
     return LinearCrossEntropy.apply(selected, lm_head.weight, targets, chunk_tokens), int(targets.numel())
 
 
+class AssistantLoss(torch.nn.Module):
+    """`forward(batch)` = summed assistant-token loss. DDP/FSDP wrap this module, so their forward hooks
+    (gradient sync, parameter gathering) run even though we call the decoder and LM head separately."""
+
+    def __init__(self, model, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return masked_lm_loss(self.model, batch, self.chunk_tokens)[0]
+
+
 def full_logits_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     """Reference implementation (full logits, plain cross-entropy) used by tests."""
     decoder, lm_head = split_causal_lm(model)
