@@ -150,8 +150,9 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
     # Model folder, chat template and data files are checked before the run folder is touched:
     # a config error leaves nothing behind.
     tokenizer = load_tokenizer(cfg.model)
-    data_dir = prepare_dataset(cfg, verbose=accelerator.is_main_process)
-    run_dir = prepare_run_dir(cfg, resume, overwrite) if accelerator.is_main_process else Path(cfg.train.output_dir)
+    with accelerator.main_process_first():  # one process prepares (and caches) the data, the others read it
+        data_dir = prepare_dataset(cfg, verbose=accelerator.is_main_process)
+        run_dir = prepare_run_dir(cfg, resume, overwrite) if accelerator.is_main_process else Path(cfg.train.output_dir)
     precision = choose_precision(cfg.train.precision, accelerator.device.type)
     log(f"precision: {precision.name} ({precision.reason}); threads: {threads}")
 
