@@ -248,5 +248,37 @@ def print_table(doc: dict, log=print) -> None:
     console.print(f"machine: {doc['machine']}; date: {doc['date']}")
 
 
+def plot_throughput(doc: dict, path: Path) -> None:
+    """Bar chart: real tokens/s per side and precision, with each precision's matmul-peak ceiling (4N FLOPs/token)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colors, ceilings = [], [], [], []
+    for precision in doc["precisions"]:
+        block = doc if precision == doc["precision"] else doc[precision]
+        ceiling = block["matmul_peak"]["gflops"] * 1e9 / doc["flops_per_token"]
+        for side, color in (("tunelab", "#3b75af"), ("trl", "#bbbbbb")):
+            if side in block:
+                labels.append(f"{side}\n{precision}")
+                values.append(block[side]["tok_per_s"])
+                colors.append(color)
+                ceilings.append(ceiling)
+    fig, ax = plt.subplots(figsize=(1.5 * len(labels) + 2, 4))
+    bars = ax.bar(range(len(labels)), values, color=colors)
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.0f}", ha="center", va="bottom", fontsize=9)
+    for i, ceiling in enumerate(ceilings):
+        ax.hlines(ceiling, i - 0.45, i + 0.45, colors="#c44e52", linestyles="--", label="matmul peak / 4N" if i == 0 else None)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("real (non-padding) tokens / s")
+    ax.set_title(f"LoRA training, SmolLM2-135M, {doc['steps']} steps x {doc['conversations_per_step']} conversations")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def command_line() -> str:
     return "tunelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -23,10 +23,11 @@ def bench_train_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")] = None,
     max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 64,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
 ) -> None:
     """tunelab's training loop vs TRL SFTTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out loss."""
     from tunelab.config import load_config
-    from tunelab.experiments.bench_train import command_line, print_table, run_bench
+    from tunelab.experiments.bench_train import command_line, plot_throughput, print_table, run_bench
     from tunelab.experiments.quickstart import QUICKSTART_CONFIG
 
     if vs not in ("trl", "none"):
@@ -44,6 +45,9 @@ def bench_train_cmd(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(doc, indent=2))
         typer.echo(f"wrote {json_path}")
+    if plot is not None:
+        plot_throughput(doc, plot)
+        typer.echo(f"wrote {plot}")
 
 
 def sweep_cmd(
