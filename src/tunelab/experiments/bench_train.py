@@ -248,6 +248,32 @@ def print_table(doc: dict, log=print) -> None:
     console.print(f"machine: {doc['machine']}; date: {doc['date']}")
 
 
+def markdown_table(doc: dict) -> str:
+    """The figures as a Markdown table (pasted into docs/benchmarks.md)."""
+    lines = [
+        "| precision | side | real tok/s | s/step | peak RSS MiB | val loss | % of matmul peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for precision in doc["precisions"]:
+        block = doc if precision == doc["precision"] else doc[precision]
+        for side in SIDES:
+            if side in block:
+                s = block[side]
+                lines.append(
+                    f"| {precision} | {side} | {s['tok_per_s']:.1f} | {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
+                    f"{s['val_loss']:.4f} | {100 * s['fraction_of_matmul_peak']:.0f}% of {block['matmul_peak']['gflops']:.0f} GFLOP/s |"
+                )
+        if "ratio" in block:
+            r = block["ratio"]
+            lines.append(
+                f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {r['s_per_step']:.2f}x | **{r['peak_rss_mib']:.2f}x** | "
+                f"{r['val_loss_delta']:+.4f} | |"
+            )
+    lines += ["", f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; "
+              f"{doc['steps']} optimizer steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']} runs per side."]
+    return "\n".join(lines) + "\n"
+
+
 def plot_throughput(doc: dict, path: Path) -> None:
     """Bar chart: real tokens/s per side and precision, with each precision's matmul-peak ceiling (4N FLOPs/token)."""
     import matplotlib

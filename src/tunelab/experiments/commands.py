@@ -27,7 +27,7 @@ def bench_train_cmd(
 ) -> None:
     """tunelab's training loop vs TRL SFTTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out loss."""
     from tunelab.config import load_config
-    from tunelab.experiments.bench_train import command_line, plot_throughput, print_table, run_bench
+    from tunelab.experiments.bench_train import command_line, markdown_table, plot_throughput, print_table, run_bench
     from tunelab.experiments.quickstart import QUICKSTART_CONFIG
 
     if vs not in ("trl", "none"):
@@ -44,7 +44,8 @@ def bench_train_cmd(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(doc, indent=2))
-        typer.echo(f"wrote {json_path}")
+        json_path.with_suffix(".md").write_text(markdown_table(doc))
+        typer.echo(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     if plot is not None:
         plot_throughput(doc, plot)
         typer.echo(f"wrote {plot}")
