@@ -413,7 +413,7 @@ class ChatApp:
         if self.share_feedback_data:
             for row in self.store.rows(limit=20, newest_first=True):
                 recent.append([
-                    row["id"], row["created_at"], row["tab"], "👍" if row["rating"] == 1 else "👎",
+                    row["id"], row["created_at"], row["tab"], "👍 up" if row["rating"] == 1 else "👎 down",
                     ", ".join(row["reasons"]), _short(row["comment"]), _short(row["response"]), row["model_id"],
                 ])  # fmt: skip
         return (
@@ -561,7 +561,7 @@ def _overview_tab(app: ChatApp) -> list[gr.components.Component]:
     with gr.Row():
         by_rating = gr.Dataframe(headers=["rating", "count"], label="By rating", interactive=False)
         by_reason = gr.Dataframe(headers=["reason", "count"], label="By reason", interactive=False)
-        by_model = gr.Dataframe(headers=["model", "👍", "👎", "total"], label="By model", interactive=False)
+        by_model = gr.Dataframe(headers=["model", "👍 up", "👎 down", "total"], label="By model", interactive=False)
     recent = gr.Dataframe(
         headers=["id", "time (UTC)", "tab", "rating", "reasons", "comment", "answer", "model"],
         label="Recent items" if app.share_feedback_data else "Recent items (hidden: start the server with --auth)",
@@ -576,7 +576,7 @@ def _overview_tab(app: ChatApp) -> list[gr.components.Component]:
         with gr.Row():
             fmt = gr.Radio(choices=["jsonl", "csv"], value="jsonl", label="Download format")
             prepare = gr.Button("Prepare download", elem_id="feedback-download")
-        file = gr.File(label="Feedback file", interactive=False)
+        file = gr.File(label="Feedback file", interactive=False, height=120)
         prepare.click(app.download, inputs=[fmt], outputs=[file], api_name="feedback_download", concurrency_limit=2)
     return outputs
 
