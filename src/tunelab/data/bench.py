@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import platform
 import time
 from pathlib import Path
@@ -73,6 +74,8 @@ def run_scale(scale: int, tokenizer) -> dict[str, Any]:
         "unparsed_bytes": counts.unparsed_bytes,
         "seconds": {phase: round(pipeline.timings.get(phase, 0.0), 2) for phase in PHASES},
         "total_s": round(sum(pipeline.timings.get(p, 0.0) for p in PHASES), 2),
+        "cpu_seconds": {phase: round(pipeline.cpu_timings.get(phase, 0.0), 2) for phase in PHASES},
+        "cpu_total_s": round(sum(pipeline.cpu_timings.get(p, 0.0) for p in PHASES), 2),
     }
 
 
@@ -86,8 +89,9 @@ def run_bench(scales: list[int]) -> dict[str, Any]:
     return {
         "command": "tunelab bench data --scales " + ",".join(map(str, scales)),
         "machine": cpu_model(),
-        "cores": __import__("os").cpu_count(),
+        "cores": os.cpu_count(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "tokenizer_load_s": round(load_s, 2),
         "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
         "results": [run_scale(s, tokenizer) for s in scales],
@@ -100,13 +104,14 @@ def print_bench(figures: dict[str, Any]) -> None:
 
     results = figures["results"]
     table = Table(title=f"tunelab bench data - {figures['machine']} ({figures['cores']} cores)")
-    table.add_column("phase (s)")
+    table.add_column("phase: wall s (CPU s)")
     for r in results:
         table.add_column(f"{r['scale']}x ({r['records']} records)", justify="right")
-    for phase in PHASES:
-        table.add_row(phase, *(f"{r['seconds'][phase]:.2f}" for r in results))
-    table.add_row("total", *(f"{r['total_s']:.2f}" for r in results))
-    table.add_row("near-dedup ms / 1k rows", *(f"{1e6 * r['seconds']['dedup_near'] / max(r['valid'] - r['exact_duplicates'], 1):.0f}" for r in results))
+    for phase in PHASES:  # wall seconds (CPU seconds of this process)
+        table.add_row(phase, *(f"{r['seconds'][phase]:.2f} ({r['cpu_seconds'][phase]:.2f})" for r in results))
+    table.add_row("total (wall)", *(f"{r['total_s']:.2f}" for r in results))
+    table.add_row("total (CPU s)", *(f"{r['cpu_total_s']:.2f}" for r in results))
+    table.add_row("near-dedup CPU ms / 1k rows", *(f"{1e6 * r['cpu_seconds']['dedup_near'] / max(r['valid'] - r['exact_duplicates'], 1):.0f}" for r in results))
     table.add_row("rows after dedup", *(str(r["after_dedup"]) for r in results))
     table.add_row("train / val rows", *(f"{r['train']} / {r['val']}" for r in results))
     Console().print(table)

@@ -83,17 +83,20 @@ class DataPipeline:
         self.log = ProblemLog(self.data.on_error)
         self.counts: dict[str, SourceCounts] = {}
         self.timings: dict[str, float] = defaultdict(float)
+        self.cpu_timings: dict[str, float] = defaultdict(float)
         self.duplicates = {"exact": _LocatedCount(), "near": _LocatedCount()}
         self._tokenizer = tokenizer
         self.encode_stats = None
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.timings[phase] += time.perf_counter() - start
+            # CPU seconds of this process: on a shared machine they vary much less than wall time
+            self.cpu_timings[phase] += time.process_time() - cpu_start
 
     @property
     def tokenizer(self):
