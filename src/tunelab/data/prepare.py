@@ -8,6 +8,11 @@
     write      train/ val/ (datasets.save_to_disk) + report.json, summary.md, token_lengths.png,
                into a temp folder renamed into place: a half-written dataset never exists.
 
+Rows: `id` is the content hash of the whole normalised conversation (split and dedup key); `messages` is the
+conversation as kept (whole exchanges, shorter when truncated), matching `input_ids`; a train row repeated by a
+source weight > 1 appears several times with the same id. `data.num_proc` is not used: every phase is either
+C-level or vectorised, and the 2-core target gains nothing from worker processes.
+
 Output folder: `data.output_dir`, else `<tunelab cache>/data/<hash of data + model config, train.max_seq_len>`.
 An existing folder is reused when its config hash and its input files (size, mtime) match, unless `force`.
 """
