@@ -9,9 +9,11 @@ gradient accumulation (and DDP) give the same update as one big batch.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from contextlib import nullcontext
 import os
+import sys
 import resource
 import time
 from dataclasses import dataclass, field
@@ -44,6 +46,20 @@ class TrainResult:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def return_freed_tensors_to_the_os(threshold_bytes: int = 1 << 20) -> None:
+    """Peak-RSS trick (glibc only): serve allocations >= 1 MiB with mmap, so freed activations go back to the OS.
+
+    glibc raises its mmap threshold to the size of any mmapped block that is freed (up to 32 MiB), after which
+    activations and temporaries of a few MiB come from the heap, fragment it and are never returned: measured
+    5.07 -> 3.40 GB peak RSS for one 1765-token fp32 step of SmolLM2-135M. Fixing the threshold stops that.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass  # not glibc (e.g. musl): nothing to tune
 
 
 def build_optimizer(model, cfg: TrainConfig):
@@ -125,6 +141,7 @@ def train_lora(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum
     targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in train_rows]
+    return_freed_tensors_to_the_os()
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
