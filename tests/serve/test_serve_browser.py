@@ -46,9 +46,13 @@ def page(tmp_path):
 
 
 def set_slider(page, elem_id: str, value: int) -> None:
+    """Type into the slider's number box and wait until the slider itself has taken the value."""
+    from playwright.sync_api import expect
+
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
-    box.press("Enter")
+    box.press("Tab")  # the slider picks the typed value up on blur
+    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value), timeout=10_000)
 
 
 def send_feedback(page, tab: str, rating: str, reasons: list[str], comment: str) -> str:
