@@ -232,3 +232,18 @@ def test_without_shared_feedback_data_the_overview_hides_items_and_download_is_r
     assert "**1**" in headline and by_rating == [["up", 1]] and recent == []
     with pytest.raises(gr.Error):
         app.download("jsonl")
+
+
+def test_download_files_are_complete_and_never_shared_between_calls(app):
+    import csv
+    import json as json_module
+
+    *_, (_, _, answer, _, _) = run(app.chat("hi", "", 0.5, 0.8, 32, [], None))
+    app.submit_feedback("up", ["other"], "a, \"quoted\" comment", "", answer, request=REQUEST)
+    jsonl, csv_path = app.download("jsonl"), app.download("csv")
+    assert jsonl != csv_path and jsonl.endswith(".jsonl") and csv_path.endswith(".csv")
+    [row] = [json_module.loads(line) for line in open(jsonl, encoding="utf-8")]
+    assert row["comment"] == 'a, "quoted" comment' and row["reasons"] == ["other"]
+    [csv_row] = list(csv.DictReader(open(csv_path, encoding="utf-8")))
+    assert csv_row["comment"] == 'a, "quoted" comment'
+    assert app.download("jsonl") != jsonl

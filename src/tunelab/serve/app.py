@@ -26,7 +26,9 @@ import logging
 import os
 import re
 import tempfile
+import time
 import unicodedata
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -428,15 +430,23 @@ class ChatApp:
         if not self.share_feedback_data:
             raise gr.Error("Downloads are off on this server (start it with --auth to enable them).")
         rows = self.store.rows()
-        # One folder per server, overwritten each time: exports hold user text, so no pile-up of copies.
-        folder = self._download_dir
-        if fmt == "csv":
-            path = folder / "feedback.csv"
+        self._prune_downloads(max_age_s=600)  # exports hold user text: keep no old copies around
+        suffix = "csv" if fmt == "csv" else "jsonl"
+        # a fresh name per call: two people downloading at once never share (or half-overwrite) a file
+        path = self._download_dir / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.{suffix}"
+        if suffix == "csv":
             path.write_text(rows_to_csv(rows), encoding="utf-8")
         else:
-            path = folder / "feedback.jsonl"
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         return str(path)
+
+    def _prune_downloads(self, max_age_s: float) -> None:
+        for old in self._download_dir.glob("feedback-*"):
+            try:
+                if time.time() - old.stat().st_mtime > max_age_s:
+                    old.unlink()
+            except FileNotFoundError:  # pruned by a concurrent call
+                pass
 
 
 def _short(text: str, limit: int = 120) -> str:
@@ -450,7 +460,9 @@ def _feedback_panel(app: ChatApp, tab: str, answer_state: gr.State) -> tuple[gr.
     with gr.Accordion("Feedback on this answer", open=True, elem_id=f"{tab}-feedback"):
         with gr.Row():
             rating = gr.Radio(choices=list(RATINGS), label="Rating", elem_id=f"{tab}-rating")
-            reasons = gr.CheckboxGroup(choices=list(REASONS), label="What was wrong? (optional)", elem_id=f"{tab}-reasons")
+            reasons = gr.CheckboxGroup(
+                choices=list(REASONS), label="What was wrong? (optional)", elem_id=f"{tab}-reasons"
+            )
         comment = gr.Textbox(
             label="Comment (optional)", max_length=MAX_COMMENT_CHARS, lines=2, elem_id=f"{tab}-comment"
         )
