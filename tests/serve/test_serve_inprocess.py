@@ -20,11 +20,13 @@ class SlowBackend(ScriptedBackend):
         super().__init__(reply=" ".join(f"w{i}" for i in range(words)))
         self.delay = delay
         self.closed = threading.Event()
+        self.streaming = threading.Event()
 
     def stream_chat(self, messages, params=None):
         try:
             for piece in super().stream_chat(messages, params):
                 time.sleep(self.delay)
+                self.streaming.set()
                 yield piece
         finally:
             self.closed.set()
@@ -54,7 +56,8 @@ def test_stop_frees_the_model_for_the_next_request(served):
     backend, url, _ = served
     client = Client(url, verbose=False)
     job = client.submit("long please", "", 0.5, 0.9, 200, api_name="/chat")
-    time.sleep(1.5)  # let it stream a few words
+    assert backend.streaming.wait(timeout=60)
+    time.sleep(0.5)  # a few words in
     job.cancel()
     assert backend.closed.wait(timeout=30), "the backend generator was not closed after Stop"
     backend.delay = 0.0
@@ -95,3 +98,18 @@ def test_feedback_with_the_same_submission_id_is_stored_once(served):
     assert [r["comment"] for r in demo.tunelab_app.store.rows()] == ["once"]
     client.predict("up", [], "no key", "", api_name="/chat_feedback")  # the key is optional
     assert len(demo.tunelab_app.store.rows()) == 2
+
+
+def test_a_taken_port_is_a_user_error(tmp_path):
+    import socket
+
+    from tunelab.errors import UserError
+
+    demo = build_app(SlowBackend(), tmp_path / "fb.db")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}"):
+            launch(demo, port=port, block=False, quiet=True)
+    demo.close()

@@ -639,7 +639,22 @@ def launch(
 ) -> str:
     """Start the server (loopback only unless `host` says otherwise, no share link unless asked).
     Returns the local URL; with block=True it only returns when the server stops (Ctrl+C)."""
-    _, local_url, share_url = demo.launch(
+    try:
+        _, local_url, share_url = _start_server(demo, host, port, auth, share)
+    except OSError as exc:  # port taken, address not on this machine
+        raise UserError(f"cannot serve on {host}:{port}: {str(exc).splitlines()[0]}") from None
+    if not quiet:
+        print(f"tunelab app running on {local_url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)
+    if block:
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
+    return local_url
+
+
+def _start_server(demo: gr.Blocks, host: str, port: int, auth: tuple[str, str] | None, share: bool):
+    return demo.launch(
         server_name=host,
         server_port=port,
         auth=auth,
@@ -653,11 +668,3 @@ def launch(
         run_history=False,  # it keeps prompts in the browser and offers Hub uploads; not for a shared app
         footer_links=["api", "gradio", "settings"],
     )
-    if not quiet:
-        print(f"tunelab app running on {local_url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)
-    if block:
-        try:
-            demo.block_thread()
-        finally:
-            demo.close()
-    return local_url
