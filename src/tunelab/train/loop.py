@@ -142,6 +142,7 @@ def train_lora(
     per_step = cfg.batch_size * cfg.grad_accum
     targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in train_rows]
     return_freed_tensors_to_the_os()
+    precision.skip_adapter_input_casts(model)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
