@@ -61,7 +61,7 @@ def test_both_sides_train_the_same_tokens_and_report_the_same_shape(tiny_model_d
     for side, r in results.items():
         assert r["tokens"] == expected, side  # same conversations, no padding counted
         assert len(r["step_seconds"]) == 2
-        for key in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss"):
+        for key in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tok_per_cpu_s"):
             assert isinstance(r[key], float) and r[key] > 0, (side, key)
 
     doc = summarise({k: [v] for k, v in results.items()}, {"gflops": 100.0, "shapes": {}}, 4 * 1e6)
@@ -69,6 +69,10 @@ def test_both_sides_train_the_same_tokens_and_report_the_same_shape(tiny_model_d
     for side in ("tunelab", "trl"):
         assert set(doc[side]) >= {"tok_per_s", "peak_rss_mib", "val_loss", "s_per_step"}
     # Same data, same maths: the two adapters land close together on the held-out rows.
+    from tunelab.experiments.bench_train import markdown_table
+
+    doc.update(precisions=["fp32"], precision="fp32", command="c", machine="m", date="d", steps=2, conversations_per_step=4, repeats=1)
+    assert "tunelab/TRL" in markdown_table(doc)
     assert abs(doc["tunelab"]["val_loss"] - doc["trl"]["val_loss"]) < 0.05
 
 

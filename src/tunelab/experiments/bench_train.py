@@ -115,7 +115,8 @@ def summarise(runs: dict[str, list[dict]], peak: dict, flops_per_token: float) -
             "val_loss": med("val_loss"),
             "tokens": rs[0]["tokens"],
             "final_train_loss": med("final_train_loss") if all(r.get("final_train_loss") is not None for r in rs) else None,
-            "runs": [{k: r[k] for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens")} for r in rs],
+            "tok_per_cpu_s": med("tok_per_cpu_s") if all(r.get("tok_per_cpu_s") for r in rs) else None,
+            "runs": [{k: r.get(k) for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens", "tok_per_cpu_s")} for r in rs],
             "fraction_of_matmul_peak": med("tok_per_s") * flops_per_token / (peak["gflops"] * 1e9),
         }
     if "tunelab" in out and "trl" in out:
@@ -125,6 +126,7 @@ def summarise(runs: dict[str, list[dict]], peak: dict, flops_per_token: float) -
             "peak_rss_mib": t["peak_rss_mib"] / r["peak_rss_mib"],
             "s_per_step": t["s_per_step"] / r["s_per_step"],
             "val_loss_delta": t["val_loss"] - r["val_loss"],
+            "tok_per_cpu_s": t["tok_per_cpu_s"] / r["tok_per_cpu_s"] if t["tok_per_cpu_s"] and r["tok_per_cpu_s"] else None,
         }
         out["trl_settings"] = runs["trl"][0].get("trl_settings")
     out["matmul_peak"] = peak
@@ -229,30 +231,37 @@ def print_table(doc: dict, log=print) -> None:
     for precision in doc["precisions"]:
         block = doc if precision == doc["precision"] else doc[precision]
         table = Table(title=f"bench train, {precision}: {doc['steps']} steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']}")
-        for column in ("side", "real tok/s", "s/step", "peak RSS MiB", "val loss", "% matmul peak"):
+        for column in ("side", "real tok/s", "s/step", "peak RSS MiB", "val loss", "% matmul peak", "tok/CPU-s (steps 2+)"):
             table.add_column(column)
         for side in SIDES:
             if side in block:
                 s = block[side]
                 table.add_row(
                     side, f"{s['tok_per_s']:.1f}", f"{s['s_per_step']:.2f}", f"{s['peak_rss_mib']:.0f}", f"{s['val_loss']:.4f}",
-                    f"{100 * s['fraction_of_matmul_peak']:.0f}%",
+                    f"{100 * s['fraction_of_matmul_peak']:.0f}%", _fmt(s.get("tok_per_cpu_s")),
                 )
         if "ratio" in block:
             r = block["ratio"]
             table.add_row(
-                "tunelab/TRL", f"{r['tok_per_s']:.2f}x", f"{r['s_per_step']:.2f}x", f"{r['peak_rss_mib']:.2f}x", f"{r['val_loss_delta']:+.4f}", ""
+                "tunelab/TRL", f"{r['tok_per_s']:.2f}x", f"{r['s_per_step']:.2f}x", f"{r['peak_rss_mib']:.2f}x", f"{r['val_loss_delta']:+.4f}", "",
+                _fmt(r.get("tok_per_cpu_s"), "x"),
             )
         console.print(table)
         console.print(f"matmul peak ({precision}): {block['matmul_peak']['gflops']:.0f} GFLOP/s")
     console.print(f"machine: {doc['machine']}; date: {doc['date']}")
 
 
+def _fmt(value, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}{suffix}" if suffix else f"{value:.1f}"
+
+
 def markdown_table(doc: dict) -> str:
     """The figures as a Markdown table (pasted into docs/benchmarks.md)."""
     lines = [
-        "| precision | side | real tok/s | s/step | peak RSS MiB | val loss | % of matmul peak |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | side | real tok/s | s/step | peak RSS MiB | val loss | % of matmul peak | tok/CPU-s (steps 2+) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for precision in doc["precisions"]:
         block = doc if precision == doc["precision"] else doc[precision]
@@ -261,13 +270,14 @@ def markdown_table(doc: dict) -> str:
                 s = block[side]
                 lines.append(
                     f"| {precision} | {side} | {s['tok_per_s']:.1f} | {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
-                    f"{s['val_loss']:.4f} | {100 * s['fraction_of_matmul_peak']:.0f}% of {block['matmul_peak']['gflops']:.0f} GFLOP/s |"
+                    f"{s['val_loss']:.4f} | {100 * s['fraction_of_matmul_peak']:.0f}% of {block['matmul_peak']['gflops']:.0f} GFLOP/s | "
+                    f"{_fmt(s.get('tok_per_cpu_s'))} |"
                 )
         if "ratio" in block:
             r = block["ratio"]
             lines.append(
                 f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {r['s_per_step']:.2f}x | **{r['peak_rss_mib']:.2f}x** | "
-                f"{r['val_loss_delta']:+.4f} | |"
+                f"{r['val_loss_delta']:+.4f} | | {_fmt(r.get('tok_per_cpu_s'), 'x')} |"
             )
     lines += ["", f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; "
               f"{doc['steps']} optimizer steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']} runs per side."]

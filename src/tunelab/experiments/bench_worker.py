@@ -45,6 +45,15 @@ def score(model, val_rows: list, precision_name: str, pad_id: int) -> float:
     return validation_loss(model, val_rows, 8, False, pad_id, precision, torch.device("cpu"))
 
 
+def after_first_step(cpu_marks: list[float], token_marks: list[int]) -> dict:
+    """Load-robust figure: process CPU seconds and tokens of steps 2..N (marks taken after each step)."""
+    if len(cpu_marks) < 2:
+        return {"cpu_seconds_after_first": None, "tokens_after_first": None, "tok_per_cpu_s": None}
+    cpu = cpu_marks[-1] - cpu_marks[0]
+    tokens = token_marks[-1] - token_marks[0]
+    return {"cpu_seconds_after_first": cpu, "tokens_after_first": tokens, "tok_per_cpu_s": tokens / max(cpu, 1e-9)}
+
+
 # ------------------------------------------------------------------------------------ tunelab
 def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict:
     from accelerate import Accelerator
@@ -80,12 +89,19 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
     precision = Precision(spec["precision"], "bench")
     tokenizer = load_tokenizer(cfg.model)
     model = build_lora_model(cfg, precision)
+    cpu_marks, token_marks = [], []
+
+    def progress(step, record):  # called after every optimizer step (logging_steps = 1)
+        cpu_marks.append(time.process_time())
+        token_marks.append(record["tokens"])
+
     result = train_lora(
         model, train_rows, val_rows[:1], cfg.train, EvalConfig(batch_size=8), workdir / "run", precision,
-        tokenizer.pad_token_id, Accelerator(cpu=True), resume=False, log=lambda *_: None,
+        tokenizer.pad_token_id, Accelerator(cpu=True), resume=False, log=lambda *_: None, progress=progress,
     )
     step_seconds = [h["step_s"] for h in result.history if "step_s" in h]
     return {
+        **after_first_step(cpu_marks, token_marks),
         "tokens": result.tokens,
         "train_seconds": result.train_seconds,
         "step_seconds": step_seconds,
@@ -149,13 +165,18 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.marks: list[float] = []
+            self.cpu_marks: list[float] = []
+            self.token_marks: list[int] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.marks = [time.perf_counter()]
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
+            self.token_marks.append(counted["tokens"])
 
+    counted = {"tokens": 0}
     timer = StepTimer()
     trainer = SFTTrainer(
         model=spec["model_path"],
@@ -165,7 +186,6 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
         peft_config=peft_config,
         callbacks=[timer],
     )
-    counted = {"tokens": 0}
 
     def count_real_tokens(module, args, kwargs):  # what the model is actually fed, padding excluded
         mask = kwargs.get("attention_mask")
@@ -179,6 +199,7 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
     step_seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
     losses = [h.get("loss", h.get("train_loss")) for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
     return {
+        **after_first_step(timer.cpu_marks, timer.token_marks),
         "tokens": counted["tokens"],
         "train_seconds": sum(step_seconds),
         "step_seconds": step_seconds,
