@@ -49,7 +49,10 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
         raise UserError(f"--push-to-hub: cannot reach {host} (no network?); nothing was uploaded") from None
 
 
-def push_to_hub(repo_id: str, plan: list[tuple[Path, str]], private: bool) -> str:
+def push_to_hub(
+    repo_id: str, plan: list[tuple[Path, str]], private: bool, repo_type: str = "model", message: str = "tunelab export"
+) -> str:
+    """Create the repo if needed and upload `plan` ((local file, path in repo) pairs) as one commit."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -58,9 +61,9 @@ def push_to_hub(repo_id: str, plan: list[tuple[Path, str]], private: bool) -> st
     check_hub_reachable()
     api = HfApi()  # picks the token up itself; we never hold it
     try:
-        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local)) for local, remote in plan]
-        api.create_commit(repo_id, operations=operations, commit_message="tunelab export")
+        api.create_commit(repo_id, operations=operations, repo_type=repo_type, commit_message=message)
     except HfHubHTTPError as exc:
         raise UserError(f"--push-to-hub {repo_id}: {str(exc).splitlines()[0]}") from None
     except (OSError, ConnectionError) as exc:

@@ -92,36 +92,9 @@ def push_feedback_to_hub(path: Path, repo_id: str, private: bool = True) -> str:
     Reuses the export stage's Hub code: same token rules (HF_TOKEN or `hf auth login`, never stored by us),
     same offline check and one-line errors.
     """
-    import inspect
-
     from tunelab.export import hub
 
     if repo_id.count("/") != 1:
         raise UserError(f"--push-to-hub: expected a dataset repo id like user/name (got {repo_id!r})")
     plan = [(Path(path), Path(path).name)]
-    if "repo_type" in inspect.signature(hub.push_to_hub).parameters:
-        return hub.push_to_hub(repo_id, plan, private, repo_type="dataset")
-    return _push_dataset(repo_id, plan, private)
-
-
-def _push_dataset(repo_id: str, plan: list[tuple[Path, str]], private: bool) -> str:
-    # Until tunelab.export.hub.push_to_hub accepts repo_type (it creates model repos only), the same steps
-    # for a dataset repo.
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from tunelab.export.hub import check_hub_reachable
-
-    if get_token() is None:
-        raise UserError("--push-to-hub: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
-    check_hub_reachable()
-    api = HfApi()  # reads the token itself; tunelab never holds it
-    try:
-        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local)) for local, remote in plan]
-        api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message="tunelab feedback export")
-    except HfHubHTTPError as exc:
-        raise UserError(f"--push-to-hub {repo_id}: {str(exc).splitlines()[0]}") from None
-    except (OSError, ConnectionError) as exc:
-        raise UserError(f"--push-to-hub {repo_id}: network error ({type(exc).__name__}); nothing was uploaded") from None
-    return str(url)
+    return hub.push_to_hub(repo_id, plan, private, repo_type="dataset", message="tunelab feedback export")
