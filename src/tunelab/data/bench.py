@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,9 @@ from typing import Any
 from tunelab.config import Config, SourceConfig
 from tunelab.data import readers
 from tunelab.data.prepare import DataPipeline, FileRecords
+from tunelab.train.precision import cpu_model
 
 PHASES = ("recover", "normalise", "dedup_exact", "dedup_near", "encode")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def perturbed(record: Any, copy_index: int) -> Any:

@@ -91,11 +91,9 @@ def _child(queue, *args) -> None:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from tunelab.train.precision import cpu_model
+
+    cpu = cpu_model()
     import importlib.metadata as md
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform(),

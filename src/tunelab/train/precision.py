@@ -52,6 +52,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name, for benchmark reports (timings mean little without it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def choose_precision(requested: str, device_type: str = "cpu") -> Precision:
     if requested == "fp32":
         return Precision("fp32", "requested by train.precision")
