@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import runpy
+import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,17 +189,156 @@ def test_push_without_token_says_how_to_log_in(tiny_run, monkeypatch, tmp_path):
         push_to_hub("someone/tiny-chat", [], private=False)
 
 
-@pytest.mark.slow
-def test_space_bundle_is_a_gradio_space_that_chats(tiny_cli_export, monkeypatch):
+def bundle_python(space: Path) -> tuple[list[str], dict[str, str]]:
+    """A Python that sees the bundle and site-packages only: `-S` skips the .pth that puts src/ on the path."""
+    import site
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPACE_ID", "FEEDBACK_REPO", "TUNELAB_AUTH")}
+    env.update(PYTHONPATH=os.pathsep.join([str(space), *site.getsitepackages()]), GRADIO_ANALYTICS_ENABLED="False",
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return [sys.executable, "-S"], env
+
+
+def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
+    import gradio
+
+    from tunelab.export.space import VENDORED
+
     _, space = tiny_cli_export
     readme = (space / "README.md").read_text()
     assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
-    assert "llama-cpp-python" in (space / "requirements.txt").read_text()
+    assert f"sdk_version: {gradio.__version__}\n" in readme
+    requirements = (space / "requirements.txt").read_text().split()
+    assert f"gradio=={gradio.__version__}" in requirements and "llama-cpp-python>=0.3" in requirements
+    assert not any(r.startswith(("torch", "transformers", "tunelab", "pydantic", "pyyaml")) for r in requirements)
     assert (space / "model-q4_k_m.gguf").stat().st_size > 0
+    assert sorted(str(p.relative_to(space / "tunelab")) for p in (space / "tunelab").rglob("*") if p.is_file()) \
+        == sorted(VENDORED)
+    # Import the bundle's app.py (not run as __main__: no model load, no server) without src/ on the path:
+    # every module it pulls in must come from the bundle, so the vendored closure is complete.
+    cmd, env = bundle_python(space)
+    probe = (
+        "import runpy, sys, json; runpy.run_path(sys.argv[1], run_name='space_app');"
+        "print(json.dumps({m: getattr(sys.modules[m], '__file__', None) for m in sys.modules if m.startswith('tunelab')}))"
+    )
+    done = subprocess.run([*cmd, "-c", probe, str(space / "app.py")], env=env, cwd=space.parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    modules = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"tunelab.serve.app", "tunelab.serve.backends", "tunelab.serve.feedback", "tunelab.serve.hub_sync"} <= set(modules)
+    for name, file in modules.items():
+        assert file and Path(file).resolve().is_relative_to(space.resolve()), (name, file)
+
+
+def load_space_app(space: Path, monkeypatch):
+    """The bundle's app.py as a module, with the model, the server and the Hub replaced by recorders."""
+    import importlib.util
+
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # app.py prepends the bundle dir; undone after the test
+    spec = importlib.util.spec_from_file_location("space_app_under_test", space / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = {}
+
+    class FakeBackend:
+        model_id = "model-q4_k_m.gguf"
+
+        def __init__(self, path, threads):
+            calls["backend"] = (Path(path).name, threads)
+
+    monkeypatch.setattr(module, "LlamaCppBackend", FakeBackend)
+    monkeypatch.setattr(module, "build_app", lambda backend, db, **kw: calls.update(build=(db, kw)) or "demo")
+    monkeypatch.setattr(module, "launch", lambda demo, **kw: calls.update(launch=kw))
+    monkeypatch.setattr(module, "start_feedback_sync", lambda db, say: calls.update(sync=db))
+    monkeypatch.setattr(module.signal, "signal", lambda *a: None)
+    for name in ("SPACE_ID", "TUNELAB_AUTH", "PORT", "GRADIO_SERVER_PORT", "FEEDBACK_DB"):
+        monkeypatch.delenv(name, raising=False)
+    return module, calls
+
+
+def test_space_app_binds_and_shares_feedback_by_where_it_runs(tiny_cli_export, monkeypatch, tmp_path):
+    _, space = tiny_cli_export
+    module, calls = load_space_app(space, monkeypatch)
     monkeypatch.setenv("THREADS", "1")
-    app = runpy.run_path(str(space / "app.py"))  # builds the UI without launching a server
-    replies = list(app["respond"]("Hello!", [], 0.0, 0.9, 8))
-    assert replies and isinstance(replies[-1], str)
+    monkeypatch.setenv("FEEDBACK_DB", str(tmp_path / "fb.db"))
+    module.main()  # locally: loopback, feedback overview shared (it is the owner's machine)
+    assert calls["launch"] == {"host": "127.0.0.1", "port": 7860, "auth": None}
+    assert calls["build"][1]["share_feedback_data"] is True and calls["build"][0] == tmp_path / "fb.db"
+    assert calls["backend"] == ("model-q4_k_m.gguf", 1) and calls["sync"] == tmp_path / "fb.db"
+
+    monkeypatch.setenv("SPACE_ID", "someone/tiny-chat")
+    monkeypatch.setenv("PORT", "7861")
+    module.main()  # on a Space without a login: every interface, visitors cannot read each other's feedback
+    assert calls["launch"] == {"host": "0.0.0.0", "port": 7861, "auth": None}
+    assert calls["build"][1]["share_feedback_data"] is False
+
+    monkeypatch.setenv("TUNELAB_AUTH", "alice:secret")
+    module.main()
+    assert calls["launch"]["auth"] == ("alice", "secret") and calls["build"][1]["share_feedback_data"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_space_bundle_serves_tunelabs_app(tiny_cli_export, tmp_path):
+    """`python DIR/app.py` (bundle only, no src/) on a free loopback port: the real app's API answers."""
+    import socket
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+
+    _, space = tiny_cli_export
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd, env = bundle_python(space)
+    db = tmp_path / "feedback.db"
+    env.update(PORT=str(port), THREADS="1", FEEDBACK_DB=str(db), HF_TOKEN=FAKE_TOKEN)
+    log_path = tmp_path / "space.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([*cmd, str(space / "app.py")], cwd=tmp_path, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                time.sleep(0.25)
+        client = Client(url, verbose=False)
+        chatbot, _, status = client.predict("Hello!", "Answer briefly.", 0.0, 0.9, 16, api_name="/chat")
+        assert status.startswith("Done"), status
+        assert chatbot[-1]["role"] == "assistant"
+        status, *_ = client.predict("down", ["too short"], "more please", "Hello! How can I help?",
+                                    api_name="/chat_feedback")
+        assert status.startswith("✅"), status
+        plan, status = client.predict("Lisbon", 1, "spring", "mid-range", "relaxed", ["food"], "", 0.0, 16,
+                                      api_name="/plan")
+        assert status.startswith("Done"), status
+        headline, *_ = client.predict(api_name="/feedback_overview")
+        assert "1" in headline
+        conn = sqlite3.connect(db)
+        rows = conn.execute("SELECT tab, rating, comment, model_id, app_version FROM feedback").fetchall()
+        conn.close()
+        assert rows == [("chat", -1, "more please", "model-q4_k_m.gguf", rows[0][4])] and "tunelab" in rows[0][4]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: only this server
+            proc.wait(timeout=60)
+    log = log_path.read_text()
+    assert f"running on http://127.0.0.1:{port}" in log
+    assert "stored in" in log and "only" in log  # no FEEDBACK_REPO: the log says feedback stays on the disk
+    assert FAKE_TOKEN not in log and FAKE_TOKEN.encode() not in db.read_bytes()
 
 
 def test_export_rejects_a_non_run_folder(tmp_path):
