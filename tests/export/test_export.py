@@ -249,7 +249,7 @@ def load_space_app(space: Path, monkeypatch):
         def __init__(self, path, threads):
             calls["backend"] = (Path(path).name, threads)
 
-    monkeypatch.setattr(module, "LlamaCppBackend", FakeBackend)
+    monkeypatch.setattr(module, "load_backend", FakeBackend)
     monkeypatch.setattr(module, "build_app", lambda backend, db, **kw: calls.update(build=(db, kw)) or "demo")
     monkeypatch.setattr(module, "launch", lambda demo, **kw: calls.update(launch=kw))
     monkeypatch.setattr(module, "start_feedback_sync", lambda db, say: calls.update(sync=db))

@@ -22,7 +22,7 @@ from tunelab.errors import UserError
 GGUF_NAME = "model-q4_k_m.gguf"
 
 # The module-level import closure of tunelab.serve.app (+ hub_sync), relative to the tunelab package.
-# backends.load_backend imports tunelab.models lazily; the Space app uses LlamaCppBackend directly instead.
+# backends.load_backend imports tunelab.models only for folders, after the .gguf case the Space uses.
 VENDORED = (
     "__init__.py",
     "errors.py",
@@ -60,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the tunelab/ copied next to this file (tunelab is not on PyPI)
 
 from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch  # noqa: E402
-from tunelab.serve.backends import LlamaCppBackend  # noqa: E402
+from tunelab.serve.backends import load_backend  # noqa: E402
 from tunelab.serve.hub_sync import start_feedback_sync  # noqa: E402
 
 TITLE = {title!r}
@@ -102,7 +102,7 @@ def main() -> None:
     auth = parse_auth(os.environ.get("TUNELAB_AUTH", ""))
     db = Path(os.environ.get("FEEDBACK_DB") or default_db(on_space))
 
-    backend = LlamaCppBackend(model_file(), threads=threads)
+    backend = load_backend(model_file(), threads=threads)
     exposed = host not in LOOPBACK_HOSTS
     demo = build_app(backend, db, share_feedback_data=auth is not None or not exposed, title=TITLE)
     print(f"model: {{backend.model_id}} (llama.cpp, {{threads}} threads); feedback database: {{db}}", flush=True)

@@ -56,8 +56,6 @@ class ChatBackend(Protocol):
 
 def load_backend(model_path: str | Path, threads: int | None = None) -> ChatBackend:
     """`.gguf` -> llama.cpp; run folder (adapter/ + config.yaml) or HF model folder -> transformers."""
-    from tunelab.models.runs import is_run_dir
-
     path = Path(model_path).expanduser()
     if threads is not None and threads < 1:
         raise UserError(f"threads: must be >= 1 (got {threads})")
@@ -65,6 +63,8 @@ def load_backend(model_path: str | Path, threads: int | None = None) -> ChatBack
         if not path.is_file():
             raise UserError(f"{path}: GGUF file not found")
         return LlamaCppBackend(path, threads)
+    from tunelab.models.runs import is_run_dir  # after the .gguf case: the Space bundle vendors serve/ only
+
     if is_run_dir(path) or (path / "config.json").is_file():
         return TransformersBackend(path, threads)
     raise UserError(f"{path}: not a .gguf file, a run folder (adapter/ + config.yaml) or a HF model folder (config.json)")
