@@ -177,6 +177,7 @@ def run_bench(
                 "weight_decay": cfg.train.weight_decay,
                 "max_grad_norm": cfg.train.max_grad_norm,
                 "max_seq_len": cfg.train.max_seq_len,
+                "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
                 "seed": cfg.train.seed,
                 "threads": threads,
                 "precision": precision,

@@ -78,6 +78,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
                 "weight_decay": spec["weight_decay"],
                 "max_grad_norm": spec["max_grad_norm"],
                 "max_seq_len": spec["max_seq_len"],
+                "loss_chunk_tokens": spec.get("loss_chunk_tokens", 1024),
                 "precision": spec["precision"],
                 "threads": spec["threads"],
                 "save_steps": spec["steps"],

@@ -21,7 +21,7 @@ def bench_train_cmd(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for both sides.")] = 2,
     config: Annotated[Optional[Path], typer.Option(help="Config for data/model/LoRA/train settings (default: the quickstart config).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")] = None,
-    max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 64,
+    max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 32,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
 ) -> None:

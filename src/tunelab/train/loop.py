@@ -16,10 +16,12 @@ import os
 import sys
 import resource
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tunelab.config import EvalConfig, TrainConfig
 from tunelab.eval.metrics import perplexity, validation_loss
@@ -60,6 +62,34 @@ def return_freed_tensors_to_the_os(threshold_bytes: int = 1 << 20) -> None:
             ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
         except (OSError, AttributeError):
             pass  # not glibc (e.g. musl): nothing to tune
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for the backward (autograd would also keep silu(gate))."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        return grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig
+
+
+def lean_swiglu(model) -> None:
+    """Peak-RSS trick: Llama-style MLPs (`down(silu(gate(x)) * up(x))`) use SwiGLU, one [tokens, 1536] activation
+    per decoder layer less (about 320 MB for a 1765-token fp32 step of SmolLM2-135M); recomputing silu is cheap."""
+
+    def forward(self, x):
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+    for module in model.modules():
+        act = type(getattr(module, "act_fn", None)).__name__
+        if act in ("SiLU", "SiLUActivation") and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            module.forward = types.MethodType(forward, module)
 
 
 def build_optimizer(model, cfg: TrainConfig):
@@ -143,6 +173,7 @@ def train_lora(
     targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in train_rows]
     return_freed_tensors_to_the_os()
     precision.skip_adapter_input_casts(model)
+    lean_swiglu(model)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
