@@ -105,7 +105,7 @@ class TrainConfig(_Section):
     packing: bool = True  # pack a micro-batch into one row with per-sequence attention
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    loss_chunk_tokens: int = Field(1024, ge=16)  # LM head + loss computed this many label tokens at a time
+    loss_chunk_tokens: int = Field(256, ge=16)  # LM head + loss computed this many label tokens at a time (memory vs speed)
     save_steps: int = Field(20, gt=0)
     save_total_limit: int = Field(2, gt=0)
     eval_steps: int = Field(20, gt=0)
