@@ -16,7 +16,9 @@ from tunelab.errors import UserError
 from tunelab.train.precision import Precision, choose_precision
 
 # Keys that may change between an interrupted run and its resumption without changing the maths.
-RESUME_SAFE_TRAIN_KEYS = {"max_steps", "save_steps", "save_total_limit", "eval_steps", "logging_steps", "threads", "output_dir"}
+RESUME_SAFE_TRAIN_KEYS = {
+    "max_steps", "save_steps", "save_total_limit", "eval_steps", "logging_steps", "threads", "output_dir", "loss_chunk_tokens",
+}
 
 
 def set_threads(threads: int | None) -> int:
