@@ -1,0 +1,76 @@
+"""Model names resolve to loadable folders, chat templates can be forced, and mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.config import ModelConfig
+from tunelab.models import ModelError, load_tokenizer, resolve_model_path
+from tunelab.models.loading import check_quantization_supported, embedded_gguf_path
+from tunelab.models.templates import TemplateError
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+def test_embedded_model_is_found_and_converted_once():
+    gguf = embedded_gguf_path("smollm2-135m")
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.is_file()
+    folder = resolve_model_path("embedded:smollm2-135m")
+    assert resolve_model_path("embedded:smollm2-135m") == folder  # cached: same folder, no second conversion
+    from pathlib import Path
+
+    files = {p.name for p in Path(folder).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert not any(p.name.startswith(".") and ".tmp-" in p.name for p in Path(folder).parent.iterdir())
+
+
+def test_tokenizer_uses_its_own_template_by_default_and_named_ones_on_request(tmp_path):
+    own = load_tokenizer(ModelConfig())
+    assert own.apply_chat_template(MESSAGES, tokenize=False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    llama = load_tokenizer(ModelConfig(chat_template="llama-3.1"))
+    text = llama.apply_chat_template(MESSAGES, tokenize=False)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
+    custom = tmp_path / "mine.jinja"
+    custom.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    assert load_tokenizer(ModelConfig(chat_template=str(custom))).apply_chat_template(MESSAGES, tokenize=False) == (
+        "[system] Be brief.\n[user] Hi\n[assistant] Hello!\n"
+    )
+
+
+def test_unknown_template_is_a_one_line_error():
+    with pytest.raises(TemplateError, match="model.chat_template: unknown template `vicuna`"):
+        load_tokenizer(ModelConfig(chat_template="vicuna"))
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("embedded:gpt-17", "unknown embedded model"),
+        ("/nowhere/model.gguf", "GGUF file not found"),
+        ("./no/such/folder", "folder not found"),
+    ],
+)
+def test_bad_model_names_are_one_line_errors(name, message):
+    with pytest.raises(ModelError, match=message):
+        resolve_model_path(name)
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelError, match="not a Hugging Face model folder"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_hub_id_offline_fails_fast_with_one_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE=1"):
+        resolve_model_path("someone/never-downloaded-model")
+
+
+def test_4bit_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ModelError, match="model.load_in_4bit: needs a CUDA GPU"):
+        check_quantization_supported(ModelConfig(load_in_4bit=True))
