@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -50,21 +49,11 @@ def matmul_peak_gflops(precision: str, threads: int, seconds: float = 1.5) -> di
     return {"gflops": max(best.values()), "shapes": best}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_description(threads: int) -> str:
-    from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags
+    from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model
 
     flags = ",".join(sorted(cpu_flags() & set(NATIVE_BF16_CPU_FLAGS))) or "no native bf16"
-    return f"{cpu_name()}, {os.cpu_count()} logical CPUs ({flags}), {threads} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs ({flags}), {threads} threads, torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------------- data
