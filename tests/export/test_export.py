@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.serve.serve_helpers import wait_for_http
 from tunelab.errors import UserError
 from tunelab.export.gguf import convert_hf_to_gguf, gguf_metadata, quantize_gguf
 from tunelab.export.merge import merge_run
@@ -286,8 +286,6 @@ def test_space_bundle_serves_tunelabs_app(tiny_cli_export, tmp_path):
     """`python DIR/app.py` (bundle only, no src/) on a free loopback port: the real app's API answers."""
     import socket
     import sqlite3
-    import urllib.error
-    import urllib.request
 
     from gradio_client import Client
 
@@ -304,17 +302,10 @@ def test_space_bundle_serves_tunelabs_app(tiny_cli_export, tmp_path):
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.25)
+        try:
+            wait_for_http(url, 180, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(log_path.read_text()[-3000:]) from exc
         client = Client(url, verbose=False)
         chatbot, _, status = client.predict("Hello!", "Answer briefly.", 0.0, 0.9, 16, api_name="/chat")
         assert status.startswith("Done"), status
