@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -28,9 +27,9 @@ def parse_quants(text: str) -> list[str]:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from tunelab.train.recipe import write_text_atomic  # the run folder's one atomic writer (temp, fsync, rename)
+
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def export_run(
