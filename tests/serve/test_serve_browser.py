@@ -46,13 +46,20 @@ def page(tmp_path):
 
 
 def set_slider(page, elem_id: str, value: int) -> None:
-    """Type into the slider's number box and wait until the slider itself has taken the value."""
+    """Set a slider through its range input and wait until the component itself has taken the value.
+
+    Typing into the number box only commits on blur, and a blur that lands while the Settings accordion is still
+    mounting is lost (the range kept its default 0.7 in one CI run). Playwright's `fill` on a range input sets the
+    value and dispatches `input` + `change` synchronously, which is exactly what Gradio's slider listens to; the
+    number box (bound to the same component value) then proves the component, not just the DOM, has it.
+    """
     from playwright.sync_api import expect
 
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")  # the slider picks the typed value up on blur
-    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value), timeout=10_000)
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    expect(slider).to_be_visible(timeout=30_000)  # the accordion has opened and the slider is mounted
+    slider.fill(str(value))
+    expect(page.locator(f"#{elem_id} input[type=number]")).to_have_value(str(value), timeout=10_000)
+    expect(slider).to_have_value(str(value), timeout=10_000)
 
 
 def send_feedback(page, tab: str, rating: str, reasons: list[str], comment: str) -> str:
