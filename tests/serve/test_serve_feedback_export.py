@@ -68,7 +68,7 @@ def test_cli_writes_sft_dpo_and_jsonl(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--format", "xml"], "--format: choose one of sft, dpo, jsonl"),
+        (["--format", "xml"], "--format: choose one of sft, dpo, kto, jsonl, evalset"),
         (["--min-rating", "3"], "--min-rating"),
         (["--push-to-hub", "not-a-repo"], "expected a dataset repo id"),
     ],

@@ -55,10 +55,19 @@ def serve_cmd(
 
 def feedback_export_cmd(
     db: Annotated[Path, typer.Argument(help="The feedback SQLite file written by `tunelab serve`.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="sft | dpo | jsonl")] = "sft",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f",
+            help="sft | dpo (corrections + side-by-side picks) | kto (thumbs) | jsonl (raw rows) | "
+            "evalset (freeze a held-out regression set of prompts next to the DB)",
+        ),
+    ] = "sft",
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output .jsonl (default: <db>.<format>.jsonl).")
+        Optional[Path],
+        typer.Option("--output", "-o", help="Output .jsonl (default: <db>.<format>.jsonl); for evalset: a folder (default: the DB's)."),
     ] = None,
+    max_prompts: Annotated[int, typer.Option(help="evalset: at most this many prompts.")] = 100,
     min_rating: Annotated[
         Optional[int], typer.Option(help="Keep rows rated at least this (1 = thumbs-up only, -1 = all).")
     ] = None,
@@ -67,7 +76,10 @@ def feedback_export_cmd(
     ] = None,
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create the dataset repo as private.")] = True,
 ) -> None:
-    """Turn feedback into a dataset: SFT conversations, DPO preference pairs, or raw JSONL."""
+    """Turn feedback into a dataset: SFT conversations, DPO pairs, KTO thumbs, raw JSONL, or a frozen regression set.
+
+    Training formats (sft/dpo/kto) leave out every prompt of a regression set (evalset-*.jsonl) next to the DB."""
+    from tunelab.serve.evalset import export_evalset
     from tunelab.serve.feedback import EXPORT_FORMATS, export_feedback
 
     if fmt not in EXPORT_FORMATS:
@@ -76,11 +88,24 @@ def feedback_export_cmd(
         raise UserError(f"--push-to-hub: expected a dataset repo id like user/name (got {push_to_hub!r})")
     if min_rating is not None and min_rating not in (-1, 1):
         raise UserError(f"--min-rating: ratings are -1 (👎) or 1 (👍) (got {min_rating})")
-    output = output or db.with_name(f"{db.stem}.{fmt}.jsonl")
-    count = export_feedback(db, output, fmt, min_rating=min_rating)
-    typer.echo(f"wrote {count} {fmt} record(s) to {output}")
+    if fmt == "evalset":
+        if min_rating is not None:
+            raise UserError("--min-rating: not used with --format evalset (it takes 👎 and corrected prompts first)")
+        if output is not None and output.suffix:
+            raise UserError(f"--output {output}: with --format evalset give a folder (the file is named by its version)")
+        output = export_evalset(db, output, max_prompts=max_prompts)
+        count = sum(1 for line in output.read_text(encoding="utf-8").splitlines() if line.strip()) - 1
+        typer.echo(f"froze {count} prompt(s) into {output} (held out from sft/dpo/kto exports of {db.name})")
+    else:
+        output = output or db.with_name(f"{db.stem}.{fmt}.jsonl")
+        count = export_feedback(db, output, fmt, min_rating=min_rating, log=lambda text: typer.echo(f"note: {text}", err=True))
+        typer.echo(f"wrote {count} {fmt} record(s) to {output}")
     if count == 0:
-        typer.echo("note: nothing to export yet (SFT needs 👍 or a better answer; DPO needs 👎 with a better answer)", err=True)
+        typer.echo(
+            "note: nothing to export yet (SFT needs 👍 or a better answer; DPO needs 👎 with a better answer or a "
+            "side-by-side pick; KTO needs 👍/👎)",
+            err=True,
+        )
     if push_to_hub:
         url = push_feedback_to_hub(output, push_to_hub, private=private)
         typer.echo(f"pushed to {url}")
