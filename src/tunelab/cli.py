@@ -114,7 +114,7 @@ def quickstart(
 def _register_stage_commands() -> None:
     """Commands owned by later stages live next to their code (export/, serve/, experiments/, data/)."""
     from tunelab.data.commands import bench_data_cmd
-    from tunelab.experiments.commands import bench_train_cmd, sweep_cmd
+    from tunelab.experiments.commands import bench_train_cmd, promote_cmd, sweep_cmd
     from tunelab.export.commands import bench_infer_cmd, chat_cmd, export_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
 
@@ -122,6 +122,7 @@ def _register_stage_commands() -> None:
     app.command("chat")(chat_cmd)
     app.command("serve")(serve_cmd)
     app.command("sweep")(sweep_cmd)
+    app.command("promote")(promote_cmd)
     feedback_app.command("export")(feedback_export_cmd)
     bench_app.command("train")(bench_train_cmd)
     bench_app.command("data")(bench_data_cmd)

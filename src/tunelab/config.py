@@ -129,14 +129,37 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(96, gt=0)
 
 
+class PromoteConfig(_Section):
+    """Gates of `tunelab promote CANDIDATE --over CURRENT`: every measured gate must pass to promote."""
+
+    max_val_loss_regression: float = Field(
+        0.01, ge=0.0, description="Largest allowed rise of held-out val loss, as a fraction of the current model's (0.01 = 1 %)."
+    )
+    min_regression_win_rate: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Smallest share of feedback regression prompts where the candidate gives the reference answer a higher log-prob.",
+    )
+    min_rubric_win_rate: float = Field(
+        0.5, ge=0.0, le=1.0, description="Smallest travel-rubric win rate of the candidate over the current model (when the rubric is available)."
+    )
+    max_latency_regression: float = Field(
+        0.25, ge=0.0,
+        description="Largest allowed drop of q4_k_m decode tokens/s, as a fraction of the current model's (CPU timings are noisy).",
+    )
+    max_val_rows: int | None = Field(64, gt=0, description="Held-out rows scored for the val-loss gate (None: all).")
+    latency_max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt when timing the q4_k_m exports.")
+    latency_repeats: int = Field(2, ge=1, description="Timed runs per prompt (the first is a warm-up when > 1).")
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Gates of `tunelab promote`.")
 
-    @field_validator("data", "model", "lora", "train", "eval", mode="before")
+    @field_validator("data", "model", "lora", "train", "eval", "promote", mode="before")
     @classmethod
     def _none_is_default(cls, value: Any) -> Any:
         return {} if value is None else value

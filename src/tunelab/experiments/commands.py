@@ -61,3 +61,35 @@ def sweep_cmd(
     from tunelab.experiments.sweep import run_sweep
 
     run_sweep(config, grid, output=output, overrides=set_ or [])
+
+
+def promote_cmd(
+    candidate: Annotated[Optional[Path], typer.Argument(help="Run folder or .gguf to promote (not needed with --rollback).")] = None,
+    over: Annotated[Optional[Path], typer.Option("--over", help="The model served now: run folder or .gguf.")] = None,
+    serve_dir: Annotated[
+        Optional[Path], typer.Option(help="Folder whose current.json `tunelab serve DIR` serves; updated only when the gates pass.")
+    ] = None,
+    evalset: Annotated[
+        Optional[Path], typer.Option(help="Feedback regression set (`tunelab feedback export DB --format evalset`).")
+    ] = None,
+    rollback: Annotated[bool, typer.Option(help="Point --serve-dir back at the model served before the last promotion.")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="Threads for the latency measurement.")] = 2,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Gate override, e.g. --set promote.min_regression_win_rate=0.6.")] = None,
+) -> None:
+    """Compare CANDIDATE with the current model (val loss, feedback regression set, travel rubric, q4_k_m latency);
+    write a decision report and promote only when every measured gate passes. Exit code 1 when not promoted."""
+    if rollback:
+        from tunelab.serve.pointer import rollback as roll_back
+
+        if serve_dir is None:
+            raise UserError("--rollback: give --serve-dir DIR")
+        restored = roll_back(serve_dir)
+        typer.echo(f"rolled back: {serve_dir / 'current.json'} -> {restored['model']}")
+        return
+    if candidate is None or over is None:
+        raise UserError("give CANDIDATE and --over CURRENT (or --rollback --serve-dir DIR)")
+    from tunelab.experiments.promote import promote
+
+    decision = promote(candidate, over, serve_dir, set_ or [], evalset, threads, log=typer.echo)
+    if not decision.promote:
+        raise typer.Exit(1)

@@ -20,7 +20,13 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def serve_cmd(
-    model: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, best on CPU), a run folder or a merged folder.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A .gguf file (llama.cpp, best on CPU), a run folder, a merged folder, or a serve folder whose "
+            "current.json (written by `tunelab promote`) names the model."
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Interface to bind. Keep 127.0.0.1 unless you add --auth.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
     feedback_db: Annotated[Path, typer.Option(help="SQLite file that stores feedback.")] = Path("feedback.db"),
@@ -34,6 +40,7 @@ def serve_cmd(
     """Serve the Chat + Travel Planner app with feedback collection."""
     from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
     from tunelab.serve.backends import load_backend
+    from tunelab.serve.pointer import resolve_model
 
     credentials = parse_auth(auth)
     if not model.exists():
@@ -47,6 +54,7 @@ def serve_cmd(
             "other users' feedback (recent items, downloads) is hidden.",
             err=True,
         )
+    model = resolve_model(model)
     backend = load_backend(model, threads=threads)
     demo = build_app(backend, feedback_db, share_feedback_data=credentials is not None or not exposed)
     typer.echo(f"model: {backend.model_id} ({backend.kind}); feedback database: {feedback_db.resolve()}")

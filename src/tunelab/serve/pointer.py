@@ -1,0 +1,99 @@
+"""The `current` pointer of a serve folder: which model `tunelab serve DIR` (and the Space bundle) serves.
+
+    DIR/current.json   {"model": "/abs/path/model-q4_k_m.gguf or run folder", "model_hash": "sha256:...",
+                        "promoted_at": "...", "report": "/abs/path/decision.md", "history": [older entries]}
+
+`tunelab promote` writes it (temp file + fsync + rename: a reader sees the old or the new pointer, never half of
+one) and pushes the replaced entry onto `history`, so `tunelab promote --rollback` is one command away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import UserError
+
+POINTER_NAME = "current.json"
+
+
+def pointer_path(serve_dir: str | Path) -> Path:
+    return Path(serve_dir) / POINTER_NAME
+
+
+def has_pointer(path: str | Path) -> bool:
+    return Path(path).is_dir() and pointer_path(path).is_file()
+
+
+def read_pointer(serve_dir: str | Path) -> dict[str, Any]:
+    path = pointer_path(serve_dir)
+    if not path.is_file():
+        raise UserError(f"{path}: no current model yet (run `tunelab promote CANDIDATE --over CURRENT --serve-dir {serve_dir}`)")
+    try:
+        pointer = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a valid pointer file ({exc})") from None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("model"), str):
+        raise UserError(f"{path}: needs a string `model`")
+    pointer.setdefault("history", [])
+    return pointer
+
+
+def resolve_model(path: str | Path) -> Path:
+    """A serve folder resolves to the model its pointer names; anything else is returned unchanged."""
+    path = Path(path)
+    if not has_pointer(path):
+        return path
+    model = Path(read_pointer(path)["model"])
+    if not model.exists():
+        raise UserError(f"{pointer_path(path)}: points at {model}, which does not exist")
+    return model
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def point_to(serve_dir: str | Path, model: str | Path, model_hash: str | None, report: str | Path | None) -> dict[str, Any]:
+    """Make `model` current; the entry it replaces goes onto the history."""
+    entry = {
+        "model": str(Path(model).resolve()),
+        "model_hash": model_hash,
+        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "report": str(Path(report).resolve()) if report else None,
+    }
+    history: list[dict[str, Any]] = []
+    if pointer_path(serve_dir).is_file():
+        old = read_pointer(serve_dir)
+        history = [*old.pop("history"), old]
+    pointer = {**entry, "history": history}
+    _write_atomic(pointer_path(serve_dir), pointer)
+    return pointer
+
+
+def rollback(serve_dir: str | Path) -> dict[str, Any]:
+    """Make the previous entry current again (the rolled-back entry is dropped)."""
+    pointer = read_pointer(serve_dir)
+    if not pointer["history"]:
+        raise UserError(f"{pointer_path(serve_dir)}: nothing to roll back to (no earlier model)")
+    *older, previous = pointer["history"]
+    restored = {**previous, "history": older, "rolled_back_from": pointer["model"]}
+    _write_atomic(pointer_path(serve_dir), restored)
+    return restored

@@ -1,0 +1,137 @@
+"""`tunelab promote`: the gate takes a trained adapter over an untrained one, refuses a noised copy of the trained
+adapter, writes its report, moves the serve folder's `current` pointer only on pass, and rolls back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from tests.helpers import small_llama_folder
+from tunelab.cli import app as cli_app
+from tunelab.errors import UserError
+from tunelab.experiments.promote import Check, decide, gates_for, promote
+from tunelab.serve.pointer import point_to, read_pointer, resolve_model, rollback
+
+pytestmark = pytest.mark.slow  # trains a small model (about a minute on 2 cores)
+
+
+def sums_file(path, numbers):
+    with open(path, "w") as f:
+        for i in numbers:
+            messages = [{"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]  # fmt: skip
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def evalset_file(path, numbers):
+    records = [
+        {"prompt": f"What is {i} plus {i}?", "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+         "reference": f"{i} plus {i} is {2 * i}."}
+        for i in numbers
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in [{"evalset": {"version": "test"}}, *records]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """good: trained on the sums; current: same LoRA untrained (= the base); worse: good + heavy noise."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import load_config
+    from tunelab.train.recipe import run_training
+
+    root = tmp_path_factory.mktemp("promote")
+    base = small_llama_folder(root)
+    config = {
+        "model": {"name": str(base)},
+        "data": {"sources": [{"path": str(sums_file(root / "sums.jsonl", range(48)))}], "val_fraction": 0.25,
+                 "dedup": {"near": False}, "output_dir": str(root / "prepared")},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"output_dir": str(root / "good"), "max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0,
+                  "max_seq_len": 64, "save_steps": 30, "eval_steps": 30, "precision": "fp32", "threads": 2},
+    }  # fmt: skip
+    (root / "good.yaml").write_text(yaml.safe_dump(config))
+    run_training(load_config(root / "good.yaml"), log=lambda *a, **k: None)
+    good = root / "good"
+
+    current = root / "current"
+    shutil.copytree(good, current, ignore=shutil.ignore_patterns("checkpoints", "adapter"))
+    adapter_cfg = json.loads((good / "adapter" / "adapter_config.json").read_text())
+    untrained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], target_modules=adapter_cfg["target_modules"]),
+    )
+    untrained.save_pretrained(current / "adapter")  # LoRA B = 0: exactly the base model
+
+    worse = root / "worse"
+    shutil.copytree(good, worse, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = worse / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    generator = torch.Generator().manual_seed(0)
+    noised = {k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
+    save_file(noised, weights)
+    return {"root": root, "good": good, "current": current, "worse": worse}
+
+
+def test_gate_accepts_the_better_adapter_refuses_the_worse_and_rolls_back(runs):
+    root = runs["root"]
+    serve = root / "serve"
+    evalset = evalset_file(root / "evalset-test.jsonl", range(60, 72))  # prompts the training never saw
+    point_to(serve, runs["current"], None, None)  # what is served today
+
+    better = promote(runs["good"], runs["current"], serve, evalset=evalset, log=lambda *a: None)
+    checks = {c.name: c for c in better.checks}
+    assert better.promote, better.reason
+    assert checks["val_loss"].candidate < checks["val_loss"].current
+    assert checks["regression"].candidate > 0.5
+    assert checks["rubric"].passed is None and checks["latency"].passed is None  # no rubric, no exports
+    assert resolve_model(serve) == runs["good"].resolve()
+    reports = sorted((serve / "decisions").glob("decision-*"))
+    assert [p.suffix for p in reports] == [".json", ".md"]
+    assert json.loads(reports[0].read_text())["promote"] is True
+    assert "PROMOTE" in reports[1].read_text()
+
+    result = CliRunner().invoke(cli_app, [
+        "promote", str(runs["worse"]), "--over", str(runs["good"]), "--serve-dir", str(serve), "--evalset", str(evalset),
+    ])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "KEEP CURRENT" in result.output and "gate(s) failed: val_loss" in result.output
+    assert resolve_model(serve) == runs["good"].resolve()  # refused: the pointer did not move
+
+    result = CliRunner().invoke(cli_app, ["promote", "--rollback", "--serve-dir", str(serve)])
+    assert result.exit_code == 0, result.output
+    assert resolve_model(serve) == runs["current"].resolve()
+    assert read_pointer(serve)["history"] == []
+    with pytest.raises(UserError, match="nothing to roll back"):
+        rollback(serve)
+
+
+def test_a_stricter_gate_from_set_refuses_the_same_better_adapter(runs):
+    evalset = evalset_file(runs["root"] / "evalset-strict.jsonl", range(60, 72))
+    strict = ["promote.max_val_loss_regression=0", "promote.min_regression_win_rate=1.0"]
+    decision = promote(runs["good"], runs["current"], None, strict, evalset=evalset, log=lambda *a: None)
+    regression = {c.name: c for c in decision.checks}["regression"]
+    assert decision.promote == (regression.candidate == 1.0)
+    assert (runs["good"] / "promote").is_dir()  # no serve dir: the report goes next to the candidate
+
+
+def test_decide_and_gate_overrides(tmp_path):
+    assert decide([Check("a", 1, 1, "-", None)]) == (False, "no gate could be measured")
+    assert decide([Check("a", 1, 1, "-", True), Check("b", 1, 2, "-", False)])[0] is False
+    assert decide([Check("a", 1, 1, "-", True), Check("b", None, None, "-", None)])[0] is True
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert gates_for(gguf, ["promote.min_regression_win_rate=0.7"]).min_regression_win_rate == 0.7
+    with pytest.raises(UserError, match="only promote"):
+        gates_for(gguf, ["train.lr=1"])
+    with pytest.raises(UserError, match="not a run folder"):
+        promote(tmp_path, gguf, None, log=lambda *a: None)
