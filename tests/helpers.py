@@ -41,3 +41,17 @@ def conversations_file(tmp_path, n=64):
                         {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+def full_logits_loss(model, batch) -> tuple[torch.Tensor, int]:
+    """Reference for tunelab's chunked loss: full logits and plain cross-entropy (sum, number of targets)."""
+    import torch.nn.functional as F
+
+    from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.train.loss import split_causal_lm
+
+    decoder, lm_head = split_causal_lm(model)
+    hidden = decoder(**batch.model_kwargs()).last_hidden_state
+    logits = lm_head(hidden).float()
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, batch.num_targets
