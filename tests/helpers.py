@@ -85,3 +85,17 @@ def llama32_shaped_folder(out_dir, *, stop_at_once: bool = False, hidden_size: i
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def full_logits_loss(model, batch) -> tuple[torch.Tensor, int]:
+    """Reference for tunelab's chunked loss: full logits and plain cross-entropy (sum, number of targets)."""
+    import torch.nn.functional as F
+
+    from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.train.loss import split_causal_lm
+
+    decoder, lm_head = split_causal_lm(model)
+    hidden = decoder(**batch.model_kwargs()).last_hidden_state
+    logits = lm_head(hidden).float()
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, batch.num_targets

@@ -72,7 +72,7 @@ def test_llama_cpp_renders_and_tokenises_what_training_saw_and_stops_at_eot(expo
     from transformers import AutoTokenizer
 
     from tunelab.export.gguf import gguf_metadata
-    from tunelab.serve.backends import open_llama
+    from tunelab.models.inference import open_llama
 
     tokenizer = AutoTokenizer.from_pretrained(exported / "merged")
     trained_text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
