@@ -2,7 +2,7 @@
 
 Checks (each is a row of the report; one that cannot be measured says why and is not a gate this time):
 - val_loss:   held-out loss of both adapters on the CURRENT run's held-out split (the trainer's own assistant-token
-              loss, eval/metrics.validation_loss): the candidate must not forget what the current model does well.
+              loss, train/heldout.heldout_loss): the candidate must not forget what the current model does well.
               Gate: candidate <= current x (1 + promote.max_val_loss_regression).
 - regression: the feedback regression set (`tunelab feedback export DB --format evalset`): for every prompt with a
               reference answer (a better answer or a side-by-side winner), which model gives the reference the
@@ -92,9 +92,9 @@ def nll_per_row(model, rows, pad_id, precision) -> list[float]:
     """Mean negative log-likelihood per assistant token of each (input_ids, labels) row."""
     import torch
 
-    from tunelab.eval.metrics import validation_loss
+    from tunelab.train.heldout import heldout_loss
 
-    return [validation_loss(model, [row], 1, False, pad_id, precision, torch.device("cpu")) for row in rows]
+    return [heldout_loss(model, [row], 1, False, pad_id, precision, torch.device("cpu")) for row in rows]
 
 
 def reference_rows(tokenizer, records: list[dict], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
@@ -111,10 +111,10 @@ def adapter_checks(candidate: Path, current: Path, gates: PromoteConfig, evalset
     from peft import PeftModel
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
-    from tunelab.eval.metrics import validation_loss
     from tunelab.models import load_model
     from tunelab.models.runs import load_run_tokenizer, run_config
     from tunelab.serve.evalset import read_evalset
+    from tunelab.train.heldout import heldout_loss
     from tunelab.train.precision import choose_precision
     from tunelab.train.recipe import rows_of
 
@@ -139,7 +139,7 @@ def adapter_checks(candidate: Path, current: Path, gates: PromoteConfig, evalset
     log(f"val loss: scoring both adapters on {current}'s held-out split")
     _, val_set = load_prepared(prepare_dataset(cur_cfg))
     val_rows = rows_of(val_set)[: gates.max_val_rows or None]
-    losses = each_adapter(lambda: validation_loss(model, val_rows, cur_cfg.eval.batch_size, False, pad_id, precision, _cpu()))
+    losses = each_adapter(lambda: heldout_loss(model, val_rows, cur_cfg.eval.batch_size, False, pad_id, precision, _cpu()))
     limit = losses["current"] * (1 + gates.max_val_loss_regression)
     checks = [Check(
         "val_loss", losses["current"], losses["candidate"], f"candidate <= current x {1 + gates.max_val_loss_regression:g}",
@@ -179,7 +179,7 @@ def rubric_check() -> Check:
 
 
 def latency_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:
-    from tunelab.export.bench import run_bench
+    from tunelab.bench.infer import run_bench
 
     files = {"current": shipped_gguf(current), "candidate": shipped_gguf(candidate)}
     missing = [f"{name} ({path})" for name, path in (("current", current), ("candidate", candidate)) if files[name] is None]
@@ -260,16 +260,11 @@ def _fmt(value: float | None) -> str:
 
 
 def write_report(decision: Decision, out_dir: Path) -> Path:
-    from tunelab.serve.pointer import _write_atomic
+    from tunelab.io import atomic_write
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = decision.decided_at.replace(":", "").replace("-", "")
-    markdown = out_dir / f"decision-{stamp}.md"
-    _write_atomic(out_dir / f"decision-{stamp}.json", asdict(decision))
-    tmp = markdown.with_name(markdown.name + ".tmp")
-    tmp.write_text(report_markdown(decision), encoding="utf-8")
-    tmp.replace(markdown)
-    return markdown
+    atomic_write(out_dir / f"decision-{stamp}.json", json.dumps(asdict(decision), indent=2, ensure_ascii=False) + "\n")
+    return atomic_write(out_dir / f"decision-{stamp}.md", report_markdown(decision))
 
 
 def promote(

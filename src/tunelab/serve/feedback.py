@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 from tunelab.errors import UserError
+from tunelab.serve.evalset import frozen_prompt_keys, prompt_key
+from tunelab.io import atomic_path
 
 SCHEMA_VERSION = 2
 
@@ -501,18 +503,11 @@ def export_records(
 
 def write_jsonl(records: Iterable[dict[str, Any]], out_path: str | Path) -> int:
     """Write atomically (temp file + rename) so a half-written export is never picked up by `data prepare`."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     count = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out_path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
@@ -522,8 +517,6 @@ def export_feedback(
     """`tunelab feedback export`: rows -> sft / dpo / kto / jsonl file. Returns the number of records written.
 
     Training formats leave out the prompts of every frozen regression set next to the database (and say so)."""
-    from tunelab.serve.evalset import frozen_prompt_keys, prompt_key
-
     if not Path(db_path).is_file():
         raise UserError(f"{db_path}: feedback database not found")
     rows = iter_rows(db_path, min_rating=min_rating)

@@ -10,12 +10,12 @@ one) and pushes the replaced entry onto `history`, so `tunelab promote --rollbac
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
+from tunelab.io import atomic_write
 
 POINTER_NAME = "current.json"
 
@@ -53,22 +53,8 @@ def resolve_model(path: str | Path) -> Path:
     return model
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+def _write_pointer(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def point_to(serve_dir: str | Path, model: str | Path, model_hash: str | None, report: str | Path | None) -> dict[str, Any]:
@@ -84,7 +70,7 @@ def point_to(serve_dir: str | Path, model: str | Path, model_hash: str | None, r
         old = read_pointer(serve_dir)
         history = [*old.pop("history"), old]
     pointer = {**entry, "history": history}
-    _write_atomic(pointer_path(serve_dir), pointer)
+    _write_pointer(pointer_path(serve_dir), pointer)
     return pointer
 
 
@@ -95,5 +81,5 @@ def rollback(serve_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{pointer_path(serve_dir)}: nothing to roll back to (no earlier model)")
     *older, previous = pointer["history"]
     restored = {**previous, "history": older, "rolled_back_from": pointer["model"]}
-    _write_atomic(pointer_path(serve_dir), restored)
+    _write_pointer(pointer_path(serve_dir), restored)
     return restored
