@@ -4,8 +4,8 @@
     demo = build_app(backend, "feedback.db")
     url = launch(demo, host="127.0.0.1", port=7860, auth=None)
 
-This module is the page layout only: the handlers are in handlers.py, input limits in limits.py, the
-Travel Planner's choices and prompt in planner.py. One backend (one model load) is shared by all sessions.
+This module is the page layout only: the handlers are in handlers.py (side-by-side ones in side_by_side.py),
+input limits in limits.py, the Travel Planner's choices and prompt in planner.py. One backend (one model load) is shared by all sessions.
 llama.cpp is not thread-safe, so every generating event shares one Gradio concurrency group of size 1
 (`MODEL_QUEUE`); other users wait in Gradio's queue. Feedback and overview events run in parallel with it.
 """
@@ -33,6 +33,7 @@ from tunelab.serve.handlers import (  # noqa: E402
 )
 from tunelab.serve.limits import Limits, escape_for_display  # noqa: E402
 from tunelab.serve.planner import BUDGETS, INTERESTS, PACES, WHEN_CHOICES, PlannerPrompt  # noqa: E402
+from tunelab.serve.side_by_side import PICKS, PairUpdate, PickResult, SideBySide  # noqa: E402
 
 MODEL_QUEUE = "model"  # concurrency_id shared by every event that runs the model
 RATINGS = (("👍 Good", "up"), ("👎 Bad", "down"))
@@ -71,7 +72,41 @@ def _feedback_panel(app: ChatApp, tab: str, answer_state: gr.State) -> tuple[gr.
     return rating, status
 
 
-def _chat_tab(app: ChatApp, system_prompt: str) -> None:
+def _side_by_side_panel(sbs: SideBySide, tab: str, visible: bool) -> tuple[gr.Group, list[gr.components.Component]]:
+    """Answers A and B next to each other, the pick, reasons and comment. Returns the group and PairUpdate outputs."""
+    pair = gr.State(None)
+    with gr.Group(visible=visible, elem_id=f"{tab}-side-by-side-panel") as group:
+        with gr.Row():
+            answer_a = gr.Markdown(label="Answer A", elem_id=f"{tab}-answer-a", sanitize_html=True, min_height=80)
+            answer_b = gr.Markdown(label="Answer B", elem_id=f"{tab}-answer-b", sanitize_html=True, min_height=80)
+        status = gr.Markdown(elem_id=f"{tab}-pair-status")
+        with gr.Row():
+            pick = gr.Radio(choices=list(PICKS), label="Which answer is better?", elem_id=f"{tab}-pick")
+            reasons = gr.CheckboxGroup(choices=list(REASONS), label="What was wrong with the other? (optional)", elem_id=f"{tab}-pick-reasons")
+        comment = gr.Textbox(label="Comment (optional)", max_length=MAX_COMMENT_CHARS, lines=2, elem_id=f"{tab}-pick-comment")
+        send = gr.Button("Send pick", elem_id=f"{tab}-send-pick")
+        pick_status = gr.Markdown(elem_id=f"{tab}-pick-status")
+        submission_id = gr.Textbox(value="", visible=False, label="submission_id")
+    send.click(
+        sbs.submit_pick,
+        inputs=[pick, reasons, comment, pair, submission_id],
+        outputs=list(PickResult(status=pick_status, pick=pick, reasons=reasons, comment=comment)),
+        api_name=f"{tab}_pick",
+        concurrency_limit=8,
+    )
+    return group, list(PairUpdate(answer_a=answer_a, answer_b=answer_b, pair=pair, status=status))
+
+
+def _mode_switch(tab: str, on: bool, single: gr.Button, double: gr.Button, panel: gr.Group) -> gr.Checkbox:
+    switch = gr.Checkbox(value=on, label="Side by side: two answers, pick the better one", elem_id=f"{tab}-side-by-side")
+    switch.change(
+        lambda enabled: (gr.update(visible=not enabled), gr.update(visible=enabled), gr.update(visible=enabled)),
+        inputs=[switch], outputs=[single, double, panel], api_visibility="private",
+    )  # fmt: skip
+    return switch
+
+
+def _chat_tab(app: ChatApp, sbs: SideBySide, system_prompt: str, side_by_side: bool) -> None:
     limits = app.limits
     turns = gr.State([])
     last_answer = gr.State(None)
@@ -83,10 +118,13 @@ def _chat_tab(app: ChatApp, system_prompt: str) -> None:
         elem_id="chat-message",
     )
     with gr.Row():
-        send = gr.Button("Send", variant="primary", elem_id="chat-send")
+        send = gr.Button("Send", variant="primary", elem_id="chat-send", visible=not side_by_side)
+        compare = gr.Button("Send (two answers)", variant="primary", elem_id="chat-compare", visible=side_by_side)
         stop = gr.Button("Stop", elem_id="chat-stop")
         clear = gr.Button("Clear", elem_id="chat-clear")
     status = gr.Markdown(elem_id="chat-status")
+    panel, pair_outputs = _side_by_side_panel(sbs, "chat", side_by_side)
+    switch = _mode_switch("chat", side_by_side, send, compare, panel)
     with gr.Accordion("Settings", open=False):
         system = gr.Textbox(label="System prompt", value=system_prompt, max_length=limits.max_system_prompt_chars, lines=2)
         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="chat-temperature")
@@ -99,12 +137,15 @@ def _chat_tab(app: ChatApp, system_prompt: str) -> None:
     chat_outputs = list(ChatUpdate(chatbot=chatbot, turns=turns, last_answer=last_answer, message=message, status=status))
     common = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE, time_limit=600)
     sent = send.click(app.chat, chat_inputs, chat_outputs, api_name="chat", **common)
-    submitted = message.submit(app.chat, chat_inputs, chat_outputs, api_visibility="private", **common)
-    stop.click(None, cancels=[sent, submitted], api_visibility="private")
+    compared = compare.click(sbs.compare_chat, chat_inputs[:-1], pair_outputs, api_name="chat_compare", **common)
+    submitted = message.submit(
+        sbs.send_on_enter, [switch, *chat_inputs], chat_outputs + pair_outputs, api_visibility="private", **common
+    )
+    stop.click(None, cancels=[sent, compared, submitted], api_visibility="private")
     clear.click(
         lambda: ChatUpdate(chatbot=[], turns=[], last_answer=None, message="", status=""),
         outputs=chat_outputs,
-        cancels=[sent, submitted],
+        cancels=[sent, compared, submitted],
         api_name="chat_clear",
     )
     rating, feedback_status = _feedback_panel(app, "chat", last_answer)
@@ -118,7 +159,7 @@ def _chat_tab(app: ChatApp, system_prompt: str) -> None:
     chatbot.clear(lambda: ([], None, ""), outputs=[turns, last_answer, status], api_visibility="private")
 
 
-def _planner_tab(app: ChatApp) -> None:
+def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
     limits = app.limits
     last_plan = gr.State(None)
     with gr.Row():
@@ -139,10 +180,18 @@ def _planner_tab(app: ChatApp) -> None:
             elem_id="planner-max-tokens",
         )
     with gr.Row():
-        go = gr.Button("Plan my trip", variant="primary", elem_id="planner-go")
+        go = gr.Button("Plan my trip", variant="primary", elem_id="planner-go", visible=not side_by_side)
+        compare = gr.Button("Two plans to compare", variant="primary", elem_id="planner-compare", visible=side_by_side)
         stop = gr.Button("Stop", elem_id="planner-stop")
     status = gr.Markdown(elem_id="planner-status")
+    panel, pair_outputs = _side_by_side_panel(sbs, "planner", side_by_side)
+    _mode_switch("planner", side_by_side, go, compare, panel)
     plan = gr.Markdown(elem_id="planner-plan", sanitize_html=True)
+    trip = [city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens]
+    compared = compare.click(
+        sbs.compare_plans, trip, pair_outputs, api_name="plan_compare",
+        concurrency_limit=1, concurrency_id=MODEL_QUEUE, time_limit=600,
+    )  # fmt: skip
     planned = go.click(
         app.plan,
         [city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan],
@@ -152,7 +201,7 @@ def _planner_tab(app: ChatApp) -> None:
         concurrency_id=MODEL_QUEUE,
         time_limit=600,
     )
-    stop.click(None, cancels=[planned], api_visibility="private")
+    stop.click(None, cancels=[planned, compared], api_visibility="private")
     _feedback_panel(app, "planner", last_plan)
 
 
@@ -190,25 +239,34 @@ def build_app(
     planner_template: Path | None = None,
     share_feedback_data: bool = True,
     title: str = "tunelab",
+    model_hash: str | None = None,
+    candidate: ChatBackend | None = None,
+    candidate_hash: str | None = None,
+    side_by_side: bool = False,
 ) -> gr.Blocks:
     """The whole app around one loaded backend. `share_feedback_data=False` hides other users' feedback
-    (recent items and the download): use it whenever the app is public without --auth."""
+    (recent items and the download): use it whenever the app is public without --auth.
+    `candidate`: a second model for side-by-side picks against the served one. `side_by_side`: the chat starts in
+    side-by-side mode (the planner also does whenever a candidate is loaded); a checkbox switches either tab."""
     store = feedback_db if isinstance(feedback_db, FeedbackStore) else FeedbackStore(feedback_db)
     prompt = PlannerPrompt(planner_template) if planner_template else PlannerPrompt()
-    app = ChatApp(backend, store, limits, prompt, share_feedback_data)
+    app = ChatApp(backend, store, limits, prompt, share_feedback_data, model_hash=model_hash)
+    sbs = SideBySide(app, candidate, candidate_hash)
     # delete_cache: Gradio's copies of served files (feedback downloads hold user text) expire after an hour.
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# {escape_for_display(title)}\nModel: `{escape_for_display(backend.model_id)}`")
+        versus = f" · candidate: `{escape_for_display(candidate.model_id)}`" if candidate else ""
+        gr.Markdown(f"# {escape_for_display(title)}\nModel: `{escape_for_display(backend.model_id)}`{versus}")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                _chat_tab(app, system_prompt)
+                _chat_tab(app, sbs, system_prompt, side_by_side)
             with gr.Tab("Travel Planner", id="planner"):
-                _planner_tab(app)
+                _planner_tab(app, sbs, side_by_side or candidate is not None)
             with gr.Tab("Feedback overview", id="overview") as overview_tab:
                 outputs = _overview_tab(app)
         overview_tab.select(app.overview, outputs=outputs, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=128)
     demo.tunelab_app = app  # for launch() and tests: the store and backend behind this Blocks
+    demo.tunelab_side_by_side = sbs
     return demo
 
 

@@ -36,10 +36,18 @@ def serve_cmd(
     ] = None,
     threads: Annotated[Optional[int], typer.Option(help="llama.cpp / torch threads (default: all cores).")] = None,
     share: Annotated[bool, typer.Option(help="Also create a public gradio.live link.")] = False,
+    candidate: Annotated[
+        Optional[Path],
+        typer.Option(help="A second model (same kinds as MODEL) for side-by-side picks against MODEL."),
+    ] = None,
+    side_by_side: Annotated[
+        bool, typer.Option("--side-by-side", help="Start the chat in side-by-side mode (two answers, pick the better).")
+    ] = False,
 ) -> None:
     """Serve the Chat + Travel Planner app with feedback collection."""
-    from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
     from tunelab.models.inference import load_backend
+    from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
+    from tunelab.serve.fingerprint import model_fingerprint
     from tunelab.serve.pointer import resolve_model
 
     credentials = parse_auth(auth)
@@ -55,9 +63,18 @@ def serve_cmd(
             err=True,
         )
     model = resolve_model(model)
+    if candidate is not None and not candidate.exists():
+        raise UserError(f"--candidate {candidate}: model not found")
     backend = load_backend(model, threads=threads)
-    demo = build_app(backend, feedback_db, share_feedback_data=credentials is not None or not exposed)
+    second = load_backend(resolve_model(candidate), threads=threads) if candidate is not None else None
+    demo = build_app(
+        backend, feedback_db, share_feedback_data=credentials is not None or not exposed,
+        model_hash=model_fingerprint(model), side_by_side=side_by_side,
+        candidate=second, candidate_hash=model_fingerprint(resolve_model(candidate)) if candidate is not None else None,
+    )  # fmt: skip
     typer.echo(f"model: {backend.model_id} ({backend.kind}); feedback database: {feedback_db.resolve()}")
+    if second is not None:
+        typer.echo(f"candidate: {second.model_id} ({second.kind}) for side-by-side picks")
     launch(demo, host=host, port=port, auth=credentials, share=share)
 
 

@@ -131,17 +131,21 @@ class ChatApp:
         limits: Limits = Limits(),
         planner_prompt: PlannerPrompt | None = None,
         share_feedback_data: bool = True,
+        model_hash: str | None = None,
     ):
         self.backend = backend
+        self.model_hash = model_hash  # sha256 of the served weights (serve/fingerprint.py), stored with feedback
         self.store = store
         self.limits = limits
         self.planner_prompt = planner_prompt or PlannerPrompt()
         self.share_feedback_data = share_feedback_data
         self._download_dir = Path(tempfile.mkdtemp(prefix="tunelab-feedback-"))
 
-    def _stream(self, messages: list[dict[str, str]], params: GenerationParams) -> Iterator[str]:
+    def _stream(
+        self, messages: list[dict[str, str]], params: GenerationParams, backend: ChatBackend | None = None
+    ) -> Iterator[str]:
         """Accumulated answer text; the backend's generator is closed even when the user presses Stop."""
-        pieces = self.backend.stream_chat(messages, params)
+        pieces = (backend or self.backend).stream_chat(messages, params)
         answer = ""
         try:
             for piece in pieces:
@@ -160,6 +164,7 @@ class ChatApp:
             "params": asdict(params),
             "inputs": inputs,
             "model_id": self.backend.model_id,
+            "model_hash": self.model_hash,
         }
 
     # ------------------------------------------------------------------------------- chat tab
@@ -264,6 +269,7 @@ class ChatApp:
                 inputs=answer["inputs"],
                 response=answer["response"],
                 model_id=answer["model_id"],
+                model_hash=answer.get("model_hash"),
                 params=answer["params"],
                 app_version=APP_VERSION,
                 session_id=session_id_for(request),
