@@ -135,3 +135,24 @@ def test_decide_and_gate_overrides(tmp_path):
         gates_for(gguf, ["train.lr=1"])
     with pytest.raises(UserError, match="not a run folder"):
         promote(tmp_path, gguf, None, log=lambda *a: None)
+
+
+def test_the_space_bundle_follows_the_pointer(tmp_path):
+    from tunelab.serve.pointer import refresh_space
+
+    exports = []
+    for name in ("old", "new"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model-q4_k_m.gguf").write_bytes(f"GGUF {name}".encode())
+        exports.append(folder / "model-q4_k_m.gguf")
+    serve, space = tmp_path / "serve", tmp_path / "space"
+    point_to(serve, exports[0], None, None)
+    point_to(serve, exports[1], None, None)
+    assert refresh_space(serve, space).read_bytes() == b"GGUF new"
+    assert (space / "app.py").is_file() and (space / "tunelab" / "serve" / "app.py").is_file()
+    rollback(serve)
+    assert refresh_space(serve, space).read_bytes() == b"GGUF old"
+    point_to(serve, tmp_path, None, None)  # a run folder: not what a Space ships
+    with pytest.raises(UserError, match="not a model-q4_k_m.gguf export"):
+        refresh_space(serve, space)

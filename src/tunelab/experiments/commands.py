@@ -31,6 +31,9 @@ def promote_cmd(
         Optional[Path], typer.Option(help="Feedback regression set (`tunelab feedback export DB --format evalset`).")
     ] = None,
     rollback: Annotated[bool, typer.Option(help="Point --serve-dir back at the model served before the last promotion.")] = False,
+    space: Annotated[
+        Optional[Path], typer.Option(help="Also rebuild this Space bundle around the model --serve-dir now serves (a q4_k_m export).")
+    ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Threads for the latency measurement.")] = 2,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Gate override, e.g. --set promote.min_regression_win_rate=0.6.")] = None,
 ) -> None:
@@ -43,11 +46,22 @@ def promote_cmd(
             raise UserError("--rollback: give --serve-dir DIR")
         restored = roll_back(serve_dir)
         typer.echo(f"rolled back: {serve_dir / 'current.json'} -> {restored['model']}")
+        _refresh_space(serve_dir, space)
         return
     if candidate is None or over is None:
         raise UserError("give CANDIDATE and --over CURRENT (or --rollback --serve-dir DIR)")
     from tunelab.experiments.promote import promote
 
+    if space is not None and serve_dir is None:
+        raise UserError("--space: give --serve-dir DIR too (the Space serves what DIR's current.json names)")
     decision = promote(candidate, over, serve_dir, set_ or [], evalset, threads, log=typer.echo)
     if not decision.promote:
         raise typer.Exit(1)
+    _refresh_space(serve_dir, space)
+
+
+def _refresh_space(serve_dir: Path | None, space: Path | None) -> None:
+    if space is not None and serve_dir is not None:
+        from tunelab.serve.pointer import refresh_space
+
+        typer.echo(f"Space bundle {space}: now serves {refresh_space(serve_dir, space).resolve()}")

@@ -83,3 +83,19 @@ def rollback(serve_dir: str | Path) -> dict[str, Any]:
     restored = {**previous, "history": older, "rolled_back_from": pointer["model"]}
     _write_pointer(pointer_path(serve_dir), restored)
     return restored
+
+
+def refresh_space(serve_dir: str | Path, space_dir: str | Path) -> Path:
+    """Rebuild the Space bundle (serve/space.py) around the model `current.json` names: the Space serves what
+    `tunelab serve SERVE_DIR` serves. The Space ships a q4_k_m GGUF, so the current model must be one."""
+    from tunelab.serve.space import GGUF_NAME, build_run_space, build_space
+
+    read_pointer(serve_dir)  # a clear error when there is no pointer yet
+    model = resolve_model(serve_dir)
+    if model.name != GGUF_NAME:
+        raise UserError(f"--space: the current model {model} is not a {GGUF_NAME} export (run `tunelab export RUN` before promoting it)")
+    if (model.parent / "export.json").is_file() and (model.parent.parent / "config.yaml").is_file():
+        build_run_space(model.parent.parent, Path(space_dir), None)  # a run's export: its title and license
+    else:
+        build_space(Path(space_dir), model.parent, f"{model.parent.name} chat", "other", None)
+    return Path(space_dir) / GGUF_NAME
