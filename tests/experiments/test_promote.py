@@ -156,3 +156,22 @@ def test_the_space_bundle_follows_the_pointer(tmp_path):
     point_to(serve, tmp_path, None, None)  # a run folder: not what a Space ships
     with pytest.raises(UserError, match="not a model-q4_k_m.gguf export"):
         refresh_space(serve, space)
+
+
+def test_over_defaults_to_the_run_behind_what_the_serve_dir_serves(tmp_path):
+    from tunelab.experiments.promote import served_run
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("{}\n")
+    (run / "export").mkdir()
+    (run / "export" / "model-q4_k_m.gguf").write_bytes(b"GGUF")
+    point_to(tmp_path / "serve", run / "export" / "model-q4_k_m.gguf", None, None)
+    assert served_run(tmp_path / "serve") == run.resolve()
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    point_to(tmp_path / "serve", other, None, None)
+    assert served_run(tmp_path / "serve") == other.resolve()
+    with pytest.raises(UserError, match="no current model"):
+        served_run(tmp_path / "empty")

@@ -23,7 +23,10 @@ def sweep_cmd(
 
 def promote_cmd(
     candidate: Annotated[Optional[Path], typer.Argument(help="Run folder or .gguf to promote (not needed with --rollback).")] = None,
-    over: Annotated[Optional[Path], typer.Option("--over", help="The model served now: run folder or .gguf.")] = None,
+    over: Annotated[
+        Optional[Path],
+        typer.Option("--over", help="The model served now: run folder or .gguf (default: what --serve-dir serves)."),
+    ] = None,
     serve_dir: Annotated[
         Optional[Path], typer.Option(help="Folder whose current.json `tunelab serve DIR` serves; updated only when the gates pass.")
     ] = None,
@@ -48,9 +51,12 @@ def promote_cmd(
         typer.echo(f"rolled back: {serve_dir / 'current.json'} -> {restored['model']}")
         _refresh_space(serve_dir, space)
         return
+    from tunelab.experiments.promote import promote, served_run
+
+    if over is None and serve_dir is not None:
+        over = served_run(serve_dir)
     if candidate is None or over is None:
-        raise UserError("give CANDIDATE and --over CURRENT (or --rollback --serve-dir DIR)")
-    from tunelab.experiments.promote import promote
+        raise UserError("give CANDIDATE and --over CURRENT or --serve-dir DIR (or --rollback --serve-dir DIR)")
 
     if space is not None and serve_dir is None:
         raise UserError("--space: give --serve-dir DIR too (the Space serves what DIR's current.json names)")

@@ -65,6 +65,18 @@ def shipped_gguf(model: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def served_run(serve_dir: Path) -> Path:
+    """What SERVE_DIR serves now, as the run folder behind it when it is a run's q4_k_m export (scorable)."""
+    from tunelab.models.runs import is_run_dir
+    from tunelab.serve.pointer import read_pointer, resolve_model
+
+    read_pointer(serve_dir)
+    model = resolve_model(serve_dir)
+    if is_gguf(model) and model.parent.name == "export" and is_run_dir(model.parent.parent):
+        return model.parent.parent
+    return model
+
+
 def check_model(path: Path, flag: str) -> Path:
     from tunelab.models.runs import is_run_dir
 
