@@ -90,7 +90,7 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
             a, b, status = client.predict(f"Which museum in {city}?", "", 0.9, 0.9, 6, api_name="/chat_compare")
             assert status.startswith("Done") and a and b, status
             assert client.predict("a", ["too short"], "A is fine", "", api_name="/chat_pick")[0].startswith("✅")
-        plan, _, status = client.predict("Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.7, 16, api_name="/plan")
+        plan, status = client.predict("Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.7, 16, api_name="/plan")
         assert status.startswith("Done") and "Porto" in plan
         assert client.predict("down", [], "", better_answer("Porto"), "", api_name="/planner_feedback")[0].startswith("✅")
         client.predict("Rome", 1, "any time", "budget", "relaxed", [], "", 0.7, 16, api_name="/plan_compare")
