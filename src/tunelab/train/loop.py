@@ -157,9 +157,9 @@ def train_lora(
                 save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
             accelerator.wait_for_everyone()
 
-        metrics.close()
         if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
             last_val = evaluate(cfg.max_steps)
+        metrics.close()  # after the last write: a finished run's extra evaluation must not hit a closed log
     return TrainResult(
         steps=cfg.max_steps,
         tokens=tokens_seen,

@@ -15,7 +15,7 @@ from tunelab.io import atomic_folder, atomic_write
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.precision import Precision, choose_precision
 from tunelab.train.progress import ProgressBar
-from tunelab.train.run_folder import check_run_dir, prepare_run_dir, write_failures_reported
+from tunelab.train.run_folder import check_run_dir, check_same_data, data_fingerprint, prepare_run_dir, write_failures_reported
 
 
 def set_threads(threads: int | None) -> int:
@@ -66,7 +66,7 @@ def check_hardware(cfg: Config) -> None:
     check_quantization_supported(cfg.model)
 
 
-def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=print) -> dict:
+def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, extend: bool = False, log=print) -> dict:
     from accelerate import Accelerator
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
@@ -79,16 +79,22 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     threads = set_threads(cfg.train.threads)
-    check_run_dir(cfg, resume, overwrite)
+    check_run_dir(cfg, resume, overwrite, extend)
     tokenizer = load_tokenizer(cfg.model)
 
     # data: one process prepares (and caches) it, the others read it
     with accelerator.main_process_first():
         data_dir = prepare_dataset(cfg, verbose=is_main)
-        run_dir = prepare_run_dir(cfg, resume, overwrite) if is_main else Path(cfg.train.output_dir)
+    train_set, val_set = load_prepared(data_dir)
+    data_print = data_fingerprint(train_set)
+    check_same_data(cfg, data_print, resume)
+    with accelerator.main_process_first():
+        run_dir = prepare_run_dir(cfg, resume, overwrite, data_print, extend) if is_main else Path(cfg.train.output_dir)
+    if extend:
+        log(f"--extend: continuing to step {cfg.train.max_steps}; the {cfg.train.scheduler} learning-rate schedule is "
+            f"recomputed over {cfg.train.max_steps} steps from the last checkpoint on")
     precision = choose_precision(cfg.train.precision, accelerator.device.type)
     log(f"precision: {precision.name} ({precision.reason}); threads: {threads}")
-    train_set, val_set = load_prepared(data_dir)
     train_rows, val_rows = rows_of(train_set), rows_of(val_set)[: cfg.eval.max_val_rows or None]
     log(f"data: {len(train_rows)} train / {len(val_rows)} val conversations from {data_dir}")
 
@@ -120,6 +126,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
             "precision_reason": precision.reason,
             "threads": threads,
             "data_dir": str(data_dir),
+            "data_fingerprint": data_print,
             "train_rows": len(train_rows),
             "val_rows": len(val_rows),
             "steps": result.steps,
