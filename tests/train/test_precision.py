@@ -1,0 +1,69 @@
+"""The precision decision table, with the hardware given as inputs (independent of the CPU running the test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.train.precision import Precision, choose_precision
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
+AVX512_BF16 = AVX512 | {"avx512_bf16"}
+AMX = AVX512_BF16 | {"amx_tile", "amx_bf16", "amx_int8"}
+
+# (requested, CPU flags, CUDA capability) -> chosen precision name
+TABLE = [
+    ("auto", AVX2, None, "fp32"),
+    ("auto", AVX512, None, "fp32"),
+    ("auto", AVX512_BF16, None, "bf16"),
+    ("auto", AMX, None, "bf16"),
+    ("fp32", AMX, None, "fp32"),
+    ("bf16", AVX2, None, "bf16"),
+    ("bf16", AMX, None, "bf16"),
+    ("fp16", AVX2, None, "fp16"),
+    ("auto", AVX2, (7, 5), "fp16"),  # T4: no native bf16
+    ("auto", AVX2, (8, 0), "bf16"),  # A100
+    ("auto", AVX2, (9, 0), "bf16"),  # H100
+    ("auto", AMX, (7, 5), "fp16"),  # on CUDA the GPU decides, not the host CPU
+    ("fp32", AVX2, (7, 5), "fp32"),
+    ("fp32", AVX2, (9, 0), "fp32"),
+    ("bf16", AVX2, (7, 5), "bf16"),
+    ("bf16", AVX2, (8, 0), "bf16"),
+    ("fp16", AVX2, (7, 5), "fp16"),
+    ("fp16", AVX2, (8, 0), "fp16"),
+    ("fp16", AVX2, (9, 0), "fp16"),
+]
+
+
+@pytest.mark.parametrize("requested,flags,capability,expected", TABLE)
+def test_decision_table(requested, flags, capability, expected):
+    chosen = choose_precision(requested, flags, capability)
+    assert chosen.name == expected
+    assert chosen.reason  # the run always says why
+    assert chosen.needs_loss_scaling == (expected == "fp16")
+    assert chosen.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[expected]
+
+
+def test_reasons_name_the_hardware_and_warn_when_not_native():
+    t4 = choose_precision("auto", AVX2, (7, 5), "Tesla T4")
+    assert "Tesla T4" in t4.reason and "7.5" in t4.reason and "loss scaling" in t4.reason
+    assert "avx512_bf16" in choose_precision("auto", AVX512_BF16, None).reason
+    assert "amx_bf16" in choose_precision("auto", AMX, None).reason
+    assert "warning" in choose_precision("bf16", AVX512, None).reason
+    assert "warning" in choose_precision("bf16", AVX2, (7, 5)).reason
+    assert "warning" not in choose_precision("bf16", AVX2, (8, 0)).reason
+    assert "warning" not in choose_precision("bf16", AMX, None).reason
+
+
+def test_grad_scaler_only_scales_for_fp16():
+    loss = torch.tensor(2.0)
+    assert Precision("fp16", "t").grad_scaler("cpu").scale(loss).item() > 2.0
+    for name in ("fp32", "bf16"):
+        assert Precision(name, "t").grad_scaler("cpu").scale(loss).item() == 2.0
+
+
+def test_precision_field_accepts_fp16():
+    from tunelab.config import load_config
+
+    assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
