@@ -176,3 +176,52 @@ def test_adapter_on_lm_head_falls_back():
     assert any("lm_head" in name for name in ref_grads)
     loss, grads = tunelab_loss_and_grads(model, pad(rows, pad_id=0))
     assert_same(loss, grads, ref_loss, ref_grads)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def saved_model(tmp_path, config) -> str:
+    """A tiny random-init model of `config`'s family with a real chat tokenizer, saved as a local HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tokenizer_for_tests
+
+    tokenizer = tokenizer_for_tests()
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("name,expected", [("gemma2-softcaps", "fast path"), ("qwen2-sliding", "fast path"), ("phi2", "fallback")])
+def test_tunelab_train_cli_step(tmp_path, name, expected):
+    import json
+
+    import yaml
+    from transformers import PhiConfig
+    from typer.testing import CliRunner
+
+    from tests.helpers import conversations_file
+    from tunelab.cli import app
+
+    configs = {**family_configs(), "phi2": PhiConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"})}
+    cfg = {
+        "data": {"sources": [{"path": str(conversations_file(tmp_path, n=24))}], "output_dir": str(tmp_path / "prepared"),
+                 "val_fraction": 0.2, "dedup": {"near": False}},
+        "model": {"name": saved_model(tmp_path, configs[name])},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 3, "save_steps": 2, "eval_steps": 2,
+                  "max_seq_len": 64, "warmup_steps": 0, "precision": "fp32", "threads": 1},
+        "eval": {"batch_size": 4, "max_val_rows": 3},
+    }
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["train", str(config_file)])
+    assert result.exit_code == 0, result.output
+    lines = [line.split("architecture: ", 1)[1] for line in result.output.splitlines() if "architecture: " in line]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_train_loss"] > 0 and summary["final_val_loss"] > 0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
