@@ -12,24 +12,35 @@ AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
 AVX512_BF16 = AVX512 | {"avx512_bf16"}
 AMX = AVX512_BF16 | {"amx_tile", "amx_bf16", "amx_int8"}
 
-# (requested, CPU flags, CUDA capability) -> chosen precision name
+# (requested, CPU flags, CUDA capability) -> chosen precision name. Every requested value on every CPU kind and
+# every GPU generation; on CUDA the GPU decides, whatever the host CPU has.
 TABLE = [
     ("auto", AVX2, None, "fp32"),
     ("auto", AVX512, None, "fp32"),
     ("auto", AVX512_BF16, None, "bf16"),
     ("auto", AMX, None, "bf16"),
+    ("fp32", AVX2, None, "fp32"),
+    ("fp32", AVX512, None, "fp32"),
+    ("fp32", AVX512_BF16, None, "fp32"),
     ("fp32", AMX, None, "fp32"),
-    ("bf16", AVX2, None, "bf16"),
+    ("bf16", AVX2, None, "bf16"),  # honoured, with a warning
+    ("bf16", AVX512, None, "bf16"),
+    ("bf16", AVX512_BF16, None, "bf16"),
     ("bf16", AMX, None, "bf16"),
     ("fp16", AVX2, None, "fp16"),
-    ("auto", AVX2, (7, 5), "fp16"),  # T4: no native bf16
+    ("fp16", AVX512, None, "fp16"),
+    ("fp16", AVX512_BF16, None, "fp16"),
+    ("fp16", AMX, None, "fp16"),
+    ("auto", AVX2, (7, 5), "fp16"),  # T4: no native bf16 -> fp16 + loss scaling
     ("auto", AVX2, (8, 0), "bf16"),  # A100
     ("auto", AVX2, (9, 0), "bf16"),  # H100
-    ("auto", AMX, (7, 5), "fp16"),  # on CUDA the GPU decides, not the host CPU
+    ("auto", AMX, (7, 5), "fp16"),
     ("fp32", AVX2, (7, 5), "fp32"),
+    ("fp32", AVX2, (8, 0), "fp32"),
     ("fp32", AVX2, (9, 0), "fp32"),
-    ("bf16", AVX2, (7, 5), "bf16"),
+    ("bf16", AVX2, (7, 5), "bf16"),  # honoured, with a warning
     ("bf16", AVX2, (8, 0), "bf16"),
+    ("bf16", AVX2, (9, 0), "bf16"),
     ("fp16", AVX2, (7, 5), "fp16"),
     ("fp16", AVX2, (8, 0), "fp16"),
     ("fp16", AVX2, (9, 0), "fp16"),
