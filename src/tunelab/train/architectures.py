@@ -47,10 +47,11 @@ class Plan:
     reason: str
     head: Head = field(default_factory=Head)
 
-    def describe(self) -> str:
+    def describe(self, packing: bool = True) -> str:
         """The one line a run prints about it."""
         if self.fast:
-            return f"architecture: {self.family} — tunelab's fast path (packed attention, assistant-only LM head): {self.reason}"
+            attention = "packed attention" if packing else "padded rows (train.packing: false)"
+            return f"architecture: {self.family} — tunelab's fast path ({attention}, assistant-only LM head): {self.reason}"
         return (f"architecture: {self.family} — fallback to the model's own forward and loss, one padded row per "
                 f"conversation (no packing): {self.reason}")
 
@@ -121,7 +122,7 @@ def use_plan(model, packing: bool, log=print) -> bool:
     """Decide, say so in one line, and switch the model to the packed attention when it packs. Returns whether
     batches may be packed (False on the fallback, whatever `train.packing` says)."""
     plan = plan_for(model)
-    log(plan.describe())
+    log(plan.describe(packing))
     if plan.fast and packing:
         from tunelab.train.packed_attention import register
 
