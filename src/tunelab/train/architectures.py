@@ -72,6 +72,8 @@ def plan_for(model) -> Plan:
     family = FAST_FAMILIES.get(model_type)
     if family is None:
         return Plan(False, model_type, f"model_type `{model_type}` is not one whose maths tunelab reproduces")
+    if not type(inner).__module__.startswith("transformers.models."):
+        return Plan(False, family, f"{type(inner).__name__} is remote code, not transformers' own {family} implementation")
     if not (hasattr(inner, "model") and hasattr(inner, "lm_head")):
         return Plan(False, family, f"{type(inner).__name__} is not a decoder + lm_head causal LM")
     unknown_layers = set(getattr(config, "layer_types", None) or []) - KNOWN_LAYER_TYPES
