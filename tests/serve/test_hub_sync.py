@@ -124,3 +124,23 @@ def test_default_uploader_pushes_to_a_dataset_repo(tmp_path, monkeypatch):
     assert calls[1][1] == {"repo_id": "someone/evals", "repo_type": "dataset", "private": True, "exist_ok": True}
     assert calls[2][1]["repo_type"] == "dataset" and calls[2][1]["path_in_repo"] == sync.path_in_repo
     store.close()
+
+
+def test_side_by_side_picks_go_to_their_own_file(tmp_path):
+    from tunelab.serve.feedback import PairwiseRecord
+
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    upload = FakeUploader()
+    sync = FeedbackSync(db, upload, say=lambda m: None)
+    add(store, "a thumb")
+    store.add_pairwise(PairwiseRecord(
+        tab="chat", messages=[{"role": "user", "content": "hi"}], answer_a="A", answer_b="B", model_a_id="m",
+        model_b_id="m", pick="b", app_version="t", session_id="s",
+    ))  # fmt: skip
+    assert sync.sync_once() is True
+    assert [path.split("-")[0] for path, _ in upload.calls] == ["data/feedback", "pairwise/pairwise"]
+    assert upload.calls[1][1][0]["pick"] == "b" and upload.calls[1][1][0]["answer_b"] == "B"
+    add(store, "another thumb")  # only the feedback file changed
+    assert sync.sync_once() is True and [p.split("-")[0] for p, _ in upload.calls[2:]] == ["data/feedback"]
+    store.close()

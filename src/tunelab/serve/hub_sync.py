@@ -9,7 +9,8 @@ Every `every_s` seconds (default 5 minutes) a daemon thread exports the DB to JS
 repo as `data/feedback-<instance>.jsonl`. `<instance>` is a random id kept in `<db>.sync-id` next to the DB: a
 Space restart (fresh disk, fresh DB whose ids start at 1 again) starts a new file instead of overwriting the
 old one, while restarting a local app on the same DB keeps updating its own file. Load them all with
-`datasets.load_dataset("user/evals", data_files="data/*.jsonl")`.
+`datasets.load_dataset("user/evals", data_files="data/*.jsonl")`. Side-by-side picks (their own columns) go to
+`pairwise/pairwise-<instance>.jsonl` the same way (`data_files="pairwise/*.jsonl"`).
 
 Requests never wait for a sync (the thread only reads the DB through SQLite's WAL). An upload that fails is
 logged in one line and retried at the next tick. The token is only read by huggingface_hub (env `HF_TOKEN`,
@@ -26,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
-from tunelab.serve.feedback import export_feedback
+from tunelab.serve.feedback import export_feedback, iter_pairwise_rows, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,13 @@ class FeedbackSync:
         self.every_s = every_s
         self.folder = Path(folder) if folder else self.db_path.with_name(self.db_path.name + ".sync")
         self.say = say
-        self.path_in_repo = f"data/feedback-{_instance_id(self.db_path)}.jsonl"
+        instance = _instance_id(self.db_path)
+        self.path_in_repo = f"data/feedback-{instance}.jsonl"
         self.local_file = self.folder / Path(self.path_in_repo).name
+        self.pairwise_path_in_repo = f"pairwise/pairwise-{instance}.jsonl"
+        self.pairwise_file = self.folder / Path(self.pairwise_path_in_repo).name
         self.uploads = 0
-        self._last_digest: str | None = None
+        self._last_digest: dict[str, str] = {}
         self._lock = threading.Lock()  # one sync at a time (timer thread and the final sync on shutdown)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -57,14 +61,20 @@ class FeedbackSync:
         with self._lock:
             if not self.db_path.is_file():
                 return False
-            rows = export_feedback(self.db_path, self.local_file, fmt="jsonl")
-            digest = hashlib.sha256(self.local_file.read_bytes()).hexdigest()
-            if rows == 0 or digest == self._last_digest:
-                return False
-            self.upload(self.local_file, self.path_in_repo)
-            self._last_digest = digest
-            self.uploads += 1
-            return True
+            files = [
+                (export_feedback(self.db_path, self.local_file, fmt="jsonl"), self.local_file, self.path_in_repo),
+                (write_jsonl(iter_pairwise_rows(self.db_path), self.pairwise_file), self.pairwise_file, self.pairwise_path_in_repo),
+            ]
+            uploaded = False
+            for rows, local_file, path_in_repo in files:
+                digest = hashlib.sha256(local_file.read_bytes()).hexdigest()
+                if rows == 0 or digest == self._last_digest.get(path_in_repo):
+                    continue
+                self.upload(local_file, path_in_repo)
+                self._last_digest[path_in_repo] = digest
+                self.uploads += 1
+                uploaded = True
+            return uploaded
 
     def _safe_sync(self) -> None:
         try:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))  # the tunelab/ copied next to this file (tunelab 
 
 from tunelab.models.inference import load_backend  # noqa: E402
 from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch  # noqa: E402
+from tunelab.serve.fingerprint import model_fingerprint  # noqa: E402
 from tunelab.serve.hub_sync import start_feedback_sync  # noqa: E402
 
 # Written by `tunelab export --space` next to this file: {"title": ..., "gguf": ..., "model_repo": ...}.
@@ -68,9 +69,12 @@ def main() -> None:
     auth = parse_auth(os.environ.get("TUNELAB_AUTH", ""))
     db = Path(os.environ.get("FEEDBACK_DB") or default_db(on_space))
 
-    backend = load_backend(model_file(), threads=threads)
+    gguf = model_file()
+    backend = load_backend(gguf, threads=threads)
     exposed = host not in LOOPBACK_HOSTS
-    demo = build_app(backend, db, share_feedback_data=auth is not None or not exposed, title=TITLE)
+    demo = build_app(
+        backend, db, share_feedback_data=auth is not None or not exposed, title=TITLE, model_hash=model_fingerprint(gguf)
+    )
     print(f"model: {backend.model_id} (llama.cpp, {threads} threads); feedback database: {db}", flush=True)
     if exposed and auth is None:
         print("no TUNELAB_AUTH: visitors do not see each other's feedback", flush=True)
