@@ -61,6 +61,7 @@ def test_two_samples_of_one_model_with_different_seeds(store):
     assert (row["params_a"]["seed"], row["params_b"]["seed"]) == (a["params"]["seed"], b["params"]["seed"])
     assert sbs.submit_pick("b", [], "", pair, "pick-1").status == result.status  # a retried submit is stored once
     assert len(store.pairwise_rows()) == 1
+    assert "**1** side-by-side pick(s)" in sbs.app.overview().headline
 
 
 def test_one_model_at_temperature_zero_cannot_give_two_samples(store):

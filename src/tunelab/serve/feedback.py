@@ -337,6 +337,10 @@ class FeedbackStore:
     def rows(self, min_rating: int | None = None, limit: int | None = None, newest_first: bool = False) -> list[dict]:
         return list(iter_rows(self.path, min_rating=min_rating, limit=limit, newest_first=newest_first))
 
+    def pairwise_count(self) -> int:
+        with _closing(self._reader()) as conn:
+            return conn.execute("SELECT COUNT(*) FROM pairwise").fetchone()[0]
+
     def pairwise_rows(self) -> list[dict]:
         return list(iter_pairwise_rows(self.path))
 

@@ -289,6 +289,9 @@ class ChatApp:
         summary = self.store.summary()
         total = sum(count for _, count in summary["rating"])
         headline = f"**{total}** feedback item(s) stored in `{escape_for_display(self.store.path.name)}`."
+        picks = self.store.pairwise_count()
+        if picks:
+            headline += f" **{picks}** side-by-side pick(s)."
         recent: list[list[Any]] = []
         if self.share_feedback_data:
             for row in self.store.rows(limit=20, newest_first=True):
