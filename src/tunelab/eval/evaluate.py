@@ -1,6 +1,6 @@
 """`tunelab eval RUN_DIR`: base vs tuned on the same held-out split, plus sample generations.
 
-Loss is the trainer's own assistant-token cross-entropy (tunelab.eval.metrics), so numbers from
+Loss is the trainer's own assistant-token cross-entropy (tunelab.train.heldout), so numbers from
 training, evaluation and the benchmark are comparable. The base model is the tuned model with its
 adapter disabled: one load, exactly the same weights underneath.
 """
