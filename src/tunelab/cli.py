@@ -113,6 +113,7 @@ def quickstart(
 
 def _register_stage_commands() -> None:
     """Commands owned by later stages live next to their code (export/, serve/, experiments/, data/)."""
+    from tunelab.bench.serve_load import bench_serve_cmd
     from tunelab.data.commands import bench_data_cmd
     from tunelab.experiments.commands import bench_train_cmd, sweep_cmd
     from tunelab.export.commands import bench_infer_cmd, chat_cmd, export_cmd
@@ -126,6 +127,7 @@ def _register_stage_commands() -> None:
     bench_app.command("train")(bench_train_cmd)
     bench_app.command("data")(bench_data_cmd)
     bench_app.command("infer")(bench_infer_cmd)
+    bench_app.command("serve")(bench_serve_cmd)
 
 
 _register_stage_commands()
