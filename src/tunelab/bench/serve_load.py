@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -68,6 +69,7 @@ class LoadResult:
     feedback_submitted: int = 0
     feedback_stored: int = 0
     skipped_by_deadline: int = 0
+    load_average: tuple[float, float] = (0.0, 0.0)  # 1-min load at start and end: the machine may be shared
 
     def summary(self) -> dict:
         ttft = sorted(a.ttft_s for a in self.answers)
@@ -86,6 +88,7 @@ class LoadResult:
             "total_tokens": tokens,
             "aggregate_tok_s": tokens / self.wall_s if self.wall_s else 0.0,
             "wall_s": self.wall_s,
+            "load_average_start_end": self.load_average,
         }
 
 
@@ -198,13 +201,12 @@ def one_answer(client, tab: str, user: int, round_: int, max_new_tokens: int, te
         prompt = CHAT_PROMPTS[(user + round_) % len(CHAT_PROMPTS)]
         job = client.submit(prompt, "Answer briefly.", temperature, 0.9, max_new_tokens, api_name="/chat")
         ttft, total, final = timed_stream(job, chat_text)
-        status = final[-1] if final else ""
     else:
         city = CITIES[(user + round_) % len(CITIES)]
         job = client.submit(city, 2, "spring", "mid-range", "balanced", ["food"], "", temperature, max_new_tokens,
                             api_name="/plan")  # fmt: skip
         ttft, total, final = timed_stream(job, plan_text)
-        status = final[-1] if final else ""
+    status = final[-1] if final else ""  # both tabs end their outputs with the status line
     if not str(status).startswith("Done"):
         raise RuntimeError(f"{tab} answer did not finish: {status!r}")
     return Answer(tab, user, ttft, total, submission_id=f"load-{uuid.uuid4().hex}")
@@ -221,7 +223,9 @@ def run_serve_load(
         raise UserError("--users and --rounds: must be >= 1")
     if not 16 <= max_new_tokens <= 1024:
         raise UserError(f"--max-new-tokens: the app accepts 16..1024 for the planner (got {max_new_tokens})")
-    with tempfile.TemporaryDirectory(prefix="tunelab-bench-serve-") if workdir is None else _kept(workdir) as folder:
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-serve-") if workdir is None else nullcontext(workdir) as folder:
         folder = Path(folder)
         db, port = folder / "feedback.db", free_port()
         proc = start_app(model, db, port, threads, folder)
@@ -230,6 +234,7 @@ def run_serve_load(
             wait_until_up(url, proc, startup_timeout_s)
             result = LoadResult(users, rounds, max_new_tokens, threads, wall_s=0.0)
             lock = threading.Lock()
+            load_start = os.getloadavg()[0]
             start = time.monotonic()
             deadline = start + time_limit_s
             workers = [
@@ -241,22 +246,11 @@ def run_serve_load(
             for worker in workers:
                 worker.join()
             result.wall_s = time.monotonic() - start
+            result.load_average = (load_start, os.getloadavg()[0])
         finally:
             stop_app(proc)
         check_feedback_rows(db, result, model)
     return result
-
-
-class _kept:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-        return str(self.path)
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_feedback_rows(db: Path, result: LoadResult, model: Path) -> None:
@@ -285,7 +279,7 @@ def report(result: LoadResult) -> str:
     s = result.summary()
     return "\n".join([
         f"users {result.users} x rounds {result.rounds} x (chat + planner), max_new_tokens {result.max_new_tokens}, "
-        f"app threads {result.threads}",
+        f"app threads {result.threads}; 1-min load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f}",
         "| answers | errors | feedback submitted / stored | TTFT p50 s | TTFT p95 s | decode tok/s p50 | decode tok/s p5 "
         "| aggregate tok/s | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -8,11 +8,11 @@
   generation stops at the GGUF's EOS token, exactly as `tunelab chat` and the app do.
 - run folder or merged HF folder: a thin FastAPI app over tunelab's TransformersBackend (the training chat
   template and EOS ids). Why not an existing server: vLLM's PyPI wheels need CUDA (its CPU build is from
-  source), TGI is not on PyPI, and `transformers serve` loads models only through `from_pretrained(model_id)`,
-  so it can neither apply a run folder's adapter to tunelab's base (e.g. the embedded GGUF-dequantised
-  SmolLM2) nor guarantee the run's tokenizer. The thin app implements only what the issue asks for: non-streaming
-  and streaming (SSE) chat completions and the model list. On a GPU, serve the same folders with vLLM
-  (docs/deploy.md).
+  source), TGI is not on PyPI, and `transformers serve` (installed here, runs on CPU) has no API-key option and
+  loads models only through `from_pretrained(model_id)`, so it cannot apply a run folder's adapter to tunelab's
+  base (e.g. the embedded GGUF-dequantised SmolLM2). The thin app implements only what the issue asks for:
+  `/v1/models` and `/v1/chat/completions`, streaming (SSE) or not, one generation at a time. On a GPU, serve
+  the same folders with vLLM (docs/deploy.md).
 """
 
 from __future__ import annotations

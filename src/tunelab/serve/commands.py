@@ -44,7 +44,7 @@ def serve_cmd(
                                                     "sent to the server (or env TUNELAB_API_KEY)."),
     ] = None,
 ) -> None:
-    """Serve the Chat + Travel Planner app with feedback collection."""
+    """Serve the Chat + Travel Planner app with feedback collection (or, with --api, an OpenAI-compatible API)."""
     from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
     from tunelab.serve.backends import load_backend
 
@@ -58,6 +58,9 @@ def serve_cmd(
         raise UserError(f"{model}: model not found (give a .gguf file, a run folder or a merged folder)")
     if api:
         from tunelab.serve.api import run_api_server
+
+        if credentials or share:
+            raise UserError("--api: protect the API with --api-key (--auth and --share are for the app)")
 
         if host not in LOOPBACK_HOSTS and api_key is None:
             typer.echo(f"warning: the API is reachable beyond this machine ({host}) without --api-key.", err=True)
