@@ -1,7 +1,7 @@
 """`tunelab bench serve`: N concurrent users against the Gradio app (a real `tunelab serve` subprocess on loopback).
 
-Each user is its own gradio_client session and runs a bounded loop: a chat message and a travel plan, each
-followed by a feedback submission with a unique submission_id. Reported: time to first token (TTFT, from
+After one warm-up chat and plan (not counted), each user is its own gradio_client session and runs a bounded
+loop: a chat message and a travel plan, each followed by a feedback submission with a unique submission_id. Reported: time to first token (TTFT, from
 submit to the first non-empty answer, so it includes the wait in Gradio's queue: what a user feels), decode
 tokens/s per answer and in total, errors, and whether every submitted feedback row is in the SQLite file.
 
@@ -69,6 +69,7 @@ class LoadResult:
     feedback_submitted: int = 0
     feedback_stored: int = 0
     skipped_by_deadline: int = 0
+    unit: str = "tok"  # "words" for a folder model (no GGUF vocabulary to count tokens with)
     load_average: tuple[float, float] = (0.0, 0.0)  # 1-min load at start and end: the machine may be shared
 
     def summary(self) -> dict:
@@ -212,6 +213,16 @@ def one_answer(client, tab: str, user: int, round_: int, max_new_tokens: int, te
     return Answer(tab, user, ttft, total, submission_id=f"load-{uuid.uuid4().hex}")
 
 
+def warm_up(url: str, max_new_tokens: int) -> None:
+    """One chat and one plan before the clock starts: the first answers page the GGUF in from disk and warm
+    Gradio up (tens of seconds on a busy machine), which is start-up cost, not serving cost. No feedback."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    for tab in ("chat", "planner"):
+        one_answer(client, tab, user=0, round_=0, max_new_tokens=max_new_tokens, temperature=0.0)
+
+
 # --------------------------------------------------------------------------------------- the run
 def run_serve_load(
     model: Path, *, users: int = 20, rounds: int = 1, max_new_tokens: int = 32, threads: int = 2, temperature: float = 0.7,
@@ -232,6 +243,7 @@ def run_serve_load(
         try:
             url = f"http://127.0.0.1:{port}/"
             wait_until_up(url, proc, startup_timeout_s)
+            warm_up(url, max_new_tokens)
             result = LoadResult(users, rounds, max_new_tokens, threads, wall_s=0.0)
             lock = threading.Lock()
             load_start = os.getloadavg()[0]
@@ -273,15 +285,16 @@ def check_feedback_rows(db: Path, result: LoadResult, model: Path) -> None:
             answer.tokens = len(vocab.tokenize(text.encode(), add_bos=False, special=False))
         else:
             answer.tokens = len(text.split())  # a folder model: words, labelled as such in the report
+            result.unit = "words"
 
 
 def report(result: LoadResult) -> str:
-    s = result.summary()
+    s, unit = result.summary(), result.unit
     return "\n".join([
         f"users {result.users} x rounds {result.rounds} x (chat + planner), max_new_tokens {result.max_new_tokens}, "
         f"app threads {result.threads}; 1-min load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f}",
-        "| answers | errors | feedback submitted / stored | TTFT p50 s | TTFT p95 s | decode tok/s p50 | decode tok/s p5 "
-        "| aggregate tok/s | wall s |",
+        f"| answers | errors | feedback submitted / stored | TTFT p50 s | TTFT p95 s | decode {unit}/s p50 "
+        f"| decode {unit}/s p5 | aggregate {unit}/s | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {s['answers']} | {s['errors']} | {s['feedback_submitted']} / {s['feedback_stored']} | {s['ttft_p50_s']:.2f} "
         f"| {s['ttft_p95_s']:.2f} | {s['decode_tok_s_p50']:.1f} | {s['decode_tok_s_p5']:.1f} | {s['aggregate_tok_s']:.1f} "
@@ -290,7 +303,7 @@ def report(result: LoadResult) -> str:
 
 
 def bench_serve_cmd(
-    model: Annotated[Path, typer.Argument(help="A .gguf file (or run/merged folder) for the app.")],
+    model: Annotated[Path, typer.Argument(help="A .gguf file (or a run/merged folder: rates in words/s) for the app.")],
     users: Annotated[int, typer.Option(help="Concurrent users (each its own session).")] = 20,
     rounds: Annotated[int, typer.Option(help="Chat + planner rounds per user (the loop bound).")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
