@@ -92,3 +92,15 @@ def test_app_shows_a_remote_failure_as_a_message(tmp_path, monkeypatch):
     app = build_app(backend, tmp_path / "fb.db").tunelab_app
     *_, status = list(app.chat("Hello", "", 0.0, 0.9, 8, [], None))[-1]
     assert status.startswith("⚠️ Generation failed (RemoteModelError)"), status
+
+
+def test_app_sends_remote_requests_in_parallel_but_local_ones_one_at_a_time(tmp_path, monkeypatch):
+    from tests.serve.serve_helpers import ScriptedBackend
+    from tunelab.serve.app import build_app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    remote, _ = backend_with(lambda r: httpx.Response(200, content=sse("[DONE]")))
+    for backend, expected in ((remote, OpenAIBackend.concurrency_limit), (ScriptedBackend(), 1)):
+        demo = build_app(backend, tmp_path / f"{expected}.db")
+        limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values() if fn.api_name in ("chat", "plan")}
+        assert limits == {"chat": expected, "plan": expected}

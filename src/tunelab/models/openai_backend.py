@@ -36,6 +36,9 @@ def api_base(url: str) -> str:
 
 class OpenAIBackend:
     kind = "openai-api"
+    # The app sends this many requests at once (a remote server batches them: vLLM, llama.cpp with --parallel);
+    # an in-process model runs one at a time. httpx.Client is thread-safe, so the app's threads share it.
+    concurrency_limit = 8
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout_s: float = READ_TIMEOUT_S):
         self.base_url = api_base(url)

@@ -7,6 +7,7 @@
 Design notes
 - One backend (one model load) is shared by all sessions. llama.cpp is not thread-safe, so every generating
   event shares one Gradio concurrency group of size 1 (`MODEL_QUEUE`); other users wait in Gradio's queue.
+  A remote backend (`--backend-url`) sets its own size: the server batches concurrent requests.
   Feedback and overview events run in parallel with generation.
 - Every input is cleaned (control characters dropped) and length-checked on the server: the HTTP API is as
   public as the page, so UI limits alone prove nothing.
@@ -449,6 +450,11 @@ class ChatApp:
                 pass
 
 
+def model_concurrency(backend: ChatBackend) -> int:
+    """Answers generated at once: 1 for an in-process model; a remote server (`--backend-url`) batches requests."""
+    return getattr(backend, "concurrency_limit", 1)
+
+
 def _short(text: str, limit: int = 120) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -512,7 +518,7 @@ def _chat_tab(app: ChatApp, system_prompt: str) -> None:
         )
     chat_inputs = [message, system, temperature, top_p, max_new_tokens, turns, last_answer]
     chat_outputs = [chatbot, turns, last_answer, message, status]
-    common = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE, time_limit=600)
+    common = dict(concurrency_limit=model_concurrency(app.backend), concurrency_id=MODEL_QUEUE, time_limit=600)
     sent = send.click(app.chat, chat_inputs, chat_outputs, api_name="chat", **common)
     submitted = message.submit(app.chat, chat_inputs, chat_outputs, api_visibility="private", **common)
     stop.click(None, cancels=[sent, submitted], api_visibility="private")
@@ -560,7 +566,7 @@ def _planner_tab(app: ChatApp) -> None:
         [city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan],
         [plan, last_plan, status],
         api_name="plan",
-        concurrency_limit=1,
+        concurrency_limit=model_concurrency(app.backend),
         concurrency_id=MODEL_QUEUE,
         time_limit=600,
     )
