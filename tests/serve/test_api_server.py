@@ -3,8 +3,10 @@ checked with plain httpx against llama_cpp.Llama called directly; and the app on
 
 from __future__ import annotations
 
+import html
 import json
 import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ MESSAGES = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
+OPENAI_KIND = "openai-api"
 GREEDY = {"temperature": 0.0, "max_tokens": 24, "repeat_penalty": 1.0, "seed": 0}
 
 
@@ -141,3 +144,23 @@ def test_backend_url_with_wrong_key_is_a_user_error(api_server):
     with pytest.raises(UserError, match="401"):
         OpenAIBackend(api_server.base, api_key="wrong-key")
 
+
+
+def test_cli_app_on_backend_url_end_to_end(api_server, reference_llama, tmp_path):
+    """`tunelab serve MODEL_NAME --backend-url URL --api-key KEY` (a second subprocess) through gradio_client."""
+    from gradio_client import Client
+    from serve_helpers import db_rows, last_assistant_text
+
+    remote = ["--backend-url", api_server.base, "--api-key", API_KEY]
+    model_name = Path(embedded_gguf().name)  # with --backend-url the argument names the remote model
+    with serve_process(model_name, tmp_path / "fb.db", extra_args=remote, env={"TMPDIR": str(tmp_path)}) as app:
+        client = Client(app.url, verbose=False)
+        chatbot, _, status = client.predict("What is the capital of France?", "Answer briefly.", 0.0, 0.9, 24,
+                                            api_name="/chat")  # fmt: skip
+        assert status.startswith("Done"), status
+        expected = reference_reply(reference_llama, repeat_penalty=1.1, top_p=0.9)
+        assert html.unescape(last_assistant_text(chatbot)) == expected
+        saved = client.predict("up", [], "", "", api_name="/chat_feedback")[0]
+        assert saved.startswith("✅"), saved
+        assert [(r["response"], r["model_id"]) for r in db_rows(tmp_path / "fb.db")] == [(expected, model_name.name)]
+        assert f"({OPENAI_KIND})" in app.log()  # the CLI really built the remote backend
