@@ -90,6 +90,7 @@ def test_app_shows_a_remote_failure_as_a_message(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's download folder goes under tmp_path
     backend, _ = backend_with(lambda r: httpx.Response(503, text="overloaded"))
     app = build_app(backend, tmp_path / "fb.db").tunelab_app
+    assert app._download_dir.parent == tmp_path  # nothing left in the system temp folder
     *_, status = list(app.chat("Hello", "", 0.0, 0.9, 8, [], None))[-1]
     assert status.startswith("⚠️ Generation failed (RemoteModelError)"), status
 
