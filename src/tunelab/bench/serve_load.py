@@ -1,9 +1,10 @@
 """`tunelab bench serve`: N concurrent users against the Gradio app (a real `tunelab serve` subprocess on loopback).
 
 After one warm-up chat and plan (not counted), each user is its own gradio_client session and runs a bounded
-loop: a chat message and a travel plan, each followed by a feedback submission with a unique submission_id. Reported: time to first token (TTFT, from
-submit to the first non-empty answer, so it includes the wait in Gradio's queue: what a user feels), decode
-tokens/s per answer and in total, errors, and whether every submitted feedback row is in the SQLite file.
+loop: a chat message and a travel plan, each followed by a feedback submission with a unique submission_id.
+Reported: time to first token (TTFT, from submit to the first non-empty answer, so it includes the wait in
+Gradio's queue: what a user feels), decode tokens/s per answer and in total, errors, and whether every
+submitted feedback row is in the SQLite file.
 
 Queue behaviour (serve/app.py): every model event shares one concurrency group of size 1 (llama.cpp is not
 thread-safe), so answers are generated one at a time, first come first served, and a waiting page shows its
