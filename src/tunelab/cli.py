@@ -153,6 +153,7 @@ def _register_stage_commands() -> None:
     from tunelab.bench.commands import bench_data_cmd, bench_infer_cmd, bench_train_cmd
     from tunelab.experiments.commands import sweep_cmd
     from tunelab.serve.chat import chat_cmd
+    from tunelab.bench.serve_load import bench_serve_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
 
     app.command("chat")(chat_cmd)
@@ -162,6 +163,7 @@ def _register_stage_commands() -> None:
     bench_app.command("train")(bench_train_cmd)
     bench_app.command("data")(bench_data_cmd)
     bench_app.command("infer")(bench_infer_cmd)
+    bench_app.command("serve")(bench_serve_cmd)
 
 
 _register_stage_commands()

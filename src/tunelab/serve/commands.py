@@ -20,9 +20,13 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def serve_cmd(
-    model: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, best on CPU), a run folder or a merged folder.")],
+    model: Annotated[
+        Optional[Path],
+        typer.Argument(help="A .gguf file (llama.cpp, best on CPU), a run folder or a merged folder. "
+                            "With --backend-url: the remote model's name (default: the first it lists)."),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind. Keep 127.0.0.1 unless you add --auth.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
+    port: Annotated[Optional[int], typer.Option(help="TCP port (default 7860; 8000 with --api).")] = None,
     feedback_db: Annotated[Path, typer.Option(help="SQLite file that stores feedback.")] = Path("feedback.db"),
     auth: Annotated[
         Optional[str],
@@ -30,16 +34,37 @@ def serve_cmd(
     ] = None,
     threads: Annotated[Optional[int], typer.Option(help="llama.cpp / torch threads (default: all cores).")] = None,
     share: Annotated[bool, typer.Option(help="Also create a public gradio.live link.")] = False,
+    api: Annotated[bool, typer.Option(help="Serve an OpenAI-compatible API (/v1/chat/completions) instead of the app.")] = False,
+    backend_url: Annotated[
+        Optional[str], typer.Option(help="Let the app use a remote OpenAI-compatible server (e.g. http://host:8000/v1).")
+    ] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="TUNELAB_API_KEY", help="With --api: the key clients must send; with --backend-url: the key "
+                                                    "sent to the server (or env TUNELAB_API_KEY)."),
+    ] = None,
 ) -> None:
-    """Serve the Chat + Travel Planner app with feedback collection."""
+    """Serve the Chat + Travel Planner app with feedback collection (or, with --api, an OpenAI-compatible API)."""
     from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
     from tunelab.models.inference import load_backend
 
     credentials = parse_auth(auth)
-    if not model.exists():
-        raise UserError(f"{model}: model not found (give a .gguf file, a run folder or a merged folder)")
+    port = port if port is not None else (8000 if api else 7860)
     if not 1 <= port <= 65535:
         raise UserError(f"--port: must be 1..65535 (got {port})")
+    if api and backend_url:
+        raise UserError("--api and --backend-url: pick one (serve a model's API, or run the app on a remote one)")
+    if backend_url is None and (model is None or not model.exists()):
+        raise UserError(f"{model}: model not found (give a .gguf file, a run folder or a merged folder)")
+    if api:
+        from tunelab.serve.api import run_api_server
+
+        if credentials or share:
+            raise UserError("--api: protect the API with --api-key (--auth and --share are for the app)")
+
+        if host not in LOOPBACK_HOSTS and api_key is None:
+            typer.echo(f"warning: the API is reachable beyond this machine ({host}) without --api-key.", err=True)
+        return run_api_server(model, host=host, port=port, api_key=api_key, threads=threads)
     exposed = host not in LOOPBACK_HOSTS or share
     if exposed and credentials is None:
         typer.echo(
@@ -47,7 +72,12 @@ def serve_cmd(
             "other users' feedback (recent items, downloads) is hidden.",
             err=True,
         )
-    backend = load_backend(model, threads=threads)
+    if backend_url:
+        from tunelab.models.openai_backend import OpenAIBackend
+
+        backend = OpenAIBackend(backend_url, api_key=api_key, model=str(model) if model else None)
+    else:
+        backend = load_backend(model, threads=threads)
     demo = build_app(backend, feedback_db, share_feedback_data=credentials is not None or not exposed)
     typer.echo(f"model: {backend.model_id} ({backend.kind}); feedback database: {feedback_db.resolve()}")
     launch(demo, host=host, port=port, auth=credentials, share=share)
