@@ -236,3 +236,19 @@ def test_download_files_are_complete_and_never_shared_between_calls(app):
     [csv_row] = list(csv.DictReader(open(csv_path, encoding="utf-8")))
     assert csv_row["comment"] == 'a, "quoted" comment'
     assert app.download("jsonl") != jsonl
+
+
+def test_an_app_leaves_no_download_folder_behind(tmp_path):
+    """Building an app creates no temp folder; the one a download needs goes away with the app."""
+    import gc
+    from pathlib import Path
+
+    app = ChatApp(ScriptedBackend(), FeedbackStore(tmp_path / "fb.db"))
+    assert app._download_dir is None  # nothing made until someone downloads
+    *_, (_, _, answer, _, _) = run(app.chat("hi", "", 0.5, 0.8, 32, [], None))
+    app.submit_feedback("up", [], "", "", answer, request=REQUEST)
+    folder = Path(app.download("jsonl")).parent
+    assert folder.is_dir() and folder.name.startswith("tunelab-feedback-")
+    del app
+    gc.collect()
+    assert not folder.exists()
