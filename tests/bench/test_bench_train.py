@@ -50,7 +50,7 @@ def base_val_loss(model_dir, val_rows) -> float:
 
 
 def test_both_sides_train_the_same_tokens_and_report_the_same_shape(tiny_model_dir, tmp_path):
-    from tunelab.bench import train_worker as bench_worker
+    from tunelab.bench import train_worker
     from tunelab.bench.train import summarise
 
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
@@ -67,11 +67,11 @@ def test_both_sides_train_the_same_tokens_and_report_the_same_shape(tiny_model_d
     results = {}
     for side in ("tunelab", "trl"):
         out = tmp_path / f"{side}.json"
-        bench_worker.main(["--side", side, "--spec", str(spec_file), "--out", str(out)])
+        train_worker.main(["--side", side, "--spec", str(spec_file), "--out", str(out)])
         results[side] = json.loads(out.read_text())
 
     data_rows = json.loads(data.read_text())["train"]
-    expected = sum(len(ids) for ids, _ in bench_worker.ordered_rows(data_rows, 4, 4, 42))
+    expected = sum(len(ids) for ids, _ in train_worker.ordered_rows(data_rows, 4, 4, 42))
     for side, r in results.items():
         assert r["tokens"] == expected, side  # same conversations, no padding counted
         assert len(r["step_seconds"]) == 4
