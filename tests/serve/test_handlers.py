@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from serve_helpers import ScriptedBackend
+from tests.helpers import ScriptedBackend
 
 from tunelab.serve.feedback import FeedbackStore
 from tunelab.serve.handlers import ChatApp, chat_display, turn_for_message

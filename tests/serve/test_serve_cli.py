@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from serve_helpers import ScriptedBackend
+from tests.helpers import ScriptedBackend
 from typer.testing import CliRunner
 
 import tunelab.serve.app as app_module

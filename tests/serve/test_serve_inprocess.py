@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from serve_helpers import ScriptedBackend, free_port, listening_addresses
+from tests.helpers import ScriptedBackend, free_port, listening_addresses
 
 from tunelab.serve.app import build_app, launch
 
