@@ -138,7 +138,7 @@ class TrainConfig(_Section):
     packing: bool = Field(
         True, description="Pack a micro-batch into one row with per-conversation attention (no compute on padding)."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30% slower.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, more compute per step.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision; auto = bf16 where the CPU/GPU runs it natively, else fp32."
     )
