@@ -51,9 +51,16 @@ def load(config: Path | None, overrides: list[str] | None):
 
 # ----------------------------------------------------------------------------------- config
 @config_app.command("show")
-def config_show(config: ConfigArg, set_: SetOption = None) -> None:
+def config_show(
+    config: ConfigArg,
+    set_: SetOption = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Print each key's meaning (unit, range) above it.")] = False,
+) -> None:
     """Print the resolved config (defaults + file + --set overrides)."""
-    typer.echo(load(config, set_).to_yaml(), nl=False)
+    from tunelab.config import explain as explained
+
+    cfg = load(config, set_)
+    typer.echo(explained(cfg) if explain else cfg.to_yaml(), nl=False)
 
 
 # ------------------------------------------------------------------------------------- data
