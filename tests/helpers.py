@@ -1,11 +1,32 @@
-"""Small real models and data files that tests build for themselves."""
+"""Shared test helpers (the only place for them: tests import from here, never from conftest files).
+
+Small real models and data files that tests build for themselves, reference computations, and the helpers
+of the training reliability tests (a real `tunelab train` in a subprocess) and of the app tests (a scripted
+backend, a real `tunelab serve` subprocess)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
+import yaml
+
+from tunelab.config import Config, config_from_dict
 
 
 def tokenizer_for_tests():
@@ -99,3 +120,305 @@ def full_logits_loss(model, batch) -> tuple[torch.Tensor, int]:
     logits = lm_head(hidden).float()
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, batch.num_targets
+
+
+def build_tiny_llama(vocab_size: int = 256, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# ------------------------------------------------------------------------------------ data files
+def make_config(tmp_path: Path, sources: list[dict], **data) -> Config:
+    data = {"sources": sources, "output_dir": str(tmp_path / "prepared"), **data}
+    data.setdefault("dedup", {"near": False})
+    return config_from_dict({"data": data, "train": {"max_seq_len": 256}})
+
+
+def write_json(path: Path, value) -> Path:
+    path.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, values) -> Path:
+    path.write_text("".join(json.dumps(v) + "\n" for v in values), encoding="utf-8")
+    return path
+
+
+def sharegpt(q: str, a: str, **extra) -> dict:
+    return {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], **extra}
+
+
+def qa_rows(n: int, tag: str = "q") -> list[dict]:
+    """n distinct, clearly different conversations (so near-dedup leaves them alone)."""
+    words = ["apple", "river", "stone", "cloud", "piano", "tiger", "lemon", "glass", "north", "candle", "mirror", "forest"]
+    return [
+        sharegpt(
+            f"{tag}{i}: tell me about the {words[i % len(words)]} number {i} and {words[(i * 7 + 3) % len(words)]}",
+            f"The {words[i % len(words)]} {i} is {' '.join(words[(i + j) % len(words)] for j in range(i % 5 + 3))}.",
+        )
+        for i in range(n)
+    ]
+
+
+# ------------------------------------------------------------------- training reliability (CLI runs)
+FAKE_HF_TOKEN = "hf_tunelabFakeTokenForLeakTest0123456789"
+MAX_STEPS, SAVE_STEPS, EVAL_STEPS = 10, 2, 5
+WORDS = "trip lisbon museum food train hotel beach city walk map plan day night river art coffee".split()
+
+
+@dataclass
+class Workspace:
+    root: Path
+    model_dir: Path
+    data_file: Path
+    cache: Path
+
+    def config(self, output_dir: Path, name: str | None = None, at: Path | None = None, **sections) -> Path:
+        """Write a config for a run in `output_dir` (next to it, or at `at`); `sections` merge over the defaults."""
+        cfg = {
+            "data": {"sources": [{"path": str(self.data_file)}], "val_fraction": 0.2, "dedup": {"near": False}},
+            "model": {"name": str(self.model_dir)},
+            "lora": {"r": 4, "alpha": 8},
+            "train": {
+                "output_dir": str(output_dir), "max_steps": MAX_STEPS, "batch_size": 2, "grad_accum": 2,
+                "save_steps": SAVE_STEPS, "save_total_limit": 2, "eval_steps": EVAL_STEPS, "max_seq_len": 48,
+                "warmup_steps": 1, "lr": 1.0e-3, "precision": "fp32", "threads": 1, "seed": 7,
+            },
+            "eval": {"batch_size": 4, "max_val_rows": 6},
+        }
+        for section, values in sections.items():
+            cfg[section].update(values)
+        path = at or Path(output_dir).parent / f"{name or Path(output_dir).name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    def env(self, fault: str | None = None, cache: Path | None = None, **extra: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("TUNELAB_FAULT", "HF_TOKEN")}
+        env.update(
+            TUNELAB_CACHE=str(cache or self.cache), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false", HF_TOKEN=FAKE_HF_TOKEN, PYTHONUNBUFFERED="1", COLUMNS="200",
+        )
+        if fault:
+            env["TUNELAB_FAULT"] = fault
+        env.update(extra)
+        return env
+
+
+def train_cmd(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "tunelab.cli", "train", str(config), *args]
+
+
+def tunelab_train(ws: Workspace, config: Path, *args: str, fault: str | None = None, cache: Path | None = None,
+                  timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(config, *args), capture_output=True, text=True, timeout=timeout,
+                          env=ws.env(fault, cache, **env), cwd=ws.root)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one `error:` line, no traceback; returns that line."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def adapter_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "adapter" / "adapter_model.safetensors"
+
+
+def max_adapter_difference(a: Path, b: Path) -> float:
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    return max(torch.max(torch.abs(wa[k] - wb[k])).item() for k in wa)
+
+
+def metric_steps(run_dir: Path) -> tuple[list[int], list[int]]:
+    """(steps of the train-loss lines, steps of the validation lines) in file order."""
+    train, val = [], []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        (val if "val_loss" in record else train).append(record["step"])
+    return train, val
+
+
+def assert_metrics_each_step_once(run_dir: Path) -> None:
+    train, val = metric_steps(run_dir)
+    assert train == list(range(1, MAX_STEPS + 1)), train
+    assert val == list(range(EVAL_STEPS, MAX_STEPS + 1, EVAL_STEPS)), val
+
+
+def newest_valid_step(run_dir: Path) -> int | None:
+    from tunelab.train.checkpoint import latest_valid_checkpoint
+
+    found = latest_valid_checkpoint(run_dir, warn=lambda *_: None)
+    return int(found.name.split("-")[1]) if found else None
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def write_chat_jsonl(path: Path, n: int = 48, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            user = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+            messages = [{"role": "user", "content": f"q{i} {user}"}, {"role": "assistant", "content": f"a{i} {answer}"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+# --------------------------------------------------------------------------- app (serve) tests
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+
+class ScriptedBackend:
+    """Deterministic stand-in for a model: replies `reply` (or echoes the last user message) word by word."""
+
+    kind = "scripted"
+
+    def __init__(self, reply: str | None = None, model_id: str = "scripted-model", fail_with: Exception | None = None):
+        self.reply = reply
+        self.model_id = model_id
+        self.fail_with = fail_with
+        self.calls: list[tuple[list[dict], object]] = []
+
+    def stream_chat(self, messages, params=None):
+        self.calls.append((messages, params))
+        text = self.reply if self.reply is not None else "You said: " + messages[-1]["content"]
+        words = text.split(" ")
+        for i, word in enumerate(words):
+            if self.fail_with is not None and i == 1:
+                raise self.fail_with
+            yield word if i == len(words) - 1 else word + " "
+
+
+def embedded_gguf() -> Path:
+    from tunelab.models.loading import embedded_gguf_path
+
+    return embedded_gguf_path("smollm2-135m")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Until the server answers HTTP (any status: 401 with --auth still means it is up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+@contextlib.contextmanager
+def serve_process(
+    model: Path,
+    db: Path,
+    *,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    host: str | None = "127.0.0.1",
+    startup_timeout_s: float = 120,
+    log_path: Path | None = None,
+) -> Iterator["Server"]:
+    """Run the real CLI (`tunelab serve`) on a free port; always killed on exit. host=None: the CLI's default."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "tunelab.cli", "serve", str(model), "--port", str(port), "--feedback-db", str(db),
+           "--threads", "1", *(["--host", host] if host else []), *(extra_args or [])]  # fmt: skip
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", **(env or {})}
+    log_path = log_path or db.with_suffix(f".{port}.log")
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    server = Server(proc, f"http://127.0.0.1:{port}/", log_path)
+    try:
+        wait_for_http(server.url, startup_timeout_s, proc)
+        yield server
+    except BaseException:
+        print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+        raise
+    finally:
+        server.kill()
+        log_file.close()
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path):
+        self.proc = proc
+        self.url = url
+        self.log_path = log_path
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)  # its own session: only this server and its children
+            self.proc.wait(timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def db_rows(db: Path, where: str = "1", args: tuple = ()) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(f"SELECT * FROM feedback WHERE {where} ORDER BY id", args).fetchall()
+    finally:
+        conn.close()
+
+
+def last_assistant_text(chatbot_value: list[dict]) -> str:
+    """The text of the last assistant message in a Chatbot value as gradio_client returns it."""
+    for message in reversed(chatbot_value):
+        if message["role"] == "assistant":
+            content = message["content"]
+            if isinstance(content, list):
+                return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            return content
+    raise AssertionError(f"no assistant message in {chatbot_value!r}")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket listening on `port` (from /proc/net/tcp: state 0A = LISTEN)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        hex_ip, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(hex_ip)[::-1]))
+    return found

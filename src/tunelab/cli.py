@@ -51,9 +51,16 @@ def load(config: Path | None, overrides: list[str] | None):
 
 # ----------------------------------------------------------------------------------- config
 @config_app.command("show")
-def config_show(config: ConfigArg, set_: SetOption = None) -> None:
+def config_show(
+    config: ConfigArg,
+    set_: SetOption = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Print each key's meaning (unit, range) above it.")] = False,
+) -> None:
     """Print the resolved config (defaults + file + --set overrides)."""
-    typer.echo(load(config, set_).to_yaml(), nl=False)
+    from tunelab.config import explain as explained
+
+    cfg = load(config, set_)
+    typer.echo(explained(cfg) if explain else cfg.to_yaml(), nl=False)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -153,6 +160,7 @@ def _register_stage_commands() -> None:
     from tunelab.bench.commands import bench_data_cmd, bench_infer_cmd, bench_train_cmd
     from tunelab.experiments.commands import promote_cmd, sweep_cmd
     from tunelab.serve.chat import chat_cmd
+    from tunelab.bench.serve_load import bench_serve_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
 
     app.command("chat")(chat_cmd)
@@ -163,6 +171,7 @@ def _register_stage_commands() -> None:
     bench_app.command("train")(bench_train_cmd)
     bench_app.command("data")(bench_data_cmd)
     bench_app.command("infer")(bench_infer_cmd)
+    bench_app.command("serve")(bench_serve_cmd)
 
 
 _register_stage_commands()

@@ -1,14 +1,14 @@
 """One YAML file per run, validated into pydantic models.
 
-Every YAML key maps to exactly one field below, and each field's docstring-style comment
-names the code that uses it. Errors are reported as one line naming the key path
+Every YAML key maps to exactly one field below, and each field's `description` says what it means (unit,
+range); `tunelab config show CONFIG --explain` prints them. Train keys that may change when a run is resumed
+are marked on the field (`json_schema_extra={"resume_safe": True}`). Errors are reported as one line naming the key path
 (`train.lr: must be > 0`) through `ConfigError`; the CLI turns that into exit code 2.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -29,22 +29,28 @@ class _Section(BaseModel):
 
 # ----------------------------------------------------------------------------------------- data
 class DedupConfig(_Section):
-    exact: bool = True  # data.dedup: drop byte-identical conversations after normalisation
-    near: bool = True  # MinHash near-duplicate removal (datasketch)
-    threshold: float = Field(0.85, gt=0.0, le=1.0)  # Jaccard similarity above which rows are duplicates
-    num_perm: int = Field(64, ge=16, le=512)
-    shingle_words: int = Field(5, ge=1, le=20)
+    exact: bool = Field(True, description="Drop byte-identical conversations (after normalisation).")
+    near: bool = Field(True, description="Drop near-duplicate conversations (MinHash LSH, datasketch).")
+    threshold: float = Field(
+        0.85, gt=0.0, le=1.0, description="Estimated Jaccard similarity of word shingles above which two conversations are near-duplicates (0-1]."
+    )
+    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations per conversation (16-512): more = a sharper estimate, slower.")
+    shingle_words: int = Field(5, ge=1, le=20, description="Words per shingle for near-duplicate detection (1-20).")
 
 
 class SourceConfig(_Section):
-    path: str | None = None  # local file or folder (json, jsonl, yaml, parquet)
-    preset: str | None = None  # embedded:sharegpt | embedded:chatterbot | hub dataset id
-    format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt_response", "chatterbot"] = "auto"
-    split: str = "train"  # for hub datasets
-    weight: float = Field(1.0, gt=0.0)  # mixing weight: rows kept = weight x rows available (<=1 subsamples, >1 repeats)
-    max_records: int | None = Field(None, gt=0)  # read at most this many records from the source
-    keywords: list[str] = []  # keep only conversations mentioning one of these (e.g. a travel slice)
-    name: str | None = None  # label used in the report; defaults to path/preset
+    path: str | None = Field(None, description="A local file or folder (json, jsonl, yaml, parquet); give this or `preset`.")
+    preset: str | None = Field(None, description="embedded:sharegpt | embedded:chatterbot | a Hugging Face Hub dataset id; give this or `path`.")
+    format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt_response", "chatterbot"] = Field(
+        "auto", description="Record format; auto = recognised from the records themselves."
+    )
+    split: str = Field("train", description="Split to read from a Hub dataset.")
+    weight: float = Field(
+        1.0, gt=0.0, description="Mixing weight: rows kept = weight x rows available (<1 subsamples, >1 repeats)."
+    )
+    max_records: int | None = Field(None, gt=0, description="Read at most this many records from the source (none: all).")
+    keywords: list[str] = Field([], description="Keep only conversations mentioning one of these words (e.g. a travel slice); empty: keep all.")
+    name: str | None = Field(None, description="Label in the data report; default: the path's file name or the preset.")
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:
@@ -58,65 +64,97 @@ class SourceConfig(_Section):
 
 
 class DataConfig(_Section):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(preset="embedded:sharegpt")])
-    output_dir: str | None = None  # prepared dataset folder; default: cache keyed by config hash
-    normalize: bool = True  # Unicode NFC, whitespace, role names
-    min_turns: int = Field(2, ge=1)  # conversations with fewer turns are dropped
-    max_turns: int = Field(64, ge=1)
-    min_assistant_chars: int = Field(1, ge=0)
-    max_record_chars: int = Field(200_000, gt=0)  # longer records are dropped while reading (memory bound)
-    truncation: Literal["drop", "truncate"] = "truncate"  # conversations over train.max_seq_len
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
-    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)  # by content hash: stable when data is added
-    on_error: Literal["skip", "fail"] = "skip"  # per-record problems: count and skip, or stop
-    num_proc: int = Field(1, ge=1)
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(preset="embedded:sharegpt")], description="The data sources, mixed by their weights."
+    )
+    output_dir: str | None = Field(
+        None, description="Prepared dataset folder; default: a cache folder keyed by a hash of everything the data depends on."
+    )
+    normalize: bool = Field(True, description="Normalize text (Unicode NFC, whitespace) and role names before filtering.")
+    min_turns: int = Field(2, ge=1, description="Drop conversations with fewer user + assistant messages (a system message is not counted).")
+    max_turns: int = Field(64, ge=1, description="Drop conversations with more user + assistant messages.")
+    min_assistant_chars: int = Field(1, ge=0, description="Drop conversations with an assistant reply shorter than this (characters).")
+    max_record_chars: int = Field(
+        200_000, gt=0, description="Drop records longer than this while reading (characters; bounds memory)."
+    )
+    truncation: Literal["drop", "truncate"] = Field(
+        "truncate", description="Conversations longer than train.max_seq_len tokens: drop them, or keep the longest run of whole user->assistant exchanges that fits."
+    )
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Share of conversations held out for validation (0-1), chosen by content hash: stable when data is added."
+    )
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="A bad record: count it in the report and skip it, or stop with an error naming it."
+    )
 
 
 # ---------------------------------------------------------------------------------------- model
 class ModelConfig(_Section):
-    name: str = "embedded:smollm2-135m"  # embedded:*, local HF folder, local .gguf, or Hub id
-    revision: str | None = None
-    chat_template: str | None = None  # force llama-3.1 | chatml | zephyr | path to a .jinja file
-    load_in_4bit: bool = False  # QLoRA (CUDA + bitsandbytes only)
-    load_in_8bit: bool = False
-    trust_remote_code: bool = False
+    name: str = Field(
+        "embedded:smollm2-135m", description="Base model: embedded:smollm2-135m, a local HF folder, a local .gguf file or a Hub id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub model.")
+    chat_template: str | None = Field(
+        None, description="Force a chat template: llama-3.1 | chatml | zephyr | a .jinja file; default: the tokenizer's own."
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (CUDA + bitsandbytes only).")
+    load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (CUDA + bitsandbytes only).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub repo to run (only for models you trust).")
 
 
 # ----------------------------------------------------------------------------------------- lora
 class LoraConfig(_Section):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    r: int = Field(16, gt=0, description="LoRA rank: the inner dimension of each adapter.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha: the adapter's output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input during training [0-1).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names that get adapters (e.g. [q_proj, v_proj]), or all-linear (every linear layer but the LM head)."
+    )
 
 
 # ---------------------------------------------------------------------------------------- train
+def _resume_safe(description: str) -> dict:
+    """Field kwargs of a train key that may change when a run is resumed (it does not change the maths)."""
+    return {"description": description, "json_schema_extra": {"resume_safe": True}}
+
+
 class TrainConfig(_Section):
-    output_dir: str = "runs/quickstart"  # the run folder
-    max_steps: int = Field(60, gt=0)  # optimizer steps
-    batch_size: int = Field(4, gt=0)  # conversations per micro-batch
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    max_seq_len: int = Field(512, ge=16)
-    packing: bool = True  # pack a micro-batch into one row with per-sequence attention
-    gradient_checkpointing: bool = False
+    output_dir: str = Field("runs/quickstart", **_resume_safe("The run folder (config.yaml, adapter/, checkpoints/, metrics.jsonl, ...)."))
+    max_steps: int = Field(
+        60, gt=0, description="Optimizer steps in the whole run (the schedule depends on it: a resume may raise it only with --extend)."
+    )
+    batch_size: int = Field(4, gt=0, description="Conversations per micro-batch (per process).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step: a step sees batch_size x grad_accum conversations.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW), reached after the warm-up.")
+    warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear warm-up from 0 to lr.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate decay after the warm-up: linear or cosine to 0 at max_steps, or constant."
+    )
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch, fused) or adamw_8bit (bitsandbytes, CUDA only)."
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on the adapter weights.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (none: no clipping).")
+    max_seq_len: int = Field(512, ge=16, description="Longest conversation in tokens (see data.truncation).")
+    packing: bool = Field(
+        True, description="Pack a micro-batch into one row with per-conversation attention (no compute on padding)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, more compute per step.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="compute precision: auto (bf16 where native: CPU avx512_bf16/AMX, GPU compute capability >= 8.0; "
-        "fp16 with loss scaling on older GPUs; else fp32), or force fp32, bf16 or fp16",
+        description="Compute precision: auto (bf16 where native: CPU avx512_bf16/AMX, GPU compute capability >= 8.0; "
+        "fp16 with loss scaling on older GPUs; else fp32), or force fp32, bf16 or fp16.",
     )
-    loss_chunk_tokens: int = Field(256, ge=16)  # LM head + loss computed this many label tokens at a time (memory vs speed)
-    save_steps: int = Field(20, gt=0)
-    save_total_limit: int = Field(2, gt=0)
-    eval_steps: int = Field(20, gt=0)
-    logging_steps: int = Field(1, gt=0)
-    threads: int | None = Field(None, gt=0)  # intra-op threads; default: all cores
-    seed: int = 42
+    loss_chunk_tokens: int = Field(
+        256, ge=16, **_resume_safe("Label tokens per chunk of the LM head + loss (memory vs speed; same result).")
+    )
+    save_steps: int = Field(20, gt=0, **_resume_safe("Write a checkpoint every this many optimizer steps (and at the end)."))
+    save_total_limit: int = Field(2, gt=0, **_resume_safe("Keep this many newest checkpoints."))
+    eval_steps: int = Field(20, gt=0, **_resume_safe("Held-out loss every this many optimizer steps (and at the end)."))
+    logging_steps: int = Field(1, gt=0, **_resume_safe("Write a metrics.jsonl line every this many optimizer steps."))
+    threads: int | None = Field(None, gt=0, **_resume_safe("CPU intra-op threads; default: every core this process may use."))
+    seed: int = Field(42, description="Seeds the data order and the LoRA initialisation.")
 
 
 # ----------------------------------------------------------------------------------------- eval
@@ -130,10 +168,12 @@ DEMO_PROMPTS = [
 
 
 class EvalConfig(_Section):
-    max_val_rows: int | None = Field(None, gt=0)  # cap on held-out rows scored (None: all)
-    batch_size: int = Field(8, gt=0)
-    prompts: list[str] = Field(default_factory=lambda: list(DEMO_PROMPTS))
-    max_new_tokens: int = Field(96, gt=0)
+    max_val_rows: int | None = Field(None, gt=0, description="Score at most this many held-out conversations (none: all).")
+    batch_size: int = Field(8, gt=0, description="Held-out conversations per forward pass (the loss does not depend on it).")
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEMO_PROMPTS), description="Prompts answered by base and tuned model in `tunelab eval`."
+    )
+    max_new_tokens: int = Field(96, gt=0, description="Longest sample answer in tokens (greedy).")
 
 
 class PromoteConfig(_Section):
@@ -159,11 +199,11 @@ class PromoteConfig(_Section):
 
 
 class Config(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the conversations come from and how they are cleaned.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model and how it is loaded.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapters.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training run.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="`tunelab eval` and the held-out loss.")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Gates of `tunelab promote`.")
 
     @field_validator("data", "model", "lora", "train", "eval", "promote", mode="before")
@@ -174,17 +214,38 @@ class Config(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def fingerprint(self, *sections: str) -> str:
-        """A short stable hash of some sections (e.g. what the prepared data depends on)."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def explain(cfg: Config) -> str:
+    """The resolved config as YAML with each field's description as a comment above it (`config show --explain`)."""
+    lines: list[str] = []
+
+    def walk(section: BaseModel, pad: str, first_pad: str | None = None) -> None:
+        for name, field in type(section).model_fields.items():
+            value = getattr(section, name)
+            lead = pad if first_pad is None else first_pad
+            first_pad = None
+            lines.append(f"{lead}# {field.description}")
+            lead = pad
+            if isinstance(value, BaseModel):
+                lines.append(f"{lead}{name}:")
+                walk(value, pad + "  ")
+            elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+                lines.append(f"{lead}{name}:")
+                for item in value:
+                    walk(item, pad + "    ", first_pad=pad + "  - ")
+            else:
+                lines.append(f"{lead}{name}: {json.dumps(value, ensure_ascii=False)}")  # JSON is YAML flow syntax
+
+    walk(cfg, "")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------ loading
 def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     path = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        parent, key = _lookup_parent(raw, err["loc"])
+        key = err["loc"][-1]
         hint = ""
         model = _model_at(err["loc"][:-1])
         if model is not None:
@@ -205,16 +266,6 @@ def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if err["type"] not in ("missing",) and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"
     return f"{path}: {msg}"
-
-
-def _lookup_parent(raw: dict[str, Any], loc: tuple) -> tuple[Any, Any]:
-    node: Any = raw
-    for part in loc[:-1]:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return None, loc[-1]
-    return node, loc[-1]
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

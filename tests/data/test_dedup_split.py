@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.data.conftest import make_config, qa_rows, sharegpt, write_json
+from tests.helpers import make_config, qa_rows, sharegpt, write_json
 from tunelab.data.dedup import near_duplicates
 from tunelab.data.prepare import DataPipeline, load_prepared, prepare_dataset
 from tunelab.data.split import copies_for_weight, is_validation
@@ -14,7 +14,7 @@ STORY = (
 )
 
 
-def test_exact_duplicates_after_normalisation(tmp_path):
+def test_exact_duplicates_after_normalization(tmp_path):
     rows = [sharegpt("Hello there", "Hi!"), sharegpt("  Hello there \n", "Hi!"), sharegpt("Hello there", "Hi! ")]
     path = write_json(tmp_path / "d.json", rows + qa_rows(2))
     pipeline = DataPipeline(make_config(tmp_path, [{"path": str(path)}]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.data.conftest import make_config, write_json, write_jsonl
+from tests.helpers import make_config, write_json, write_jsonl
 from tunelab.data.prepare import DataPipeline
 
 EXPECTED = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
@@ -70,7 +70,7 @@ def test_chatterbot_yaml_lists_alternate_and_keep_yaml_words_as_text(tmp_path):
     assert pipeline.log.repaired.counts["dropped_trailing_user"] == 1
 
 
-def test_normalisation_nfc_and_whitespace(tmp_path):
+def test_normalization_nfc_and_whitespace(tmp_path):
     path = write_json(tmp_path / "n.json", [{"conversations": [
         {"from": "human", "value": "  Cafe\u0301 \r\nmenu\u200b?  \n\n\n\nplease "}, {"from": "gpt", "value": "Sure.\t\n"}]}])
     _, rows = read_rows(tmp_path, path)

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import build_tiny_llama
+from tests.helpers import build_tiny_llama
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.serve.serve_helpers import wait_for_http
+from tests.helpers import wait_for_http
 from tunelab.errors import UserError
 from tunelab.export.gguf import convert_hf_to_gguf, gguf_metadata, quantize_gguf
 from tunelab.export.merge import merge_run

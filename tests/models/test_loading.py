@@ -12,12 +12,21 @@ from tunelab.models.templates import TemplateError
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
 
-def test_embedded_model_is_found_and_converted_once():
+def test_embedded_model_is_found_and_converted_once(monkeypatch):
+    from pathlib import Path
+
+    from tunelab.models import loading
+
+    conversions = []
+    real_convert = loading._convert_gguf_to_hf
+    monkeypatch.setattr(loading, "_convert_gguf_to_hf", lambda *a: conversions.append(a) or real_convert(*a))
     gguf = embedded_gguf_path("smollm2-135m")
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.is_file()
     folder = resolve_model_path("embedded:smollm2-135m")
-    assert resolve_model_path("embedded:smollm2-135m") == folder  # cached: same folder, no second conversion
-    from pathlib import Path
+    converted = len(conversions)
+    assert converted <= 1  # 0 when an earlier run (or test) already cached it
+    assert resolve_model_path("embedded:smollm2-135m") == folder
+    assert len(conversions) == converted  # cached: the second call converts nothing
 
     files = {p.name for p in Path(folder).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files

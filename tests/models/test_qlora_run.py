@@ -69,7 +69,7 @@ def test_qlora_run_evaluates_exports_and_serves_without_cuda(qlora_run):
 
     from tunelab.eval.evaluate import evaluate_run
     from tunelab.export.pipeline import export_run
-    from tunelab.serve.backends import GenerationParams, load_backend
+    from tunelab.models.inference import GenerationParams, load_backend
 
     run_dir, base_dir = qlora_run
     reference = reference_model(run_dir, base_dir)

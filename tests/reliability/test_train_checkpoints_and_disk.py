@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.helpers import (
     MAX_STEPS,
     adapter_file,
     assert_metrics_each_step_once,

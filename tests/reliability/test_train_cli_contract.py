@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.helpers import (
     FAKE_HF_TOKEN,
     MAX_STEPS,
     adapter_file,
@@ -69,7 +69,7 @@ def test_tokenizer_without_chat_template_is_one_line_and_nothing_written(ws, tmp
 
 
 @pytest.mark.parametrize("key", ["load_in_4bit", "load_in_8bit"])
-def test_quantised_loading_without_cuda_is_one_line_and_nothing_written(ws, tmp_path, key):
+def test_quantized_loading_without_cuda_is_one_line_and_nothing_written(ws, tmp_path, key):
     import torch
 
     if torch.cuda.is_available():

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.helpers import (
     MAX_STEPS,
     assert_metrics_each_step_once,
     adapter_file,

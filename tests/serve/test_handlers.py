@@ -1,16 +1,15 @@
-"""App handlers and input hygiene, called directly with a scripted backend (fast: no server, no model)."""
+"""serve/handlers.py: the app's handlers, called directly with a scripted backend (fast: no server, no model)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-from serve_helpers import ScriptedBackend
+from tests.helpers import ScriptedBackend
 
 from tunelab.serve.feedback import FeedbackStore
-from tunelab.serve.handlers import ChatApp, build_chat_messages, chat_display, turn_for_message
-from tunelab.serve.limits import InputError, Limits, clamp_params, clean_text, escape_for_display, fit_history
-from tunelab.serve.planner import PlannerPrompt, validate_planner_inputs
+from tunelab.serve.handlers import ChatApp, chat_display, turn_for_message
+from tunelab.serve.limits import Limits
 
 REQUEST = SimpleNamespace(session_hash="abc123")
 
@@ -32,40 +31,6 @@ def run(gen):
     return list(gen)
 
 
-# ---------------------------------------------------------------------------------- hygiene
-def test_clean_text_drops_control_characters_but_keeps_newlines_tabs_and_unicode():
-    assert clean_text("a\x00b\x07c\r\nd\te\u202eF\x7f") == "abc\nd\teF"
-    assert clean_text("Zürich 🚲 東京") == "Zürich 🚲 東京"
-    assert clean_text(None) == ""
-
-
-def test_escape_for_display_neutralises_tags_but_keeps_markdown():
-    shown = escape_for_display('## Day 1\n- **Walk** <script>alert("x")</script> & <img src=x onerror=1>')
-    assert "<script>" not in shown and "<img" not in shown
-    assert "&lt;script&gt;" in shown and "&amp;" in shown
-    assert shown.startswith("## Day 1\n- **Walk**")
-
-
-def test_clamp_params_enforces_server_side_bounds():
-    params = clamp_params(9, 0, 10**9, Limits(max_new_tokens=300))
-    assert (params.temperature, params.top_p, params.max_new_tokens) == (2.0, 0.05, 300)
-    with pytest.raises(InputError):
-        clamp_params("hot", 0.9, 10, Limits())
-
-
-def test_history_keeps_the_newest_turns_that_fit_and_skips_failed_ones():
-    turns = [
-        {"user": "a" * 50, "assistant": "b" * 50},
-        {"user": "old error", "assistant": "", "error": "boom"},
-        {"user": "c" * 10, "assistant": "d" * 10},
-    ]
-    assert fit_history(turns, 30) == [turns[2]]
-    assert fit_history(turns, 1000) == [turns[0], turns[2]]
-    messages = build_chat_messages("sys", turns, "now?", Limits())
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert build_chat_messages("  ", [], "hi", Limits()) == [{"role": "user", "content": "hi"}]
-
-
 def test_chat_display_escapes_both_sides_and_shows_errors():
     shown = chat_display([{"user": "<b>hi</b>", "assistant": "<i>yo</i>"}, {"user": "x", "assistant": "", "error": "oops"}])
     assert shown[0]["content"] == "&lt;b&gt;hi&lt;/b&gt;" and shown[1]["content"] == "&lt;i&gt;yo&lt;/i&gt;"
@@ -73,44 +38,6 @@ def test_chat_display_escapes_both_sides_and_shows_errors():
 
 
 # ----------------------------------------------------------------------------------- planner
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"city": "   "}, "Please enter a city"),
-        ({"city": "\x00\x01"}, "Please enter a city"),
-        ({"days": 0}, "between 1 and 14 days"),
-        ({"days": 60}, "between 1 and 14 days"),
-        ({"days": 2.5}, "between 1 and 14 days"),
-        ({"days": "many"}, "whole number"),
-        ({"city": "X" * 81}, "limit is 80"),
-        ({"when": "someday"}, "Travel time"),
-        ({"budget": "free"}, "Budget"),
-        ({"interests": ["<script>"]}, "Unknown interests"),
-        ({"preferences": "p" * 1001}, "limit is 1,000"),
-    ],
-)
-def test_planner_rejects_bad_inputs_with_a_friendly_message(overrides, message):
-    with pytest.raises(InputError, match=message):
-        validate_planner_inputs(**planner_args(**overrides), limits=Limits())
-
-
-def test_planner_prompt_comes_from_the_template_file():
-    inputs = validate_planner_inputs(**planner_args(city="  Porto\x00 ", days=2.0), limits=Limits())
-    assert inputs.city == "Porto" and inputs.days == 2
-    system, user = PlannerPrompt().messages(inputs)
-    assert system["role"] == "system" and "travel planner" in system["content"]
-    assert user["content"].startswith("Plan a 2-day trip to Porto in spring.")
-    assert "Interests: food." in user["content"] and "no early mornings" in user["content"]
-    assert "## Day N" in user["content"]
-
-
-def test_planner_template_can_be_replaced(tmp_path):
-    template = tmp_path / "t.jinja"
-    template.write_text("Trip: {{ city }} for {{ days }} days")
-    inputs = validate_planner_inputs(**planner_args(), limits=Limits())
-    assert PlannerPrompt(template).messages(inputs)[1]["content"] == "Trip: Lisbon for 3 days"
-
-
 def test_plan_streams_markdown_and_remembers_the_answer(app):
     outputs = run(app.plan(**planner_args(city="<b>Rome</b>"), temperature=0.2, max_new_tokens=5000, last_plan=None))
     plan, record, status = outputs[-1]
@@ -236,3 +163,19 @@ def test_download_files_are_complete_and_never_shared_between_calls(app):
     [csv_row] = list(csv.DictReader(open(csv_path, encoding="utf-8")))
     assert csv_row["comment"] == 'a, "quoted" comment'
     assert app.download("jsonl") != jsonl
+
+
+def test_an_app_leaves_no_download_folder_behind(tmp_path):
+    """Building an app creates no temp folder; the one a download needs goes away with the app."""
+    import gc
+    from pathlib import Path
+
+    app = ChatApp(ScriptedBackend(), FeedbackStore(tmp_path / "fb.db"))
+    assert app._download_dir is None  # nothing made until someone downloads
+    *_, (_, _, answer, _, _) = run(app.chat("hi", "", 0.5, 0.8, 32, [], None))
+    app.submit_feedback("up", [], "", "", answer, request=REQUEST)
+    folder = Path(app.download("jsonl")).parent
+    assert folder.is_dir() and folder.name.startswith("tunelab-feedback-")
+    del app
+    gc.collect()
+    assert not folder.exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 from tunelab.serve.feedback import FeedbackRecord, FeedbackStore
@@ -14,14 +13,19 @@ FAKE_TOKEN = "hf_FakeTokenForHubSync0123456789abcdef"
 
 
 class FakeUploader:
-    def __init__(self, fail_times: int = 0, delay_s: float = 0.0):
+    def __init__(self, fail_times: int = 0, hold: threading.Event | None = None):
         self.calls: list[tuple[str, list[dict]]] = []
         self.fail_times = fail_times
-        self.delay_s = delay_s
+        self.hold = hold  # uploads wait until it is set: a slow network the test controls
+        self.entered = threading.Event()
         self.uploaded = threading.Event()
+        self.timed_out = False
 
     def __call__(self, local_file: Path, path_in_repo: str) -> None:
-        time.sleep(self.delay_s)
+        self.entered.set()
+        if self.hold is not None and not self.hold.wait(10):
+            self.timed_out = True  # e.g. a start that waited for its first upload: the test never got to release it
+            raise TimeoutError("held upload never released")
         if self.fail_times:
             self.fail_times -= 1
             raise ConnectionError("cannot reach huggingface.co\nsecond line")
@@ -66,13 +70,15 @@ def test_background_thread_does_not_block_and_survives_failures(tmp_path):
     store = FeedbackStore(db)
     add(store, "x")
     said: list[str] = []
-    upload = FakeUploader(fail_times=1, delay_s=0.2)
-    started = time.monotonic()
+    network = threading.Event()
+    upload = FakeUploader(fail_times=1, hold=network)
     sync = start_feedback_sync(db, env={"FEEDBACK_REPO": "someone/evals"}, every_s=0.05, uploader=upload,
                                say=said.append)
-    assert time.monotonic() - started < 0.2  # starting returns at once; the uploads happen in the thread
+    # start returned while no upload can finish (the network is held): uploads happen in the thread
+    assert upload.entered.wait(10) and not upload.uploaded.is_set()
     add(store, "written while a sync is under way")  # requests keep writing meanwhile
-    assert upload.uploaded.wait(10)
+    network.set()
+    assert upload.uploaded.wait(10) and not upload.timed_out
     sync.stop(final_sync=True)
     assert any("feedback sync failed (ConnectionError: cannot reach huggingface.co)" in m for m in said), said
     assert not any("second line" in m for m in said)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from serve_helpers import ScriptedBackend
+from tests.helpers import ScriptedBackend
 from typer.testing import CliRunner
 
 import tunelab.serve.app as app_module
-import tunelab.models.inference as backends_module
+import tunelab.models.inference as inference_module
 from tunelab.cli import app as cli_app
 from tunelab.errors import UserError
 
@@ -23,7 +23,7 @@ def launched(monkeypatch, tmp_path):
         seen["db"] = feedback_db
         return real_build(backend, feedback_db, **kwargs)
 
-    monkeypatch.setattr(backends_module, "load_backend", lambda path, threads=None: ScriptedBackend(model_id=path.name))
+    monkeypatch.setattr(inference_module, "load_backend", lambda path, threads=None: ScriptedBackend(model_id=path.name))
     monkeypatch.setattr(app_module, "build_app", fake_build)
     monkeypatch.setattr(app_module, "launch", lambda demo, **kw: seen.update(launch=kw))
     model = tmp_path / "m.gguf"

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from serve_helpers import ScriptedBackend, free_port, listening_addresses
+from tests.helpers import ScriptedBackend, free_port, listening_addresses
 
 from tunelab.serve.app import build_app, launch
 
@@ -21,12 +21,15 @@ class SlowBackend(ScriptedBackend):
         self.delay = delay
         self.closed = threading.Event()
         self.streaming = threading.Event()
+        self.few_words_in = threading.Event()  # set after 3 words
 
     def stream_chat(self, messages, params=None):
         try:
-            for piece in super().stream_chat(messages, params):
+            for i, piece in enumerate(super().stream_chat(messages, params)):
                 time.sleep(self.delay)
                 self.streaming.set()
+                if i == 2:
+                    self.few_words_in.set()
                 yield piece
         finally:
             self.closed.set()
@@ -56,8 +59,7 @@ def test_stop_frees_the_model_for_the_next_request(served):
     backend, url, _ = served
     client = Client(url, verbose=False)
     job = client.submit("long please", "", 0.5, 0.9, 200, api_name="/chat")
-    assert backend.streaming.wait(timeout=60)
-    time.sleep(0.5)  # a few words in
+    assert backend.streaming.wait(timeout=60) and backend.few_words_in.wait(timeout=60)
     job.cancel()
     assert backend.closed.wait(timeout=30), "the backend generator was not closed after Stop"
     backend.delay = 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tunelab.data.masking import IGNORE_INDEX
-from tunelab.train.batching import pack, pad, step_indices
+from tunelab.train.batching import epoch_order, pack, pad, step_indices
 from tests.helpers import full_logits_loss
 from tunelab.train.loss import masked_lm_loss
 from tunelab.train.packed_attention import register
@@ -69,5 +69,19 @@ def test_step_indices_cover_each_epoch_once_and_are_deterministic():
     rows = 10
     seen = [i for step in range(5) for i in step_indices(step, 2, rows, seed=1)]
     assert sorted(seen) == list(range(rows))
-    assert step_indices(7, 4, rows, seed=1) == step_indices(7, 4, rows, seed=1)
     assert step_indices(0, 4, rows, seed=1) != step_indices(0, 4, rows, seed=2)
+
+
+def test_step_indices_are_the_same_in_a_fresh_process():
+    """What resume relies on: another process (no cache, fresh RNG state) computes the same batches."""
+    import json
+    import subprocess
+    import sys
+
+    expected = [step_indices(step, 4, 10, seed=3) for step in range(8)]
+    epoch_order.cache_clear()
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert [step_indices(step, 4, 10, seed=3) for step in range(8)] == expected
+    code = "import json; from tunelab.train.batching import step_indices; print(json.dumps([step_indices(s, 4, 10, seed=3) for s in range(8)]))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) == expected

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
-from tests.conftest import build_tiny_llama
+from tests.helpers import build_tiny_llama
 from tunelab.config import EvalConfig, TrainConfig
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.checkpoint import latest_valid_checkpoint, list_checkpoints

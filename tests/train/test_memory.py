@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.conftest import build_tiny_llama
+from tests.helpers import build_tiny_llama
 from tunelab.train.memory import SwiGLU, lean_swiglu
 
 

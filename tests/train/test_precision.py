@@ -87,7 +87,7 @@ def test_fp16_training_loop_scales_the_loss_and_learns(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.config import EvalConfig, TrainConfig
-    from tunelab.train.batching import IGNORE
+    from tunelab.data.masking import IGNORE_INDEX as IGNORE
     from tunelab.train.loop import train_lora
     from tunelab.train.packed_attention import register
 

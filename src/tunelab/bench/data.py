@@ -16,7 +16,7 @@ from tunelab.data import readers
 from tunelab.data.prepare import DataPipeline, FileRecords
 from tunelab.bench.machine import run_header
 
-PHASES = ("recover", "normalise", "dedup_exact", "dedup_near", "encode")
+PHASES = ("recover", "normalize", "dedup_exact", "dedup_near", "encode")
 
 
 def perturbed(record: Any, copy_index: int) -> Any:
@@ -42,8 +42,8 @@ def run_scale(scale: int, tokenizer) -> dict[str, Any]:
             for file in part:
                 file.records = [readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where) for r in file.records]
             files += part
-    with pipeline.timed("normalise"):
-        rows = pipeline.normalise(src, name, files)
+    with pipeline.timed("normalize"):
+        rows = pipeline.normalize(src, name, files)
     valid = len(rows)
     rows = pipeline.dedup_exact(rows)
     rows = pipeline.dedup_near(rows)

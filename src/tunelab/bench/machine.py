@@ -20,7 +20,7 @@ from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS
 
 def command_line() -> str:
     """The command as the user typed it (`tunelab bench ...`)."""
-    return "tunelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return " ".join(["tunelab", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def machine_info() -> dict:

@@ -96,10 +96,10 @@ def merge_repeated_roles(messages: list[Message], repair: Callable[[str], None])
 
 
 def canonical_conversation(
-    pairs: Pairs, cfg: DataConfig, keywords: re.Pattern | None, repair: Callable[[str], None]
+    pairs: Pairs, data_cfg: DataConfig, keywords: re.Pattern | None, repair: Callable[[str], None]
 ) -> list[Message]:
     """Normalise and filter one conversation; raises RecordProblem with the reason it is dropped."""
-    messages = to_messages(pairs, cfg.normalize, repair)
+    messages = to_messages(pairs, data_cfg.normalize, repair)
     if any(m["role"] == "system" for m in messages[1:]):
         raise RecordProblem("misplaced_system", "a system message after the first message")
     messages = merge_repeated_roles(messages, repair)
@@ -109,12 +109,12 @@ def canonical_conversation(
     if turns and turns[-1]["role"] == "user":
         turns = turns[:-1]
         repair("dropped_trailing_user")
-    if len(turns) < cfg.min_turns or not turns:
-        raise RecordProblem("too_few_turns", f"{len(turns)} turns (data.min_turns={cfg.min_turns})")
-    if len(turns) > cfg.max_turns:
-        raise RecordProblem("too_many_turns", f"{len(turns)} turns (data.max_turns={cfg.max_turns})")
-    if any(m["role"] == "assistant" and len(m["content"]) < cfg.min_assistant_chars for m in turns):
-        raise RecordProblem("short_assistant", f"an assistant reply is shorter than {cfg.min_assistant_chars} characters")
+    if len(turns) < data_cfg.min_turns or not turns:
+        raise RecordProblem("too_few_turns", f"{len(turns)} turns (data.min_turns={data_cfg.min_turns})")
+    if len(turns) > data_cfg.max_turns:
+        raise RecordProblem("too_many_turns", f"{len(turns)} turns (data.max_turns={data_cfg.max_turns})")
+    if any(m["role"] == "assistant" and len(m["content"]) < data_cfg.min_assistant_chars for m in turns):
+        raise RecordProblem("short_assistant", f"an assistant reply is shorter than {data_cfg.min_assistant_chars} characters")
     if keywords is not None and not any(keywords.search(m["content"]) for m in turns):
         raise RecordProblem("no_keyword", "mentions none of the keywords")
     return system + turns

@@ -1,7 +1,7 @@
 """`tunelab data prepare`: sources -> canonical conversations -> dedup -> mix/split -> tokenised dataset folder.
 
     read       every source, record by record (readers.py); file-level problems raise DataError
-    normalise  record -> canonical conversation + filters (formats.py, normalize.py); per-record problems counted
+    normalize  record -> canonical conversation + filters (formats.py, normalize.py); per-record problems counted
     dedup      exact (content id) then near (MinHash LSH), first occurrence wins (dedup.py)
     mix/split  copies per row from the source weight; val iff hash(id) < val_fraction (split.py)
     encode     chat template, labels on assistant tokens, truncation policy (masking.py)
@@ -10,8 +10,8 @@
 
 Rows: `id` is the content hash of the whole normalised conversation (split and dedup key); `messages` is the
 conversation as kept (whole exchanges, shorter when truncated), matching `input_ids`; a train row repeated by a
-source weight > 1 appears several times with the same id. `data.num_proc` is not used: every phase is either
-C-level or vectorised, and the 2-core target gains nothing from worker processes.
+source weight > 1 appears several times with the same id. There are no worker processes: every phase is either
+C-level or vectorised, and the 2-core target gains nothing from them.
 
 Output folder: `data.output_dir`, else `<tunelab cache>/data/<hash of data + model config, train.max_seq_len>`.
 An existing folder is reused when its config hash and its input files (size, mtime) match, unless `force`.
@@ -143,7 +143,7 @@ class DataPipeline:
                     break
         return out
 
-    def normalise(self, src: SourceConfig, name: str, files: list[FileRecords]) -> list[Row]:
+    def normalize(self, src: SourceConfig, name: str, files: list[FileRecords]) -> list[Row]:
         keywords = keyword_pattern(src.keywords)
         fmt = src.format
         rows: list[Row] = []
@@ -174,8 +174,8 @@ class DataPipeline:
             name = self.source_name(src)
             with self.timed("read"):
                 files = self.read_source(src, name)
-            with self.timed("normalise"):
-                rows += self.normalise(src, name, files)
+            with self.timed("normalize"):
+                rows += self.normalize(src, name, files)
         return rows
 
     # ------------------------------------------------------------------ dedup
@@ -348,10 +348,10 @@ def output_folder(cfg: Config) -> Path:
     return cache_dir() / "data" / config_key(cfg)
 
 
-def input_fingerprints(data: DataConfig) -> list:
+def input_fingerprints(data_cfg: DataConfig) -> list:
     """Size and mtime of every input file: a cached folder is stale when its data files changed."""
     prints = []
-    for src in data.sources:
+    for src in data_cfg.sources:
         located = readers.source_files(src)
         if located.hub_id:
             prints.append([located.hub_id, src.split])

@@ -1,6 +1,6 @@
 """`tunelab eval RUN_DIR`: base vs tuned on the same held-out split, plus sample generations.
 
-Loss is the trainer's own assistant-token cross-entropy (tunelab.eval.metrics), so numbers from
+Loss is the trainer's own assistant-token cross-entropy (tunelab.train.heldout), so numbers from
 training, evaluation and the benchmark are comparable. The base model is the tuned model with its
 adapter disabled: one load, exactly the same weights underneath.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tunelab.io import atomic_write
+from tunelab.models.inference import turn_end_ids
 from tunelab.train.heldout import heldout_loss, perplexity
 
 
@@ -27,7 +28,7 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=turn_end_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()

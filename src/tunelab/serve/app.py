@@ -7,7 +7,8 @@
 This module is the page layout only: the handlers are in handlers.py (side-by-side ones in side_by_side.py),
 input limits in limits.py, the Travel Planner's choices and prompt in planner.py. One backend (one model load) is shared by all sessions.
 llama.cpp is not thread-safe, so every generating event shares one Gradio concurrency group of size 1
-(`MODEL_QUEUE`); other users wait in Gradio's queue. Feedback and overview events run in parallel with it.
+(`MODEL_QUEUE`); other users wait in Gradio's queue.
+A remote backend (`--backend-url`) sets its own size: the server batches concurrent requests. Feedback and overview events run in parallel with it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from tunelab.serve.side_by_side import PICKS, PairUpdate, PickResult, SideBySide
 MODEL_QUEUE = "model"  # concurrency_id shared by every event that runs the model
 RATINGS = (("👍 Good", "up"), ("👎 Bad", "down"))
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant."
+
+
+def model_concurrency(backend: ChatBackend) -> int:
+    """Answers generated at once: 1 for an in-process model; a remote server (`--backend-url`) batches requests."""
+    return getattr(backend, "concurrency_limit", 1)
 
 
 # --------------------------------------------------------------------------------------- layout
@@ -135,7 +141,7 @@ def _chat_tab(app: ChatApp, sbs: SideBySide, system_prompt: str, side_by_side: b
         )
     chat_inputs = [message, system, temperature, top_p, max_new_tokens, turns, last_answer]
     chat_outputs = list(ChatUpdate(chatbot=chatbot, turns=turns, last_answer=last_answer, message=message, status=status))
-    common = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE, time_limit=600)
+    common = dict(concurrency_limit=model_concurrency(app.backend), concurrency_id=MODEL_QUEUE, time_limit=600)
     sent = send.click(app.chat, chat_inputs, chat_outputs, api_name="chat", **common)
     compared = compare.click(sbs.compare_chat, chat_inputs[:-1], pair_outputs, api_name="chat_compare", **common)
     submitted = message.submit(
@@ -197,7 +203,7 @@ def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
         [city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan],
         list(PlanUpdate(plan=plan, last_plan=last_plan, status=status)),
         api_name="plan",
-        concurrency_limit=1,
+        concurrency_limit=model_concurrency(app.backend),
         concurrency_id=MODEL_QUEUE,
         time_limit=600,
     )

@@ -21,14 +21,13 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def serve_cmd(
     model: Annotated[
-        Path,
-        typer.Argument(
-            help="A .gguf file (llama.cpp, best on CPU), a run folder, a merged folder, or a serve folder whose "
-            "current.json (written by `tunelab promote`) names the model."
-        ),
-    ],
+        Optional[Path],
+        typer.Argument(help="A .gguf file (llama.cpp, best on CPU), a run folder, a merged folder, or a serve folder whose "
+                            "current.json (written by `tunelab promote`) names the model. "
+                            "With --backend-url: the remote model's name (default: the first it lists)."),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind. Keep 127.0.0.1 unless you add --auth.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
+    port: Annotated[Optional[int], typer.Option(help="TCP port (default 7860; 8000 with --api).")] = None,
     feedback_db: Annotated[Path, typer.Option(help="SQLite file that stores feedback.")] = Path("feedback.db"),
     auth: Annotated[
         Optional[str],
@@ -43,18 +42,41 @@ def serve_cmd(
     side_by_side: Annotated[
         bool, typer.Option("--side-by-side", help="Start the chat in side-by-side mode (two answers, pick the better).")
     ] = False,
+    api: Annotated[bool, typer.Option(help="Serve an OpenAI-compatible API (/v1/chat/completions) instead of the app.")] = False,
+    backend_url: Annotated[
+        Optional[str], typer.Option(help="Let the app use a remote OpenAI-compatible server (e.g. http://host:8000/v1).")
+    ] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="TUNELAB_API_KEY", help="With --api: the key clients must send; with --backend-url: the key "
+                                                    "sent to the server (or env TUNELAB_API_KEY)."),
+    ] = None,
 ) -> None:
-    """Serve the Chat + Travel Planner app with feedback collection."""
+    """Serve the Chat + Travel Planner app with feedback collection (or, with --api, an OpenAI-compatible API)."""
     from tunelab.models.inference import load_backend
     from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
     from tunelab.serve.fingerprint import model_fingerprint
     from tunelab.serve.pointer import resolve_model
 
     credentials = parse_auth(auth)
-    if not model.exists():
-        raise UserError(f"{model}: model not found (give a .gguf file, a run folder or a merged folder)")
+    port = port if port is not None else (8000 if api else 7860)
     if not 1 <= port <= 65535:
         raise UserError(f"--port: must be 1..65535 (got {port})")
+    if api and backend_url:
+        raise UserError("--api and --backend-url: pick one (serve a model's API, or run the app on a remote one)")
+    if backend_url is None and (model is None or not model.exists()):
+        raise UserError(f"{model}: model not found (give a .gguf file, a run folder or a merged folder)")
+    if backend_url is None:
+        model = resolve_model(model)  # a serve folder -> the model its current.json names
+    if api:
+        from tunelab.serve.api import run_api_server
+
+        if credentials or share:
+            raise UserError("--api: protect the API with --api-key (--auth and --share are for the app)")
+
+        if host not in LOOPBACK_HOSTS and api_key is None:
+            typer.echo(f"warning: the API is reachable beyond this machine ({host}) without --api-key.", err=True)
+        return run_api_server(model, host=host, port=port, api_key=api_key, threads=threads)
     exposed = host not in LOOPBACK_HOSTS or share
     if exposed and credentials is None:
         typer.echo(
@@ -62,14 +84,18 @@ def serve_cmd(
             "other users' feedback (recent items, downloads) is hidden.",
             err=True,
         )
-    model = resolve_model(model)
     if candidate is not None and not candidate.exists():
         raise UserError(f"--candidate {candidate}: model not found")
-    backend = load_backend(model, threads=threads)
+    if backend_url:
+        from tunelab.models.openai_backend import OpenAIBackend
+
+        backend, model_hash = OpenAIBackend(backend_url, api_key=api_key, model=str(model) if model else None), None
+    else:
+        backend, model_hash = load_backend(model, threads=threads), model_fingerprint(model)
     second = load_backend(resolve_model(candidate), threads=threads) if candidate is not None else None
     demo = build_app(
         backend, feedback_db, share_feedback_data=credentials is not None or not exposed,
-        model_hash=model_fingerprint(model), side_by_side=side_by_side,
+        model_hash=model_hash, side_by_side=side_by_side,
         candidate=second, candidate_hash=model_fingerprint(resolve_model(candidate)) if candidate is not None else None,
     )  # fmt: skip
     typer.echo(f"model: {backend.model_id} ({backend.kind}); feedback database: {feedback_db.resolve()}")

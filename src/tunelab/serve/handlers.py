@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -139,7 +141,7 @@ class ChatApp:
         self.limits = limits
         self.planner_prompt = planner_prompt or PlannerPrompt()
         self.share_feedback_data = share_feedback_data
-        self._download_dir = Path(tempfile.mkdtemp(prefix="tunelab-feedback-"))
+        self._download_dir: Path | None = None  # made on the first download (see _downloads)
 
     def _stream(
         self, messages: list[dict[str, str]], params: GenerationParams, backend: ChatBackend | None = None
@@ -314,14 +316,25 @@ class ChatApp:
         self._prune_downloads(max_age_s=600)  # exports hold user text: keep no old copies around
         suffix = "csv" if fmt == "csv" else "jsonl"
         # a fresh name per call: two people downloading at once never share (or half-overwrite) a file
-        path = self._download_dir / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.{suffix}"
+        path = self._downloads() / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.{suffix}"
         if suffix == "csv":
             path.write_text(rows_to_csv(rows), encoding="utf-8")
         else:
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         return str(path)
 
+    def _downloads(self) -> Path:
+        """The folder Gradio serves downloads from. It must sit in the system temp folder (Gradio serves files
+        only from there or the working directory); it is deleted with this app, at the latest when the process
+        exits, so no app instance leaves a `tunelab-feedback-*` folder behind."""
+        if self._download_dir is None:
+            self._download_dir = Path(tempfile.mkdtemp(prefix="tunelab-feedback-"))
+            weakref.finalize(self, shutil.rmtree, self._download_dir, True)
+        return self._download_dir
+
     def _prune_downloads(self, max_age_s: float) -> None:
+        if self._download_dir is None:
+            return
         for old in self._download_dir.glob("feedback-*"):
             try:
                 if time.time() - old.stat().st_mtime > max_age_s:

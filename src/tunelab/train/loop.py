@@ -42,28 +42,28 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def build_optimizer(model, cfg: TrainConfig):
+def build_optimizer(model, train_cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA weights only: no state for frozen ones
-    if cfg.optimizer == "adamw_8bit":
+    if train_cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     # fused: one kernel per parameter for the whole AdamW update (CPU and CUDA), instead of ~10 small ops each
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
 
 
-def build_scheduler(optimizer, cfg: TrainConfig):
+def build_scheduler(optimizer, train_cfg: TrainConfig):
     from transformers import get_scheduler
 
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[train_cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=train_cfg.max_steps)
 
 
 def train_lora(
     model,
     train_rows: list[Example],
     val_rows: list[Example],
-    cfg: TrainConfig,
+    train_cfg: TrainConfig,
     eval_cfg: EvalConfig,
     run_dir: Path,
     precision: Precision,
@@ -76,13 +76,13 @@ def train_lora(
     device = accelerator.device
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = train_cfg.batch_size * train_cfg.grad_accum
     targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in train_rows]
     return_freed_tensors_to_the_os()
     lean_swiglu(model)
 
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    optimizer = build_optimizer(model, train_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg)
     start_step, tokens_seen, train_seconds, resumed_from = 0, 0, 0.0, None
     last_loss, last_val, history = None, None, []
     if resume and (ckpt := latest_valid_checkpoint(run_dir, warn=log)) is not None:
@@ -90,16 +90,16 @@ def train_lora(
         start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
         last_loss, last_val = state.get("train_loss"), state.get("val_loss")
         resumed_from = start_step
-        if start_step >= cfg.max_steps:
-            log(f"run already complete: {ckpt} is step {start_step} of {cfg.max_steps}; nothing to train")
+        if start_step >= train_cfg.max_steps:
+            log(f"run already complete: {ckpt} is step {start_step} of {train_cfg.max_steps}; nothing to train")
         else:
-            log(f"resuming from {ckpt} (step {start_step} of {cfg.max_steps})")
-    loss_module, optimizer = accelerator.prepare(AssistantLoss(model, cfg.loss_chunk_tokens), optimizer)
+            log(f"resuming from {ckpt} (step {start_step} of {train_cfg.max_steps})")
+    loss_module, optimizer = accelerator.prepare(AssistantLoss(model, train_cfg.loss_chunk_tokens), optimizer)
     model = accelerator.unwrap_model(loss_module).model  # on the device; DDP/FSDP hooks live on loss_module
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
     def evaluate(step: int) -> float:
-        loss = heldout_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
+        loss = heldout_loss(model, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device, train_cfg.loss_chunk_tokens)
         maybe_inject_fault("eval", step)  # evaluated, not yet recorded
         metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
         model.train()
@@ -111,14 +111,14 @@ def train_lora(
     with disable_input_dtype_casting(model, active=precision.name == "bf16"):
         model.train()
         window_tokens, window_start = 0, time.perf_counter()
-        for step in range(start_step, cfg.max_steps):
+        for step in range(start_step, train_cfg.max_steps):
             step_start = time.perf_counter()
-            indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
+            indices = step_indices(step, per_step, len(train_rows), seed=train_cfg.seed)
             step_targets = sum(targets_per_row[i] for i in indices)
-            micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
+            micro_batches = [indices[i : i + train_cfg.batch_size] for i in range(0, per_step, train_cfg.batch_size)][rank::world]
             loss_sum, step_tokens = torch.zeros((), device=device), 0
             for i, rows in enumerate(micro_batches):
-                batch = make_batch([train_rows[r] for r in rows], cfg.packing, pad_id).to(device)
+                batch = make_batch([train_rows[r] for r in rows], train_cfg.packing, pad_id).to(device)
                 sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
                 with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
                     micro_loss = loss_module(batch)
@@ -126,9 +126,9 @@ def train_lora(
                 accelerator.backward(scaler.scale(micro_loss * world / max(step_targets, 1)))
                 loss_sum += micro_loss.detach()
                 step_tokens += batch.num_tokens
-            if cfg.max_grad_norm:
+            if train_cfg.max_grad_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(loss_module.parameters(), train_cfg.max_grad_norm)
             scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
             scaler.update()
             scheduler.step()
@@ -142,7 +142,7 @@ def train_lora(
             train_seconds += elapsed
             window_tokens += step_tokens
             done = step + 1
-            if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+            if done % train_cfg.logging_steps == 0 or done == train_cfg.max_steps:
                 rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate, "step_s": elapsed}
                 metrics.write(record)
@@ -151,20 +151,20 @@ def train_lora(
                 window_tokens, window_start = 0, time.perf_counter()
                 if progress is not None:
                     progress(done, record)
-            if done % cfg.eval_steps == 0 or done == cfg.max_steps:
+            if done % train_cfg.eval_steps == 0 or done == train_cfg.max_steps:
                 last_val = evaluate(done)
                 history.append({"step": done, "val_loss": last_val})
                 log(f"step {done}: val_loss {last_val:.4f}")
-            if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
+            if is_main and (done % train_cfg.save_steps == 0 or done == train_cfg.max_steps):
                 state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
-                save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
+                save_checkpoint(run_dir, done, model, optimizer, scheduler, state, train_cfg.save_total_limit)
             accelerator.wait_for_everyone()
 
         if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
-            last_val = evaluate(cfg.max_steps)
+            last_val = evaluate(train_cfg.max_steps)
         metrics.close()  # after the last write: a finished run's extra evaluation must not hit a closed log
     return TrainResult(
-        steps=cfg.max_steps,
+        steps=train_cfg.max_steps,
         tokens=tokens_seen,
         train_seconds=train_seconds,
         tokens_per_second=tokens_seen / max(train_seconds, 1e-9),

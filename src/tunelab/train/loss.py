@@ -108,7 +108,7 @@ def model_forward_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     if batch.segments is not None:
         raise ValueError("a packed batch for a model on the fallback path (see tunelab.train.architectures)")
     n = batch.num_targets
-    # HF shifts labels left by one inside its loss; our targets are already shifted (and end in IGNORE).
+    # HF shifts labels left by one inside its loss; our targets are already shifted (and end in IGNORE_INDEX).
     labels = torch.cat([torch.full_like(batch.targets[:, :1], IGNORE_INDEX), batch.targets[:, :-1]], dim=1)
     if n == 0:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

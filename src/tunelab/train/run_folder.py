@@ -10,15 +10,16 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from tunelab.config import Config
+from tunelab.config import Config, TrainConfig
 from tunelab.errors import UserError
 from tunelab.io import atomic_write, remove_leftovers
 
-# Keys that may change between an interrupted run and its resumption without changing the maths. `max_steps` is not
-# one of them (the learning-rate schedule depends on it): it may grow only when the user asks with --extend.
-RESUME_SAFE_TRAIN_KEYS = {
-    "save_steps", "save_total_limit", "eval_steps", "logging_steps", "threads", "output_dir", "loss_chunk_tokens",
-}
+# Train keys that may change between an interrupted run and its resumption without changing the maths:
+# declared on the fields themselves (config.py, json_schema_extra={"resume_safe": True}). `max_steps` is not one of
+# them (the learning-rate schedule depends on it): it may grow only when the user asks with --extend.
+RESUME_SAFE_TRAIN_KEYS = frozenset(
+    name for name, field in TrainConfig.model_fields.items() if (field.json_schema_extra or {}).get("resume_safe")
+)
 DATA_RECORD = "data.json"  # the training data a run was started on (fingerprint of the prepared rows, in order)
 
 

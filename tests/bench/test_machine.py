@@ -1,0 +1,20 @@
+"""bench/machine.py: every benchmark result says how it was run, where and when."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+from tunelab.bench.machine import command_line, run_header
+from tunelab.train.precision import cpu_model
+
+
+def test_run_header_names_the_command_the_cpu_and_the_date(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["tunelab", "bench", "infer", "model file.gguf"])
+    assert command_line() == "tunelab bench infer 'model file.gguf'"
+    header = run_header(threads=3)
+    assert header["command"] == "tunelab bench infer 'model file.gguf'"
+    assert header["machine"].startswith(cpu_model()) and ", 3 threads," in header["machine"]
+    assert header["machine_info"]["cpu"] == cpu_model() and header["machine_info"]["torch"]
+    assert datetime.datetime.fromisoformat(header["date"]).tzinfo is not None  # a local time that names its zone
+    assert run_header("tunelab bench data --scales 1")["command"] == "tunelab bench data --scales 1"
