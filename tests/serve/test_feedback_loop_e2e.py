@@ -15,9 +15,8 @@ import sys
 
 import pytest
 import yaml
-from serve_helpers import serve_process
 
-from tests.helpers import small_llama_folder
+from tests.helpers import serve_process, small_llama_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from serve_helpers import ScriptedBackend, free_port
+from tests.helpers import ScriptedBackend, free_port
 from typer.testing import CliRunner
 
 import tunelab.models.inference as backends_module
