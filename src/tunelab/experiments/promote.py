@@ -120,31 +120,30 @@ def reference_rows(tokenizer, records: list[dict], max_seq_len: int) -> list[tup
 
 def adapter_checks(candidate: Path, current: Path, gates: PromoteConfig, evalset: Path | None, log) -> list[Check]:
     """val_loss and regression: one base model, the two adapters switched on it."""
-    from peft import PeftModel
-
     from tunelab.data.prepare import load_prepared, prepare_dataset
-    from tunelab.models import load_model
-    from tunelab.models.runs import load_run_tokenizer, run_config
+    from tunelab.models.runs import load_run_model, run_config
     from tunelab.serve.evalset import read_evalset
     from tunelab.train.heldout import heldout_loss
-    from tunelab.train.precision import choose_precision
+    from tunelab.train.precision import Precision, precision_for_this_machine
     from tunelab.train.recipe import rows_of
 
     cand_cfg, cur_cfg = run_config(candidate), run_config(current)
     if cand_cfg.model.name != cur_cfg.model.name:
         note = f"different base models ({cur_cfg.model.name} vs {cand_cfg.model.name})"
         return [_unmeasured("val_loss", note), _unmeasured("regression", note)]
-    precision = choose_precision(cur_cfg.train.precision)
-    model = PeftModel.from_pretrained(load_model(cur_cfg.model, dtype=precision.dtype), str(current / "adapter"), adapter_name="current")
+    precision = precision_for_this_machine(cur_cfg.train.precision, "cpu")
+    if cur_cfg.model.load_in_4bit or cur_cfg.model.load_in_8bit:
+        precision = Precision("fp32", "QLoRA run on a CPU: its base is reloaded unquantised in fp32")
+    # One base in memory: the current run's adapter is "default", the candidate's is loaded next to it.
+    model, tokenizer = load_run_model(current, dtype=precision.dtype, cfg=cur_cfg)
     model.load_adapter(str(candidate / "adapter"), adapter_name="candidate")
     model.eval()
-    tokenizer = load_run_tokenizer(current)
     pad_id = tokenizer.pad_token_id
 
     def each_adapter(score: Callable[[], Any]) -> dict[str, Any]:
         results = {}
-        for name in ("current", "candidate"):
-            model.set_adapter(name)
+        for name, adapter in (("current", "default"), ("candidate", "candidate")):
+            model.set_adapter(adapter)
             results[name] = score()
         return results
 
