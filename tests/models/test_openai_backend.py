@@ -96,7 +96,7 @@ def test_app_shows_a_remote_failure_as_a_message(tmp_path, monkeypatch):
 
 
 def test_app_sends_remote_requests_in_parallel_but_local_ones_one_at_a_time(tmp_path, monkeypatch):
-    from tests.serve.serve_helpers import ScriptedBackend
+    from tests.helpers import ScriptedBackend
     from tunelab.serve.app import build_app
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
