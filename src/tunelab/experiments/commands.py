@@ -52,12 +52,31 @@ def bench_train_cmd(
 
 
 def sweep_cmd(
-    config: Annotated[Path, typer.Argument(help="Base YAML config.")],
-    grid: Annotated[list[str], typer.Option("--grid", help="key.path=v1,v2,... (repeatable; the grid is their product).")],
-    output: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: <train.output_dir>-sweep).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override applied to every grid point.")] = None,
+    config: Annotated[Path, typer.Argument(help="A sweep file (base + grid/runs + held-out sets), or a base config with --grid.")],
+    grid: Annotated[
+        Optional[list[str]], typer.Option("--grid", help="Shortcut: key.path=v1,v2,... on a base config (repeatable; the grid is their product).")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: the sweep file's `output`, or <train.output_dir>-sweep).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="With --grid: override applied to every grid point.")] = None,
 ) -> None:
-    """Train + evaluate one run per grid point; rank them by held-out loss (JSON, Markdown and a plot)."""
-    from tunelab.experiments.sweep import run_sweep
+    """Train, export and judge one run per sweep point on the same held-out sets; results.csv/.md and plots.
 
-    run_sweep(config, grid, output=output, overrides=set_ or [])
+    Re-running skips finished runs and resumes an interrupted one."""
+    if grid:
+        from tunelab.experiments.sweep import run_sweep
+
+        run_sweep(config, grid, output=output, overrides=set_ or [])
+        return
+    if set_:
+        raise UserError("--set: only with --grid (put overrides for every run in the sweep file's `set`)")
+    from tunelab.experiments.study import run_study
+
+    run_study(config, output=output)
+
+
+def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder written by `tunelab sweep`.")]) -> None:
+    """Rebuild results.csv, results.md and the plots from a sweep folder's finished runs."""
+    from tunelab.experiments.results import rebuild_report
+
+    for path in rebuild_report(sweep_dir):
+        typer.echo(f"wrote {path}")
