@@ -129,7 +129,7 @@ def quickstart(
 def _register_stage_commands() -> None:
     """Commands owned by later stages live next to their code (export/, serve/, experiments/, data/)."""
     from tunelab.data.commands import bench_data_cmd
-    from tunelab.experiments.commands import bench_train_cmd, report_cmd, sweep_cmd
+    from tunelab.experiments.commands import bench_train_cmd, report_cmd, sweep_cmd, travel_data_cmd
     from tunelab.export.commands import bench_infer_cmd, chat_cmd, export_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
 
@@ -138,6 +138,7 @@ def _register_stage_commands() -> None:
     app.command("serve")(serve_cmd)
     app.command("sweep")(sweep_cmd)
     app.command("report")(report_cmd)
+    data_app.command("travel")(travel_data_cmd)
     feedback_app.command("export")(feedback_export_cmd)
     bench_app.command("train")(bench_train_cmd)
     bench_app.command("data")(bench_data_cmd)
