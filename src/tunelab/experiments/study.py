@@ -64,6 +64,10 @@ def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> 
     base_cfg = load_config(_base_path(spec, spec_dir), spec.set)
     configs = {run.name: run_config_for(spec, spec_dir, run, output) for run in runs}  # validate all before training any
     for name, cfg in configs.items():
+        if cfg.model.name.startswith("embedded:"):  # a missing embedded model fails now, not after hours of earlier runs
+            from tunelab.models.loading import embedded_gguf_path
+
+            embedded_gguf_path(cfg.model.name.split(":", 1)[1])
         if cfg.data.val_fraction != base_cfg.data.val_fraction:
             raise ConfigError(f"sweep run {name}: data.val_fraction must stay {base_cfg.data.val_fraction} (the fixed held-out sets depend on it)")
     output.mkdir(parents=True, exist_ok=True)
