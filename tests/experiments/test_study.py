@@ -131,3 +131,19 @@ def test_sweep_files_and_their_errors(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):
             planned_runs(load_sweep(bad)[0])
+
+
+def test_best_run_is_chosen_by_held_out_metrics_and_the_training_loss_winner_is_shown_beside_it():
+    from tunelab.experiments.results import best_run, results_markdown, swept_keys, training_loss_winner
+
+    def run(name, lr, train_loss, travel, general):
+        return {"name": name, "overrides": {"train.lr": lr, "lora.r": 16}, "final_train_loss": train_loss,
+                "travel_score_tuned": travel, "general_val_loss_tuned": general, "curves": {"train": [], "val": []}}
+
+    results = [run("memoriser", 2e-4, 0.9, 0.40, 1.60), run("generaliser", 5e-5, 1.3, 0.55, 1.48), run("tie-on-travel", 5e-6, 1.5, 0.55, 1.52)]
+    assert best_run(results)["name"] == "generaliser"  # best travel score; the tie is broken by general held-out loss
+    assert training_loss_winner(results)["name"] == "memoriser"
+    assert swept_keys(results) == ["train.lr"]  # lora.r never changes: not a swept key
+    text = results_markdown(results, ["train.lr"])
+    assert "**generaliser**" in text and "Lowest training loss: memoriser (0.9000) — not the same run." in text
+    assert "| generaliser ★ |" in text and "| memoriser (lowest train loss) |" in text
