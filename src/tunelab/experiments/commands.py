@@ -108,6 +108,6 @@ def travel_data_cmd(
         rows, pairs, sampled = rejection_sample(synthetic_prompts(prompts, seed), sampler, samples, min_score, log=typer.echo)
         write_jsonl(output / "self-generated.jsonl", rows)
         write_jsonl(output / "preference-pairs.jsonl", pairs)
-        report["self_generated"] = {**dict(sampled), "preference_pairs": len(pairs), "min_score": min_score}
+        report["self_generated"] = {**dict(sampled), "kept": sampled["kept"], "preference_pairs": len(pairs), "min_score": min_score}
         typer.echo(f"self-generated: kept {sampled['kept']} of {sampled['prompts']} prompts from {sampled['samples']} samples")
     (output / "counts.json").write_text(json.dumps(report, indent=2))
