@@ -77,24 +77,23 @@ def results_markdown(results: list[dict], keys: list[str]) -> str:
         if by_train and by_train["name"] != best["name"]:
             lines.append(f"Lowest training loss: {by_train['name']} ({_fmt(by_train['final_train_loss'])}) — not the same run.")
         lines.append("")
-    lines += [
-        "| run | " + " | ".join(keys) + " | train loss | general val base → tuned | travel val base → tuned | travel score base → tuned "
-        "| win/tie/loss | days ok | train s | tok/s | peak MiB | LoRA params | adapter MiB | TTFT s | decode tok/s |",
-        "|---|" + "---|" * len(keys) + "---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["run", *keys, "train loss", "general val base → tuned", "travel val base → tuned", "travel score base → tuned",
+              "win/tie/loss", "days ok", "train s", "tok/s", "peak MiB", "LoRA params", "adapter MiB", "TTFT s", "decode tok/s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         mark = " ★" if best and r["name"] == best["name"] else ""
         mark += " (lowest train loss)" if by_train and r["name"] == by_train["name"] and by_train is not best else ""
         wtl = "—" if r.get("travel_wins") is None else f"{r['travel_wins']}/{r['travel_ties']}/{r['travel_losses']}"
-        lines.append(
-            f"| {r['name']}{mark} | " + " | ".join(_fmt(r["overrides"].get(k)) for k in keys) + " | "
-            f"{_fmt(r.get('final_train_loss'))} | {_fmt(r.get('general_val_loss_base'))} → {_fmt(r.get('general_val_loss_tuned'))} | "
-            f"{_fmt(r.get('travel_val_loss_base'))} → {_fmt(r.get('travel_val_loss_tuned'))} | "
-            f"{_fmt(r.get('travel_score_base'), 3)} → {_fmt(r.get('travel_score_tuned'), 3)} | {wtl} | "
-            f"{_fmt(r.get('travel_days_honoured_tuned'), 2)} | {_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('train_tok_per_s'), 0)} | "
-            f"{_fmt(r.get('peak_rss_mib'), 0)} | {_fmt(r.get('trainable_params'))} | {_fmt(r.get('adapter_mib'), 1)} | "
-            f"{_fmt(r.get('cpu_ttft_s'), 3)} | {_fmt(r.get('cpu_decode_tok_s'), 1)} |"
-        )
+        cells = [
+            f"{r['name']}{mark}", *(_fmt(r["overrides"].get(k)) for k in keys), _fmt(r.get("final_train_loss")),
+            f"{_fmt(r.get('general_val_loss_base'))} → {_fmt(r.get('general_val_loss_tuned'))}",
+            f"{_fmt(r.get('travel_val_loss_base'))} → {_fmt(r.get('travel_val_loss_tuned'))}",
+            f"{_fmt(r.get('travel_score_base'), 3)} → {_fmt(r.get('travel_score_tuned'), 3)}", wtl,
+            _fmt(r.get("travel_days_honoured_tuned"), 2), _fmt(r.get("train_seconds"), 0), _fmt(r.get("train_tok_per_s"), 0),
+            _fmt(r.get("peak_rss_mib"), 0), _fmt(r.get("trainable_params")), _fmt(r.get("adapter_mib"), 1),
+            _fmt(r.get("cpu_ttft_s"), 3), _fmt(r.get("cpu_decode_tok_s"), 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Plots: loss_curves.png, metrics_vs_<key>.png, quality_vs_latency.png (when latency was measured).", ""]
     return "\n".join(lines)
 
