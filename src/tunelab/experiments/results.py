@@ -65,6 +65,8 @@ def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
+        if value and abs(value) < 10 ** -digits:  # learning rates such as 5e-06
+            return f"{value:.2g}"
         return f"{value:.{digits}f}"
     return str(value)
 
