@@ -63,7 +63,8 @@ def test_shipped_configs_are_valid():
     shipped = sorted(QUICKSTART_CONFIG.parent.glob("*.yaml"))
     assert {p.name for p in shipped} >= {"quickstart.yaml", "llama32-1b-qlora.yaml", "llama32-3b-qlora.yaml"}
     for path in shipped:
-        assert isinstance(load_config(path), Config), path
+        if not path.name.startswith("sweep-"):  # sweep files are checked in tests/experiments/test_study.py
+            assert isinstance(load_config(path), Config), path
 
 
 def all_fields(model=Config, prefix=""):

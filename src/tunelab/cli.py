@@ -99,8 +99,23 @@ def train(
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `tunelab train`.")],
     set_: SetOption = None,
+    prompts: Annotated[
+        Optional[str], typer.Option(help="Domain eval instead: `travel` (the shipped set) or a JSONL of {prompt, city?, days?, preferences?}.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="With --prompts: new tokens per answer (greedy).")] = 384,
+    repetition_penalty: Annotated[float, typer.Option(min=0.01, help="With --prompts: 1.0 is plain greedy.")] = 1.0,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="With --prompts: only the first N prompts.")] = None,
+    gguf: Annotated[bool, typer.Option(help="With --prompts: also compare the q4_k_m GGUFs when RUN/export has one.")] = True,
+    judge: Annotated[Optional[Path], typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="With --prompts: CPU threads.")] = None,
 ) -> None:
-    """Validation loss and perplexity of base vs tuned on the held-out split, plus sample generations."""
+    """Validation loss and perplexity of base vs tuned on the held-out split, plus sample generations;
+    with --prompts, base vs tuned on domain prompts judged by the travel rubric (win/tie/loss, per criterion)."""
+    if prompts is not None:
+        from tunelab.experiments.travel_eval import run_domain_eval
+
+        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, judge=judge, threads=threads)
+        return
     from tunelab.eval.evaluate import evaluate_run
 
     evaluate_run(run_dir, overrides=set_ or [], verbose=True)
@@ -158,7 +173,7 @@ def quickstart(
 def _register_stage_commands() -> None:
     """Commands owned by later stages live next to their code (serve/, bench/, experiments/)."""
     from tunelab.bench.commands import bench_data_cmd, bench_infer_cmd, bench_train_cmd
-    from tunelab.experiments.commands import promote_cmd, sweep_cmd
+    from tunelab.experiments.commands import promote_cmd, report_cmd, sweep_cmd, travel_data_cmd
     from tunelab.serve.chat import chat_cmd
     from tunelab.bench.serve_load import bench_serve_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
@@ -167,6 +182,8 @@ def _register_stage_commands() -> None:
     app.command("serve")(serve_cmd)
     app.command("sweep")(sweep_cmd)
     app.command("promote")(promote_cmd)
+    app.command("report")(report_cmd)
+    data_app.command("travel")(travel_data_cmd)
     feedback_app.command("export")(feedback_export_cmd)
     bench_app.command("train")(bench_train_cmd)
     bench_app.command("data")(bench_data_cmd)

@@ -6,7 +6,7 @@ import datetime
 import sys
 
 from tunelab.bench.machine import command_line, run_header
-from tunelab.train.precision import cpu_model
+from tunelab.hardware import cpu_model
 
 
 def test_run_header_names_the_command_the_cpu_and_the_date(monkeypatch):

@@ -30,7 +30,7 @@ def test_summary_rates_use_decode_time_after_the_first_token():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_five_users_no_error_no_lost_feedback(tmp_path):
-    from tests.serve.serve_helpers import embedded_gguf
+    from tests.helpers import embedded_gguf
 
     result = run_serve_load(embedded_gguf(), users=5, rounds=1, max_new_tokens=16, threads=1,
                             temperature=0.0, workdir=tmp_path)  # greedy: the same answers every run

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import yaml
-from helpers import conversations_file, llama32_shaped_folder
+from tests.helpers import conversations_file, llama32_shaped_folder
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ The real server on loopback is covered in tests/serve/test_api_server.py."""
 from __future__ import annotations
 
 import json
-import tempfile
 
 import httpx
 import pytest
@@ -84,22 +83,19 @@ def test_unreachable_server_is_a_user_error():
         OpenAIBackend("http://127.0.0.1:9")  # discard port: nothing listens; the model list is asked at start
 
 
-def test_app_shows_a_remote_failure_as_a_message(tmp_path, monkeypatch):
+def test_app_shows_a_remote_failure_as_a_message(tmp_path):
     from tunelab.serve.app import build_app
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's download folder goes under tmp_path
     backend, _ = backend_with(lambda r: httpx.Response(503, text="overloaded"))
     app = build_app(backend, tmp_path / "fb.db").tunelab_app
-    assert app._download_dir.parent == tmp_path  # nothing left in the system temp folder
     *_, status = list(app.chat("Hello", "", 0.0, 0.9, 8, [], None))[-1]
     assert status.startswith("⚠️ Generation failed (RemoteModelError)"), status
 
 
-def test_app_sends_remote_requests_in_parallel_but_local_ones_one_at_a_time(tmp_path, monkeypatch):
-    from tests.serve.serve_helpers import ScriptedBackend
+def test_app_sends_remote_requests_in_parallel_but_local_ones_one_at_a_time(tmp_path):
+    from tests.helpers import ScriptedBackend
     from tunelab.serve.app import build_app
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     remote, _ = backend_with(lambda r: httpx.Response(200, content=sse("[DONE]")))
     for backend, expected in ((remote, OpenAIBackend.concurrency_limit), (ScriptedBackend(), 1)):
         demo = build_app(backend, tmp_path / f"{expected}.db")

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.helpers import (
     MAX_STEPS,
     adapter_file,
     assert_one_clear_error,

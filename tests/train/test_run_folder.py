@@ -11,7 +11,7 @@ from tunelab.train.run_folder import RESUME_SAFE_TRAIN_KEYS, check_run_dir, prep
 
 def resumed_with(tmp_path, override: str):
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}"])
-    prepare_run_dir(cfg, resume=False, overwrite=False)
+    prepare_run_dir(cfg, resume=False, overwrite=False, data_print="rows-v1")
     changed = load_config(None, [f"train.output_dir={tmp_path / 'run'}", override])
     return check_run_dir(changed, resume=True, overwrite=False)
 
@@ -20,7 +20,7 @@ def test_resume_safe_keys_come_from_the_fields():
     marked = {n for n, f in TrainConfig.model_fields.items() if (f.json_schema_extra or {}).get("resume_safe")}
     assert RESUME_SAFE_TRAIN_KEYS == marked
     assert {"save_steps", "threads", "loss_chunk_tokens"} <= marked
-    assert not {"lr", "batch_size", "seed", "grad_accum"} & marked  # these change the maths
+    assert not {"lr", "batch_size", "seed", "grad_accum", "max_steps"} & marked  # these change the maths
 
 
 @pytest.mark.parametrize("override", ["train.save_steps=7", "train.threads=1", "train.loss_chunk_tokens=64"])
@@ -41,5 +41,5 @@ def test_prepare_run_dir_sweeps_a_killed_writers_temp_files(tmp_path):
     (run / ".summary.json.tmp-abc").write_text("half")
     (run / ".adapter.tmp-xyz").mkdir()
     cfg = Config.model_validate({"train": {"output_dir": str(run)}})
-    prepare_run_dir(cfg, resume=True, overwrite=False)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    prepare_run_dir(cfg, resume=True, overwrite=False, data_print="rows-v1")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data.json"]

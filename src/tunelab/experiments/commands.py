@@ -10,15 +10,65 @@ import typer
 
 
 def sweep_cmd(
-    config: Annotated[Path, typer.Argument(help="Base YAML config.")],
-    grid: Annotated[list[str], typer.Option("--grid", help="key.path=v1,v2,... (repeatable; the grid is their product).")],
-    output: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: <train.output_dir>-sweep).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override applied to every grid point.")] = None,
+    config: Annotated[Path, typer.Argument(help="A sweep file (base + grid/runs + held-out sets), or a base config with --grid.")],
+    grid: Annotated[
+        Optional[list[str]], typer.Option("--grid", help="Shortcut: key.path=v1,v2,... on a base config (repeatable; the grid is their product).")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: the sweep file's `output`, or <train.output_dir>-sweep).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="With --grid: override applied to every grid point.")] = None,
 ) -> None:
-    """Train + evaluate one run per grid point; rank them by held-out loss (JSON, Markdown and a plot)."""
-    from tunelab.experiments.sweep import run_sweep
+    """Train, export and judge one run per sweep point on the same held-out sets; results.csv/.md and plots.
 
-    run_sweep(config, grid, output=output, overrides=set_ or [])
+    Re-running skips finished runs and resumes an interrupted one."""
+    if grid:
+        from tunelab.experiments.sweep import run_sweep
+
+        run_sweep(config, grid, output=output, overrides=set_ or [])
+        return
+    if set_:
+        raise UserError("--set: only with --grid (put overrides for every run in the sweep file's `set`)")
+    from tunelab.experiments.study import run_study
+
+    run_study(config, output=output)
+
+
+def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder written by `tunelab sweep`.")]) -> None:
+    """Rebuild results.csv, results.md and the plots from a sweep folder's finished runs."""
+    from tunelab.experiments.results import rebuild_report
+
+    for path in rebuild_report(sweep_dir):
+        typer.echo(f"wrote {path}")
+
+
+def travel_data_cmd(
+    output: Annotated[Path, typer.Argument(help="Folder for itineraries.jsonl, self-generated.jsonl, preference-pairs.jsonl, counts.json.")],
+    prompts: Annotated[int, typer.Option(min=0, help="Synthetic travel prompts to sample (0: only select real itineraries).")] = 40,
+    samples: Annotated[int, typer.Option(min=1, help="Sampled answers per synthetic prompt (rejection sampling keeps the best).")] = 4,
+    model: Annotated[Optional[Path], typer.Option(help="GGUF to sample from (default: the embedded base SmolLM2-135M).")] = None,
+    min_score: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep a best answer only at or above this rubric score.")] = 1.0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic prompt mix.")] = 0,
+) -> None:
+    """Travel training data: real day-by-day itineraries from the embedded ShareGPT, plus base-model answers to
+    synthetic prompts kept by rejection sampling under the travel rubric (never the shipped eval prompts)."""
+    from tunelab.experiments.travel_data import (
+        gguf_sampler, rejection_sample, select_itineraries, sharegpt_first_exchanges, synthetic_prompts, write_jsonl,
+    )
+
+    kept, counts = select_itineraries(sharegpt_first_exchanges())
+    write_jsonl(output / "itineraries.jsonl", kept)
+    report = {"itineraries": dict(counts)}
+    typer.echo(f"real itineraries: {counts['after_exact_dedup']} kept; filters: {dict(counts)}")
+    if prompts:
+        from tunelab.models.loading import embedded_gguf_path
+
+        sampler = gguf_sampler(model or embedded_gguf_path("smollm2-135m"), threads=threads)
+        rows, pairs, sampled = rejection_sample(synthetic_prompts(prompts, seed), sampler, samples, min_score, log=typer.echo)
+        write_jsonl(output / "self-generated.jsonl", rows)
+        write_jsonl(output / "preference-pairs.jsonl", pairs)
+        report["self_generated"] = {**dict(sampled), "kept": sampled["kept"], "preference_pairs": len(pairs), "min_score": min_score}
+        typer.echo(f"self-generated: kept {sampled['kept']} of {sampled['prompts']} prompts from {sampled['samples']} samples")
+    (output / "counts.json").write_text(json.dumps(report, indent=2))
 
 
 def promote_cmd(

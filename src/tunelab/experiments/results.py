@@ -1,0 +1,168 @@
+"""A sweep's results as files: results.csv, results.md and PNG plots, rebuilt from the run folders alone.
+
+`tunelab report SWEEP_DIR` calls write_report on whatever runs have finished. The best run is chosen by
+held-out metrics (travel rubric score of the tuned model, then general held-out loss); the run with the
+lowest training loss is shown beside it when it is a different run, because training loss rewards
+memorisation and is not what a user of the app sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+COLUMNS = [
+    "name", "model", "final_train_loss", "general_val_loss_base", "general_val_loss_tuned", "travel_val_loss_base",
+    "travel_val_loss_tuned", "own_val_loss_final", "own_val_loss_best", "travel_score_base", "travel_score_tuned",
+    "travel_wins", "travel_ties", "travel_losses", "travel_win_rate", "travel_days_honoured_tuned", "travel_source",
+    "train_seconds", "train_tok_per_s", "peak_rss_mib", "trainable_params", "adapter_mib", "gguf_mib", "cpu_ttft_s",
+    "cpu_decode_tok_s",
+]
+
+
+def swept_keys(results: list[dict]) -> list[str]:
+    """Override keys whose value differs between runs (the x axes of the plots)."""
+    keys: list[str] = []
+    for r in results:
+        keys += [k for k in r["overrides"] if k not in keys]
+    return [k for k in keys if len({repr(r["overrides"].get(k)) for r in results}) > 1]
+
+
+def best_run(results: list[dict]) -> dict | None:
+    """Best by held-out metrics: highest tuned travel score, then lowest general held-out loss."""
+    if not results:
+        return None
+    return min(results, key=lambda r: (-(r.get("travel_score_tuned") or 0.0), r.get("general_val_loss_tuned") or float("inf")))
+
+
+def training_loss_winner(results: list[dict]) -> dict | None:
+    with_loss = [r for r in results if r.get("final_train_loss") is not None]
+    return min(with_loss, key=lambda r: r["final_train_loss"]) if with_loss else None
+
+
+def write_report(output: Path, results: list[dict]) -> list[Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    keys = swept_keys(results)
+    written = [output / "results.csv", output / "results.md"]
+    written[0].write_text(results_csv(results, keys))
+    written[1].write_text(results_markdown(results, keys))
+    if results:
+        written += write_plots(output, results, keys)
+    return written
+
+
+def results_csv(results: list[dict], keys: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*keys, *COLUMNS])
+    for r in results:
+        writer.writerow([*(r["overrides"].get(k) for k in keys), *(r.get(c) for c in COLUMNS)])
+    return buffer.getvalue()
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if value and abs(value) < 10 ** -digits:  # learning rates such as 5e-06
+            return f"{value:.2g}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def results_markdown(results: list[dict], keys: list[str]) -> str:
+    best, by_train = best_run(results), training_loss_winner(results)
+    lines = ["# Sweep results", ""]
+    if best:
+        lines.append(f"Best by held-out metrics (travel rubric, then general held-out loss): **{best['name']}**.")
+        if by_train and by_train["name"] != best["name"]:
+            lines.append(f"Lowest training loss: {by_train['name']} ({_fmt(by_train['final_train_loss'])}) — not the same run.")
+        lines.append("")
+    header = ["run", *keys, "train loss", "general val base → tuned", "travel val base → tuned", "travel score base → tuned",
+              "win/tie/loss", "days ok", "train s", "tok/s", "peak MiB", "LoRA params", "adapter MiB", "TTFT s", "decode tok/s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        mark = " ★" if best and r["name"] == best["name"] else ""
+        mark += " (lowest train loss)" if by_train and r["name"] == by_train["name"] and by_train is not best else ""
+        wtl = "—" if r.get("travel_wins") is None else f"{r['travel_wins']}/{r['travel_ties']}/{r['travel_losses']}"
+        cells = [
+            f"{r['name']}{mark}", *(_fmt(r["overrides"].get(k)) for k in keys), _fmt(r.get("final_train_loss")),
+            f"{_fmt(r.get('general_val_loss_base'))} → {_fmt(r.get('general_val_loss_tuned'))}",
+            f"{_fmt(r.get('travel_val_loss_base'))} → {_fmt(r.get('travel_val_loss_tuned'))}",
+            f"{_fmt(r.get('travel_score_base'), 3)} → {_fmt(r.get('travel_score_tuned'), 3)}", wtl,
+            _fmt(r.get("travel_days_honoured_tuned"), 2), _fmt(r.get("train_seconds"), 0), _fmt(r.get("train_tok_per_s"), 0),
+            _fmt(r.get("peak_rss_mib"), 0), _fmt(r.get("trainable_params")), _fmt(r.get("adapter_mib"), 1),
+            _fmt(r.get("cpu_ttft_s"), 3), _fmt(r.get("cpu_decode_tok_s"), 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Plots: loss_curves.png, metrics_vs_<key>.png, quality_vs_latency.png (when latency was measured).", ""]
+    return "\n".join(lines)
+
+
+def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [output / "loss_curves.png"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        train, val = r["curves"]["train"], r["curves"]["val"]
+        line = ax.plot([s for s, _ in train], [v for _, v in train], alpha=0.7, label=f"{r['name']} train")[0]
+        if val:
+            ax.plot([s for s, _ in val], [v for _, v in val], "o--", color=line.get_color(), label=f"{r['name']} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("train (lines) and own val (dashed) loss per run")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    metrics = [("general_val_loss_tuned", "general held-out loss"), ("travel_val_loss_tuned", "travel held-out loss"),
+               ("final_train_loss", "train loss"), ("travel_score_tuned", "travel rubric score")]
+    for key in keys:
+        path = output / f"metrics_vs_{key.replace('.', '_')}.png"
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
+        labels = [_fmt(r["overrides"].get(key)) for r in results]
+        for ax, (metric, title) in zip(axes, metrics):
+            values = [r.get(metric) for r in results]
+            ax.scatter(range(len(results)), [v if v is not None else float("nan") for v in values])
+            ax.set_xticks(range(len(results)), labels, rotation=30, fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(key, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+
+    timed = [r for r in results if r.get("cpu_decode_tok_s") and r.get("travel_score_tuned") is not None]
+    if timed:
+        path = output / "quality_vs_latency.png"
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for r in timed:
+            ax.scatter(r["cpu_decode_tok_s"], r["travel_score_tuned"])
+            ax.annotate(r["name"], (r["cpu_decode_tok_s"], r["travel_score_tuned"]), fontsize=7)
+        ax.set_xlabel("CPU decode tokens/s, q4_k_m (higher is faster)")
+        ax.set_ylabel("travel rubric score (tuned)")
+        ax.set_title("travel quality vs CPU speed")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def rebuild_report(sweep_dir: Path) -> list[Path]:
+    """`tunelab report SWEEP_DIR`: the tables and plots again, from the runs' sweep-result.json files."""
+    from tunelab.errors import UserError
+    from tunelab.experiments.study import results_from_runs
+
+    if not sweep_dir.is_dir():
+        raise UserError(f"{sweep_dir}: not a folder")
+    results = results_from_runs(sweep_dir)
+    if not results:
+        raise UserError(f"{sweep_dir}: no finished sweep runs (no */sweep-result.json)")
+    return write_report(sweep_dir, results)

@@ -1,0 +1,191 @@
+"""Travel training data for the quickstart's job: real itineraries selected from ShareGPT, and self-generated ones.
+
+Two levers the study measures separately:
+- `select_itineraries`: first exchanges of the embedded ShareGPT that ask for a trip of N days and answer with
+  exactly N "Day n" sections, counting what each filter kept (they are few: real itineraries are scarce);
+- `rejection_sample`: several sampled answers per synthetic travel prompt from the base model, the best one
+  under the rubric kept as training data when it passes every judged criterion (the best-vs-worst pairs are
+  written too, as preference pairs). Synthetic prompts never use a city of the shipped eval set.
+Both write plain `{"messages": [...]}` JSONL files that a config lists as `data.sources: [{path: ...}]`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tunelab.eval.rubric import (
+    SHIPPED_TRAVEL_PROMPTS,
+    Answer,
+    TravelPrompt,
+    day_by_day_structure,
+    day_numbers,
+    length_within_bounds,
+    load_travel_prompts,
+    no_degenerate_repetition,
+    score_answer,
+)
+
+TRIP_WORDS = re.compile(r"\b(?:travel|trip|itinerary|vacation|holiday|tour|visit|sightseeing|things to do in)\b", re.I)
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+_DAYS = re.compile(r"\b(\d{1,2}|one|two|three|four|five|six|seven|eight|nine|ten)[- ]?days?\b", re.I)
+
+
+def requested_days(request: str) -> int | None:
+    """The trip length a request asks for: "3 days", "a 5-day trip", "two days", "a week" (7), "weekend" (2)."""
+    match = _DAYS.search(request)
+    if match:
+        word = match.group(1).lower()
+        return int(word) if word.isdigit() else _NUMBER_WORDS[word]
+    if re.search(r"\ba week\b|\bone week\b", request, re.I):
+        return 7
+    if re.search(r"\bweekend\b", request, re.I):
+        return 2
+    return None
+
+
+# ------------------------------------------------------------------------- real itineraries
+def sharegpt_first_exchanges() -> Iterator[tuple[str, str] | None]:
+    """(user, assistant) of each embedded ShareGPT conversation's first exchange; None for unusable records."""
+    from tunelab.data.formats import record_to_pairs
+    from tunelab.data.normalize import to_messages
+    from tunelab.data.problems import ProblemLog, RecordProblem
+    from tunelab.data.readers import FileStats, ReadContext, embedded_files, iter_json
+
+    for path, label in embedded_files("embedded:sharegpt"):
+        ctx = ReadContext(label=label, source="sharegpt", log=ProblemLog(), max_chars=200_000, stats=FileStats(label=label))
+        for raw in iter_json(path, ctx):
+            try:
+                messages = to_messages(record_to_pairs(raw.value, "sharegpt"), normalize=True, repair=lambda _: None)
+            except RecordProblem:
+                yield None
+                continue
+            if len(messages) >= 2 and messages[0]["role"] == "user" and messages[1]["role"] == "assistant":
+                yield messages[0]["content"], messages[1]["content"]
+            else:
+                yield None
+
+
+def select_itineraries(exchanges, max_request_chars: int = 1500) -> tuple[list[dict], Counter]:
+    """Keep first exchanges that ask for an N-day trip and answer with exactly Day 1..N; count each filter."""
+    counts: Counter = Counter()
+    kept, seen = [], set()
+    for exchange in exchanges:
+        counts["records"] += 1
+        if exchange is None:
+            continue
+        user, assistant = exchange
+        counts["user_then_assistant"] += 1
+        if not TRIP_WORDS.search(user) or len(user) > max_request_chars:
+            continue
+        counts["asks_for_a_trip"] += 1
+        days = requested_days(user)
+        if days is None:
+            continue
+        counts["names_a_day_count"] += 1
+        answer, prompt = Answer(assistant), TravelPrompt(prompt=user, days=days)
+        if not day_by_day_structure(answer, prompt):
+            continue
+        counts["answers_day_by_day"] += 1
+        if sorted(day_numbers(assistant)) != list(range(1, days + 1)):
+            continue
+        counts["honours_the_day_count"] += 1
+        if not (length_within_bounds(answer, prompt) and no_degenerate_repetition(answer, prompt)):
+            continue
+        counts["length_ok_no_loops"] += 1
+        key = " ".join(user.lower().split())
+        if key in seen:
+            continue
+        seen.add(key)
+        counts["after_exact_dedup"] += 1
+        kept.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], "days": days})
+    return kept, counts
+
+
+# ------------------------------------------------------------------------ self-generated data
+# Cities for synthetic prompts; none of them is in the shipped eval set (checked in synthetic_prompts).
+SYNTHETIC_CITIES = [
+    "Porto", "Seville", "Florence", "Munich", "Budapest", "Krakow", "Dublin", "Stockholm", "Helsinki", "Bruges", "Valencia",
+    "Naples", "Osaka", "Taipei", "Shanghai", "Kuala Lumpur", "Chiang Mai", "Jaipur", "Colombo", "Tbilisi", "Fez",
+    "Dakar", "Addis Ababa", "Windhoek", "Kigali", "Chicago", "Boston", "Quebec City", "Oaxaca", "Seattle", "Bogota",
+    "Quito", "Montevideo", "La Paz", "Valparaiso", "Perth", "Hobart", "Wellington", "Brisbane", "Adelaide",
+]
+INTERESTS = ["food", "museums", "history", "art", "hiking", "beaches", "markets", "architecture", "music", "parks",
+             "coffee", "nightlife", "photography", "local wine", "shopping"]
+CONSTRAINTS = ["", "", "", " with kids", " on a budget", " without a car", " for a wheelchair user", " in winter", " in summer"]
+TEMPLATES = [
+    "Plan a {days}-day trip to {city}{constraint} for someone who loves {a} and {b}.",
+    "I have {days} days in {city}{constraint}. I like {a} and {b}. Can you give me a day-by-day itinerary?",
+    "Make a {days}-day itinerary for {city}{constraint}, focused on {a} and {b}.",
+]
+
+
+def synthetic_prompts(n: int, seed: int = 0, max_days: int = 4) -> list[TravelPrompt]:
+    """`n` travel prompts (city x days x interests x constraint) that share no city with the shipped eval set."""
+    eval_cities = {p.city.lower() for p in load_travel_prompts(SHIPPED_TRAVEL_PROMPTS) if p.city}
+    cities = [c for c in SYNTHETIC_CITIES if c.lower() not in eval_cities]
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        city, days = cities[i % len(cities)], rng.randint(1, max_days)
+        a, b = rng.sample(INTERESTS, 2)
+        constraint = rng.choice(CONSTRAINTS)
+        text = rng.choice(TEMPLATES).format(days=days, city=city, constraint=constraint, a=a, b=b)
+        preferences = (a, b, constraint.strip().removeprefix("with ").removeprefix("on a ").removeprefix("for a ")) if constraint else (a, b)
+        prompts.append(TravelPrompt(prompt=text, city=city, days=days, preferences=tuple(p for p in preferences if p)))
+    return prompts
+
+
+def rejection_sample(
+    prompts: list[TravelPrompt], sample: Callable[[str, int], Answer], samples_per_prompt: int, min_score: float = 1.0, log=print,
+) -> tuple[list[dict], list[dict], Counter]:
+    """Best of `samples_per_prompt` sampled answers per prompt under the rubric; kept when its score >= min_score.
+
+    `sample(prompt_text, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts).
+    """
+    kept, pairs, counts = [], [], Counter()
+    for i, prompt in enumerate(prompts, 1):
+        scored = []
+        for seed in range(samples_per_prompt):
+            answer = sample(prompt.prompt, seed)
+            scored.append((score_answer(answer, prompt).score, seed, answer))
+            counts["samples"] += 1
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        best, worst = scored[0], scored[-1]
+        counts["prompts"] += 1
+        log(f"  [{i}/{len(prompts)}] best {best[0]:.2f} worst {worst[0]:.2f}  {prompt.prompt[:70]}")
+        if best[0] > worst[0]:
+            pairs.append({"prompt": prompt.prompt, "chosen": best[2].text, "rejected": worst[2].text,
+                          "chosen_score": best[0], "rejected_score": worst[0]})
+        if best[0] >= min_score:
+            counts["kept"] += 1
+            kept.append({"messages": [{"role": "user", "content": prompt.prompt}, {"role": "assistant", "content": best[2].text}],
+                         "days": prompt.days, "city": prompt.city, "score": best[0]})
+    return kept, pairs, counts
+
+
+def gguf_sampler(gguf: Path, temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 320, threads: int | None = None):
+    """sample(prompt, seed) from a GGUF in llama.cpp (e.g. the embedded base model), through the app's backend."""
+    from tunelab.models.inference import load_backend
+
+    backend = load_backend(gguf, threads=threads)
+
+    def sample(prompt: str, seed: int) -> Answer:
+        result = backend.llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+        )
+        choice = result["choices"][0]
+        return Answer((choice["message"].get("content") or "").strip(), finished=choice.get("finish_reason") == "stop")
+
+    return sample
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)

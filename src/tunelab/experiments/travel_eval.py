@@ -1,0 +1,84 @@
+"""`tunelab eval RUN --prompts ...` end to end: find (or make) the base and tuned q4_k_m GGUFs, then run the domain eval.
+
+The tuned q4_k_m GGUF is what `tunelab export` wrote (RUN/export/model-q4_k_m.gguf). Its fair base is the same
+base model through the same converter and quantiser, so the first domain eval of an exported run writes
+RUN/export/base-q4_k_m.gguf once (about as long as the export's f16 + q4_k_m steps) and reuses it afterwards.
+This lives above export/ and eval/ because it needs both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tunelab.eval.domain import Decoding, evaluate_domain
+from tunelab.eval.rubric import load_travel_prompts
+
+SHIPPED_QUANT = "q4_k_m"  # what the app and the Space serve
+
+
+def tuned_gguf_path(run_dir: Path) -> Path:
+    return run_dir / "export" / f"model-{SHIPPED_QUANT}.gguf"
+
+
+def base_gguf_path(run_dir: Path) -> Path:
+    return run_dir / "export" / f"base-{SHIPPED_QUANT}.gguf"
+
+
+def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, target: Path | None = None) -> Path:
+    """The run's base model (no adapter) with the run's tokenizer and chat template, as a q4_k_m GGUF.
+
+    `target` lets a sweep share one base GGUF between runs of the same base model."""
+    from tunelab.export.gguf import convert_hf_to_gguf, quantize_gguf
+    from tunelab.export.merge import fix_generation_config
+    from tunelab.models.loading import load_model
+    from tunelab.models.runs import load_run_tokenizer, run_config
+
+    target = target or base_gguf_path(run_dir)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"exporting the base model to {target} (once, for a like-for-like GGUF comparison)")
+    folder = target.with_name(f".base-hf.tmp-{os.getpid()}")
+    f16 = target.with_name(f".base-f16.tmp-{os.getpid()}.gguf")
+    try:
+        model, tokenizer = load_model(run_config(run_dir).model), load_run_tokenizer(run_dir)
+        fix_generation_config(model, tokenizer)
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        convert_hf_to_gguf(folder, f16, "f16")
+        quantize_gguf(f16, target, SHIPPED_QUANT, threads)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        f16.unlink(missing_ok=True)
+    return target
+
+
+def run_domain_eval(
+    run_dir: Path,
+    prompts_source: str,
+    max_new_tokens: int = 384,
+    repetition_penalty: float = 1.0,
+    limit: int | None = None,
+    gguf: bool = True,
+    adapter: bool = True,
+    judge: Path | None = None,
+    threads: int | None = None,
+    log=print,
+    base_gguf: Path | None = None,
+) -> dict:
+    from tunelab.models.runs import run_config
+
+    run_config(run_dir)  # a clear error for a folder that is not a finished run
+    prompts = load_travel_prompts(prompts_source)[: limit or None]
+    name = "travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}"
+    ggufs = None
+    if gguf and tuned_gguf_path(run_dir).is_file():
+        ggufs = (export_base_gguf(run_dir, threads, log, base_gguf), tuned_gguf_path(run_dir))
+    elif gguf:
+        log(f"no {tuned_gguf_path(run_dir)}: GGUF comparison skipped (run `tunelab export {run_dir}` first)")
+    if judge is None:
+        log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: not wired in")
+    decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    return evaluate_domain(run_dir, prompts, name, decoding, ggufs=ggufs, judge=judge, adapter=adapter, threads=threads, log=log)

@@ -1,0 +1,73 @@
+"""Travel data levers: selecting real itineraries, synthetic prompts, rejection sampling under the rubric."""
+
+from __future__ import annotations
+
+from tunelab.eval.rubric import Answer, load_travel_prompts
+from tunelab.experiments.travel_data import rejection_sample, requested_days, select_itineraries, synthetic_prompts
+
+TWO_DAYS = ("Day 1: the castle and the old town in the morning, then lunch by the river, a long walk through the markets "
+            "and the cathedral, and a sunset from the viewpoint above the harbour.\n"
+            "Day 2: a morning at the main museum, the botanical garden after lunch, a tram ride along the coast to the old fort, "
+            "and dinner at a seafood place near the station.")
+
+
+def test_requested_days_reads_counts_words_weeks_and_weekends():
+    assert requested_days("Plan a 3-day trip to Rome") == 3
+    assert requested_days("I have two days in Paris") == 2
+    assert requested_days("a 10 day itinerary for Japan") == 10
+    assert requested_days("We have a week in Bali") == 7
+    assert requested_days("a weekend in Prague") == 2
+    assert requested_days("Things to do in Oslo?") is None
+
+
+def test_select_itineraries_counts_every_filter():
+    exchanges = [
+        None,  # unusable record
+        ("What is the capital of France?", "Paris."),  # not a trip
+        ("Plan a trip to Rome.", TWO_DAYS),  # no day count
+        ("Plan a 2-day trip to Lisbon.", "Visit the castle, then the museum and the river."),  # not day by day
+        ("Plan a 3-day trip to Lisbon.", TWO_DAYS),  # 2 days for 3
+        ("Plan a 2-day trip to Lisbon.", "Day 1: go.\nDay 2: go."),  # too short
+        ("Plan a 2-day trip to Lisbon.", TWO_DAYS),  # kept
+        ("Plan a 2-day  trip to Lisbon.", TWO_DAYS),  # the same request again (whitespace aside)
+    ]
+    kept, counts = select_itineraries(exchanges)
+    assert [row["days"] for row in kept] == [2]
+    assert kept[0]["messages"][1]["content"] == TWO_DAYS
+    assert dict(counts) == {
+        "records": 8, "user_then_assistant": 7, "asks_for_a_trip": 6, "names_a_day_count": 5, "answers_day_by_day": 4,
+        "honours_the_day_count": 3, "length_ok_no_loops": 2, "after_exact_dedup": 1,
+    }
+
+
+def test_synthetic_prompts_never_use_an_eval_city_or_prompt():
+    prompts = synthetic_prompts(80, seed=1)
+    shipped = load_travel_prompts("travel")
+    assert not {p.city for p in prompts} & {p.city for p in shipped}
+    assert not {p.prompt for p in prompts} & {p.prompt for p in shipped}
+    assert all(p.days and str(p.days) in p.prompt and p.city in p.prompt for p in prompts)
+    assert synthetic_prompts(80, seed=1) == prompts  # deterministic
+
+
+def test_rejection_sampling_keeps_the_best_sample_that_passes():
+    prompts = synthetic_prompts(3, seed=0)
+
+    def sample(prompt: str, seed: int) -> Answer:
+        # Seed 2 writes a complete plan for the first prompt only; every other sample is a one-liner.
+        target = prompts[0]
+        if prompt == target.prompt and seed == 2:
+            plans = ["the old town, the cathedral and a long lunch on the main square, then photos of the bridges at dusk",
+                     "a river cruise in the morning, the modern art quarter after lunch and live music at night",
+                     "a day trip to the coast with a picnic, a swim if it is warm and seafood back in town",
+                     "the covered market for breakfast, a cooking class at noon and a farewell dinner uphill"]
+            days = f"A plan for {target.city}, full of {' and '.join(target.preferences)}.\n" + "\n".join(
+                f"Day {d}: {plans[d - 1]}; keep the afternoon {d} free for whatever you liked best so far." for d in range(1, target.days + 1))
+            return Answer(days, finished=True)
+        return Answer("Have fun!", finished=seed % 2 == 0)
+
+    rows, pairs, counts = rejection_sample(prompts, sample, samples_per_prompt=3, log=lambda *_: None)
+    assert counts["samples"] == 9 and counts["prompts"] == 3 and counts["kept"] == 1
+    assert rows[0]["messages"][0]["content"] == prompts[0].prompt and rows[0]["score"] == 1.0
+    assert "\nDay 1: " in pairs[0]["chosen"] and pairs[0]["rejected"] == "Have fun!"
+    # Prompts 2 and 3: "Have fun!" ending at end-of-turn (seeds 0, 2) beats the same text cut at the length limit.
+    assert len(pairs) == 3 and all(p["chosen_score"] > p["rejected_score"] for p in pairs)

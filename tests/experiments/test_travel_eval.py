@@ -1,0 +1,84 @@
+"""`tunelab eval RUN --prompts FILE.jsonl` on a small run: answers match plain transformers/PEFT greedy decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import small_llama_folder
+
+PROMPTS = [
+    {"prompt": "Plan 2 days in Oslo for a museum lover.", "city": "Oslo", "days": 2, "preferences": ["museums"]},
+    {"prompt": "What should I do in Lima?"},
+]
+
+
+def _small_run(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.config import Config, ModelConfig
+
+    base_dir = small_llama_folder(tmp_path)
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    run_dir = tmp_path / "run"
+    model.save_pretrained(run_dir / "adapter")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")
+    cfg = Config(model=ModelConfig(name=str(base_dir)))
+    cfg.train.output_dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return run_dir, base_dir, prompts
+
+
+def _reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), new[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.slow
+def test_domain_eval_answers_are_plain_greedy_from_base_and_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, base_dir, prompts = _small_run(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--prompts", str(prompts), "--max-new-tokens", "12",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "GGUF comparison skipped" in done.stdout and "judge: none given" in done.stdout
+    report = json.loads((run_dir / "eval" / "domain-prompts.json").read_text())
+    pair = report["pairs"]["adapter"]
+    assert pair["wins"] + pair["ties"] + pair["losses"] == 2 and (run_dir / "eval" / "domain-prompts.md").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(run_dir / "adapter")).eval()
+    for row, spec in zip(pair["answers"], PROMPTS):
+        assert (row["base"]["text"], row["base"]["finished"]) == _reference_greedy(base, tokenizer, spec["prompt"], 12)
+        assert (row["tuned"]["text"], row["tuned"]["finished"]) == _reference_greedy(tuned, tokenizer, spec["prompt"], 12)
+    assert pair["answers"][0]["base"]["text"] != pair["answers"][0]["tuned"]["text"]  # the adapter really was on
+    # The second prompt has no city/days/preferences: those criteria are not judged.
+    criteria = pair["answers"][1]["tuned"]["criteria"]
+    assert criteria["city_named"] is None and criteria["days_honoured"] is None and criteria["preferences"] is None
+
+
+def test_domain_eval_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from tunelab.errors import UserError
+    from tunelab.experiments.travel_eval import run_domain_eval
+
+    with pytest.raises(UserError, match="not a finished tunelab run"):
+        run_domain_eval(tmp_path, "travel")
