@@ -194,6 +194,8 @@ class PromoteConfig(_Section):
         description="Largest allowed drop of q4_k_m decode tokens/s, as a fraction of the current model's (CPU timings are noisy).",
     )
     max_val_rows: int | None = Field(64, gt=0, description="Held-out rows scored for the val-loss gate (None: all).")
+    rubric_prompts: int = Field(12, gt=0, description="Shipped travel prompts answered by both q4_k_m exports for the rubric gate.")
+    rubric_max_new_tokens: int = Field(256, gt=0, description="Longest answer in tokens for the rubric gate (greedy).")
     latency_max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt when timing the q4_k_m exports.")
     latency_repeats: int = Field(2, ge=1, description="Timed runs per prompt (the first is a warm-up when > 1).")
 

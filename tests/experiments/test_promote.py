@@ -175,3 +175,19 @@ def test_over_defaults_to_the_run_behind_what_the_serve_dir_serves(tmp_path):
     assert served_run(tmp_path / "serve") == other.resolve()
     with pytest.raises(UserError, match="no current model"):
         served_run(tmp_path / "empty")
+
+
+def test_rubric_gate_on_two_q4_k_m_files(tmp_path):
+    """The same GGUF on both sides: greedy answers tie on every prompt, so the win rate is exactly 0.5."""
+    from tests.helpers import embedded_gguf
+    from tunelab.config import PromoteConfig
+    from tunelab.experiments.promote import rubric_check
+
+    gguf = embedded_gguf()
+    gates = PromoteConfig(rubric_prompts=2, rubric_max_new_tokens=12)
+    check = rubric_check(gguf, gguf, gates, 1, log=lambda *a: None)
+    assert check.passed is True and check.current == check.candidate and "2 ties" in check.note
+    stricter = rubric_check(gguf, gguf, gates.model_copy(update={"min_rubric_win_rate": 0.6}), 1, log=lambda *a: None)
+    assert stricter.passed is False
+    run_without_export = tmp_path / "run"
+    assert rubric_check(run_without_export, gguf, gates, 1, log=lambda *a: None).passed is None

@@ -227,3 +227,16 @@ def test_fingerprint_of_a_run_folder_covers_the_adapter_weights(tmp_path):
     assert model_fingerprint(run) == f"sha256:{two}"
     with pytest.raises(UserError, match="no weights files"):
         model_fingerprint(tmp_path / "empty-folder-that-is-not-there")
+
+
+def test_tunelab_eval_reads_a_frozen_evalset(tmp_path):
+    from tunelab.eval.rubric import load_travel_prompts
+
+    db = tmp_path / "fb.db"
+    fill_for_evalset(db)
+    CliRunner().invoke(cli_app, ["feedback", "export", str(db), "--format", "evalset"])
+    [path] = tmp_path.glob("evalset-*.jsonl")
+    prompts = load_travel_prompts(path)
+    assert [p.prompt for p in prompts] == [r["prompt"] for r in read_evalset(path).records]
+    porto = next(p for p in prompts if p.city)
+    assert (porto.city, porto.days, porto.preferences) == ("Porto", 2, ("food", "museums", "no stairs"))

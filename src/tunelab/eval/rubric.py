@@ -160,17 +160,27 @@ def compare(base: Scored, tuned: Scored) -> str:
 
 # --------------------------------------------------------------------------------- prompt files
 def load_travel_prompts(source: str | Path) -> list[TravelPrompt]:
-    """`travel` (the shipped set) or a JSONL file: one {"prompt", optional "city", "days", "preferences"} per line."""
+    """`travel` (the shipped set) or a JSONL file: one {"prompt", optional "city", "days", "preferences"} per line.
+    A frozen feedback regression set (`tunelab feedback export --format evalset`) reads as is: its header line
+    `{"evalset": {...}}` is skipped."""
     path = SHIPPED_TRAVEL_PROMPTS if str(source) == "travel" else Path(source)
     if not path.is_file():
         raise UserError(f"--prompts {source}: file not found (give `travel` or a .jsonl file)")
     prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
+        if line.strip() and not _is_evalset_header(line):
             prompts.append(_prompt_from_record(line, f"{path}:{number}"))
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
+
+
+def _is_evalset_header(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "evalset" in record and "prompt" not in record
 
 
 def _prompt_from_record(line: str, where: str) -> TravelPrompt:

@@ -7,8 +7,9 @@ Checks (each is a row of the report; one that cannot be measured says why and is
 - regression: the feedback regression set (`tunelab feedback export DB --format evalset`): for every prompt with a
               reference answer (a better answer or a side-by-side winner), which model gives the reference the
               higher log-probability per token. Win rate = (wins + ties/2) / prompts. Gate: >= min_regression_win_rate.
-- rubric:     the travel rubric, candidate vs current (eval/domain.py, issue 15): "not available" in a tunelab
-              without it.
+- rubric:     the travel rubric (eval/rubric.py + eval/domain.py, issue 15) on the first promote.rubric_prompts
+              shipped travel prompts, current vs candidate q4_k_m exports, greedy; per prompt win/tie/loss on the
+              rubric score. Gate: (wins + ties/2) / prompts >= min_rubric_win_rate.
 - latency:    decode tokens/s of both q4_k_m exports (RUN/export/model-q4_k_m.gguf, or the .gguf given), measured by
               the inference benchmark's function in child processes. Gate: drop <= max_latency_regression.
 Run folders must share the base model for val_loss / regression (one base in memory, two adapters on it).
@@ -181,12 +182,30 @@ def _regression_check(evalset, read_evalset, tokenizer, max_seq_len, each_adapte
     )
 
 
-def rubric_check() -> Check:
-    try:
-        import tunelab.eval.domain  # noqa: F401 - issue 15's travel rubric
-    except ImportError:
-        return _unmeasured("rubric", "not available: the travel rubric (tunelab.eval.domain) is not in this tunelab")
-    return _unmeasured("rubric", "not available: the travel rubric is installed but not wired into promote yet")
+def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:
+    """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate q4_k_m, greedy."""
+    from tunelab.eval.domain import Decoding, compare_pair, gguf_generator
+    from tunelab.eval.rubric import load_travel_prompts
+
+    files = {"current": shipped_gguf(current), "candidate": shipped_gguf(candidate)}
+    missing = [name for name, path in files.items() if path is None]
+    if missing:
+        return _unmeasured("rubric", f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)")
+    prompts = load_travel_prompts("travel")[: gates.rubric_prompts]
+    log(f"rubric: {len(prompts)} travel prompts, current vs candidate ({SHIPPED_QUANT}, greedy)")
+    decoding = Decoding(max_new_tokens=gates.rubric_max_new_tokens)
+    summary = compare_pair(
+        prompts, gguf_generator(files["current"], decoding, threads), gguf_generator(files["candidate"], decoding, threads),
+        log=log, label="rubric",
+    )  # fmt: skip
+    win_rate = (summary["wins"] + summary["ties"] / 2) / len(prompts)
+    means = summary["mean_score"]
+    return Check(
+        "rubric", means["base"], means["tuned"], f"candidate win rate >= {gates.min_rubric_win_rate:g}",
+        win_rate >= gates.min_rubric_win_rate,
+        f"win rate {win_rate:.2f} ({summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses over "
+        f"{len(prompts)} shipped travel prompts); columns = mean rubric score",
+    )
 
 
 def latency_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:
@@ -237,7 +256,7 @@ def compare(candidate: Path, current: Path, gates: PromoteConfig, evalset: Path 
         checks += [_unmeasured("val_loss", note), _unmeasured("regression", note)]
     else:
         checks += adapter_checks(candidate, current, gates, evalset, log)
-    checks.append(rubric_check())
+    checks.append(rubric_check(candidate, current, gates, threads, log))
     checks.append(latency_check(candidate, current, gates, threads, log))
     ok, reason = decide(checks)
     return Decision(
