@@ -40,6 +40,11 @@ class SourceConfig(_Section):
     preset: str | None = None  # embedded:sharegpt | embedded:chatterbot | hub dataset id
     format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt_response", "chatterbot"] = "auto"
     split: str = "train"  # for hub datasets
+    streaming: bool = Field(
+        False,
+        description="Hub dataset sources: read records as they stream in (datasets streaming) instead of downloading "
+        "the whole dataset first (bounded memory); an error mid-stream keeps the records before it and is reported as `stream_error` at its index",
+    )
     weight: float = Field(1.0, gt=0.0)  # mixing weight: rows kept = weight x rows available (<=1 subsamples, >1 repeats)
     max_records: int | None = Field(None, gt=0)  # read at most this many records from the source
     keywords: list[str] = []  # keep only conversations mentioning one of these (e.g. a travel slice)
