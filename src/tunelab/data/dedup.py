@@ -68,12 +68,16 @@ def shingle_hashes(text: str, shingle_words: int, word_hashes: _WordHashes) -> n
 class NearDuplicateIndex:
     """Streaming near-duplicate check: `add(text)` returns the position (among the texts kept so far) of an
     earlier kept text that `text` duplicates, or None after keeping it. Rows stream through; per kept row it
-    holds only the MinHash signature (num_perm uint32 values in one growing array) and the LSH band keys."""
+    holds only the MinHash signature (num_perm uint32 values in one growing array) and one int per LSH band."""
 
     def __init__(self, threshold: float, num_perm: int, shingle_words: int) -> None:
         self.threshold, self.shingle_words = threshold, shingle_words
-        # Band keys hashed to ints (collisions only add candidates, which the Jaccard check below filters).
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, hashfunc=hash)
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # datasketch's choice of bands x rows
+        self.bands = [slice(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
+        # band key -> kept position(s): MinHashLSH's tables hold a set per key (~1.5 KB per row); a plain int
+        # (a list only when a key is shared) holds the same candidates in ~0.1 KB per band. Keys are Python hashes
+        # of the band's values: a collision only adds a candidate, which the Jaccard check filters.
+        self.tables: list[dict[int, int | list[int]]] = [{} for _ in self.bands]
         # The shingles are already 32-bit hashes, so datasketch's hash function is the identity (int).
         self.prototype = MinHash(num_perm=num_perm, hashfunc=int)
         self.word_hashes = _WordHashes()
@@ -86,14 +90,27 @@ class NearDuplicateIndex:
         signature = self.prototype.copy()
         signature.update_batch(shingle_hashes(text, self.shingle_words, self.word_hashes).tolist())
         values = signature.hashvalues.astype(np.uint32)
-        for j in sorted(self.lsh.query(signature)):
+        keys = [hash(values[band].tobytes()) for band in self.bands]
+        candidates: set[int] = set()
+        for table, key in zip(self.tables, keys):
+            found = table.get(key)
+            if found is not None:
+                candidates.update(found) if isinstance(found, list) else candidates.add(found)
+        for j in sorted(candidates):
             # the estimated Jaccard similarity, as MinHash.jaccard computes it
             if np.count_nonzero(self.signatures[j] == values) / len(values) >= self.threshold:
                 return j
         if self.kept == len(self.signatures):
             self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
         self.signatures[self.kept] = values
-        self.lsh.insert(self.kept, signature, check_duplication=False)
+        for table, key in zip(self.tables, keys):
+            found = table.get(key)
+            if found is None:
+                table[key] = self.kept
+            elif isinstance(found, list):
+                found.append(self.kept)
+            else:
+                table[key] = [found, self.kept]
         self.kept += 1
         return None
 

@@ -444,6 +444,7 @@ class SplitWriter:
     def __enter__(self) -> SplitWriter:
         from datasets.arrow_writer import ArrowWriter
 
+        self.folder.mkdir(parents=True, exist_ok=True)
         for split in self.pending:
             self.writers[split] = ArrowWriter(features=self.features, path=str(self.folder / f".{split}.arrow"))
         return self

@@ -170,7 +170,6 @@ def train_lora(
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum
-    targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in train_rows]
     return_freed_tensors_to_the_os()
     precision.skip_adapter_input_casts(model)
     lean_swiglu(model)
@@ -204,11 +203,12 @@ def train_lora(
     for step in range(start_step, cfg.max_steps):
         step_start = time.perf_counter()
         indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
-        step_targets = sum(targets_per_row[i] for i in indices)
+        step_rows = {i: train_rows[i] for i in indices}  # read once per step (rows live in memory-mapped Arrow)
+        step_targets = sum(sum(1 for x in step_rows[i][1][1:] if x != IGNORE) for i in indices)
         micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
         loss_sum, step_tokens = torch.zeros((), device=device), 0
         for i, rows in enumerate(micro_batches):
-            batch = make_batch([train_rows[r] for r in rows], cfg.packing, pad_id).to(device)
+            batch = make_batch([step_rows[r] for r in rows], cfg.packing, pad_id).to(device)
             sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
             with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
                 micro_loss = loss_module(batch)

@@ -57,8 +57,11 @@ def build_lora_model(cfg: Config, precision: Precision):
     return model
 
 
-def rows_of(dataset) -> list[tuple[list[int], list[int]]]:
-    return list(zip(dataset["input_ids"], dataset["labels"]))
+def rows_of(dataset):
+    """(input_ids, labels) rows of a prepared split, read on demand from the memory-mapped Arrow data."""
+    from tunelab.data.prepare import TokenRows
+
+    return TokenRows(dataset)
 
 
 def check_hardware(cfg: Config) -> None:
