@@ -1,12 +1,15 @@
 """`tunelab data prepare`: sources -> canonical conversations -> dedup -> mix/split -> tokenised dataset folder.
 
+One streamed pass, in bounded memory (records are never collected into lists):
     read       every source, record by record (readers.py); file-level problems raise DataError
     normalise  record -> canonical conversation + filters (formats.py, normalize.py); per-record problems counted
-    dedup      exact (content id) then near (MinHash LSH), first occurrence wins (dedup.py)
+    dedup      exact (set of content ids) then near (streaming MinHash LSH index), first occurrence wins (dedup.py)
     mix/split  copies per row from the source weight; val iff hash(id) < val_fraction (split.py)
-    encode     chat template, labels on assistant tokens, truncation policy (masking.py)
-    write      train/ val/ (datasets.save_to_disk) + report.json, summary.md, token_lengths.png,
+    encode     chat template, labels on assistant tokens, truncation policy (masking.py), ENCODE_CHUNK rows at a time
+    write      train/ val/ (Arrow, datasets.save_to_disk layout) + report.json, summary.md, token_lengths.png,
                into a temp folder renamed into place: a half-written dataset never exists.
+What grows with the input is a few numbers per row: content ids, MinHash signatures, token lengths for the report.
+Training reads the written Arrow files memory-mapped (TokenRows), never as Python lists.
 
 Rows: `id` is the content hash of the whole normalised conversation (split and dedup key); `messages` is the
 conversation as kept (whole exchanges, shorter when truncated), matching `input_ids`; a train row repeated by a
@@ -317,6 +320,8 @@ def check_file_usable(stats: readers.FileStats, usable: int, reasons: Counter, f
         return
     label = stats.label
     if stats.records == 0:
+        if stats.first_error:  # a stream that failed before its first record
+            raise DataError(f"{label}: nothing usable: {stats.first_error}")
         if stats.unparsed_bytes:
             raise DataError(f"{label}: nothing usable: no complete record ({stats.unparsed_error} at {stats.unparsed_at})")
         raise DataError(f"{label}: empty file (no records)")

@@ -27,6 +27,9 @@ from tunelab.config import EvalConfig, TrainConfig
 from tunelab.eval.metrics import perplexity, validation_loss
 from tunelab.train.batching import IGNORE, make_batch, step_indices
 from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, maybe_inject_fault, save_checkpoint
+from tunelab.train.distributed import (
+    AdapterSaver, average_adapter_grads, check_split, fsdp_validation_loss, is_fsdp, shard_base_only,
+)
 from tunelab.train.loss import AssistantLoss
 from tunelab.train.precision import Precision
 
@@ -169,6 +172,8 @@ def train_lora(
     device = accelerator.device
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
+    check_split(cfg.batch_size, world)
+    fsdp = is_fsdp(accelerator)
     per_step = cfg.batch_size * cfg.grad_accum
     return_freed_tensors_to_the_os()
     precision.skip_adapter_input_casts(model)
@@ -187,12 +192,19 @@ def train_lora(
             log(f"run already complete: {ckpt} is step {start_step} of {cfg.max_steps}; nothing to train")
         else:
             log(f"resuming from {ckpt} (step {start_step} of {cfg.max_steps})")
-    loss_module, optimizer = accelerator.prepare(AssistantLoss(model, cfg.loss_chunk_tokens), optimizer)
+    loss_module = AssistantLoss(model, cfg.loss_chunk_tokens)
+    if fsdp:
+        shard_base_only(accelerator, loss_module, model)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     model = accelerator.unwrap_model(loss_module).model  # on the device; DDP/FSDP hooks live on loss_module
+    trainable = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
     def evaluate(step: int) -> float:
-        loss = validation_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
+        if fsdp:  # the base is sharded: only the wrapped module's forward gathers it
+            loss = fsdp_validation_loss(loss_module, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device)
+        else:
+            loss = validation_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
         maybe_inject_fault("eval", step)  # evaluated, not yet recorded
         metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
         model.train()
@@ -205,7 +217,9 @@ def train_lora(
         indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
         step_rows = {i: train_rows[i] for i in indices}  # read once per step (rows live in memory-mapped Arrow)
         step_targets = sum(sum(1 for x in step_rows[i][1][1:] if x != IGNORE) for i in indices)
-        micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
+        # Every process takes its share of every micro-batch (rows rank, rank + world, ...): any batch size >= world
+        # and any grad_accum give each process the same number of forward/backward passes.
+        micro_batches = [indices[i : i + cfg.batch_size][rank::world] for i in range(0, per_step, cfg.batch_size)]
         loss_sum, step_tokens = torch.zeros((), device=device), 0
         for i, rows in enumerate(micro_batches):
             batch = make_batch([step_rows[r] for r in rows], cfg.packing, pad_id).to(device)
@@ -216,7 +230,11 @@ def train_lora(
             accelerator.backward(micro_loss * world / max(step_targets, 1))
             loss_sum += micro_loss.detach()
             step_tokens += batch.num_tokens
-        if cfg.max_grad_norm:
+        if fsdp:
+            average_adapter_grads(trainable, world)
+        if cfg.max_grad_norm and fsdp:  # the adapter is whole (and equal) on every process
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        elif cfg.max_grad_norm:
             accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -245,7 +263,7 @@ def train_lora(
             log(f"step {done}: val_loss {last_val:.4f}")
         if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
             state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
-            save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
+            save_checkpoint(run_dir, done, AdapterSaver(model) if fsdp else model, optimizer, scheduler, state, cfg.save_total_limit)
         accelerator.wait_for_everyone()
 
     metrics.close()

@@ -159,7 +159,9 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
         data_dir = prepare_dataset(cfg, verbose=accelerator.is_main_process)
         run_dir = prepare_run_dir(cfg, resume, overwrite) if accelerator.is_main_process else Path(cfg.train.output_dir)
     precision = choose_precision(cfg.train.precision, accelerator.device.type)
-    log(f"precision: {precision.name} ({precision.reason}); threads: {threads}")
+    from tunelab.train.distributed import describe_launch
+
+    log(f"{describe_launch(accelerator, cfg.train.batch_size, cfg.train.grad_accum)}; precision: {precision.name} ({precision.reason}); threads: {threads}")
 
     train_set, val_set = load_prepared(data_dir)
     train_rows, val_rows = rows_of(train_set), rows_of(val_set)
@@ -197,8 +199,10 @@ def _train_and_save(cfg, model, tokenizer, train_rows, val_rows, run_dir, data_d
         )
     if not accelerator.is_main_process:
         return {}
+    from tunelab.train.distributed import AdapterSaver, is_fsdp
+
     model = accelerator.unwrap_model(model)
-    save_folder_atomic(run_dir / "adapter", model.save_pretrained)
+    save_folder_atomic(run_dir / "adapter", (AdapterSaver(model) if is_fsdp(accelerator) else model).save_pretrained)
     maybe_inject_fault("final_save", result.steps)  # adapter written, tokenizer and summary not yet
     save_folder_atomic(run_dir / "tokenizer", tokenizer.save_pretrained)
     summary = {
@@ -207,6 +211,9 @@ def _train_and_save(cfg, model, tokenizer, train_rows, val_rows, run_dir, data_d
         "precision": precision.name,
         "precision_reason": precision.reason,
         "threads": threads,
+        "processes": accelerator.num_processes,
+        "distributed": str(accelerator.distributed_type).split(".")[-1],
+        "global_batch": cfg.train.batch_size * cfg.train.grad_accum,
         "data_dir": str(data_dir),
         "train_rows": len(train_rows),
         "val_rows": len(val_rows),
