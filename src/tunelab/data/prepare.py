@@ -436,9 +436,14 @@ def prepared_features():
 
 
 class SplitWriter:
-    """Rows -> folder/train and folder/val in `datasets.save_to_disk` layout, a batch at a time: rows go to an
-    Arrow file (datasets' ArrowWriter), which is then opened memory-mapped and saved, so no split is ever a
-    Python list."""
+    """Rows -> folder/train and folder/val in `datasets.save_to_disk` layout, a batch at a time.
+
+    Each split's rows go straight into its one Arrow file (datasets' ArrowWriter); `state.json` and
+    `dataset_info.json` are then written the way `Dataset.save_to_disk` writes them, from the file opened
+    memory-mapped. (Writing a Dataset and calling save_to_disk would read every page of it back: resident
+    memory that grows with the data.) `datasets.load_from_disk` reads the result."""
+
+    DATA_FILE = "data-00000-of-00001.arrow"
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -449,9 +454,9 @@ class SplitWriter:
     def __enter__(self) -> SplitWriter:
         from datasets.arrow_writer import ArrowWriter
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         for split in self.pending:
-            self.writers[split] = ArrowWriter(features=self.features, path=str(self.folder / f".{split}.arrow"))
+            (self.folder / split).mkdir(parents=True, exist_ok=True)
+            self.writers[split] = ArrowWriter(features=self.features, path=str(self.folder / split / self.DATA_FILE))
         return self
 
     def add(self, split: str, row: dict) -> None:
@@ -467,26 +472,28 @@ class SplitWriter:
             rows.clear()
 
     def __exit__(self, exc_type, *exc) -> bool:
-        import datasets
-
         for split, writer in self.writers.items():
             if exc_type is None:
                 self._flush(split)
-            writer.finalize() if exc_type is None else None
+                writer.finalize()
             writer.close()
-        if exc_type is not None:
-            return False
-        bars = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # the CLI prints its own summary
-        try:
+        if exc_type is None:
             for split in self.writers:
-                staged = self.folder / f".{split}.arrow"
-                datasets.Dataset.from_file(str(staged)).save_to_disk(str(self.folder / split))
-                staged.unlink()
-        finally:
-            if bars:
-                datasets.enable_progress_bars()
+                self._write_state(self.folder / split)
         return False
+
+    def _write_state(self, split_dir: Path) -> None:
+        from dataclasses import asdict
+
+        import datasets
+
+        dataset = datasets.Dataset.from_file(str(split_dir / self.DATA_FILE))  # memory-mapped: no data is read
+        keys = ("_fingerprint", "_format_columns", "_format_kwargs", "_format_type", "_output_all_columns")
+        state = {key: dataset.__dict__[key] for key in keys}
+        state.update(_split=None, _data_files=[{"filename": self.DATA_FILE}])
+        (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        info = asdict(dataset.info)
+        (split_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------- public
