@@ -214,6 +214,7 @@ def run_rows_bench(sizes: list[int], out: Path) -> dict[str, Any]:
     import yaml
 
     out = out.expanduser().resolve()
+    started = machine()  # date and load when the run starts
     pool = exchange_pool()
     results = []
     for rows in sizes:
@@ -234,7 +235,7 @@ def run_rows_bench(sizes: list[int], out: Path) -> dict[str, Any]:
             })
     return {
         "command": "tunelab bench data --rows " + ",".join(map(str, sizes)),
-        **machine(),
+        **started,
         "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
         "out": str(out),
         "results": results,
