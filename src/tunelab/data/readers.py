@@ -194,7 +194,9 @@ class _SlidingText:
 _STRUCTURE = re.compile(r'["{}\[\]]')
 # The inside of a JSON string. A raw newline cannot be in one, so a quote left open at the end of a line is the
 # syntax error (the string is taken to end there), not the start of a string running on to the next record.
-_STRING_BODY = re.compile(r'(?:[^"\\\n]|\\.)*', re.S)
+# Unrolled (one run of plain characters, then escape + run, ...): `(?:plain|escape)*` would keep regex backtracking
+# state per character, ~120 bytes each, i.e. a gigabyte to scan one 8M-character window of a long string.
+_STRING_BODY = re.compile(r'[^"\\\n]*(?:\\.[^"\\\n]*)*', re.S)
 _BAD_SCALAR = re.compile(r"[^,\]\n]*")  # a broken scalar array element ends at the next separator
 
 
