@@ -45,6 +45,11 @@ class SourceConfig(_Section):
         "auto", description="Record format; auto = recognised from the records themselves."
     )
     split: str = Field("train", description="Split to read from a Hub dataset.")
+    streaming: bool = Field(
+        False,
+        description="Hub dataset sources: read records as they stream in (datasets streaming) instead of downloading "
+        "the whole dataset first (bounded memory); an error mid-stream keeps the records before it and is reported as `stream_error` at its index.",
+    )
     weight: float = Field(
         1.0, gt=0.0, description="Mixing weight: rows kept = weight x rows available (<1 subsamples, >1 repeats)."
     )

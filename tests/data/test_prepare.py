@@ -101,11 +101,11 @@ def test_a_failure_while_writing_leaves_the_previous_folder_intact(tmp_path, mon
     folder = prepare_dataset(cfg)
     before = json.loads((folder / "report.json").read_text())
 
-    def half_written(out, train, val):
-        (out / "train").mkdir()
+    def half_written(writer, split, row):
+        (writer.folder / "train").mkdir(exist_ok=True)
         raise OSError("disk full")
 
-    monkeypatch.setattr(prepare, "save_splits", half_written)
+    monkeypatch.setattr(prepare.SplitWriter, "add", half_written)
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(cfg, force=True)
     assert json.loads((folder / "report.json").read_text()) == before

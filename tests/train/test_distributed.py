@@ -1,61 +1,128 @@
-"""Data-parallel training with accelerate (2 CPU processes, gloo) gives the single-process adapter."""
+"""Training on 2 CPU processes (gloo) through the shipped accelerate configs gives the single-process adapter:
+DDP (configs/accelerate/ddp.yaml) with grad_accum 1 and 2 and an uneven split of the batch, and FSDP
+(configs/accelerate/fsdp.yaml: base sharded, LoRA trained), whose checkpoints are written once and resume.
+
+`accelerate launch --cpu` starts ONE process whatever --num_processes says (accelerate's simple launcher), so
+the launches here leave `--cpu` out: accelerate then starts the processes with torchrun and each one, finding no
+GPU, runs on the CPU with gloo. Every test checks that 2 processes really ran (summary.json, first log line).
+"""
 
 from __future__ import annotations
 
-import shutil
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.helpers import conversations_file, small_llama_folder
+from tunelab.train.checkpoint import latest_valid_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+FSDP_WORKER = str(Path(__file__).with_name("fsdp_cpu_worker.py"))
 
-def config_file(tmp_path, model_dir, data, run_dir):
-    path = tmp_path / f"{run_dir.name}.yaml"
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    return folder, small_llama_folder(folder), conversations_file(folder, n=40)
+
+
+def config_file(inputs, run_dir: Path, **train) -> Path:
+    folder, model_dir, data = inputs
+    settings = {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "save_steps": 3, "eval_steps": 3, **train}
+    path = run_dir.with_suffix(".yaml")
     path.write_text(f"""
 model: {{name: {model_dir}}}
 data:
   sources: [{{path: {data}}}]
-  output_dir: {tmp_path / 'prepared'}
+  output_dir: {folder / 'prepared'}
   dedup: {{near: false}}
   val_fraction: 0.1
 train:
   output_dir: {run_dir}
-  max_steps: 3
-  batch_size: 2
-  grad_accum: 2
   lr: 1.0e-3
   max_seq_len: 64
   precision: fp32
-  save_steps: 3
-  eval_steps: 3
   threads: 1
-""")
+{''.join(f'  {k}: {v}{chr(10)}' for k, v in settings.items())}""")
     return path
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=str(__import__("pathlib").Path(sys.executable).parent)) is None, reason="accelerate CLI missing")
-def test_two_process_ddp_matches_single_process(tmp_path):
-    model_dir, data = small_llama_folder(tmp_path), conversations_file(tmp_path, n=40)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    bin_dir = __import__("pathlib").Path(sys.executable).parent
-    one = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(config_file(tmp_path, model_dir, data, single))],
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [str(bin_dir / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli", "train",
-         str(config_file(tmp_path, model_dir, data, ddp))],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
+def single(config: Path) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "tunelab.cli", "train", str(config)])
+
+
+def launch(accelerate_config: str, config: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
+    target = [FSDP_WORKER] if fsdp else ["-m", "tunelab.cli"]
+    return _run([ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
+                 "--num_processes", "2", *target, "train", str(config)])
+
+
+def _run(command) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def assert_ran_on(run_dir: Path, output: str, processes: int, kind: str, global_batch: int) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["processes"], summary["distributed"], summary["global_batch"]) == (processes, kind, global_batch)
+    first = next(line for line in output.splitlines() if line.startswith("processes:"))
+    assert first.startswith(f"processes: {processes} ({kind}); global batch: {global_batch} conversations")
+
+
+@pytest.mark.parametrize("batch_size, grad_accum", [(3, 1), (2, 2)])
+def test_two_process_ddp_matches_single_process(inputs, tmp_path, batch_size, grad_accum):
+    """grad_accum 1 (the default) and an uneven split (batch 3 = 2 + 1 rows), and accumulation over 2 micro-batches."""
+    one, two = tmp_path / "single", tmp_path / "ddp"
+    out_one = single(config_file(inputs, one, batch_size=batch_size, grad_accum=grad_accum))
+    out_two = launch("ddp.yaml", config_file(inputs, two, batch_size=batch_size, grad_accum=grad_accum))
+    assert_ran_on(one, out_one.stdout, 1, "NO", batch_size * grad_accum)
+    assert_ran_on(two, out_two.stdout, 2, "MULTI_CPU", batch_size * grad_accum)
+    assert_same_adapter(adapter(one), adapter(two))
+
+
+def test_fsdp_matches_single_process_writes_checkpoints_once_and_resumes(inputs, tmp_path):
+    one, two = tmp_path / "single", tmp_path / "fsdp"
+    settings = {"max_steps": 4, "batch_size": 3, "grad_accum": 1, "save_steps": 2, "eval_steps": 2}
+    single(config_file(inputs, one, **settings))
+
+    first = launch("fsdp.yaml", config_file(inputs, two, **{**settings, "max_steps": 2}), fsdp=True)
+    shards = re.findall(r"fsdp-shards: rank (\d) units (\d+) local (\d+) full (\d+)", first.stdout)
+    assert sorted(rank for rank, *_ in shards) == ["0", "1"]
+    for _, units, local, full in shards:  # each process holds about half of the base
+        assert int(units) >= 2 and int(local) * 2 <= int(full) + 2 * int(units)
+    assert [c.name for c in list_checkpoints(two)] == ["step-000002"]
+
+    second = launch("fsdp.yaml", config_file(inputs, two, **settings), fsdp=True)
+    assert "resuming from" in second.stdout and "step 2 of 4" in second.stdout
+    assert_ran_on(two, second.stdout, 2, "FSDP", 3)
+
+    # Written once, by the main process: each step's checkpoint is one complete folder, no temp folders left.
+    root = two / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
+    assert latest_valid_checkpoint(two).name == "step-000004"
+    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # one line per step, none doubled by a second writer
+
+    assert_same_adapter(adapter(one), adapter(two))
+    checkpoint = load_file(str(root / "step-000004" / "adapter" / "adapter_model.safetensors"))
+    assert_same_adapter(checkpoint, adapter(two))

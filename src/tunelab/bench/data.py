@@ -1,24 +1,43 @@
-"""`tunelab bench data`: time each phase of preparing the embedded ShareGPT file, at 1x/2x/4x its size.
+"""`tunelab bench data`: the data stage's speed and memory.
 
-Scale s reads and parses the file s times; copy c >= 1 of each record gets a small perturbation (a suffix on its
-first message) so exact dedup keeps it and near-dedup has real work. The phases are DataPipeline's own methods.
+Two benchmarks:
+- `--scales 1,2,4`: time each phase of preparing the embedded ShareGPT file, at 1x/2x/4x its size. Scale s reads
+  and parses the file s times; copy c >= 1 of each record gets a small perturbation (a suffix on its first
+  message) so exact dedup keeps it and near-dedup has real work.
+- `--rows 10000,100000`: FineTome-sized inputs. The embedded ShareGPT and chatterbot exchanges are resampled into
+  N new conversations (1-3 exchanges each, seeded), written as a JSONL and a Parquet file under `--out`; then
+  `tunelab data prepare` runs on each file in its own process, and its wall time, peak RSS (`wait4`'s ru_maxrss,
+  that process alone) and rows/s are reported, plus the peak RSS of a process reading every prepared training
+  row the way training does (memory-mapped). Bounded memory means peak RSS stays flat (within 1.5x) from the
+  smallest to the largest N.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import random
+import subprocess
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config, SourceConfig
 from tunelab.data import readers
-from tunelab.data.prepare import DataPipeline, FileRecords
+from tunelab.data.formats import record_to_pairs
+from tunelab.data.prepare import DataPipeline, SourceCounts
+from tunelab.data.problems import ProblemLog, RecordProblem
 from tunelab.bench.machine import run_header
 
 PHASES = ("recover", "normalize", "dedup_exact", "dedup_near", "encode")
+FLAT_RSS_RATIO = 1.5  # the bounded-memory rule: peak RSS at the largest N <= 1.5 x peak RSS at the smallest
+MAX_MESSAGE_CHARS = 1_000  # resampled messages are cut here: files stay a few hundred MB at 100k rows
 
 
+# ------------------------------------------------------------------------------------ --scales
 def perturbed(record: Any, copy_index: int) -> Any:
     """A near-duplicate of a ShareGPT record: same text plus a short suffix on the first message."""
     if copy_index == 0 or not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
@@ -35,21 +54,26 @@ def run_scale(scale: int, tokenizer) -> dict[str, Any]:
     src = SourceConfig(preset="embedded:sharegpt")
     pipeline = DataPipeline(cfg, tokenizer=tokenizer)
     name = pipeline.source_name(src)
-    files: list[FileRecords] = []
+    counts = pipeline.counts.setdefault(name, SourceCounts(name, src.preset, src.weight))
+    records = []
     with pipeline.timed("recover"):
         for c in range(scale):
-            part = pipeline.read_source(src, name)
-            for file in part:
-                file.records = [readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where) for r in file.records]
-            files += part
+            for path, label in readers.source_files(src).files:
+                stats = readers.FileStats(label)
+                ctx = readers.ReadContext(label, name, pipeline.log, cfg.data.max_record_chars, stats)
+                records += [readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where) for r in readers.iter_file(path, ctx)]
+                counts.records_read += stats.records
+                counts.unparsed_bytes += stats.unparsed_bytes
     with pipeline.timed("normalize"):
-        rows = pipeline.normalize(src, name, files)
+        rows = [row for r in records if (row := pipeline.normalize_record(r, src.format, None, name, Counter())) is not None]
+    del records
     valid = len(rows)
-    rows = pipeline.dedup_exact(rows)
-    rows = pipeline.dedup_near(rows)
+    with pipeline.timed("dedup_exact"):
+        rows = pipeline.dedup_exact(rows)
+    with pipeline.timed("dedup_near"):
+        rows = pipeline.dedup_near(rows)
     unique = len(rows)
-    train, val = pipeline.encode(rows)
-    counts = pipeline.counts[name]
+    split = Counter("val" if is_val else "train" for _, is_val, _, _ in pipeline.encoded(rows))
     return {
         "scale": scale,
         "records": counts.records_read,
@@ -57,8 +81,8 @@ def run_scale(scale: int, tokenizer) -> dict[str, Any]:
         "exact_duplicates": pipeline.duplicates["exact"].count,
         "near_duplicates": pipeline.duplicates["near"].count,
         "after_dedup": unique,
-        "train": len(train),
-        "val": len(val),
+        "train": split["train"],
+        "val": split["val"],
         "unparsed_bytes": counts.unparsed_bytes,
         "seconds": {phase: round(pipeline.timings.get(phase, 0.0), 2) for phase in PHASES},
         "total_s": round(sum(pipeline.timings.get(p, 0.0) for p in PHASES), 2),
@@ -100,3 +124,140 @@ def print_bench(figures: dict[str, Any]) -> None:
     table.add_row("rows after dedup", *(str(r["after_dedup"]) for r in results))
     table.add_row("train / val rows", *(f"{r['train']} / {r['val']}" for r in results))
     Console().print(table)
+
+
+# ------------------------------------------------------------------------------------ --rows
+def exchange_pool() -> list[tuple[str, str]]:
+    """Every (user, assistant) exchange of the embedded ShareGPT and chatterbot data, messages cut to
+    MAX_MESSAGE_CHARS (the pool the FineTome-sized inputs are resampled from)."""
+    pool: list[tuple[str, str]] = []
+    for preset in ("embedded:sharegpt", "embedded:chatterbot"):
+        for path, label in readers.source_files(SourceConfig(preset=preset)).files:
+            ctx = readers.ReadContext(label, preset, ProblemLog(), 10**9, readers.FileStats(label))
+            for record in readers.iter_file(path, ctx):
+                try:
+                    pairs = record_to_pairs(record.value)
+                except RecordProblem:
+                    continue
+                pool += [
+                    (q[:MAX_MESSAGE_CHARS], a[:MAX_MESSAGE_CHARS])
+                    for (rq, q), (ra, a) in zip(pairs, pairs[1:])
+                    if rq in ("human", "user") and ra in ("gpt", "assistant", "bot") and q.strip() and a.strip()
+                ]
+    return pool
+
+
+def resampled_conversations(pool: list[tuple[str, str]], rows: int, seed: int = 0):
+    """`rows` new conversations in OpenAI `messages` format, 1-3 exchanges drawn from the pool (a generator)."""
+    rng = random.Random(seed)
+    for _ in range(rows):
+        messages = []
+        for question, answer in rng.sample(pool, rng.choice((1, 1, 2, 3))):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        yield {"messages": messages}
+
+
+def write_inputs(folder: Path, pool: list[tuple[str, str]], rows: int) -> dict[str, Path]:
+    """The same `rows` conversations as `conversations-N.jsonl` and `conversations-N.parquet` (written in batches)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl, parquet = folder / f"conversations-{rows}.jsonl", folder / f"conversations-{rows}.parquet"
+    schema = pa.schema([("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))])
+    batch: list[dict] = []
+    with open(jsonl, "w", encoding="utf-8") as f, pq.ParquetWriter(parquet, schema) as writer:
+        for record in resampled_conversations(pool, rows):
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            batch.append(record)
+            if len(batch) == 1000:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                batch.clear()
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    return {"jsonl": jsonl, "parquet": parquet}
+
+
+_READ_ALL_ROWS = """
+import sys
+from tunelab.data.prepare import TokenRows, load_prepared
+train, _ = load_prepared(sys.argv[1])
+rows = TokenRows(train)
+print(sum(len(rows[i][0]) for i in range(len(rows))))
+"""
+
+
+def measured(command: list[str], log_path: Path) -> dict[str, Any]:
+    """Run `command` in its own process: wall seconds and that process's own peak RSS (wait4's ru_maxrss)."""
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed; see {log_path}")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def run_rows_bench(sizes: list[int], out: Path) -> dict[str, Any]:
+    """Prepare N-row JSONL and Parquet inputs for each N in `sizes`; measure prepare and the training read."""
+    import yaml
+
+    out = out.expanduser().resolve()
+    started = {  # command, machine, date and load when the run starts
+        **run_header("tunelab bench data --rows " + ",".join(map(str, sizes))),
+        "load_average_at_start": os.getloadavg()[0],
+    }
+    pool = exchange_pool()
+    results = []
+    for rows in sizes:
+        inputs = write_inputs(out / "inputs", pool, rows)
+        for fmt, path in inputs.items():
+            prepared = out / f"prepared-{fmt}-{rows}"
+            config = out / f"config-{fmt}-{rows}.yaml"
+            config.write_text(yaml.safe_dump({"data": {"sources": [{"path": str(path)}], "output_dir": str(prepared)}}))
+            prepare = measured([sys.executable, "-m", "tunelab.cli", "data", "prepare", str(config), "--force"], out / f"prepare-{fmt}-{rows}.log")
+            read = measured([sys.executable, "-c", _READ_ALL_ROWS, str(prepared)], out / f"read-{fmt}-{rows}.log")
+            report = json.loads((prepared / "report.json").read_text(encoding="utf-8"))
+            results.append({
+                "rows": rows, "format": fmt, "input_mib": round(path.stat().st_size / 2**20, 1),
+                "prepare": {**prepare, "rows_per_s": round(rows / max(prepare["wall_s"], 1e-9), 1)},
+                "train_read": read,
+                "train_rows": report["splits"]["train"], "val_rows": report["splits"]["val"],
+                "near_duplicates": report["duplicates"]["near"]["count"],
+            })
+    return {
+        **started,
+        "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
+        "out": str(out),
+        "results": results,
+        "flat_rss": flat_rss(results),
+    }
+
+
+def flat_rss(results: list[dict]) -> dict[str, Any]:
+    """Peak RSS at the largest N over the smallest N, per format and measured process; `ok` when all <= 1.5."""
+    ratios = {}
+    for fmt in sorted({r["format"] for r in results}):
+        runs = sorted((r for r in results if r["format"] == fmt), key=lambda r: r["rows"])
+        for what in ("prepare", "train_read"):
+            ratios[f"{fmt} {what}"] = round(runs[-1][what]["peak_rss_mib"] / runs[0][what]["peak_rss_mib"], 2)
+    return {"ratios": ratios, "limit": FLAT_RSS_RATIO, "ok": all(v <= FLAT_RSS_RATIO for v in ratios.values())}
+
+
+def print_rows_bench(figures: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"tunelab bench data --rows - {figures['machine']} ({figures['cores']} cores)")
+    for column in ("input", "rows", "MiB", "prepare wall s", "rows/s", "prepare peak RSS MiB", "train read peak RSS MiB", "train / val rows"):
+        table.add_column(column, justify="right")
+    for r in figures["results"]:
+        table.add_row(
+            r["format"], f"{r['rows']:,}", f"{r['input_mib']}", f"{r['prepare']['wall_s']:.1f}", f"{r['prepare']['rows_per_s']:.0f}",
+            f"{r['prepare']['peak_rss_mib']:.0f}", f"{r['train_read']['peak_rss_mib']:.0f}", f"{r['train_rows']:,} / {r['val_rows']:,}",
+        )
+    Console().print(table)
+    flat = figures["flat_rss"]
+    verdict = "met" if flat["ok"] else "NOT met"
+    Console().print(f"peak RSS, largest / smallest N: {flat['ratios']} (limit {flat['limit']}x: {verdict})")

@@ -13,7 +13,6 @@ import platform
 import shlex
 import sys
 
-# TODO(hardware.py): cpu_flags/cpu_model move to tunelab.hardware; import them from there once it lands.
 from tunelab.hardware import cpu_flags, cpu_model
 from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS
 

@@ -54,7 +54,7 @@ def bench_data(cfg, max_val_rows: int) -> tuple[list, list]:
     from tunelab.train.recipe import rows_of
 
     train_set, val_set = load_prepared(prepare_dataset(cfg, verbose=False))
-    return rows_of(train_set), rows_of(val_set)[:max_val_rows]
+    return list(rows_of(train_set)), list(rows_of(val_set)[:max_val_rows])  # the workers get them as JSON
 
 
 def ensure_trl() -> None:

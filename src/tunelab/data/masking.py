@@ -76,7 +76,8 @@ class _Progress:
 
 
 def encode_conversations(
-    tokenizer, conversations: list[list[Message]], wheres: list[str], max_seq_len: int, policy: str
+    tokenizer, conversations: list[list[Message]], wheres: list[str], max_seq_len: int, policy: str,
+    verify_rows: int = VERIFY_ROWS,
 ) -> tuple[list[Encoded | RecordProblem], EncodeStats]:
     stats = EncodeStats()
     rows = [
@@ -90,7 +91,7 @@ def encode_conversations(
         _encode_exchange(tokenizer, active, wave, max_seq_len, stats)
         wave += 1
     results = [_finish(r, policy, stats) for r in rows]
-    _verify_segments(tokenizer, [r for r, res in zip(rows, results) if isinstance(res, Encoded)][:VERIFY_ROWS], stats)
+    _verify_segments(tokenizer, [r for r, res in zip(rows, results) if isinstance(res, Encoded)][:verify_rows], stats)
     return results, stats
 
 

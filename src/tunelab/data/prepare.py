@@ -1,12 +1,15 @@
 """`tunelab data prepare`: sources -> canonical conversations -> dedup -> mix/split -> tokenised dataset folder.
 
+One streamed pass, in bounded memory (records are never collected into lists):
     read       every source, record by record (readers.py); file-level problems raise DataError
     normalize  record -> canonical conversation + filters (formats.py, normalize.py); per-record problems counted
-    dedup      exact (content id) then near (MinHash LSH), first occurrence wins (dedup.py)
+    dedup      exact (set of content ids) then near (streaming MinHash LSH index), first occurrence wins (dedup.py)
     mix/split  copies per row from the source weight; val iff hash(id) < val_fraction (split.py)
-    encode     chat template, labels on assistant tokens, truncation policy (masking.py)
-    write      train/ val/ (datasets.save_to_disk) + report.json, summary.md, token_lengths.png,
+    encode     chat template, labels on assistant tokens, truncation policy (masking.py), ENCODE_CHUNK rows at a time
+    write      train/ val/ (Arrow, datasets.save_to_disk layout) + report.json, summary.md, token_lengths.png,
                into a temp folder renamed into place: a half-written dataset never exists.
+What grows with the input is a few numbers per row: content ids, MinHash signatures, token lengths for the report.
+Training reads the written Arrow files memory-mapped (TokenRows), never as Python lists.
 
 Rows: `id` is the content hash of the whole normalised conversation (split and dedup key); `messages` is the
 conversation as kept (whole exchanges, shorter when truncated), matching `input_ids`; a train row repeated by a
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import time
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +37,15 @@ from typing import Any
 from tunelab.config import Config, DataConfig, SourceConfig
 from tunelab.data import dedup, readers
 from tunelab.data.formats import record_to_pairs
-from tunelab.data.masking import IGNORE_INDEX, VERIFY_ROWS, Encoded, encode_conversations
+from tunelab.data.masking import IGNORE_INDEX, VERIFY_ROWS, Encoded, EncodeStats, encode_conversations
 from tunelab.data.normalize import Message, canonical_conversation, keyword_pattern
-from tunelab.data.problems import FILTER_REASONS, DataError, ProblemLog, RecordProblem
+from tunelab.data.problems import FILTER_REASONS, FIRST_LOCATIONS, DataError, ProblemLog, RecordProblem
 from tunelab.data.report import length_stats, print_summary, write_report
 from tunelab.data.split import copies_for_weight, is_validation
 from tunelab.io import atomic_folder
 
 FORMAT_VERSION = 1  # bump when the prepared output changes for the same config
+ENCODE_CHUNK = 1024  # rows tokenised (and held) at a time: the tokenizer's batch, and the memory bound
 TRUNCATION_POLICIES = {
     "truncate": "keep the longest run of whole user/assistant exchanges that fits; drop rows whose first exchange does not fit",
     "drop": "drop rows that do not fit whole",
@@ -69,16 +75,11 @@ class SourceCounts:
     unparsed: list[dict] = field(default_factory=list)
 
 
-@dataclass
-class FileRecords:
-    """Raw records of one file (or hub dataset) and what reading it found."""
-
-    stats: readers.FileStats
-    records: list[readers.RawRecord]
-
-
 class DataPipeline:
-    """The phases of prepare_dataset as separate methods, so `tunelab bench data` can time each one."""
+    """The phases of prepare_dataset, streamed: records flow from the file through normalisation, dedup, the
+    split and tokenisation to the Arrow writers in chunks of ENCODE_CHUNK rows. What stays in memory grows only
+    by a few numbers per row (content ids for exact dedup, MinHash signatures for near dedup, token lengths for
+    the report), never by the rows themselves."""
 
     def __init__(self, cfg: Config, tokenizer=None) -> None:
         self.cfg = cfg
@@ -89,7 +90,9 @@ class DataPipeline:
         self.cpu_timings: dict[str, float] = defaultdict(float)
         self.duplicates = {"exact": _LocatedCount(), "near": _LocatedCount()}
         self._tokenizer = tokenizer
-        self.encode_stats = None
+        self.encode_stats = EncodeStats()
+        self.lengths: dict[str, array] = {"train": array("i"), "val": array("i")}
+        self.label_lengths: dict[str, array] = {"train": array("i"), "val": array("i")}
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -116,136 +119,157 @@ class DataPipeline:
             name, n = f"{src.label}-{n}", n + 1
         return name
 
-    def read_source(self, src: SourceConfig, name: str) -> list[FileRecords]:
+    def source_rows(self, src: SourceConfig, name: str | None = None) -> Iterator[Row]:
+        """Normalised rows of one source, record by record; file-level checks run as each file ends."""
+        name = name or self.source_name(src)
         counts = self.counts.setdefault(name, SourceCounts(name, src.path or src.preset, src.weight))
         located = readers.source_files(src)
         budget = src.max_records
-        out = []
+        keywords = keyword_pattern(src.keywords)
         for path, label in located.files or [(None, located.hub_id)]:
             stats = readers.FileStats(label)
             ctx = readers.ReadContext(label, name, self.log, self.data.max_record_chars, stats)
-            records = readers.iter_hub(located.hub_id, src.split, stats) if path is None else readers.iter_file(path, ctx)
-            kept = []
+            records = readers.iter_hub(located.hub_id, src, ctx) if path is None else readers.iter_file(path, ctx)
+            reasons: Counter[str] = Counter()
+            taken, usable, first_record = 0, 0, None
             with contextlib.closing(records):  # closes the file even when max_records stops early
                 for record in records:
-                    kept.append(record)
-                    if budget is not None and len(kept) >= budget:
+                    taken += 1
+                    first_record = record.value if taken == 1 else first_record
+                    row = self.normalize_record(record, src.format, keywords, name, reasons)
+                    if row is not None:
+                        usable += 1
+                        counts.valid += 1
+                        yield row
+                    if budget is not None and taken >= budget:
                         break
             counts.files += 1
             counts.records_read += stats.records
             counts.unparsed_bytes += stats.unparsed_bytes
             if stats.unparsed_bytes:
                 counts.unparsed.append({"at": stats.unparsed_at, "bytes": stats.unparsed_bytes, "error": stats.unparsed_error})
-            out.append(FileRecords(stats, kept))
+            check_file_usable(stats, usable, reasons, first_record)
             if budget is not None:
-                budget -= len(kept)
+                budget -= taken
                 if budget <= 0:
                     break
-        return out
+        if not counts.valid:
+            raise DataError(f"{src.path or src.preset}: all {counts.records_read} rows were filtered out ({self.log.top_reasons(name)})")
 
-    def normalize(self, src: SourceConfig, name: str, files: list[FileRecords]) -> list[Row]:
-        keywords = keyword_pattern(src.keywords)
-        fmt = src.format
-        rows: list[Row] = []
-        for file in files:
-            reasons: Counter[str] = Counter()
-            before = len(rows)
-            for record in file.records:
-                try:
-                    pairs = record_to_pairs(record.value, fmt)
-                    if sum(len(text) for _, text in pairs) > self.data.max_record_chars:
-                        raise RecordProblem("too_long", f"more than data.max_record_chars={self.data.max_record_chars} characters")
-                    messages = canonical_conversation(pairs, self.data, keywords, lambda r, w=record.where: self.log.repair(r, w))
-                except RecordProblem as problem:
-                    reasons[problem.reason] += 1
-                    self.log.drop(problem.reason, record.where, name, problem.detail)
-                    continue
-                rows.append(Row(dedup.content_id(messages), name, record.where, messages))
-            check_file_usable(file, len(rows) - before, reasons, first_record=file.records[0].value if file.records else None)
-        self.counts[name].valid += len(rows)
-        if not rows:
-            total = self.counts[name].records_read
-            raise DataError(f"{src.path or src.preset}: all {total} rows were filtered out ({self.log.top_reasons(name)})")
-        return rows
+    def normalize_record(self, record: readers.RawRecord, fmt: str, keywords, name: str, reasons: Counter) -> Row | None:
+        try:
+            pairs = record_to_pairs(record.value, fmt)
+            if sum(len(text) for _, text in pairs) > self.data.max_record_chars:
+                raise RecordProblem("too_long", f"more than data.max_record_chars={self.data.max_record_chars} characters")
+            messages = canonical_conversation(pairs, self.data, keywords, lambda r, w=record.where: self.log.repair(r, w))
+        except RecordProblem as problem:
+            reasons[problem.reason] += 1
+            self.log.drop(problem.reason, record.where, name, problem.detail)
+            return None
+        return Row(dedup.content_id(messages), name, record.where, messages)
+
+    def iter_rows(self) -> Iterator[Row]:
+        for src in self.data.sources:
+            yield from self.source_rows(src, self.source_name(src))
 
     def read_all(self) -> list[Row]:
-        rows: list[Row] = []
-        for src in self.data.sources:
-            name = self.source_name(src)
-            with self.timed("read"):
-                files = self.read_source(src, name)
-            with self.timed("normalize"):
-                rows += self.normalize(src, name, files)
-        return rows
+        """Every normalised row in a list: for small inputs and tests (prepare itself streams)."""
+        return list(self.iter_rows())
 
     # ------------------------------------------------------------------ dedup
+    def unique_rows(self, rows: Iterable[Row]) -> Iterator[Row]:
+        """Rows without exact and near duplicates, first occurrence wins; the rows stream through."""
+        cfg = self.data.dedup
+        seen: set[str] = set()
+        near = dedup.NearDuplicateIndex(cfg.threshold, cfg.num_perm, cfg.shingle_words) if cfg.near else None
+        kept_where: list[str] = []  # location of each row the near index holds (for the report)
+        for row in rows:
+            if cfg.exact:
+                if row.id in seen:
+                    self.duplicates["exact"].add(row.where)
+                    continue
+                seen.add(row.id)
+            if near is not None:
+                original = near.add(dedup.dedup_text(row.messages))
+                if original is not None:
+                    self.duplicates["near"].add(f"{row.where} ~ {kept_where[original]}")
+                    continue
+                # the report names the first few duplicates' originals; once those are found, no location is kept
+                kept_where.append(row.where if self.duplicates["near"].count < FIRST_LOCATIONS else "")
+            yield row
+
     def dedup_exact(self, rows: list[Row]) -> list[Row]:
-        if not self.data.dedup.exact:
-            return rows
-        with self.timed("dedup_exact"):
-            dups = set(dedup.exact_duplicates([r.id for r in rows]))
-            for i in sorted(dups):
-                self.duplicates["exact"].add(rows[i].where)
-            return [r for i, r in enumerate(rows) if i not in dups]
+        near, self.data.dedup.near = self.data.dedup.near, False
+        try:
+            return list(self.unique_rows(rows))
+        finally:
+            self.data.dedup.near = near
 
     def dedup_near(self, rows: list[Row]) -> list[Row]:
-        cfg = self.data.dedup
-        if not cfg.near:
-            return rows
-        with self.timed("dedup_near"):
-            texts = [dedup.dedup_text(r.messages) for r in rows]
-            dups = dedup.near_duplicates(texts, cfg.threshold, cfg.num_perm, cfg.shingle_words)
-            for i, original in sorted(dups.items()):
-                self.duplicates["near"].add(f"{rows[i].where} ~ {rows[original].where}")
-            return [r for i, r in enumerate(rows) if i not in dups]
+        exact, self.data.dedup.exact = self.data.dedup.exact, False
+        try:
+            return list(self.unique_rows(rows))
+        finally:
+            self.data.dedup.exact = exact
 
-    # ------------------------------------------------------------------ mix, split, encode
-    def encode(self, rows: list[Row]) -> tuple[list[dict], list[dict]]:
-        """Tokenise the rows that the mix keeps; returns (train, val) lists of output rows."""
+    # ------------------------------------------------------------------ mix, split, encode, write
+    def planned(self, rows: Iterable[Row]) -> Iterator[tuple[Row, bool, int]]:
+        """(row, is_val, copies) for every row the mix keeps: val iff hash(id) < val_fraction, copies from the weight."""
         weights = {name: c.weight for name, c in self.counts.items()}
         for r in rows:
             self.counts[r.source].unique += 1
-        plan = []  # (row, is_val, copies)
-        for r in rows:
+            weight = weights.get(r.source) or self.counts[r.source].weight
             val = is_validation(r.id, self.data.val_fraction)
-            copies = copies_for_weight(r.id, weights[r.source])
+            copies = copies_for_weight(r.id, weight)
             if copies:
-                plan.append((r, val, 1 if val else copies))  # val holds each row once: repeats would not help eval
-        with self.timed("encode"):
-            results, self.encode_stats = encode_conversations(
-                self.tokenizer,
-                [r.messages for r, _, _ in plan],
-                [r.where for r, _, _ in plan],
-                self.cfg.train.max_seq_len,
-                self.data.truncation,
-            )
-        train, val = [], []
-        for (r, is_val, copies), result in zip(plan, results):
-            if isinstance(result, RecordProblem):
-                self.log.drop(result.reason, r.where, r.source, result.detail)
-                continue
-            out = output_row(r, result)
-            (val if is_val else train).extend([out] * copies)
-            counts = self.counts[r.source]
-            if is_val:
-                counts.val_rows += 1
-            else:
-                counts.train_rows += copies
-        if not train:
-            raise DataError(
-                f"data.sources: no training rows left after filtering, dedup and tokenising "
-                f"(dropped: {', '.join(f'{k} {v}' for k, v in self.log.dropped.counts.most_common(4))})"
-            )
-        return train, val
+                yield r, val, 1 if val else copies  # val holds each row once: repeats would not help eval
 
-    def run(self) -> tuple[list[dict], list[dict]]:
-        rows = self.read_all()
-        rows = self.dedup_exact(rows)
-        rows = self.dedup_near(rows)
-        return self.encode(rows)
+    def encoded(self, rows: Iterable[Row]) -> Iterator[tuple[Row, bool, int, Encoded]]:
+        """Tokenise the planned rows chunk by chunk (the tokenizer works on batches); problems are counted."""
+        plan = self.planned(rows)
+        while chunk := list(itertools.islice(plan, ENCODE_CHUNK)):
+            verify = max(VERIFY_ROWS - self.encode_stats.verified, 0)
+            with self.timed("encode"):
+                results, stats = encode_conversations(
+                    self.tokenizer, [r.messages for r, _, _ in chunk], [r.where for r, _, _ in chunk],
+                    self.cfg.train.max_seq_len, self.data.truncation, verify_rows=verify,
+                )
+            for key, value in vars(stats).items():
+                setattr(self.encode_stats, key, getattr(self.encode_stats, key) + value)
+            for (r, is_val, copies), result in zip(chunk, results):
+                if isinstance(result, RecordProblem):
+                    self.log.drop(result.reason, r.where, r.source, result.detail)
+                    continue
+                yield r, is_val, copies, result
+
+    def write_splits(self, folder: Path, rows: Iterable[Row]) -> None:
+        """Encode `rows` and write folder/train and folder/val (datasets.save_to_disk layout) in bounded memory."""
+        with SplitWriter(folder) as writer:
+            for r, is_val, copies, result in self.encoded(rows):
+                split = "val" if is_val else "train"
+                out = output_row(r, result)
+                for _ in range(copies):
+                    writer.add(split, out)
+                    self.lengths[split].append(out["num_tokens"])
+                    self.label_lengths[split].append(out["num_label_tokens"])
+                counts = self.counts[r.source]
+                if is_val:
+                    counts.val_rows += 1
+                else:
+                    counts.train_rows += copies
+            if not self.lengths["train"]:
+                raise DataError(
+                    f"data.sources: no training rows left after filtering, dedup and tokenising "
+                    f"(dropped: {', '.join(f'{k} {v}' for k, v in self.log.dropped.counts.most_common(4))})"
+                )
+
+    def run(self, folder: Path) -> None:
+        """Every phase, streamed: sources -> unique rows -> split/mix -> encode -> folder/train, folder/val."""
+        with self.timed("total"):
+            self.write_splits(folder, self.unique_rows(self.iter_rows()))
 
     # ------------------------------------------------------------------ report
-    def report(self, train: list[dict], val: list[dict], key: str, inputs: list) -> dict[str, Any]:
+    def report(self, key: str, inputs: list) -> dict[str, Any]:
         stats = self.encode_stats
         return {
             "format_version": FORMAT_VERSION,
@@ -257,20 +281,17 @@ class DataPipeline:
             "repaired": self.log.repaired.to_json(),
             "duplicates": {k: v.to_json() for k, v in self.duplicates.items()},
             "unparsed_bytes": sum(c.unparsed_bytes for c in self.counts.values()),
-            "splits": {"train": len(train), "val": len(val), "val_fraction": self.data.val_fraction},
-            "tokens": {
-                "train": length_stats([r["num_tokens"] for r in train], [r["num_label_tokens"] for r in train]),
-                "val": length_stats([r["num_tokens"] for r in val], [r["num_label_tokens"] for r in val]),
-            },
+            "splits": {"train": len(self.lengths["train"]), "val": len(self.lengths["val"]), "val_fraction": self.data.val_fraction},
+            "tokens": {split: length_stats(self.lengths[split], self.label_lengths[split]) for split in ("train", "val")},
             "truncation": {
                 "policy": self.data.truncation,
                 "max_seq_len": self.cfg.train.max_seq_len,
                 "description": TRUNCATION_POLICIES[self.data.truncation],
-                "truncated_rows": stats.truncated if stats else 0,
+                "truncated_rows": stats.truncated,
             },
             "tokenization": {
-                "template_checked_rows": stats.verified if stats else 0,
-                "segment_boundary_mismatches": stats.boundary_mismatch if stats else 0,
+                "template_checked_rows": stats.verified,
+                "segment_boundary_mismatches": stats.boundary_mismatch,
                 "note": f"segments are tokenised separately; the first {VERIFY_ROWS} rows are compared with whole-text tokenisation",
             },
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
@@ -291,13 +312,14 @@ class _LocatedCount:
         return {"count": self.count, "first": self.first}
 
 
-def check_file_usable(file: FileRecords, usable: int, reasons: Counter, first_record: Any) -> None:
+def check_file_usable(stats: readers.FileStats, usable: int, reasons: Counter, first_record: Any) -> None:
     """File-level problems: no record at all, an unknown format, not UTF-8, or nothing but broken records."""
-    stats = file.stats
     if usable:
         return
     label = stats.label
     if stats.records == 0:
+        if stats.first_error:  # a stream that failed before its first record
+            raise DataError(f"{label}: nothing usable: {stats.first_error}")
         if stats.unparsed_bytes:
             raise DataError(f"{label}: nothing usable: no complete record ({stats.unparsed_error} at {stats.unparsed_at})")
         raise DataError(f"{label}: empty file (no records)")
@@ -380,10 +402,10 @@ def _check_output_folder(folder: Path) -> None:
         raise DataError(f"data.output_dir: {folder} exists and is not a prepared dataset folder (choose another or remove it)")
 
 
-def save_splits(folder: Path, train: list[dict], val: list[dict]) -> None:
+def prepared_features():
     import datasets
 
-    features = datasets.Features(
+    return datasets.Features(
         {
             "id": datasets.Value("string"),
             "source": datasets.Value("string"),
@@ -394,15 +416,67 @@ def save_splits(folder: Path, train: list[dict], val: list[dict]) -> None:
             "num_label_tokens": datasets.Value("int32"),
         }
     )
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # two tiny writes: a progress bar would be noise in the CLI output
-    try:
-        for name, rows in (("train", train), ("val", val)):
-            columns = {key: [r[key] for r in rows] for key in features}
-            datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(folder / name))
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
+
+
+class SplitWriter:
+    """Rows -> folder/train and folder/val in `datasets.save_to_disk` layout, a batch at a time.
+
+    Each split's rows go straight into its one Arrow file (datasets' ArrowWriter); `state.json` and
+    `dataset_info.json` are then written the way `Dataset.save_to_disk` writes them, from the file opened
+    memory-mapped. (Writing a Dataset and calling save_to_disk would read every page of it back: resident
+    memory that grows with the data.) `datasets.load_from_disk` reads the result."""
+
+    DATA_FILE = "data-00000-of-00001.arrow"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.features = prepared_features()
+        self.pending: dict[str, list[dict]] = {"train": [], "val": []}
+        self.writers: dict = {}
+
+    def __enter__(self) -> SplitWriter:
+        from datasets.arrow_writer import ArrowWriter
+
+        for split in self.pending:
+            (self.folder / split).mkdir(parents=True, exist_ok=True)
+            self.writers[split] = ArrowWriter(features=self.features, path=str(self.folder / split / self.DATA_FILE))
+        return self
+
+    def add(self, split: str, row: dict) -> None:
+        rows = self.pending[split]
+        rows.append(row)
+        if len(rows) >= ENCODE_CHUNK:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        rows = self.pending[split]
+        if rows:
+            self.writers[split].write_batch({key: [r[key] for r in rows] for key in self.features})
+            rows.clear()
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        for split, writer in self.writers.items():
+            if exc_type is None:
+                self._flush(split)
+                writer.finalize()
+            writer.close()
+        if exc_type is None:
+            for split in self.writers:
+                self._write_state(self.folder / split)
+        return False
+
+    def _write_state(self, split_dir: Path) -> None:
+        from dataclasses import asdict
+
+        import datasets
+
+        dataset = datasets.Dataset.from_file(str(split_dir / self.DATA_FILE))  # memory-mapped: no data is read
+        keys = ("_fingerprint", "_format_columns", "_format_kwargs", "_format_type", "_output_all_columns")
+        state = {key: dataset.__dict__[key] for key in keys}
+        state.update(_split=None, _data_files=[{"filename": self.DATA_FILE}])
+        (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        info = asdict(dataset.info)
+        (split_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------- public
@@ -417,14 +491,10 @@ def prepare_dataset(cfg: Config, force: bool = False, verbose: bool = False) -> 
         return folder
     _check_output_folder(folder)
     pipeline = DataPipeline(cfg)
-    train, val = pipeline.run()
 
     with atomic_folder(folder) as tmp:  # readers see the old or the new folder, never half
-        with pipeline.timed("write"):
-            save_splits(tmp, train, val)
-        report = pipeline.report(train, val, key, inputs)
-        lengths = {"train": [r["num_tokens"] for r in train], "val": [r["num_tokens"] for r in val]}
-        write_report(tmp, report, lengths)
+        pipeline.run(tmp)  # reads, dedups, encodes and writes train/ and val/ in one streamed pass
+        write_report(tmp, pipeline.report(key, inputs), pipeline.lengths)
     if verbose:
         print_summary(json.loads((folder / "report.json").read_text(encoding="utf-8")), folder)
     return folder
@@ -438,3 +508,25 @@ def load_prepared(path: str | Path):
     if not is_prepared(folder):
         raise DataError(f"{folder}: not a prepared dataset folder (run `tunelab data prepare CONFIG`)")
     return datasets.load_from_disk(str(folder / "train")), datasets.load_from_disk(str(folder / "val"))
+
+
+class TokenRows(Sequence):
+    """(input_ids, labels) of a prepared split, read on demand from its memory-mapped Arrow table: training
+    indexes rows (batching.step_indices) without turning the dataset into Python lists."""
+
+    def __init__(self, dataset, positions: range | None = None) -> None:
+        import pyarrow as pa
+
+        self._table = dataset if isinstance(dataset, pa.Table) else dataset.data.table  # memory-mapped by datasets
+        self._input_ids = self._table.column("input_ids")
+        self._labels = self._table.column("labels")
+        self._positions = positions if positions is not None else range(self._table.num_rows)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TokenRows(self._table, self._positions[index])
+        row = self._positions[index]
+        return self._input_ids[row].as_py(), self._labels[row].as_py()

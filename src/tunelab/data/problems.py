@@ -21,6 +21,7 @@ FIRST_LOCATIONS = 5  # locations kept per reason: enough to find the pattern, sm
 PROBLEM_REASONS = {
     "malformed_json": "not valid JSON",
     "unparsed_tail": "file ends inside a record (truncated); the rest was not parsed",
+    "stream_error": "a streamed dataset raised an error at this record; the source's later records were not read",
     "not_a_record": "record is not an object/list",
     "unknown_format": "no known format (ShareGPT, OpenAI messages, Alpaca, prompt/response)",
     "missing_field": "a required field is missing",

@@ -6,8 +6,9 @@ Supported origins: a local file or folder (.json, .jsonl, .yaml/.yml, .parquet),
 Robustness rules:
 - .json is decoded *record by record* with `json.JSONDecoder.raw_decode` over a sliding text buffer, so a
   truncated array (like the embedded ShareGPT file) still yields every complete record; whatever is left is
-  reported as `unparsed_tail` with its byte count and location. A JSON array has no reliable resync point,
-  so a syntax error in the middle is handled the same way (everything after it is reported as unparsed).
+  reported as `unparsed_tail` with its byte count and location. A syntax error inside one array record is a
+  per-record problem (`malformed_json`, located as `file#index (line n)`): a bracket scanner finds where that
+  record ends and reading goes on with the next one, holding at most a window of text (never the rest of the file).
 - .jsonl is read line by line: a malformed line is one `malformed_json` record problem (`file:line`).
 - Over-long records (data.max_record_chars) are skipped before decoding where the format allows (JSONL lines),
   so a 10 MB string costs one pass over its bytes and is never copied into Python objects twice.
@@ -59,6 +60,7 @@ class FileStats:
     unparsed_error: str | None = None
     first_error: str | None = None  # first malformed-line message (for "nothing usable")
     problems: int = 0  # record problems found while reading (malformed lines, bad bytes, too long)
+    peak_buffer_chars: int = 0  # largest text window a JSON reader held: memory stays bounded by this
 
 
 @dataclass
@@ -179,19 +181,66 @@ class _SlidingText:
         self.f = f
         self.buf = f.read(CHUNK_CHARS)
         self.eof = len(self.buf) < CHUNK_CHARS
+        self.peak = len(self.buf)
 
-    def more(self, pos: int) -> None:
-        want = max(CHUNK_CHARS, len(self.buf) - pos)
+    def more(self, pos: int, want: int | None = None) -> None:
+        want = want or max(CHUNK_CHARS, len(self.buf) - pos)
         extra = self.f.read(want)
         self.eof = len(extra) < want
         self.buf = self.buf[pos:] + extra
+        self.peak = max(self.peak, len(self.buf))
+
+
+_STRUCTURE = re.compile(r'["{}\[\]]')
+# The inside of a JSON string. A raw newline cannot be in one, so a quote left open at the end of a line is the
+# syntax error (the string is taken to end there), not the start of a string running on to the next record.
+# Unrolled (one run of plain characters, then escape + run, ...): `(?:plain|escape)*` would keep regex backtracking
+# state per character, ~120 bytes each, i.e. a gigabyte to scan one 8M-character window of a long string.
+_STRING_BODY = re.compile(r'[^"\\\n]*(?:\\.[^"\\\n]*)*', re.S)
+_BAD_SCALAR = re.compile(r"[^,\]\n]*")  # a broken scalar array element ends at the next separator
+
+
+@dataclass
+class _Scan:
+    """Where a bracket scan stands between text windows: open brackets, and whether it is inside a string."""
+
+    depth: int = 0
+    in_string: bool = False
+
+
+def _scan_to_close(buf: str, pos: int, scan: _Scan) -> tuple[int | None, int]:
+    """(end, resume): `end` is just after the bracket that closes the value `scan` is in, or None when `buf` runs
+    out first; then scanning goes on at `resume` of the same text (kept in the next window) with the same `scan`.
+    Brackets inside strings do not count."""
+    while True:
+        if scan.in_string:
+            pos = _STRING_BODY.match(buf, pos).end()
+            if pos >= len(buf) or buf[pos] == "\\":  # out of text (maybe between a backslash and its escape)
+                return None, pos
+            scan.in_string = False
+            pos += 1  # the closing quote, or the newline ending an unterminated string
+            continue
+        token = _STRUCTURE.search(buf, pos)
+        if token is None:
+            return None, len(buf)
+        pos, char = token.end(), token.group()
+        if char == '"':
+            scan.in_string = True
+        elif char in "{[":
+            scan.depth += 1
+        else:
+            scan.depth -= 1
+            if scan.depth <= 0:
+                return pos, pos
 
 
 def iter_json(path: Path, ctx: ReadContext) -> Iterator[RawRecord]:
     """Records of a JSON array (or a stream of JSON values), decoded one at a time.
 
-    A record cut by the window end is retried with more text. At end of file a record that still does not
-    decode is the truncated (or malformed) tail: its size and location go to the report.
+    A record cut by the window end is retried with more text, up to data.max_record_chars; a longer one is
+    skipped by scanning, window by window, without holding it. A record that does not decode though its closing
+    bracket is in the window is a `malformed_json` problem and reading goes on after it. At end of file a record
+    that still does not decode is the truncated tail: its size and location go to the report.
     """
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
@@ -199,34 +248,76 @@ def iter_json(path: Path, ctx: ReadContext) -> Iterator[RawRecord]:
         pos = _SEPARATORS.match(text.buf).end()
         in_array = text.buf.startswith("[", pos)
         pos += in_array
-        line, counted = 1, 0  # line number at `counted`
-        while True:
-            pos = _SEPARATORS.match(text.buf, pos).end()
-            line, counted = line + text.buf.count("\n", counted, pos), pos
-            if pos >= len(text.buf) and not text.eof:
-                text.more(pos)
-                pos = counted = 0
-                continue
-            if pos >= len(text.buf) or (in_array and text.buf[pos] == "]"):
-                return  # (a missing `]` means the file was cut exactly between records: nothing lost)
-            try:
-                value, end = decoder.raw_decode(text.buf, pos)
-                cut, error = end >= len(text.buf) and not text.eof, None  # a value touching the end may be cut
-            except json.JSONDecodeError as exc:
-                value, end, cut, error = None, pos, not text.eof, exc
-            if cut:
-                text.more(pos)
-                pos = counted = 0
-                continue
-            if error is not None:  # end of file and the rest does not decode
-                _record_unparsed(text.buf[pos:], f"{ctx.label}:{line}", error, ctx)
-                return
-            ctx.stats.records += 1
-            if end - pos > ctx.max_chars:
-                ctx.problem("too_long", f"{ctx.label}:{line}", f"record has {end - pos:,} characters")
-            else:
-                yield from _json_records(value, ctx.label, line, in_array)
-            pos = end
+        line, counted, index = 1, 0, 0  # line number at `counted`; index of the next array element
+        try:
+            while True:
+                pos = _SEPARATORS.match(text.buf, pos).end()
+                line, counted = line + text.buf.count("\n", counted, pos), pos
+                if pos >= len(text.buf) and not text.eof:
+                    text.more(pos)
+                    pos = counted = 0
+                    continue
+                if pos >= len(text.buf) or (in_array and text.buf[pos] == "]"):
+                    return  # (a missing `]` means the file was cut exactly between records: nothing lost)
+                try:
+                    value, end = decoder.raw_decode(text.buf, pos)
+                    cut, error = end >= len(text.buf) and not text.eof, None  # a value touching the end may be cut
+                except json.JSONDecodeError as exc:
+                    value, error = None, exc
+                    end, cut = _broken_value_end(text, pos)
+                    if end is None and not cut:  # the file ends inside this value
+                        _record_unparsed(text.buf[pos:], f"{ctx.label}:{line}", error, ctx)
+                        return
+                if cut and len(text.buf) - pos <= ctx.max_chars:
+                    text.more(pos)  # the window ends inside the value: read on and decode it again
+                    pos = counted = 0
+                    continue
+                ctx.stats.records += 1
+                index += 1
+                if cut:  # longer than data.max_record_chars and not yet closed: skip it without holding it
+                    line, pos = _skip_long_value(text, pos, line, ctx)
+                    counted = pos
+                elif end - pos > ctx.max_chars:
+                    ctx.problem("too_long", f"{ctx.label}:{line}", f"record has {end - pos:,} characters")
+                    pos = end
+                elif error is not None:
+                    where = f"{ctx.label}#{index - 1} (line {line})" if in_array else f"{ctx.label}:{line}"
+                    ctx.stats.first_error = ctx.stats.first_error or f"line {line}: {error.msg}"
+                    ctx.problem("malformed_json", where, f"not valid JSON ({error.msg}); skipped to the next record")
+                    pos = end
+                else:
+                    yield from _json_records(value, ctx.label, line, in_array)
+                    pos = end
+        finally:
+            ctx.stats.peak_buffer_chars = max(ctx.stats.peak_buffer_chars, text.peak)
+
+
+def _broken_value_end(text: _SlidingText, pos: int) -> tuple[int | None, bool]:
+    """(end, cut) of a value at `pos` that did not decode. cut: the window ends inside it (more text may make it
+    whole); end None and not cut: the file ends inside it."""
+    if text.buf[pos] not in "{[":  # a broken scalar (`NaN`, a bare word): it ends at the next separator
+        return max(_BAD_SCALAR.match(text.buf, pos).end(), pos + 1), False
+    end, _ = _scan_to_close(text.buf, pos, _Scan())
+    if end is not None:
+        return end, False
+    return None, not text.eof
+
+
+def _skip_long_value(text: _SlidingText, pos: int, line: int, ctx: ReadContext) -> tuple[int, int]:
+    """Skip a value longer than data.max_record_chars, dropping each window once scanned; reports it as
+    `too_long` and returns (line, position just after it)."""
+    where, size, scan = f"{ctx.label}:{line}", 0, _Scan()
+    while True:
+        end, resume = _scan_to_close(text.buf, pos, scan)
+        stop = end if end is not None else resume
+        size += stop - pos
+        line += text.buf.count("\n", pos, stop)
+        if end is not None or text.eof:
+            break
+        text.more(stop, CHUNK_CHARS)
+        pos = 0
+    ctx.problem("too_long", where, f"record has at least {size:,} characters")
+    return line, stop
 
 
 def _json_records(value: Any, label: str, line: int, in_array: bool) -> Iterator[RawRecord]:
@@ -342,15 +433,20 @@ def hub_offline_reason() -> str | None:
     return None
 
 
-def iter_hub(dataset_id: str, split: str, stats: FileStats) -> Iterator[RawRecord]:
+def iter_hub(dataset_id: str, src: SourceConfig, ctx: ReadContext) -> Iterator[RawRecord]:
+    """Records of a Hub dataset (or a local dataset folder/script, loaded the same way), located as `id#index`.
+
+    `streaming: true` reads records as they arrive (`datasets` streaming): nothing is downloaded whole and
+    memory stays bounded. An error while streaming stops that source at the record where it happened and is
+    counted as a `stream_error` problem; the records before it are kept."""
     import datasets
 
-    offline = hub_offline_reason()
+    offline = hub_offline_reason() if not Path(dataset_id).expanduser().exists() else None
     was_offline = datasets.config.HF_HUB_OFFLINE
     try:
         if offline:  # only the local datasets cache can help: one attempt, no network retries
             datasets.config.HF_HUB_OFFLINE = True
-        dataset = datasets.load_dataset(dataset_id, split=split)
+        dataset = datasets.load_dataset(dataset_id, split=src.split, streaming=src.streaming)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if offline:
@@ -358,9 +454,21 @@ def iter_hub(dataset_id: str, split: str, stats: FileStats) -> Iterator[RawRecor
                 f"data.sources: cannot load Hub dataset `{dataset_id}`: {offline} and it is not in the local cache "
                 "(use a local path or embedded:sharegpt / embedded:chatterbot)"
             ) from None
-        raise DataError(f"data.sources: cannot load Hub dataset `{dataset_id}` (split {split}): {first}") from None
+        raise DataError(f"data.sources: cannot load Hub dataset `{dataset_id}` (split {src.split}): {first}") from None
     finally:
         datasets.config.HF_HUB_OFFLINE = was_offline
-    for index, value in enumerate(dataset):
-        stats.records += 1
+    index = 0
+    records = iter(dataset)
+    while True:
+        try:
+            value = next(records)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - a broken shard or line: the stream cannot go on past it
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            ctx.stats.first_error = ctx.stats.first_error or first
+            ctx.problem("stream_error", f"{dataset_id}#{index}", f"the stream stopped here: {first}")
+            return
+        ctx.stats.records += 1
         yield RawRecord(value, f"{dataset_id}#{index}")
+        index += 1

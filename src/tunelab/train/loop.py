@@ -21,6 +21,9 @@ from tunelab.config import EvalConfig, TrainConfig
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.batching import make_batch, step_indices
 from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.distributed import (
+    AdapterSaver, average_adapter_grads, check_split, fsdp_validation_loss, is_fsdp, shard_base_only,
+)
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.heldout import Example, heldout_loss, perplexity
 from tunelab.train.loss import AssistantLoss
@@ -76,8 +79,9 @@ def train_lora(
     device = accelerator.device
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
+    check_split(train_cfg.batch_size, world)
+    fsdp = is_fsdp(accelerator)
     per_step = train_cfg.batch_size * train_cfg.grad_accum
-    targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in train_rows]
     return_freed_tensors_to_the_os()
     lean_swiglu(model)
 
@@ -94,12 +98,19 @@ def train_lora(
             log(f"run already complete: {ckpt} is step {start_step} of {train_cfg.max_steps}; nothing to train")
         else:
             log(f"resuming from {ckpt} (step {start_step} of {train_cfg.max_steps})")
-    loss_module, optimizer = accelerator.prepare(AssistantLoss(model, train_cfg.loss_chunk_tokens), optimizer)
+    loss_module = AssistantLoss(model, train_cfg.loss_chunk_tokens)
+    if fsdp:
+        shard_base_only(accelerator, loss_module, model)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     model = accelerator.unwrap_model(loss_module).model  # on the device; DDP/FSDP hooks live on loss_module
+    trainable = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
     def evaluate(step: int) -> float:
-        loss = heldout_loss(model, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device, train_cfg.loss_chunk_tokens)
+        if fsdp:  # the base is sharded: only the wrapped module's forward gathers it
+            loss = fsdp_heldout_loss(loss_module, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device)
+        else:
+            loss = heldout_loss(model, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device, train_cfg.loss_chunk_tokens)
         maybe_inject_fault("eval", step)  # evaluated, not yet recorded
         metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
         model.train()
@@ -114,11 +125,14 @@ def train_lora(
         for step in range(start_step, train_cfg.max_steps):
             step_start = time.perf_counter()
             indices = step_indices(step, per_step, len(train_rows), seed=train_cfg.seed)
-            step_targets = sum(targets_per_row[i] for i in indices)
-            micro_batches = [indices[i : i + train_cfg.batch_size] for i in range(0, per_step, train_cfg.batch_size)][rank::world]
+            step_rows = {i: train_rows[i] for i in indices}  # read once per step (rows live in memory-mapped Arrow)
+            step_targets = sum(sum(1 for x in step_rows[i][1][1:] if x != IGNORE_INDEX) for i in indices)
+            # Every process takes its share of every micro-batch (rows rank, rank + world, ...): any batch size >= world
+            # and any grad_accum give each process the same number of forward/backward passes.
+            micro_batches = [indices[i : i + train_cfg.batch_size][rank::world] for i in range(0, per_step, train_cfg.batch_size)]
             loss_sum, step_tokens = torch.zeros((), device=device), 0
             for i, rows in enumerate(micro_batches):
-                batch = make_batch([train_rows[r] for r in rows], train_cfg.packing, pad_id).to(device)
+                batch = make_batch([step_rows[r] for r in rows], train_cfg.packing, pad_id).to(device)
                 sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
                 with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
                     micro_loss = loss_module(batch)
@@ -126,9 +140,14 @@ def train_lora(
                 accelerator.backward(scaler.scale(micro_loss * world / max(step_targets, 1)))
                 loss_sum += micro_loss.detach()
                 step_tokens += batch.num_tokens
+            if fsdp:
+                average_adapter_grads(trainable, world)
             if train_cfg.max_grad_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                accelerator.clip_grad_norm_(loss_module.parameters(), train_cfg.max_grad_norm)
+                if fsdp:  # the adapter is whole (and equal) on every process
+                    torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+                else:
+                    accelerator.clip_grad_norm_(loss_module.parameters(), train_cfg.max_grad_norm)
             scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
             scaler.update()
             scheduler.step()
@@ -157,7 +176,7 @@ def train_lora(
                 log(f"step {done}: val_loss {last_val:.4f}")
             if is_main and (done % train_cfg.save_steps == 0 or done == train_cfg.max_steps):
                 state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
-                save_checkpoint(run_dir, done, model, optimizer, scheduler, state, train_cfg.save_total_limit)
+                save_checkpoint(run_dir, done, AdapterSaver(model) if fsdp else model, optimizer, scheduler, state, train_cfg.save_total_limit)
             accelerator.wait_for_everyone()
 
         if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss

@@ -13,6 +13,7 @@ from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.io import atomic_folder, atomic_write
 from tunelab.train.architectures import plan_for
+from tunelab.train.distributed import AdapterSaver, describe_launch, is_fsdp
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.precision import Precision, precision_for_this_machine
 from tunelab.train.progress import ProgressBar
@@ -55,8 +56,11 @@ def build_lora_model(cfg: Config, precision: Precision, log=lambda *_: None):
     return model
 
 
-def rows_of(dataset) -> list[tuple[list[int], list[int]]]:
-    return list(zip(dataset["input_ids"], dataset["labels"]))
+def rows_of(dataset):
+    """(input_ids, labels) rows of a prepared split, read on demand from the memory-mapped Arrow data."""
+    from tunelab.data.prepare import TokenRows
+
+    return TokenRows(dataset)
 
 
 def check_hardware(cfg: Config) -> None:
@@ -95,7 +99,8 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
         log(f"--extend: continuing to step {cfg.train.max_steps}; the {cfg.train.scheduler} learning-rate schedule is "
             f"recomputed over {cfg.train.max_steps} steps from the last checkpoint on")
     precision = precision_for_this_machine(cfg.train.precision, accelerator.device.type)
-    log(f"precision: {precision.name} ({precision.reason}); threads: {threads}")
+    log(f"{describe_launch(accelerator, cfg.train.batch_size, cfg.train.grad_accum)}; "
+        f"precision: {precision.name} ({precision.reason}); threads: {threads}")
     train_rows, val_rows = rows_of(train_set), rows_of(val_set)[: cfg.eval.max_val_rows or None]
     log(f"data: {len(train_rows)} train / {len(val_rows)} val conversations from {data_dir}")
 
@@ -118,7 +123,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
         # save: adapter, tokenizer, summary.json, each atomically
         model = accelerator.unwrap_model(model)
         with atomic_folder(run_dir / "adapter") as folder:
-            model.save_pretrained(folder)
+            (AdapterSaver(model) if is_fsdp(accelerator) else model).save_pretrained(folder)
         maybe_inject_fault("final_save", result.steps)  # adapter written, tokenizer and summary not yet
         with atomic_folder(run_dir / "tokenizer") as folder:
             tokenizer.save_pretrained(folder)
@@ -128,6 +133,9 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
             "precision": precision.name,
             "precision_reason": precision.reason,
             "threads": threads,
+            "processes": accelerator.num_processes,
+            "distributed": str(accelerator.distributed_type).split(".")[-1],
+            "global_batch": cfg.train.batch_size * cfg.train.grad_accum,
             "data_dir": str(data_dir),
             "data_fingerprint": data_print,
             "train_rows": len(train_rows),
