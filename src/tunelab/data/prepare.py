@@ -339,6 +339,8 @@ def config_key(cfg: Config) -> str:
         "max_seq_len": cfg.train.max_seq_len,
         "format_version": FORMAT_VERSION,
     }
+    if cfg.train.objective != "sft":  # preference rows are another dataset; sft keys stay as they were
+        payload["objective"] = cfg.train.objective
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -433,12 +435,17 @@ def prepare_dataset(cfg: Config, force: bool = False, verbose: bool = False) -> 
             print(f"using prepared data (config and inputs unchanged): {folder}")
         return folder
     _check_output_folder(folder)
-    pipeline = DataPipeline(cfg)
+    if cfg.train.objective == "sft":
+        pipeline, save = DataPipeline(cfg), save_splits
+    else:
+        from tunelab.data.preference import PreferencePipeline, save_preference_splits
+
+        pipeline, save = PreferencePipeline(cfg), save_preference_splits
     train, val = pipeline.run()
 
     def write(tmp: Path) -> None:
         with pipeline.timed("write"):
-            save_splits(tmp, train, val)
+            save(tmp, train, val)
         report = pipeline.report(train, val, key, inputs)
         lengths = {"train": [r["num_tokens"] for r in train], "val": [r["num_tokens"] for r in val]}
         write_report(tmp, report, lengths)
