@@ -1,0 +1,198 @@
+"""DPO/KTO: tunelab's sequence log-probs and losses against TRL's own loss code on the same inputs.
+
+TRL 1.x has no standalone loss function: the loss lives in `DPOTrainer._compute_loss` / `KTOTrainer._compute_loss`.
+We call those unbound, with a minimal trainer object and a stand-in model that returns per-token log-probs
+computed the plain way (full logits of a tiny transformers Llama + log_softmax), and with the reference
+log-probs passed in as precomputed (`precompute_ref_log_probs=True`), which is how tunelab computes them too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.masking import IGNORE_INDEX
+from tunelab.train.batching import make_batch
+from tunelab.train.preference import dpo_loss, kto_kl, kto_loss, sequence_logps
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_sequences(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels): a prompt (unlabelled) then a completion (labelled), of varying lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        p, c = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(2, 7, (1,), generator=g))
+        ids = torch.randint(0, VOCAB, (p + c,), generator=g).tolist()
+        rows.append((ids, [IGNORE_INDEX] * p + ids[p:]))
+    return rows
+
+
+def padded(rows):
+    """TRL's batch layout: right-padded input_ids, attention_mask, completion_mask."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    completion = torch.zeros_like(input_ids)
+    for r, (ids, labels) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        completion[r, : len(ids)] = torch.tensor([x != IGNORE_INDEX for x in labels])
+    return input_ids, attention, completion
+
+
+@torch.no_grad()
+def plain_token_logps(model, rows) -> torch.Tensor:
+    """[rows, T-1] log p(token t+1) at completion positions, 0 elsewhere: full logits, plain log_softmax."""
+    input_ids, attention, completion = padded(rows)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+    logps = F.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    return logps * completion[:, 1:]
+
+
+class StandInModel:
+    """Returns precomputed per-token log-probs for each input_ids tensor, as TRL's fused LM head would."""
+
+    def __init__(self, by_input: dict[int, torch.Tensor]):
+        self.by_input = by_input
+
+    def __call__(self, input_ids, **kwargs):
+        logps = self.by_input[id(input_ids)]
+        zeros = torch.zeros_like(logps)
+        return SimpleNamespace(log_probs=logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+
+def trainer_stub(**fields):
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
+    metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    return SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False,
+                           precompute_ref_logps=True, _metrics=metrics, _total_train_tokens=0, _tp_size=1,
+                           args=SimpleNamespace(gradient_checkpointing_kwargs=None), **fields)
+
+
+def trl_dpo(model, chosen, rejected, ref_chosen, ref_rejected, beta, loss_type):
+    from trl import DPOTrainer
+
+    rows = chosen + rejected  # TRL's batch is [chosen..., rejected...]
+    input_ids, attention, completion = padded(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
+              "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    stub = trainer_stub(ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+                        beta=beta, use_weighting=False, label_smoothing=0.0)
+    loss = DPOTrainer._compute_loss(stub, StandInModel({id(input_ids): plain_token_logps(model, rows)}), inputs, False)
+    return loss, stub._metrics["train"]
+
+
+def ours_logps(model, rows, packing):
+    batch = make_batch(rows, packing, pad_id=0)
+    with torch.no_grad():
+        return sequence_logps(model, batch, len(rows), chunk_tokens=5)  # a small chunk: several chunks per batch
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_sequence_logps_equal_full_logits_sums(tiny_model, packing):
+    from tunelab.train.packed_attention import register
+
+    tiny_model.config._attn_implementation = register() if packing else "sdpa"
+    rows = random_sequences(5, seed=1)
+    logps, counts = ours_logps(tiny_model, rows, packing)
+    tiny_model.config._attn_implementation = "sdpa"
+    expected = plain_token_logps(tiny_model, rows).sum(1)
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == [sum(x != IGNORE_INDEX for x in labels[1:]) for _, labels in rows]
+
+
+def test_sequence_logps_gradient_equals_autograd_through_full_logits(tiny_model):
+    rows = random_sequences(3, seed=2)
+    batch = make_batch(rows, packing=False, pad_id=0)
+    weights = torch.tensor([0.5, -1.0, 2.0])
+    hidden_ours = tiny_model.model(**batch.model_kwargs()).last_hidden_state.detach().requires_grad_()
+    hidden_ref = hidden_ours.detach().clone().requires_grad_()
+
+    from tunelab.train.preference import LinearTokenLogProbs
+
+    keep = batch.targets != IGNORE_INDEX
+    owner = torch.arange(3)[:, None].expand_as(keep)[keep]
+    ours = LinearTokenLogProbs.apply(hidden_ours[keep], tiny_model.lm_head.weight, batch.targets[keep], 4)
+    (ours * weights[owner]).sum().backward()
+    logits = tiny_model.lm_head(hidden_ref).float()
+    ref = F.log_softmax(logits, -1).gather(2, batch.targets.clamp(min=0)[..., None]).squeeze(2)
+    (ref * keep * weights[:, None]).sum().backward()
+    torch.testing.assert_close(hidden_ours.grad, hidden_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_and_rewards_equal_trl(tiny_model, variant, beta):
+    chosen, rejected = random_sequences(4, seed=3), random_sequences(4, seed=4)
+    g = torch.Generator().manual_seed(5)
+    ref_chosen, ref_rejected = -20 * torch.rand(4, generator=g), -20 * torch.rand(4, generator=g)
+    trl_value, trl_metrics = trl_dpo(tiny_model, chosen, rejected, ref_chosen, ref_rejected, beta, variant)
+
+    (logps, counts) = ours_logps(tiny_model, chosen + rejected, packing=False)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        logps[:4], logps[4:], ref_chosen, ref_rejected, beta, variant, counts[:4], counts[4:]
+    )
+    torch.testing.assert_close(losses.mean(), trl_value, rtol=1e-5, atol=1e-6)
+    assert chosen_rewards.mean().item() == pytest.approx(trl_metrics["rewards/chosen"][0], rel=1e-5, abs=1e-6)
+    assert rejected_rewards.mean().item() == pytest.approx(trl_metrics["rewards/rejected"][0], rel=1e-5, abs=1e-6)
+    margin = (chosen_rewards - rejected_rewards).mean().item()
+    assert margin == pytest.approx(trl_metrics["rewards/margins"][0], rel=1e-5, abs=1e-6)
+    accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
+    assert accuracy == trl_metrics["rewards/accuracies"][0]
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.5, 0.7)])
+def test_kto_loss_kl_and_rewards_equal_trl(tiny_model, weights):
+    from trl import KTOTrainer
+
+    rows = random_sequences(6, seed=6)
+    labels = torch.tensor([True, False, True, True, False, False])
+    # mismatched pairs: each prompt with the previous row's completion (as TRL builds them)
+    kl_rows = []
+    for i, (ids, row_labels) in enumerate(rows):
+        prompt_len = sum(x == IGNORE_INDEX for x in row_labels)
+        prev_ids, prev_labels = rows[i - 1]
+        prev_prompt = sum(x == IGNORE_INDEX for x in prev_labels)
+        kl_rows.append((ids[:prompt_len] + prev_ids[prev_prompt:], row_labels[:prompt_len] + prev_labels[prev_prompt:]))
+    g = torch.Generator().manual_seed(7)
+    ref_logps = -20 * torch.rand(6, generator=g)
+    # the reference a little below the policy on the mismatched pairs, so the clamped KL is not just 0
+    ref_kl_logps = plain_token_logps(tiny_model, kl_rows).sum(1) - torch.rand(6, generator=g)
+    beta = 0.3
+
+    input_ids, attention, completion = padded(rows)
+    kl_input_ids, kl_attention, kl_completion = padded(kl_rows)
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion, "label": labels,
+              "KL_input_ids": kl_input_ids, "KL_attention_mask": kl_attention, "KL_completion_mask": kl_completion,
+              "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
+    stand_in = StandInModel({id(input_ids): plain_token_logps(tiny_model, rows), id(kl_input_ids): plain_token_logps(tiny_model, kl_rows)})
+    stub = trainer_stub(calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    stub._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(stub, model, batch)
+    trl_value = KTOTrainer._compute_loss(stub, stand_in, inputs, False)
+    trl_metrics = stub._metrics["train"]
+
+    logps, _ = ours_logps(tiny_model, rows, packing=False)
+    kl_logps, _ = ours_logps(tiny_model, kl_rows, packing=False)
+    kl = kto_kl(kl_logps, ref_kl_logps)
+    assert kl.item() > 0.1
+    losses, rewards = kto_loss(logps, ref_logps, labels, kl, beta, *weights)
+    torch.testing.assert_close(losses.mean(), trl_value, rtol=1e-5, atol=1e-6)
+    assert kl.item() == pytest.approx(trl_metrics["kl"][0], rel=1e-5, abs=1e-6)
+    assert rewards[labels].mean().item() == pytest.approx(trl_metrics["rewards/chosen"][0], rel=1e-5, abs=1e-6)
+    assert rewards[~labels].mean().item() == pytest.approx(trl_metrics["rewards/rejected"][0], rel=1e-5, abs=1e-6)
