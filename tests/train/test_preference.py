@@ -196,3 +196,135 @@ def test_kto_loss_kl_and_rewards_equal_trl(tiny_model, weights):
     assert kl.item() == pytest.approx(trl_metrics["kl"][0], rel=1e-5, abs=1e-6)
     assert rewards[labels].mean().item() == pytest.approx(trl_metrics["rewards/chosen"][0], rel=1e-5, abs=1e-6)
     assert rewards[~labels].mean().item() == pytest.approx(trl_metrics["rewards/rejected"][0], rel=1e-5, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------- `tunelab train`
+WORDS = "trip lisbon museum food train hotel beach city walk map plan day night river art coffee".split()
+
+
+def preference_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Pairs where the chosen answer always starts with "sure" and the rejected one with "never" (learnable)."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        topic = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+        pairs.append({"prompt": f"note {i}: {topic}", "chosen": f"sure, {answer}", "rejected": f"never, {answer}"})
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def dpo_workspace(tmp_path_factory):
+    """A tiny random Llama saved with the embedded SmolLM2 tokenizer, and a DPO pairs file."""
+    import json
+
+    from tests.conftest import build_tiny_llama
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("dpo")
+    tokenizer = load_tokenizer(ModelConfig())
+    model = build_tiny_llama(vocab_size=len(tokenizer))
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(80)))
+    return root
+
+
+def dpo_config(root, run_dir, **train):
+    import yaml
+
+    cfg = {
+        "model": {"name": str(root / "model")},
+        "data": {"sources": [{"path": str(root / "pairs.jsonl")}], "val_fraction": 0.25, "output_dir": str(root / "prepared")},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"objective": "dpo", "beta": 0.1, "output_dir": str(run_dir), "max_steps": 24, "batch_size": 4,
+                  "lr": 5e-3, "warmup_steps": 0, "max_seq_len": 96, "precision": "fp32", "threads": 1, "seed": 3,
+                  "save_steps": 4, "eval_steps": 12, **train},
+        "eval": {"batch_size": 8},
+    }
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def tunelab_train(config, cache, fault=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TUNELAB_FAULT"}
+    env.update(TUNELAB_CACHE=str(cache), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if fault:
+        env["TUNELAB_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(config)], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(dpo_workspace):
+    run_dir = dpo_workspace / "runs" / "full"
+    result = tunelab_train(dpo_config(dpo_workspace, run_dir), dpo_workspace / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+@pytest.mark.slow
+def test_dpo_run_raises_heldout_preference_accuracy_above_chance(dpo_run):
+    import json
+
+    run_dir, result = dpo_run
+    assert "reference log-probs: computing" in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["objective"] == "dpo" and summary["val_rows"] >= 12
+    figures = summary["final_val_metrics"]
+    # Before training the adapter is zero (policy == reference): every reward is 0, no pair is ranked right.
+    assert figures["val_pref_accuracy"] >= 0.8, figures
+    assert figures["val_reward_margin"] > 0 and figures["val_loss"] < 0.6931, figures  # below -log sigmoid(0)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "val_pref_accuracy" in r]
+    assert [r["step"] for r in evals] == [12, 24]
+    assert evals[-1]["val_pref_accuracy"] == figures["val_pref_accuracy"]
+    assert all("loss" in r and "tok_per_s" in r for r in lines if "val_loss" not in r)
+
+
+@pytest.mark.slow
+def test_reference_logprobs_are_cached_with_the_prepared_data_and_equal_the_base_model(dpo_run, dpo_workspace):
+    """The cache holds the base model's log-probs (computed here again with plain transformers, no adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.prepare import load_prepared
+
+    cached = list((dpo_workspace / "prepared" / "reference").glob("*.pt"))
+    assert len(cached) == 1
+    logps = torch.load(cached[0], weights_only=True)
+    train, _ = load_prepared(dpo_workspace / "prepared")
+    base = AutoModelForCausalLM.from_pretrained(dpo_workspace / "model").eval()
+    rows = [(r["chosen_input_ids"], r["chosen_labels"]) for r in train.select(range(4))]
+    rows += [(r["rejected_input_ids"], r["rejected_labels"]) for r in train.select(range(4))]
+    expected = plain_token_logps(base, rows).sum(1)
+    torch.testing.assert_close(logps["train"][:4, 0], expected[:4], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logps["train"][:4, 1], expected[4:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_dpo_run_resumes_to_the_uninterrupted_adapter(dpo_run, dpo_workspace):
+    from safetensors.torch import load_file
+
+    run_dir = dpo_workspace / "runs" / "killed"
+    config = dpo_config(dpo_workspace, run_dir)
+    killed = tunelab_train(config, dpo_workspace / "cache", fault="step:7")  # SIGKILL after step 7; checkpoint 4 is newest
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = tunelab_train(config, dpo_workspace / "cache")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step-000004" in resumed.stdout
+    assert "reference log-probs: cached" in resumed.stdout  # computed once, by the first run
+    ours, expected = load_file(run_dir / "adapter" / "adapter_model.safetensors"), load_file(dpo_run[0] / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == expected.keys()
+    assert max((ours[k] - expected[k]).abs().max().item() for k in ours) <= 1e-6

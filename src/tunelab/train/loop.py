@@ -2,9 +2,9 @@
 
 Data order is a pure function of (seed, step) (see batching.step_indices), so the "data position" of a
 checkpoint is just its step number, and a resumed run replays exactly the batches an uninterrupted run
-would have seen. Each optimizer step takes `batch_size x grad_accum` conversations; the loss is the sum
-of assistant-token cross-entropies divided by the number of assistant tokens in the whole step, so
-gradient accumulation (and DDP) give the same update as one big batch.
+would have seen. Each optimizer step takes `batch_size x grad_accum` rows; the loss is the sum of the
+micro-batch losses divided by the objective's weight of the whole step (sft: assistant tokens; dpo/kto:
+rows, see objectives.py), so gradient accumulation (and DDP) give the same update as one big batch.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from tunelab.config import EvalConfig, TrainConfig
-from tunelab.data.masking import IGNORE_INDEX
-from tunelab.train.batching import make_batch, step_indices
+from tunelab.train.batching import step_indices
 from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.faults import maybe_inject_fault
-from tunelab.train.heldout import Example, heldout_loss, perplexity
-from tunelab.train.loss import AssistantLoss
 from tunelab.train.memory import lean_swiglu, peak_rss_mib, return_freed_tensors_to_the_os
+from tunelab.train.objectives import make_objective
 from tunelab.train.precision import Precision
 from tunelab.train.progress import MetricsLog
 
@@ -39,6 +37,7 @@ class TrainResult:
     final_train_loss: float | None
     final_val_loss: float | None
     resumed_from: int | None = None
+    final_val_metrics: dict = field(default_factory=dict)  # the last held-out figures (objective-specific)
     history: list[dict] = field(default_factory=list)
 
 
@@ -61,8 +60,8 @@ def build_scheduler(optimizer, cfg: TrainConfig):
 
 def train_lora(
     model,
-    train_rows: list[Example],
-    val_rows: list[Example],
+    train_rows: list,
+    val_rows: list,
     cfg: TrainConfig,
     eval_cfg: EvalConfig,
     run_dir: Path,
@@ -77,33 +76,33 @@ def train_lora(
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum
-    targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in train_rows]
+    objective = make_objective(train_rows, val_rows, cfg, eval_cfg, pad_id, precision)  # rows: objectives.objective_rows
     return_freed_tensors_to_the_os()
     lean_swiglu(model)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     start_step, tokens_seen, train_seconds, resumed_from = 0, 0, 0.0, None
-    last_loss, last_val, history = None, None, []
+    last_loss, last_val, last_figures, history = None, None, {}, []
     if resume and (ckpt := latest_valid_checkpoint(run_dir, warn=log)) is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
-        last_loss, last_val = state.get("train_loss"), state.get("val_loss")
+        last_loss, last_val, last_figures = state.get("train_loss"), state.get("val_loss"), state.get("val_metrics", {})
         resumed_from = start_step
         if start_step >= cfg.max_steps:
             log(f"run already complete: {ckpt} is step {start_step} of {cfg.max_steps}; nothing to train")
         else:
             log(f"resuming from {ckpt} (step {start_step} of {cfg.max_steps})")
-    loss_module, optimizer = accelerator.prepare(AssistantLoss(model, cfg.loss_chunk_tokens), optimizer)
+    loss_module, optimizer = accelerator.prepare(objective.loss_module(model), optimizer)
     model = accelerator.unwrap_model(loss_module).model  # on the device; DDP/FSDP hooks live on loss_module
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
-    def evaluate(step: int) -> float:
-        loss = heldout_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
+    def evaluate(step: int) -> dict:
+        figures = objective.evaluate(model, device)
         maybe_inject_fault("eval", step)  # evaluated, not yet recorded
-        metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        metrics.write({"step": step, **figures})
         model.train()
-        return loss
+        return figures
 
     # bf16: PEFT would cast each LoRA layer's bf16 input to fp32 (the adapter's dtype) only for autocast to cast
     # it straight back: a copy per adapted layer per step that autograd keeps. Everything below runs under autocast.
@@ -113,18 +112,18 @@ def train_lora(
         for step in range(start_step, cfg.max_steps):
             step_start = time.perf_counter()
             indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
-            step_targets = sum(targets_per_row[i] for i in indices)
+            step_weight = objective.step_weight(indices)
             micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
             loss_sum, step_tokens = torch.zeros((), device=device), 0
             for i, rows in enumerate(micro_batches):
-                batch = make_batch([train_rows[r] for r in rows], cfg.packing, pad_id).to(device)
+                inputs, tokens = objective.micro_batch(rows, device)
                 sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
                 with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
-                    micro_loss = loss_module(batch)
+                    micro_loss = loss_module(inputs)
                 # DDP averages gradients over processes; scale by world so the step equals one big batch.
-                accelerator.backward(micro_loss * world / max(step_targets, 1))
+                accelerator.backward(micro_loss * world / max(step_weight, 1))
                 loss_sum += micro_loss.detach()
-                step_tokens += batch.num_tokens
+                step_tokens += tokens
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -133,7 +132,7 @@ def train_lora(
             maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
 
             loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)
-            last_loss = loss_sum.item() / max(step_targets, 1)
+            last_loss = loss_sum.item() / max(step_weight, 1)
             tokens_seen += step_tokens
             elapsed = time.perf_counter() - step_start
             train_seconds += elapsed
@@ -149,17 +148,20 @@ def train_lora(
                 if progress is not None:
                     progress(done, record)
             if done % cfg.eval_steps == 0 or done == cfg.max_steps:
-                last_val = evaluate(done)
-                history.append({"step": done, "val_loss": last_val})
+                last_figures = evaluate(done)
+                last_val = last_figures["val_loss"]
+                history.append({"step": done, **last_figures})
                 log(f"step {done}: val_loss {last_val:.4f}")
             if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
-                state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
+                state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss,
+                         "val_metrics": last_figures}
                 save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
             accelerator.wait_for_everyone()
 
         metrics.close()
         if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
-            last_val = evaluate(cfg.max_steps)
+            last_figures = evaluate(cfg.max_steps)
+            last_val = last_figures["val_loss"]
     return TrainResult(
         steps=cfg.max_steps,
         tokens=tokens_seen,
@@ -170,6 +172,7 @@ def train_lora(
         final_val_loss=last_val,
         resumed_from=resumed_from,
         history=history,
+        final_val_metrics=last_figures,
     )
 
 
