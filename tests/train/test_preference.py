@@ -328,3 +328,34 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_adapter(dpo_run, dpo_worksp
     ours, expected = load_file(run_dir / "adapter" / "adapter_model.safetensors"), load_file(dpo_run[0] / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == expected.keys()
     assert max((ours[k] - expected[k]).abs().max().item() for k in ours) <= 1e-6
+
+
+def test_kto_rows_pair_each_prompt_with_the_previous_rows_completion():
+    from datasets import Dataset
+
+    from tunelab.train.objectives import thumb_rows
+
+    ids = [[1, 2, 10, 11], [3, 20], [4, 5, 6, 30, 31, 32]]
+    prompt_lens = [2, 1, 3]
+    labels = [[IGNORE_INDEX] * n + row[n:] for row, n in zip(ids, prompt_lens)]
+    rows = thumb_rows(Dataset.from_dict({"input_ids": ids, "labels": labels, "prompt_len": prompt_lens, "label": [True, False, True]}))
+    assert [r.desirable for r in rows] == [True, False, True]
+    assert [r.mismatched[0] for r in rows] == [[1, 2, 30, 31, 32], [3, 10, 11], [4, 5, 6, 20]]
+    assert [r.mismatched[1] for r in rows] == [[IGNORE_INDEX] * 2 + [30, 31, 32], [IGNORE_INDEX, 10, 11], [IGNORE_INDEX] * 3 + [20]]
+
+
+@pytest.mark.slow
+def test_kto_run_learns_the_thumbs(dpo_workspace):
+    import json
+
+    records = [{"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+               for i, p in enumerate(preference_pairs(80, seed=1))]
+    (dpo_workspace / "thumbs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir = dpo_workspace / "runs" / "kto"
+    config = dpo_config(dpo_workspace, run_dir, objective="kto", max_steps=12, save_steps=12)
+    text = config.read_text().replace("pairs.jsonl", "thumbs.jsonl").replace(str(dpo_workspace / "prepared"), str(dpo_workspace / "prepared-kto"))
+    config.write_text(text)
+    result = tunelab_train(config, dpo_workspace / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((run_dir / "summary.json").read_text())["final_val_metrics"]
+    assert figures["val_pref_accuracy"] >= 0.8 and figures["val_reward_margin"] > 0, figures
