@@ -359,3 +359,15 @@ def test_kto_run_learns_the_thumbs(dpo_workspace):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((run_dir / "summary.json").read_text())["final_val_metrics"]
     assert figures["val_pref_accuracy"] >= 0.8 and figures["val_reward_margin"] > 0, figures
+
+
+@pytest.mark.slow
+def test_tunelab_eval_scores_a_dpo_run_on_its_chosen_completions(dpo_run, dpo_workspace):
+    from tunelab.data.prepare import load_prepared
+    from tunelab.eval.evaluate import evaluate_run
+
+    report = evaluate_run(dpo_run[0], samples=False)
+    _, val = load_prepared(dpo_workspace / "prepared")
+    assert report["val_rows"] == len(val)
+    # the adapter learnt to put more mass on "sure, ..." answers: the chosen completions got likelier
+    assert report["tuned"]["val_loss"] < report["base"]["val_loss"]

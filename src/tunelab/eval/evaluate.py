@@ -41,7 +41,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     from tunelab.models.runs import load_run_tokenizer, run_config
     from tunelab.train.packed_attention import register as register_packed_attention
     from tunelab.train.precision import choose_precision
-    from tunelab.train.recipe import rows_of, set_threads
+    from tunelab.train.objectives import heldout_examples
+    from tunelab.train.recipe import set_threads
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -50,7 +51,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     set_threads(cfg.train.threads)
     precision = choose_precision(cfg.train.precision)
     _, val_set = load_prepared(prepare_dataset(cfg))
-    val_rows = rows_of(val_set)[: cfg.eval.max_val_rows or None]
+    val_rows = heldout_examples(cfg.train.objective, val_set)[: cfg.eval.max_val_rows or None]
 
     model = load_model(cfg.model, dtype=precision.dtype)
     if cfg.train.packing:

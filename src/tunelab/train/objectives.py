@@ -77,6 +77,16 @@ def objective_rows(objective: str, dataset) -> list:
     return list(zip(dataset["input_ids"], dataset["labels"]))
 
 
+def heldout_examples(objective: str, dataset) -> list[Example]:
+    """The (input_ids, labels) rows a plain held-out LM loss is computed on (`tunelab eval`, base vs tuned):
+    every conversation for sft, the chosen completions for dpo, the thumbs-up completions for kto."""
+    if objective == "dpo":
+        return list(zip(dataset["chosen_input_ids"], dataset["chosen_labels"]))
+    if objective == "kto":
+        return [(ids, labels) for ids, labels, good in zip(dataset["input_ids"], dataset["labels"], dataset["label"]) if good]
+    return list(zip(dataset["input_ids"], dataset["labels"]))
+
+
 class SftObjective:
     def __init__(self, train_rows: list[Example], val_rows: list[Example], cfg: TrainConfig, eval_cfg: EvalConfig,
                  pad_id: int, precision: Precision):
