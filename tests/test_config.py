@@ -24,7 +24,7 @@ def write(tmp_path, text):
         ("train:\n  max_stpes: 10\n", "train.max_stpes: unknown key (did you mean `max_steps`?)"),
         ("trian:\n  lr: 1\n", "trian: unknown key (did you mean `train`?)"),
         ("train:\n  batch_size: four\n", "train.batch_size: Input should be a valid integer"),
-        ("train:\n  precision: fp16\n", "train.precision: Input should be 'auto', 'fp32' or 'bf16'"),
+        ("train:\n  precision: fp8\n", "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ("data:\n  sources:\n    - {path: a.json, preset: embedded:sharegpt}\n", "data.sources.0: give exactly one of `path` or `preset`"),
         ("data:\n  sources:\n    - {path: a.json, wieght: 2}\n", "data.sources.0.wieght: unknown key (did you mean `weight`?)"),
     ],

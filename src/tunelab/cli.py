@@ -78,12 +78,13 @@ def train(
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Resume from the newest valid checkpoint in the run folder.")] = True,
     overwrite: Annotated[bool, typer.Option(help="With --no-resume: delete an existing run folder first.")] = False,
+    extend: Annotated[bool, typer.Option(help="Continue the run to a larger train.max_steps (the learning-rate schedule is recomputed over the new total).")] = False,
 ) -> None:
-    """Fine-tune with LoRA; resumes an interrupted run in the same folder."""
+    """Fine-tune with LoRA; resumes an interrupted run in the same folder (never with changed settings or data)."""
     from tunelab.train.recipe import run_training
 
     cfg = load(config, set_)
-    run_training(cfg, resume=resume, overwrite=overwrite)
+    run_training(cfg, resume=resume, overwrite=overwrite, extend=extend)
 
 
 # ------------------------------------------------------------------------------------- eval

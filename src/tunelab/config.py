@@ -105,7 +105,11 @@ class TrainConfig(_Section):
     max_seq_len: int = Field(512, ge=16)
     packing: bool = True  # pack a micro-batch into one row with per-sequence attention
     gradient_checkpointing: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="compute precision: auto (bf16 where native: CPU avx512_bf16/AMX, GPU compute capability >= 8.0; "
+        "fp16 with loss scaling on older GPUs; else fp32), or force fp32, bf16 or fp16",
+    )
     loss_chunk_tokens: int = Field(256, ge=16)  # LM head + loss computed this many label tokens at a time (memory vs speed)
     save_steps: int = Field(20, gt=0)
     save_total_limit: int = Field(2, gt=0)

@@ -38,5 +38,5 @@ def test_cuda_training_learns_and_resumes(tmp_path, quantized):
     assert train_losses[-1] < train_losses[0]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     # Extending the run resumes from the step-12 checkpoint.
-    more = run_training(load_config(None, [*overrides, "train.max_steps=14"]), log=lambda *_: None)
+    more = run_training(load_config(None, [*overrides, "train.max_steps=14"]), extend=True, log=lambda *_: None)
     assert more["resumed_from_step"] == 12 and more["steps"] == 14

@@ -14,7 +14,8 @@ import shlex
 import sys
 
 # TODO(hardware.py): cpu_flags/cpu_model move to tunelab.hardware; import them from there once it lands.
-from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model
+from tunelab.hardware import cpu_flags, cpu_model
+from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS
 
 
 def command_line() -> str:

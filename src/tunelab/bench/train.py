@@ -128,13 +128,13 @@ def run_bench(
 ) -> dict:
     """Run the comparison; returns the JSON document (fp32 at the top level, `bf16` nested)."""
     from tunelab.models import resolve_model_path
-    from tunelab.train.precision import choose_precision
+    from tunelab.train.precision import precision_for_this_machine
 
     sides = ["tunelab"] + (["trl"] if vs == "trl" else [])
     if "trl" in sides:
         ensure_trl()
     if precisions is None:
-        precisions = ["fp32"] + (["bf16"] if choose_precision("auto").name == "bf16" else [])
+        precisions = ["fp32"] + (["bf16"] if precision_for_this_machine("auto").name == "bf16" else [])
     train_rows, val_rows = bench_data(cfg, max_val_rows)
     model_path = resolve_model_path(cfg.model.name)
     n_params = _count_params(model_path)

@@ -20,6 +20,7 @@ from tunelab.train.heldout import heldout_loss, perplexity
 def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     messages = [{"role": "user", "content": prompt}]
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    input_ids = input_ids.to(model.device)
     with torch.no_grad():
         output = model.generate(
             input_ids=input_ids,
@@ -33,15 +34,12 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbose: bool = False, samples: bool = True) -> dict:
-    from peft import PeftModel
-
     from tunelab.config import apply_overrides, config_from_dict
     from tunelab.data.prepare import load_prepared, prepare_dataset
-    from tunelab.models import load_model
-    from tunelab.models.runs import load_run_tokenizer, run_config
-    from tunelab.train.packed_attention import register as register_packed_attention
-    from tunelab.train.precision import choose_precision
+    from tunelab.models.runs import load_run_model, run_config
+    from tunelab.train.architectures import use_plan
     from tunelab.train.objectives import heldout_examples
+    from tunelab.train.precision import Precision, precision_for_this_machine
     from tunelab.train.recipe import set_threads
 
     run_dir = Path(run_dir)
@@ -49,22 +47,24 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     if overrides:
         cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), overrides), str(run_dir / "config.yaml"))
     set_threads(cfg.train.threads)
-    precision = choose_precision(cfg.train.precision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = precision_for_this_machine(cfg.train.precision, device.type)
+    if (cfg.model.load_in_4bit or cfg.model.load_in_8bit) and device.type == "cpu":
+        precision = Precision("fp32", "QLoRA run on a CPU: its base is reloaded unquantised in fp32")
     _, val_set = load_prepared(prepare_dataset(cfg))
     val_rows = heldout_examples(cfg.train.objective, val_set)[: cfg.eval.max_val_rows or None]
 
-    model = load_model(cfg.model, dtype=precision.dtype)
-    if cfg.train.packing:
-        model.config._attn_implementation = register_packed_attention()
-    model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
-    tokenizer = load_run_tokenizer(run_dir)
-    device = torch.device("cpu")
+    # A QLoRA run is scored on its unquantised base (see load_run_model), on the GPU when there is one.
+    model, tokenizer = load_run_model(run_dir, dtype=precision.dtype, device=device, cfg=cfg)
+    own_attention = model.config._attn_implementation
+    packing = use_plan(model, cfg.train.packing, log=print if verbose else lambda *_: None)
     score = lambda: heldout_loss(  # noqa: E731
-        model, val_rows, cfg.eval.batch_size, cfg.train.packing, tokenizer.pad_token_id, precision, device, cfg.train.loss_chunk_tokens
+        model, val_rows, cfg.eval.batch_size, packing, tokenizer.pad_token_id, precision, device, cfg.train.loss_chunk_tokens
     )
     tuned_loss = score()
     with model.disable_adapter():
         base_loss = score()
+    model.config._attn_implementation = own_attention  # generation runs on the model's own attention
     report = {
         "run_dir": str(run_dir),
         "base_model": cfg.model.name,

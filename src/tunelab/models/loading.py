@@ -166,7 +166,7 @@ def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, devi
             load_in_4bit=cfg.load_in_4bit,
             load_in_8bit=cfg.load_in_8bit,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype or torch.float32,  # follows train.precision (fp16 on a T4)
             bnb_4bit_use_double_quant=True,
         )
         kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}

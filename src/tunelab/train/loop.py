@@ -106,6 +106,7 @@ def train_lora(
 
     # bf16: PEFT would cast each LoRA layer's bf16 input to fp32 (the adapter's dtype) only for autocast to cast
     # it straight back: a copy per adapted layer per step that autograd keeps. Everything below runs under autocast.
+    scaler = precision.grad_scaler(device.type)  # fp16: dynamic loss scaling; otherwise a pass-through
     with disable_input_dtype_casting(model, active=precision.name == "bf16"):
         model.train()
         window_tokens, window_start = 0, time.perf_counter()
@@ -121,12 +122,14 @@ def train_lora(
                 with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
                     micro_loss = loss_module(inputs)
                 # DDP averages gradients over processes; scale by world so the step equals one big batch.
-                accelerator.backward(micro_loss * world / max(step_weight, 1))
+                accelerator.backward(scaler.scale(micro_loss * world / max(step_weight, 1)))
                 loss_sum += micro_loss.detach()
                 step_tokens += tokens
             if cfg.max_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
@@ -158,10 +161,10 @@ def train_lora(
                 save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
             accelerator.wait_for_everyone()
 
-        metrics.close()
         if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
             last_figures = evaluate(cfg.max_steps)
             last_val = last_figures["val_loss"]
+        metrics.close()  # after the last write: a finished run's extra evaluation must not hit a closed log
     return TrainResult(
         steps=cfg.max_steps,
         tokens=tokens_seen,

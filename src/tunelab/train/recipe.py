@@ -12,10 +12,11 @@ import torch
 from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.io import atomic_folder, atomic_write
+from tunelab.train.architectures import plan_for
 from tunelab.train.faults import maybe_inject_fault
-from tunelab.train.precision import Precision, choose_precision
+from tunelab.train.precision import Precision, precision_for_this_machine
 from tunelab.train.progress import ProgressBar
-from tunelab.train.run_folder import check_run_dir, prepare_run_dir, write_failures_reported
+from tunelab.train.run_folder import check_run_dir, check_same_data, data_fingerprint, prepare_run_dir, write_failures_reported
 
 
 def set_threads(threads: int | None) -> int:
@@ -26,17 +27,16 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
-def build_lora_model(cfg: Config, precision: Precision):
-    """Base model (frozen weights in the compute dtype) wrapped with fresh LoRA adapters (fp32)."""
+def build_lora_model(cfg: Config, precision: Precision, log=lambda *_: None):
+    """Base model (frozen weights in the compute dtype) wrapped with fresh LoRA adapters (fp32), switched to the
+    packed attention when its architecture takes tunelab's fast path (see tunelab.train.architectures)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from tunelab.models import load_model
-    from tunelab.train.packed_attention import register as register_packed_attention
+    from tunelab.train.architectures import use_plan
 
     quantized = cfg.model.load_in_4bit or cfg.model.load_in_8bit
     model = load_model(cfg.model, dtype=precision.dtype)
-    if cfg.train.packing:
-        model.config._attn_implementation = register_packed_attention()
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     torch.manual_seed(cfg.train.seed)  # LoRA init is part of what the seed fixes
@@ -48,6 +48,7 @@ def build_lora_model(cfg: Config, precision: Precision):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)  # PEFT keeps adapter weights in fp32 over a bf16 base
+    use_plan(model, cfg.train.packing, log)  # after PEFT: an adapter on lm_head rules the fast path out
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -66,7 +67,7 @@ def check_hardware(cfg: Config) -> None:
     check_quantization_supported(cfg.model)
 
 
-def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=print) -> dict:
+def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, extend: bool = False, log=print) -> dict:
     from accelerate import Accelerator
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
@@ -80,22 +81,30 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     threads = set_threads(cfg.train.threads)
-    check_run_dir(cfg, resume, overwrite)
+    check_run_dir(cfg, resume, overwrite, extend)
     tokenizer = load_tokenizer(cfg.model)
 
     # data: one process prepares (and caches) it, the others read it
     with accelerator.main_process_first():
         data_dir = prepare_dataset(cfg, verbose=is_main)
-        run_dir = prepare_run_dir(cfg, resume, overwrite) if is_main else Path(cfg.train.output_dir)
-    precision = choose_precision(cfg.train.precision, accelerator.device.type)
-    log(f"precision: {precision.name} ({precision.reason}); threads: {threads}")
     train_set, val_set = load_prepared(data_dir)
+    data_print = data_fingerprint(train_set)
+    check_same_data(cfg, data_print, resume)
+    with accelerator.main_process_first():
+        run_dir = prepare_run_dir(cfg, resume, overwrite, data_print, extend) if is_main else Path(cfg.train.output_dir)
+    if extend:
+        log(f"--extend: continuing to step {cfg.train.max_steps}; the {cfg.train.scheduler} learning-rate schedule is "
+            f"recomputed over {cfg.train.max_steps} steps from the last checkpoint on")
+    precision = precision_for_this_machine(cfg.train.precision, accelerator.device.type)
+    log(f"precision: {precision.name} ({precision.reason}); threads: {threads}")
     objective = cfg.train.objective
     train_rows, val_rows = objective_rows(objective, train_set), objective_rows(objective, val_set)
     log(f"data: {len(train_rows)} train / {len(val_rows)} val {'conversations' if objective == 'sft' else objective + ' rows'} from {data_dir}")
 
     # model (and, for dpo/kto, the reference log-probs of the base model: once, cached with the data)
-    model = build_lora_model(cfg, precision)
+    model = build_lora_model(cfg, precision, log)
+    if cfg.train.packing and not plan_for(model).fast:  # the fallback pads: one conversation per row
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": False})})
     if objective != "sft":
         from tunelab.train.reference import attach_reference_logps
 
@@ -129,6 +138,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, log=
             "precision_reason": precision.reason,
             "threads": threads,
             "data_dir": str(data_dir),
+            "data_fingerprint": data_print,
             "train_rows": len(train_rows),
             "val_rows": len(val_rows),
             "steps": result.steps,

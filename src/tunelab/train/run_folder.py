@@ -4,6 +4,8 @@ clear line when writing to it fails."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -12,14 +14,19 @@ from tunelab.config import Config
 from tunelab.errors import UserError
 from tunelab.io import atomic_write, remove_leftovers
 
-# Keys that may change between an interrupted run and its resumption without changing the maths.
+# Keys that may change between an interrupted run and its resumption without changing the maths. `max_steps` is not
+# one of them (the learning-rate schedule depends on it): it may grow only when the user asks with --extend.
 RESUME_SAFE_TRAIN_KEYS = {
-    "max_steps", "save_steps", "save_total_limit", "eval_steps", "logging_steps", "threads", "output_dir", "loss_chunk_tokens",
+    "save_steps", "save_total_limit", "eval_steps", "logging_steps", "threads", "output_dir", "loss_chunk_tokens",
 }
+DATA_RECORD = "data.json"  # the training data a run was started on (fingerprint of the prepared rows, in order)
 
 
-def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Refuse an unusable run folder before anything is written (prepare_run_dir writes)."""
+def check_run_dir(cfg: Config, resume: bool, overwrite: bool, extend: bool = False) -> Path:
+    """Refuse an unusable run folder before anything is written (prepare_run_dir writes).
+
+    A resume never silently changes the run: a changed key (outside the resume-safe ones), a changed `max_steps`
+    without --extend, or checkpoints none of which is valid all stop here with one line."""
     run_dir = Path(cfg.train.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"train.output_dir: {run_dir} exists and is not a folder")
@@ -29,34 +36,80 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
     if existing and resume and (run_dir / "config.yaml").is_file():
         from tunelab.config import load_config
 
-        difference = first_difference(load_config(run_dir / "config.yaml"), cfg)
+        old = load_config(run_dir / "config.yaml")
+        difference = first_difference(old, cfg, ignore_max_steps=extend)
         if difference:
+            hint = " (--extend continues it to a larger max_steps)" if difference.startswith("train.max_steps") else ""
             raise UserError(
-                f"{run_dir}: holds a run with a different config ({difference}); use another train.output_dir, or --no-resume --overwrite"
+                f"{run_dir}: holds a run with a different config ({difference}){hint}; use another train.output_dir, "
+                "or --no-resume --overwrite to start over"
             )
+        if extend and cfg.train.max_steps <= old.train.max_steps:
+            raise UserError(
+                f"train.max_steps: --extend needs more steps than the run's {old.train.max_steps} (got {cfg.train.max_steps})"
+            )
+    if existing and resume:
+        _check_some_checkpoint_is_valid(run_dir)
     return run_dir
 
 
-def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Create (or, without resume, recreate) the run folder, sweep a killed run's temp files, write config.yaml."""
-    run_dir = check_run_dir(cfg, resume, overwrite)
+def _check_some_checkpoint_is_valid(run_dir: Path) -> None:
+    """Checkpoints exist but none can be loaded: restarting from step 0 would wipe the run's metrics, so stop."""
+    from tunelab.train.checkpoint import latest_valid_checkpoint, list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if found and latest_valid_checkpoint(run_dir, warn=lambda *_: None) is None:
+        names = ", ".join(p.name for p in found)
+        raise UserError(
+            f"{run_dir / 'checkpoints'}: no valid checkpoint to resume from ({names} are all incomplete or corrupt); "
+            "move them away to keep them, or --no-resume --overwrite to start over"
+        )
+
+
+def data_fingerprint(train_set) -> str:
+    """The prepared training rows, in order (content hash of each conversation + its token count)."""
+    digest = hashlib.sha256()
+    for row_id, tokens in zip(train_set["id"], train_set["num_tokens"]):
+        digest.update(f"{row_id}:{tokens}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def check_same_data(cfg: Config, fingerprint: str, resume: bool) -> None:
+    """A resume must train on the rows the run started with (a data file edited in place changes them)."""
+    record = Path(cfg.train.output_dir) / DATA_RECORD
+    if not (resume and record.is_file()):
+        return
+    started_on = json.loads(record.read_text(encoding="utf-8")).get("fingerprint")
+    if started_on != fingerprint:
+        raise UserError(
+            f"{record.parent}: the prepared training data changed since this run started (fingerprint {started_on} -> "
+            f"{fingerprint}); restore the data, use another train.output_dir, or --no-resume --overwrite to start over"
+        )
+
+
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool, data_print: str, extend: bool = False) -> Path:
+    """Create (or, without resume, recreate) the run folder, sweep a killed run's temp files, write config.yaml
+    and the data record."""
+    run_dir = check_run_dir(cfg, resume, overwrite, extend)
     try:
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(run_dir)
         atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        if not (run_dir / DATA_RECORD).is_file():
+            atomic_write(run_dir / DATA_RECORD, json.dumps({"fingerprint": data_print}))
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot write the run folder: {exc.strerror or exc}") from None
     return run_dir
 
 
-def first_difference(old: Config, new: Config) -> str | None:
+def first_difference(old: Config, new: Config, ignore_max_steps: bool = False) -> str | None:
     """The first key (outside the resume-safe ones) whose value differs, as `section.key: old -> new`."""
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     for section in ("data", "model", "lora", "train"):
         for key in sorted(set(a[section]) | set(b[section])):
-            if section == "train" and key in RESUME_SAFE_TRAIN_KEYS:
+            if section == "train" and (key in RESUME_SAFE_TRAIN_KEYS or (ignore_max_steps and key == "max_steps")):
                 continue
             if a[section].get(key) != b[section].get(key):
                 return f"{section}.{key}: {a[section].get(key)!r} -> {b[section].get(key)!r}"

@@ -1,0 +1,227 @@
+"""Every claimed architecture family: tunelab's packed attention + assistant-only head give the model's own
+loss and LoRA gradients; anything else falls back to the model's own forward and loss.
+
+The reference is plain transformers: `model(input_ids, attention_mask, labels=...)` on padded rows (one
+conversation per row, eager attention). Sliding windows (6 tokens) are shorter than the test conversations
+(9 to 17 tokens), and soft-caps/logit scales are small enough to change the numbers, so a fast path that
+ignored any of them would fail. Tolerance (fp32): loss to 1e-5 relative, gradients to 1e-4 relative of their norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.train.architectures import FAST_FAMILIES, plan_for, use_plan
+from tunelab.train.batching import IGNORE, pack, pad
+from tunelab.train.loss import LinearCrossEntropy, masked_lm_loss
+
+VOCAB = 256
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+WINDOW = 6
+LAYERS = ["sliding_attention", "full_attention"]
+
+
+def family_configs():
+    from transformers import (CohereConfig, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig,
+                              Phi3Config, Qwen2Config, Qwen3Config)
+
+    return {
+        "llama-tied": LlamaConfig(**SMALL, tie_word_embeddings=True),
+        "qwen2-sliding": Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "qwen3-sliding": Qwen3Config(**SMALL, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "mistral-sliding": MistralConfig(**SMALL, sliding_window=WINDOW),
+        "phi3-sliding": Phi3Config(**SMALL, sliding_window=WINDOW),
+        "gemma2-softcaps": Gemma2Config(**SMALL, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                                        attn_logit_softcapping=0.5, final_logit_softcapping=0.3),
+        "gemma3-sliding": Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=WINDOW, layer_types=LAYERS,
+                                           final_logit_softcapping=0.3),
+        "cohere-logit-scale": CohereConfig(**SMALL, logit_scale=4.0),
+        "granite-logits-scaling": GraniteConfig(**SMALL, logits_scaling=0.25, attention_multiplier=0.3,
+                                                embedding_multiplier=3.0, residual_multiplier=0.5),
+    }
+
+
+def examples(seed=0, lengths=(9, 17, 12)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        labels = [IGNORE] * (n // 3) + ids[n // 3 :]  # the last two thirds are "assistant"
+        out.append((ids, labels))
+    return out
+
+
+def lora_model(config, target_modules="all-linear"):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"  # the most literal form of the model's own attention
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # init_lora_weights=False: B is non-zero too, so the adapter changes the outputs and every LoRA weight has a gradient.
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
+    return get_peft_model(base, lora).train()
+
+
+def reference_loss_and_grads(model, rows):
+    """Plain transformers: padded rows, the model's own loss (mean over labelled tokens) with `labels`."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    model.zero_grad()
+    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def tunelab_loss_and_grads(model, batch):
+    model.zero_grad()
+    loss_sum, n = masked_lm_loss(model, batch, chunk_tokens=7)  # several chunks
+    loss = loss_sum / n
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def lora_grads(model):
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
+    assert grads and all(g is not None for g in grads.values())
+    return grads
+
+
+def assert_same(loss, grads, ref_loss, ref_grads):
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert ref.norm() > 0, name
+        torch.testing.assert_close(grads[name], ref, rtol=0, atol=1e-4 * float(ref.norm()) + 1e-7, msg=name)
+
+
+@pytest.mark.parametrize("name", list(family_configs()))
+def test_packed_fast_path_equals_the_models_own_loss_and_gradients(name):
+    config = family_configs()[name]
+    model = lora_model(config)
+    rows = examples()
+    ref_loss, ref_grads = reference_loss_and_grads(model, rows)
+    assert plan_for(model).fast, plan_for(model).reason
+    assert use_plan(model, packing=True, log=lambda *_: None)
+    loss, grads = tunelab_loss_and_grads(model, pack(rows))
+    assert_same(loss, grads, ref_loss, ref_grads)
+
+
+def test_every_claimed_family_is_tested():
+    tested = {c.model_type for c in family_configs().values()}
+    assert tested == set(FAST_FAMILIES)
+
+
+def test_ignoring_the_sliding_window_would_be_caught():
+    """The comparison above can fail: with the window removed from the packed path the loss differs."""
+    model = lora_model(family_configs()["mistral-sliding"])
+    rows = examples()
+    ref_loss, _ = reference_loss_and_grads(model, rows)
+    use_plan(model, packing=True, log=lambda *_: None)
+    model.config.sliding_window = None
+    loss, _ = tunelab_loss_and_grads(model, pack(rows))
+    assert abs(float(loss) - float(ref_loss)) > 1e-4
+
+
+def test_head_maths_matches_autograd_with_bias_scale_and_softcap():
+    """LinearCrossEntropy's hand-written gradient, against autograd on the plain formula."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 40, (11,), generator=g)
+    for scale, softcap in [(1.0, None), (0.25, None), (3.0, 2.0), (1.0, 0.5)]:
+        logits = torch.nn.functional.linear(hidden, weight, bias) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        expected_grads = torch.autograd.grad(expected, (hidden, weight, bias))
+        got = LinearCrossEntropy.apply(hidden, weight, targets, 4, bias, scale, softcap)
+        got_grads = torch.autograd.grad(got, (hidden, weight, bias))
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+        for got_grad, expected_grad in zip(got_grads, expected_grads):
+            torch.testing.assert_close(got_grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- fallback
+def test_unknown_family_falls_back_to_the_models_own_forward_on_padded_rows():
+    from transformers import PhiConfig  # Phi-2: lm_head bias, partial rotary, parallel blocks; not claimed
+
+    model = lora_model(PhiConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=256, pad_token_id=0))
+    plan = plan_for(model)
+    assert not plan.fast and "phi" in plan.reason
+    lines = []
+    assert use_plan(model, packing=True, log=lines.append) is False
+    assert len(lines) == 1 and "fallback" in lines[0] and "no packing" in lines[0]
+    assert model.config._attn_implementation == "eager"  # the model's own attention is left alone
+    rows = examples()
+    ref_loss, ref_grads = reference_loss_and_grads(model, rows)
+    loss, grads = tunelab_loss_and_grads(model, pad(rows, pad_id=0))
+    assert_same(loss, grads, ref_loss, ref_grads)
+    with pytest.raises(ValueError, match="fallback"):
+        masked_lm_loss(model, pack(rows))  # never packs conversations through a forward that cannot separate them
+
+
+def test_adapter_on_lm_head_falls_back():
+    model = lora_model(family_configs()["mistral-sliding"], target_modules=["q_proj", "v_proj", "lm_head"])
+    plan = plan_for(model)
+    assert not plan.fast and "lm_head" in plan.reason
+    rows = examples()
+    ref_loss, ref_grads = reference_loss_and_grads(model, rows)
+    assert any("lm_head" in name for name in ref_grads)
+    loss, grads = tunelab_loss_and_grads(model, pad(rows, pad_id=0))
+    assert_same(loss, grads, ref_loss, ref_grads)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def saved_model(tmp_path, config) -> str:
+    """A tiny random-init model of `config`'s family with a real chat tokenizer, saved as a local HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tokenizer_for_tests
+
+    tokenizer = tokenizer_for_tests()
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("name,expected", [("gemma2-softcaps", "fast path"), ("qwen2-sliding", "fast path"), ("phi2", "fallback")])
+def test_tunelab_train_cli_step(tmp_path, name, expected):
+    import json
+
+    import yaml
+    from transformers import PhiConfig
+    from typer.testing import CliRunner
+
+    from tests.helpers import conversations_file
+    from tunelab.cli import app
+
+    configs = {**family_configs(), "phi2": PhiConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"})}
+    cfg = {
+        "data": {"sources": [{"path": str(conversations_file(tmp_path, n=24))}], "output_dir": str(tmp_path / "prepared"),
+                 "val_fraction": 0.2, "dedup": {"near": False}},
+        "model": {"name": saved_model(tmp_path, configs[name])},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 3, "save_steps": 2, "eval_steps": 2,
+                  "max_seq_len": 64, "warmup_steps": 0, "precision": "fp32", "threads": 1},
+        "eval": {"batch_size": 4, "max_val_rows": 3},
+    }
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["train", str(config_file)])
+    assert result.exit_code == 0, result.output
+    lines = [line.split("architecture: ", 1)[1] for line in result.output.splitlines() if "architecture: " in line]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_train_loss"] > 0 and summary["final_val_loss"] > 0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
