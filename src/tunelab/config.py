@@ -160,6 +160,15 @@ class TrainConfig(_Section):
     logging_steps: int = Field(1, gt=0, **_resume_safe("Write a metrics.jsonl line every this many optimizer steps."))
     threads: int | None = Field(None, gt=0, **_resume_safe("CPU intra-op threads; default: every core this process may use."))
     seed: int = Field(42, description="Seeds the data order and the LoRA initialisation.")
+    objective: Literal["sft", "dpo", "kto"] = Field(
+        "sft", description="sft: imitate assistant replies; dpo: prefer `chosen` over `rejected` (pairs); kto: unpaired thumbs (`completion` + `label`)."
+    )
+    beta: float = Field(0.1, gt=0, description="dpo/kto: β, how far the policy may move from the reference (base model, adapter off); larger = closer.")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo loss variant, as TRL's loss_type: sigmoid (DPO), ipo (IPO, per-token averaged), hinge (SLiC)."
+    )
+    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of thumbs-up (label true) losses, to balance unequal counts.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of thumbs-down (label false) losses.")
 
 
 # ----------------------------------------------------------------------------------------- eval

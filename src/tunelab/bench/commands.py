@@ -59,8 +59,9 @@ def bench_train_cmd(
     max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 32,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
+    objective: Annotated[str, typer.Option(help="sft (vs TRL SFTTrainer) or dpo (vs TRL DPOTrainer, on pairs built from the config's conversations).")] = "sft",
 ) -> None:
-    """tunelab's training loop vs TRL SFTTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out loss."""
+    """tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out figures."""
     from tunelab.config import load_config
     from tunelab.bench.machine import command_line
     from tunelab.bench.train import markdown_table, plot_throughput, print_table, run_bench
@@ -71,7 +72,21 @@ def bench_train_cmd(
     for p in precision or []:
         if p not in ("fp32", "bf16"):
             raise UserError(f"--precision {p}: expected fp32 or bf16")
+    if objective not in ("sft", "dpo"):
+        raise UserError(f"--objective {objective}: expected sft or dpo")
     cfg = load_config(config or QUICKSTART_CONFIG, set_ or [])
+    if objective == "dpo":
+        from tunelab.bench.dpo import markdown_table as dpo_table, run_dpo_bench
+
+        doc = run_dpo_bench(cfg, steps=steps, repeats=repeats, precisions=precision or None, threads=threads,
+                            vs=None if vs == "none" else vs, max_val_rows=max_val_rows, command=command_line())
+        typer.echo(dpo_table(doc))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(doc, indent=2))
+            json_path.with_suffix(".md").write_text(dpo_table(doc))
+            typer.echo(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+        return
     doc = run_bench(
         cfg, steps=steps, repeats=repeats, precisions=precision or None, threads=threads,
         vs=None if vs == "none" else vs, max_val_rows=max_val_rows, command=command_line(),

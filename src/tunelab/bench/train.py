@@ -65,8 +65,8 @@ def ensure_trl() -> None:
 
 
 # --------------------------------------------------------------------------------- running
-def run_side(side: str, spec_file: Path, out_file: Path, log) -> dict:
-    cmd = [sys.executable, "-m", "tunelab.bench.train_worker", "--side", side, "--spec", str(spec_file), "--out", str(out_file)]
+def run_side(side: str, spec_file: Path, out_file: Path, log, worker: str = "tunelab.bench.train_worker") -> dict:
+    cmd = [sys.executable, "-m", worker, "--side", side, "--spec", str(spec_file), "--out", str(out_file)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(json.loads(spec_file.read_text())["threads"])}
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -359,6 +359,8 @@ def config_key(cfg: Config) -> str:
         "max_seq_len": cfg.train.max_seq_len,
         "format_version": FORMAT_VERSION,
     }
+    if cfg.train.objective != "sft":  # preference rows are another dataset; sft keys stay as they were
+        payload["objective"] = cfg.train.objective
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -490,11 +492,20 @@ def prepare_dataset(cfg: Config, force: bool = False, verbose: bool = False) -> 
             print(f"using prepared data (config and inputs unchanged): {folder}")
         return folder
     _check_output_folder(folder)
-    pipeline = DataPipeline(cfg)
+    if cfg.train.objective == "sft":
+        pipeline = DataPipeline(cfg)
+        with atomic_folder(folder) as tmp:  # readers see the old or the new folder, never half
+            pipeline.run(tmp)  # reads, dedups, encodes and writes train/ and val/ in one streamed pass
+            write_report(tmp, pipeline.report(key, inputs), pipeline.lengths)
+    else:  # preference pairs/thumbs: small (feedback exports), encoded in memory
+        from tunelab.data.preference import PreferencePipeline, save_preference_splits
 
-    with atomic_folder(folder) as tmp:  # readers see the old or the new folder, never half
-        pipeline.run(tmp)  # reads, dedups, encodes and writes train/ and val/ in one streamed pass
-        write_report(tmp, pipeline.report(key, inputs), pipeline.lengths)
+        pipeline = PreferencePipeline(cfg)
+        train, val = pipeline.run()
+        with atomic_folder(folder) as tmp:
+            with pipeline.timed("write"):
+                save_preference_splits(tmp, train, val)
+            write_report(tmp, pipeline.report(key, inputs), pipeline.lengths)
     if verbose:
         print_summary(json.loads((folder / "report.json").read_text(encoding="utf-8")), folder)
     return folder

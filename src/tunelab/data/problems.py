@@ -32,6 +32,8 @@ PROBLEM_REASONS = {
     "empty_message": "a message is empty",
     "starts_with_assistant": "conversation starts with the assistant (after the optional system message)",
     "misplaced_system": "a system message after the first message",
+    "prompt_not_user": "a preference prompt does not end with a user message",
+    "identical_pair": "a preference pair whose chosen and rejected completions are the same",
 }
 FILTER_REASONS = {
     "too_few_turns": "fewer user/assistant turns than data.min_turns",

@@ -39,8 +39,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     from tunelab.data.prepare import load_prepared, prepare_dataset
     from tunelab.models.runs import load_run_model, run_config
     from tunelab.train.architectures import use_plan
+    from tunelab.train.objectives import heldout_examples
     from tunelab.train.precision import Precision, precision_for_this_machine
-    from tunelab.train.recipe import rows_of, set_threads
+    from tunelab.train.recipe import set_threads
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -52,7 +53,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     if (cfg.model.load_in_4bit or cfg.model.load_in_8bit) and device.type == "cpu":
         precision = Precision("fp32", "QLoRA run on a CPU: its base is reloaded unquantised in fp32")
     _, val_set = load_prepared(prepare_dataset(cfg))
-    val_rows = rows_of(val_set)[: cfg.eval.max_val_rows or None]
+    val_rows = heldout_examples(cfg.train.objective, val_set)[: cfg.eval.max_val_rows or None]
 
     # A QLoRA run is scored on its unquantised base (see load_run_model), on the GPU when there is one.
     model, tokenizer = load_run_model(run_dir, dtype=precision.dtype, device=device, cfg=cfg)

@@ -61,7 +61,7 @@ def average_adapter_grads(params, world: int) -> None:
 
 
 @torch.no_grad()
-def fsdp_validation_loss(loss_module, rows, batch_size: int, packing: bool, pad_id: int, precision, device) -> float:
+def fsdp_heldout_loss(loss_module, rows, batch_size: int, packing: bool, pad_id: int, precision, device) -> float:
     """Mean assistant-token loss over `rows` through the FSDP-wrapped loss module (every process runs it)."""
     from tunelab.train.batching import make_batch
 

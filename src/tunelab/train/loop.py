@@ -2,9 +2,9 @@
 
 Data order is a pure function of (seed, step) (see batching.step_indices), so the "data position" of a
 checkpoint is just its step number, and a resumed run replays exactly the batches an uninterrupted run
-would have seen. Each optimizer step takes `batch_size x grad_accum` conversations; the loss is the sum
-of assistant-token cross-entropies divided by the number of assistant tokens in the whole step, so
-gradient accumulation (and DDP) give the same update as one big batch.
+would have seen. Each optimizer step takes `batch_size x grad_accum` rows; the loss is the sum of the
+micro-batch losses divided by the objective's weight of the whole step (sft: assistant tokens; dpo/kto:
+rows, see objectives.py), so gradient accumulation (and DDP) give the same update as one big batch.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from tunelab.config import EvalConfig, TrainConfig
-from tunelab.data.masking import IGNORE_INDEX
-from tunelab.train.batching import make_batch, step_indices
+from tunelab.errors import UserError
+from tunelab.train.batching import step_indices
 from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import (
-    AdapterSaver, average_adapter_grads, check_split, fsdp_validation_loss, is_fsdp, shard_base_only,
+    AdapterSaver, average_adapter_grads, check_split, fsdp_heldout_loss, is_fsdp, shard_base_only,
 )
 from tunelab.train.faults import maybe_inject_fault
-from tunelab.train.heldout import Example, heldout_loss, perplexity
-from tunelab.train.loss import AssistantLoss
+from tunelab.train.heldout import perplexity
 from tunelab.train.memory import lean_swiglu, peak_rss_mib, return_freed_tensors_to_the_os
+from tunelab.train.objectives import make_objective
 from tunelab.train.precision import Precision
 from tunelab.train.progress import MetricsLog
 
@@ -42,6 +42,7 @@ class TrainResult:
     final_train_loss: float | None
     final_val_loss: float | None
     resumed_from: int | None = None
+    final_val_metrics: dict = field(default_factory=dict)  # the last held-out figures (objective-specific)
     history: list[dict] = field(default_factory=list)
 
 
@@ -64,8 +65,8 @@ def build_scheduler(optimizer, train_cfg: TrainConfig):
 
 def train_lora(
     model,
-    train_rows: list[Example],
-    val_rows: list[Example],
+    train_rows,
+    val_rows,
     train_cfg: TrainConfig,
     eval_cfg: EvalConfig,
     run_dir: Path,
@@ -76,29 +77,33 @@ def train_lora(
     log=print,
     progress=None,
 ) -> TrainResult:
+    """Rows are what `objectives.objective_rows` gives for train_cfg.objective (sft: memory-mapped token rows)."""
     device = accelerator.device
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     check_split(train_cfg.batch_size, world)
     fsdp = is_fsdp(accelerator)
+    if fsdp and train_cfg.objective != "sft":
+        raise UserError(f"train.objective: {train_cfg.objective} is not supported under FSDP yet (use DDP or one process)")
     per_step = train_cfg.batch_size * train_cfg.grad_accum
+    objective = make_objective(train_rows, val_rows, train_cfg, eval_cfg, pad_id, precision)
     return_freed_tensors_to_the_os()
     lean_swiglu(model)
 
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
     start_step, tokens_seen, train_seconds, resumed_from = 0, 0, 0.0, None
-    last_loss, last_val, history = None, None, []
+    last_loss, last_val, last_figures, history = None, None, {}, []
     if resume and (ckpt := latest_valid_checkpoint(run_dir, warn=log)) is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
-        last_loss, last_val = state.get("train_loss"), state.get("val_loss")
+        last_loss, last_val, last_figures = state.get("train_loss"), state.get("val_loss"), state.get("val_metrics", {})
         resumed_from = start_step
         if start_step >= train_cfg.max_steps:
             log(f"run already complete: {ckpt} is step {start_step} of {train_cfg.max_steps}; nothing to train")
         else:
             log(f"resuming from {ckpt} (step {start_step} of {train_cfg.max_steps})")
-    loss_module = AssistantLoss(model, train_cfg.loss_chunk_tokens)
+    loss_module = objective.loss_module(model)
     if fsdp:
         shard_base_only(accelerator, loss_module, model)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
@@ -106,15 +111,16 @@ def train_lora(
     trainable = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
-    def evaluate(step: int) -> float:
+    def evaluate(step: int) -> dict:
         if fsdp:  # the base is sharded: only the wrapped module's forward gathers it
             loss = fsdp_heldout_loss(loss_module, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device)
+            figures = {"val_loss": loss, "val_ppl": perplexity(loss)}
         else:
-            loss = heldout_loss(model, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device, train_cfg.loss_chunk_tokens)
+            figures = objective.evaluate(model, device)
         maybe_inject_fault("eval", step)  # evaluated, not yet recorded
-        metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        metrics.write({"step": step, **figures})
         model.train()
-        return loss
+        return figures
 
     # bf16: PEFT would cast each LoRA layer's bf16 input to fp32 (the adapter's dtype) only for autocast to cast
     # it straight back: a copy per adapted layer per step that autograd keeps. Everything below runs under autocast.
@@ -125,21 +131,20 @@ def train_lora(
         for step in range(start_step, train_cfg.max_steps):
             step_start = time.perf_counter()
             indices = step_indices(step, per_step, len(train_rows), seed=train_cfg.seed)
-            step_rows = {i: train_rows[i] for i in indices}  # read once per step (rows live in memory-mapped Arrow)
-            step_targets = sum(sum(1 for x in step_rows[i][1][1:] if x != IGNORE_INDEX) for i in indices)
+            step_weight = objective.step_weight(indices)
             # Every process takes its share of every micro-batch (rows rank, rank + world, ...): any batch size >= world
             # and any grad_accum give each process the same number of forward/backward passes.
             micro_batches = [indices[i : i + train_cfg.batch_size][rank::world] for i in range(0, per_step, train_cfg.batch_size)]
             loss_sum, step_tokens = torch.zeros((), device=device), 0
             for i, rows in enumerate(micro_batches):
-                batch = make_batch([step_rows[r] for r in rows], train_cfg.packing, pad_id).to(device)
+                inputs, tokens = objective.micro_batch(rows, device)
                 sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
                 with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
-                    micro_loss = loss_module(batch)
+                    micro_loss = loss_module(inputs)
                 # DDP averages gradients over processes; scale by world so the step equals one big batch.
-                accelerator.backward(scaler.scale(micro_loss * world / max(step_targets, 1)))
+                accelerator.backward(scaler.scale(micro_loss * world / max(step_weight, 1)))
                 loss_sum += micro_loss.detach()
-                step_tokens += batch.num_tokens
+                step_tokens += tokens
             if fsdp:
                 average_adapter_grads(trainable, world)
             if train_cfg.max_grad_norm:
@@ -155,7 +160,7 @@ def train_lora(
             maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
 
             loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)
-            last_loss = loss_sum.item() / max(step_targets, 1)
+            last_loss = loss_sum.item() / max(step_weight, 1)
             tokens_seen += step_tokens
             elapsed = time.perf_counter() - step_start
             train_seconds += elapsed
@@ -171,16 +176,19 @@ def train_lora(
                 if progress is not None:
                     progress(done, record)
             if done % train_cfg.eval_steps == 0 or done == train_cfg.max_steps:
-                last_val = evaluate(done)
-                history.append({"step": done, "val_loss": last_val})
+                last_figures = evaluate(done)
+                last_val = last_figures["val_loss"]
+                history.append({"step": done, **last_figures})
                 log(f"step {done}: val_loss {last_val:.4f}")
             if is_main and (done % train_cfg.save_steps == 0 or done == train_cfg.max_steps):
-                state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
+                state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss,
+                         "val_metrics": last_figures}
                 save_checkpoint(run_dir, done, AdapterSaver(model) if fsdp else model, optimizer, scheduler, state, train_cfg.save_total_limit)
             accelerator.wait_for_everyone()
 
         if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
-            last_val = evaluate(train_cfg.max_steps)
+            last_figures = evaluate(train_cfg.max_steps)
+            last_val = last_figures["val_loss"]
         metrics.close()  # after the last write: a finished run's extra evaluation must not hit a closed log
     return TrainResult(
         steps=train_cfg.max_steps,
@@ -192,6 +200,7 @@ def train_lora(
         final_val_loss=last_val,
         resumed_from=resumed_from,
         history=history,
+        final_val_metrics=last_figures,
     )
 
 

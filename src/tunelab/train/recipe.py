@@ -77,6 +77,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
     from tunelab.data.prepare import load_prepared, prepare_dataset
     from tunelab.models import load_tokenizer
     from tunelab.train.loop import train_lora
+    from tunelab.train.objectives import objective_rows
 
     # check: hardware, run folder, model folder, chat template and data files before the run folder is
     # touched, so a config error leaves nothing behind.
@@ -101,13 +102,22 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
     precision = precision_for_this_machine(cfg.train.precision, accelerator.device.type)
     log(f"{describe_launch(accelerator, cfg.train.batch_size, cfg.train.grad_accum)}; "
         f"precision: {precision.name} ({precision.reason}); threads: {threads}")
-    train_rows, val_rows = rows_of(train_set), rows_of(val_set)[: cfg.eval.max_val_rows or None]
-    log(f"data: {len(train_rows)} train / {len(val_rows)} val conversations from {data_dir}")
+    objective = cfg.train.objective
+    train_rows = objective_rows(objective, train_set)
+    val_rows = objective_rows(objective, val_set)[: cfg.eval.max_val_rows or None]
+    log(f"data: {len(train_rows)} train / {len(val_rows)} val {'conversations' if objective == 'sft' else objective + ' rows'} from {data_dir}")
 
-    # model
+    # model (and, for dpo/kto, the reference log-probs of the base model: once, cached with the data)
     model = build_lora_model(cfg, precision, log)
     if cfg.train.packing and not plan_for(model).fast:  # the fallback pads: one conversation per row
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": False})})
+    if objective != "sft":
+        from tunelab.train.reference import attach_reference_logps
+
+        with accelerator.main_process_first():
+            attach_reference_logps(cfg, data_dir, model, {"train": train_rows, "val": val_rows}, precision,
+                                   tokenizer.pad_token_id, next(model.parameters()).device, log)
+    val_rows = val_rows[: cfg.eval.max_val_rows or None]
     started = time.time()
 
     with write_failures_reported(run_dir):
@@ -149,6 +159,8 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
             "peak_rss_mib": round(result.peak_rss_mib, 1),
             "final_train_loss": result.final_train_loss,
             "final_val_loss": result.final_val_loss,
+            "objective": objective,
+            "final_val_metrics": result.final_val_metrics,
         }
         atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"done: {run_dir} (val loss {result.final_val_loss:.4f}, {result.tokens_per_second:.0f} tok/s)")

@@ -1,0 +1,127 @@
+"""`tunelab bench train --objective dpo --vs trl`: tunelab's DPO loop vs TRL's DPOTrainer + PEFT on the same pairs.
+
+Pairs: the first exchange of the config's prepared conversations; `chosen` is the conversation's own answer and
+`rejected` the answer of the next conversation (a real reply, to another question), so preferring the chosen one
+is learnable and held-out preference accuracy means something. They go through `tunelab data prepare` as
+preference data, then each side (tunelab.bench.dpo_worker) trains on the same ids in the same order and is
+scored by the same held-out evaluator. Reported: real tokens/s (chosen + rejected, no padding), s/step, peak RSS,
+held-out DPO loss, preference accuracy and reward margin; medians over `repeats` alternating runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from tunelab.bench.machine import run_header
+from tunelab.bench.train import SIDES, _fmt, ensure_trl, matmul_peak_gflops, run_side, summarise
+
+PREFERENCE_KEYS = ("val_pref_accuracy", "val_reward_margin", "reference_seconds")
+
+
+def build_pairs(cfg, folder: Path, max_pairs: int) -> Path:
+    """A preference JSONL from the config's conversations: own answer (chosen) vs the next one's (rejected)."""
+    from tunelab.data.prepare import load_prepared, prepare_dataset
+
+    train, _ = load_prepared(prepare_dataset(cfg.model_copy(update={"train": cfg.train.model_copy(update={"objective": "sft"})})))
+    exchanges = []
+    for text in train["messages"]:
+        messages = json.loads(text)
+        start = 1 if messages[0]["role"] == "system" else 0
+        exchanges.append((messages[: start + 1], messages[start + 1]["content"]))
+        if len(exchanges) > max_pairs:
+            break
+    path = folder / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for (prompt, answer), (_, other) in zip(exchanges, exchanges[1:]):
+            if answer.strip() != other.strip():
+                f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": other}, ensure_ascii=False) + "\n")
+    return path
+
+
+def bench_pairs(cfg, folder: Path, pairs_needed: int, max_val_rows: int) -> tuple[list, list]:
+    from tunelab.config import DataConfig, SourceConfig
+    from tunelab.data.prepare import load_prepared, prepare_dataset
+
+    pairs_file = build_pairs(cfg, folder, pairs_needed)
+    data = DataConfig(sources=[SourceConfig(path=str(pairs_file))], output_dir=str(folder / "prepared"), val_fraction=0.2)
+    pref = cfg.model_copy(update={"data": data, "train": cfg.train.model_copy(update={"objective": "dpo"})})
+    train, val = load_prepared(prepare_dataset(pref))
+    as_pairs = lambda ds: [[[c, cl], [r, rl]] for c, cl, r, rl in zip(ds["chosen_input_ids"], ds["chosen_labels"], ds["rejected_input_ids"], ds["rejected_labels"])]  # noqa: E731
+    return as_pairs(train), as_pairs(val)[:max_val_rows]
+
+
+def run_dpo_bench(cfg, steps: int = 10, repeats: int = 1, precisions: list[str] | None = None, threads: int = 2,
+                  vs: str | None = "trl", max_val_rows: int = 32, command: str | None = None, log=print) -> dict:
+    from tunelab.bench.train import _count_params
+    from tunelab.models import resolve_model_path
+    from tunelab.train.precision import choose_precision
+
+    sides = ["tunelab"] + (["trl"] if vs == "trl" else [])
+    if "trl" in sides:
+        ensure_trl()
+    precisions = precisions or ["fp32"] + (["bf16"] if choose_precision("auto").name == "bf16" else [])
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    model_path = resolve_model_path(cfg.model.name)
+    flops_per_token = 4 * _count_params(model_path)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-dpo-") as tmp:
+        tmp = Path(tmp)
+        train_rows, val_rows = bench_pairs(cfg, tmp, int(steps * per_step * 1.5) + 2 * max_val_rows, max_val_rows)
+        log(f"bench train --objective dpo: {len(train_rows)} train / {len(val_rows)} val pairs, model {model_path}")
+        log(f"  {steps} optimizer steps x {per_step} pairs, beta {cfg.train.beta}, {threads} threads, {repeats} repeats, {precisions}")
+        data_file = tmp / "data.json"
+        data_file.write_text(json.dumps({"train": train_rows, "val": val_rows}))
+        for precision in precisions:
+            spec = {
+                "model_path": model_path, "data_file": str(data_file), "steps": steps, "batch_size": per_step,
+                "lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps, "weight_decay": cfg.train.weight_decay,
+                "max_grad_norm": cfg.train.max_grad_norm, "max_seq_len": cfg.train.max_seq_len,
+                "loss_chunk_tokens": cfg.train.loss_chunk_tokens, "seed": cfg.train.seed, "threads": threads,
+                "precision": precision, "lora": cfg.lora.model_dump(mode="json"), "beta": cfg.train.beta,
+            }
+            spec_file = tmp / f"spec-{precision}.json"
+            spec_file.write_text(json.dumps(spec))
+            peak = matmul_peak_gflops(precision, threads)
+            runs: dict[str, list[dict]] = {s: [] for s in SIDES}
+            for repeat in range(repeats):
+                for side in sides if repeat % 2 == 0 else sides[::-1]:
+                    result = run_side(side, spec_file, tmp / f"{side}-{precision}-{repeat}.json", log, worker="tunelab.bench.dpo_worker")
+                    log(f"    held-out preference accuracy {result['val_pref_accuracy']:.3f}, reward margin {result['val_reward_margin']:+.4f}")
+                    runs[side].append(result)
+            block = summarise(runs, peak, flops_per_token)
+            for side in sides:
+                for key in PREFERENCE_KEYS:
+                    block[side][key] = statistics.median(r[key] for r in runs[side])
+            results[precision] = block
+    doc = dict(results[precisions[0]])
+    for precision in precisions[1:]:
+        doc[precision] = results[precision]
+    doc.update(objective="dpo", precision=precisions[0], precisions=precisions, steps=steps, repeats=repeats,
+               pairs_per_step=per_step, max_seq_len=cfg.train.max_seq_len, beta=cfg.train.beta,
+               lora=cfg.lora.model_dump(mode="json"), model=cfg.model.name,
+               **run_header(command or "tunelab bench train --objective dpo --vs trl", threads))
+    return doc
+
+
+def markdown_table(doc: dict) -> str:
+    lines = [
+        "| precision | side | real tok/s | tok/CPU-s (steps 2+) | s/step | peak RSS MiB | held-out DPO loss | preference accuracy | reward margin |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for precision in doc["precisions"]:
+        block = doc if precision == doc["precision"] else doc[precision]
+        for side in SIDES:
+            if side in block:
+                s = block[side]
+                lines.append(f"| {precision} | {side} | {s['tok_per_s']:.1f} | {_fmt(s.get('tok_per_cpu_s'))} | {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
+                             f"{s['val_loss']:.4f} | {s['val_pref_accuracy']:.3f} | {s['val_reward_margin']:+.4f} |")
+        if "ratio" in block:
+            r = block["ratio"]
+            lines.append(f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {_fmt(r.get('tok_per_cpu_s'), 'x')} | {r['s_per_step']:.2f}x | "
+                         f"**{r['peak_rss_mib']:.2f}x** | {r['val_loss_delta']:+.4f} | | |")
+    lines += ["", f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; {doc['steps']} optimizer "
+              f"steps x {doc['pairs_per_step']} pairs, beta {doc['beta']}, median of {doc['repeats']} run(s) per side."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,82 @@
+"""`tunelab bench train --objective dpo`: both workers train on the same pairs, count the same tokens, and land on
+the same held-out DPO figures (same data, same maths: tunelab's DPO vs TRL's DPOTrainer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import build_tiny_llama
+from tunelab.data.masking import IGNORE_INDEX
+
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama-dpo")
+    tokenizer = load_tokenizer(ModelConfig())
+    build_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def synthetic_pairs(n, vocab, seed):
+    """[[chosen ids, labels], [rejected ids, labels]] sharing a prompt."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = torch.randint(0, vocab, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        sides = []
+        for _ in range(2):
+            completion = torch.randint(0, vocab, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).tolist()
+            sides.append([prompt + completion, [IGNORE_INDEX] * len(prompt) + completion])
+        pairs.append(sides)
+    return pairs
+
+
+def test_dpo_sides_train_the_same_tokens_and_agree_on_heldout_figures(tiny_model_dir, tmp_path):
+    from tunelab.bench import dpo_worker
+    from tunelab.bench.dpo import markdown_table
+    from tunelab.bench.train import summarise
+    from tunelab.bench.train_worker import ordered_rows
+
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"train": synthetic_pairs(12, vocab, 0), "val": synthetic_pairs(6, vocab, 1)}))
+    spec = {
+        "model_path": str(tiny_model_dir), "data_file": str(data), "steps": 3, "batch_size": 4, "lr": 5e-3,
+        "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "max_seq_len": 64, "loss_chunk_tokens": 256,
+        "seed": 42, "threads": 1, "precision": "fp32", "beta": 0.1,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+    }
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    results = {}
+    for side in ("tunelab", "trl"):
+        out = tmp_path / f"{side}.json"
+        dpo_worker.main(["--side", side, "--spec", str(spec_file), "--out", str(out)])
+        results[side] = json.loads(out.read_text())
+
+    pairs = json.loads(data.read_text())["train"]
+    expected = sum(len(c[0]) + len(r[0]) for c, r in ordered_rows(pairs, 3, 4, 42))
+    for side, r in results.items():
+        assert r["tokens"] == expected, side  # chosen + rejected of the same pairs, no padding counted
+        assert len(r["step_seconds"]) == 3
+    t, trl = results["tunelab"], results["trl"]
+    assert t["val_loss"] == pytest.approx(trl["val_loss"], abs=2e-3)
+    assert t["val_reward_margin"] == pytest.approx(trl["val_reward_margin"], abs=2e-3)
+    assert t["val_loss"] < 0.6931  # both moved away from the reference (loss at the reference is log 2)
+
+    doc = summarise({k: [v] for k, v in results.items()}, {"gflops": 100.0, "shapes": {}}, 4 * 1e6)
+    for side in ("tunelab", "trl"):
+        for key in ("val_pref_accuracy", "val_reward_margin"):
+            doc[side][key] = results[side][key]
+    doc.update(precisions=["fp32"], precision="fp32", command="c", machine="m", date="d", steps=3, pairs_per_step=4,
+               repeats=1, beta=0.1)
+    assert "tunelab/TRL" in markdown_table(doc)
