@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama
+from tests.helpers import build_tiny_llama
 from tunelab.data.masking import IGNORE_INDEX
 
 pytest.importorskip("trl")

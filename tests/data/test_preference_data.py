@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.data.conftest import write_jsonl
+from tests.helpers import write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.data.prepare import load_prepared, prepare_dataset
 from tunelab.data.problems import DataError

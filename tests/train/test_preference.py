@@ -220,7 +220,7 @@ def dpo_workspace(tmp_path_factory):
     """A tiny random Llama saved with the embedded SmolLM2 tokenizer, and a DPO pairs file."""
     import json
 
-    from tests.conftest import build_tiny_llama
+    from tests.helpers import build_tiny_llama
     from tunelab.config import ModelConfig
     from tunelab.models import load_tokenizer
 

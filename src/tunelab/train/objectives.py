@@ -113,6 +113,7 @@ class SftObjective:
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
 
+@dataclass
 class PreferenceInputs:
     """One micro-batch for PreferenceLoss: sequences in one batch, what the loss needs besides their log-probs."""
 
