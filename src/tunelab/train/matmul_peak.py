@@ -1,0 +1,72 @@
+"""The machine's matmul peak (FLOP/s), measured once per machine, dtype and thread count, then cached.
+
+MFU needs a ceiling that this CPU actually reaches, not a datasheet figure: the best sustained rate of a few
+matmul shapes (SmolLM2-135M's own and a large square) with torch, in the training precision. The measurement
+takes ~1.5 s and is stored in ~/.cache/tunelab/matmul_peak.json keyed by CPU model, thread count, dtype and
+torch version, so a training run pays for it once per machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (2048, 2048, 2048))
+
+
+def cache_file() -> Path:
+    root = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+    return root / "matmul_peak.json"
+
+
+def measure(dtype: torch.dtype, threads: int, seconds: float = 1.5) -> dict:
+    """{"gflops": best GFLOP/s, "shapes": per-shape GFLOP/s}, measured now in this process."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    per_shape = {}
+    try:
+        for m, k, n in SHAPES:
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            for _ in range(3):
+                a @ b
+            runs, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds / len(SHAPES):
+                a @ b
+                runs += 1
+            per_shape[f"{m}x{k}x{n}"] = 2 * m * k * n * runs / elapsed / 1e9
+    finally:
+        torch.set_num_threads(previous)
+    return {"gflops": max(per_shape.values()), "shapes": per_shape}
+
+
+def _key(dtype: torch.dtype, threads: int) -> str:
+    from tunelab.train.precision import cpu_model
+
+    return f"{cpu_model()}|{threads} threads|{str(dtype).removeprefix('torch.')}|torch {torch.__version__}"
+
+
+def matmul_peak(dtype: torch.dtype, threads: int | None = None, refresh: bool = False) -> dict:
+    """The cached measurement for this machine (measured and stored on first use, or when `refresh`)."""
+    threads = threads or torch.get_num_threads()
+    path = cache_file()
+    key = _key(dtype, threads)
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not refresh and isinstance(cached.get(key), dict) and cached[key].get("gflops"):
+        return cached[key]
+    result = measure(dtype, threads)
+    cached[key] = result
+    try:  # a cache that cannot be written costs a re-measurement next time, nothing more
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return result
