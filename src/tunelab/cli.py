@@ -98,6 +98,42 @@ def eval_(
     evaluate_run(run_dir, overrides=set_ or [], verbose=True)
 
 
+# ----------------------------------------------------------------------------------- export
+@app.command("export")
+def export_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `tunelab train`.")],
+    gguf: Annotated[str, typer.Option(help="GGUF files to write, comma separated: q4_k_m,q8_0,f16.")] = "q4_k_m",
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload to this Hub repo (user/name).")] = None,
+    private: Annotated[bool, typer.Option(help="With --push-to-hub: create the repo private.")] = False,
+    space: Annotated[Optional[Path], typer.Option(help="Also write a Hugging Face Space folder here.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="With --push-to-hub: list what would be uploaded, upload nothing.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for quantisation and the parity check.")] = None,
+) -> None:
+    """Merge the adapter, write GGUF files, check parity with llama.cpp, optionally build a Space / push to the Hub."""
+    from tunelab.export.gguf import llama_cpp_source_dir
+    from tunelab.export.pipeline import export_run, parse_quants
+    from tunelab.hub import check_repo_id, format_plan, push_to_hub as push, upload_plan
+    from tunelab.models.runs import run_config
+    from tunelab.serve.space import build_run_space
+
+    quants = parse_quants(gguf)
+    if dry_run and not push_to_hub:
+        raise UserError("--dry-run: only applies to --push-to-hub REPO")
+    if push_to_hub:
+        check_repo_id(push_to_hub)
+    run_config(run_dir)  # fail on a wrong folder before any work
+    llama_cpp_source_dir()  # fetch the converter up front (prints what it does)
+    export_run(run_dir, quants, threads=threads)
+    if space is not None:
+        build_run_space(run_dir, space, model_repo=push_to_hub)
+    if push_to_hub:
+        plan = upload_plan(run_dir, run_dir / "export")
+        typer.echo(format_plan(push_to_hub, plan, private))
+        if not dry_run:
+            url = push(push_to_hub, plan, private)
+            typer.echo(f"uploaded: {url}")
+
+
 # ------------------------------------------------------------------------------- quickstart
 @app.command()
 def quickstart(
@@ -112,13 +148,12 @@ def quickstart(
 
 
 def _register_stage_commands() -> None:
-    """Commands owned by later stages live next to their code (export/, serve/, experiments/, data/)."""
-    from tunelab.data.commands import bench_data_cmd
-    from tunelab.experiments.commands import bench_train_cmd, sweep_cmd
-    from tunelab.export.commands import bench_infer_cmd, chat_cmd, export_cmd
+    """Commands owned by later stages live next to their code (serve/, bench/, experiments/)."""
+    from tunelab.bench.commands import bench_data_cmd, bench_infer_cmd, bench_train_cmd
+    from tunelab.experiments.commands import sweep_cmd
+    from tunelab.serve.chat import chat_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
 
-    app.command("export")(export_cmd)
     app.command("chat")(chat_cmd)
     app.command("serve")(serve_cmd)
     app.command("sweep")(sweep_cmd)

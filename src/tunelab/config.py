@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,17 +116,19 @@ class TrainConfig(_Section):
 
 
 # ----------------------------------------------------------------------------------------- eval
-DEFAULT_PROMPTS = [
+# The demo prompts: `tunelab eval`'s sample generations (default), the export parity check, `tunelab bench infer`.
+DEMO_PROMPTS = [
     "Plan a 2-day trip to Lisbon for someone who loves food and museums.",
     "What is the capital of Australia?",
     "Give me three tips for learning a new language.",
+    "Write a haiku about the sea.",
 ]
 
 
 class EvalConfig(_Section):
     max_val_rows: int | None = Field(None, gt=0)  # cap on held-out rows scored (None: all)
     batch_size: int = Field(8, gt=0)
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: list[str] = Field(default_factory=lambda: list(DEMO_PROMPTS))
     max_new_tokens: int = Field(96, gt=0)
 
 
@@ -205,19 +208,30 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value (`--set`, `--grid`) as YAML reads it, except that a number in exponent form such as
+    `1e-4` is a number (YAML 1.1 keeps it a string); text that is not valid YAML stays text."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-4` -> (["train", "lr"], 1e-4). Values are parsed as YAML scalars/lists."""
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4), the value read by parse_value."""
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected key.path=value")
     key, _, value = text.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {text}: empty key")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    return parts, parsed
+    return parts, parse_value(value)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import time
 
 from tests.data.conftest import make_config, qa_rows, write_json
 from tunelab.config import config_from_dict
+from tunelab.data.masking import IGNORE_INDEX
 from tunelab.data.prepare import DataPipeline, load_prepared, output_folder, prepare_dataset
 from tunelab.data.readers import FileStats, ReadContext, embedded_files, iter_file
 from tunelab.data.problems import ProblemLog
@@ -24,7 +25,7 @@ def test_prepare_writes_the_design_layout(tmp_path):
     assert train.column_names == COLUMNS and val.column_names == COLUMNS
     row = train[0]
     assert row["source"] == "tiny" and row["num_tokens"] == len(row["input_ids"]) == len(row["labels"])
-    assert row["num_label_tokens"] == sum(label != -100 for label in row["labels"]) > 0
+    assert row["num_label_tokens"] == sum(label != IGNORE_INDEX for label in row["labels"]) > 0
     assert json.loads(row["messages"])[-1]["role"] == "assistant"
 
     report = json.loads((folder / "report.json").read_text())

@@ -54,7 +54,8 @@ def test_train_eval_and_plain_peft_reload_agree(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tunelab.data.prepare import load_prepared
-    from tunelab.train.batching import pad, IGNORE
+    from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.train.batching import pad
 
     adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"], dtype=torch.float32)
@@ -66,7 +67,7 @@ def test_train_eval_and_plain_peft_reload_agree(tmp_path):
             batch = pad([(input_ids, labels)], pad_id=0)
             logits = model(input_ids=batch.input_ids).logits[0].float()
             targets = batch.targets[0]
-            keep = targets != IGNORE
+            keep = targets != IGNORE_INDEX
             total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
             count += int(keep.sum())
     assert abs(total / count - report["tuned"]["val_loss"]) < 1e-3

@@ -169,7 +169,7 @@ def test_token_never_written(tiny_run, tiny_cli_export):
 
 
 def test_push_without_network_is_one_user_error(tiny_run, tiny_cli_export, monkeypatch):
-    from tunelab.export.hub import push_to_hub, upload_plan
+    from tunelab.hub import push_to_hub, upload_plan
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")
@@ -181,7 +181,7 @@ def test_push_without_network_is_one_user_error(tiny_run, tiny_cli_export, monke
 
 
 def test_push_without_token_says_how_to_log_in(tiny_run, monkeypatch, tmp_path):
-    from tunelab.export.hub import push_to_hub
+    from tunelab.hub import push_to_hub
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login either
@@ -203,7 +203,7 @@ def bundle_python(space: Path) -> tuple[list[str], dict[str, str]]:
 def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
     import gradio
 
-    from tunelab.export.space import VENDORED
+    from tunelab.serve.space import vendored_files
 
     _, space = tiny_cli_export
     readme = (space / "README.md").read_text()
@@ -214,7 +214,10 @@ def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
     assert not any(r.startswith(("torch", "transformers", "tunelab", "pydantic", "pyyaml")) for r in requirements)
     assert (space / "model-q4_k_m.gguf").stat().st_size > 0
     assert sorted(str(p.relative_to(space / "tunelab")) for p in (space / "tunelab").rglob("*") if p.is_file()) \
-        == sorted(VENDORED)
+        == vendored_files()
+    from tunelab.serve.space import APP_SOURCE
+
+    assert (space / "app.py").read_text() == APP_SOURCE.read_text()  # a real file, copied as it is
     # Import the bundle's app.py (not run as __main__: no model load, no server) without src/ on the path:
     # every module it pulls in must come from the bundle, so the vendored closure is complete.
     cmd, env = bundle_python(space)
@@ -226,7 +229,7 @@ def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     modules = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"tunelab.serve.app", "tunelab.serve.backends", "tunelab.serve.feedback", "tunelab.serve.hub_sync"} <= set(modules)
+    assert {"tunelab.serve.app", "tunelab.models.inference", "tunelab.serve.feedback", "tunelab.serve.hub_sync"} <= set(modules)
     for name, file in modules.items():
         assert file and Path(file).resolve().is_relative_to(space.resolve()), (name, file)
 

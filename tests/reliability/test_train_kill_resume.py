@@ -1,7 +1,7 @@
 """SIGKILL `tunelab train` anywhere, re-run the same command: it resumes from the newest valid checkpoint, says
 so, and ends with the adapter of an uninterrupted run; metrics.jsonl has every step exactly once.
 
-Precise kill points use the test-only hook `tunelab.train.checkpoint.maybe_inject_fault` (env TUNELAB_FAULT);
+Precise kill points use the test-only hook `tunelab.train.faults.maybe_inject_fault` (env TUNELAB_FAULT);
 random ones use Popen.kill() at random moments while the run is training.
 """
 

@@ -7,7 +7,7 @@ from serve_helpers import ScriptedBackend
 from typer.testing import CliRunner
 
 import tunelab.serve.app as app_module
-import tunelab.serve.backends as backends_module
+import tunelab.models.inference as backends_module
 from tunelab.cli import app as cli_app
 from tunelab.errors import UserError
 

@@ -114,7 +114,7 @@ def test_sft_export_is_a_data_source_for_data_prepare(tmp_path):
 def test_push_to_hub_uploads_to_a_dataset_repo(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from tunelab.export import hub
+    from tunelab import hub
 
     calls = {}
 

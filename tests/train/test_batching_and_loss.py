@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.train.batching import IGNORE, pack, pad, step_indices
-from tunelab.train.loss import full_logits_loss, masked_lm_loss
+from tunelab.data.masking import IGNORE_INDEX
+from tunelab.train.batching import pack, pad, step_indices
+from tests.helpers import full_logits_loss
+from tunelab.train.loss import masked_lm_loss
 from tunelab.train.packed_attention import register
 
 
@@ -14,7 +16,7 @@ def _examples(seed=0, lengths=(7, 12, 5)):
     out = []
     for n in lengths:
         ids = torch.randint(0, 256, (n,), generator=g).tolist()
-        labels = [IGNORE] * (n // 2) + ids[n // 2 :]  # second half is "assistant"
+        labels = [IGNORE_INDEX] * (n // 2) + ids[n // 2 :]  # second half is "assistant"
         out.append((ids, labels))
     return out
 
@@ -29,7 +31,7 @@ def test_pack_restarts_positions_and_shifts_targets_per_conversation():
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
     assert batch.segments == ((0, 4), (4, 7))
     # The last token of each conversation predicts nothing (no cross-conversation target).
-    assert batch.targets[0, 3].item() == IGNORE and batch.targets[0, 6].item() == IGNORE
+    assert batch.targets[0, 3].item() == IGNORE_INDEX and batch.targets[0, 6].item() == IGNORE_INDEX
 
 
 def test_packed_loss_equals_padded_loss(tiny_llama):

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from tests.conftest import build_tiny_llama
 from tunelab.config import EvalConfig, TrainConfig
-from tunelab.train.batching import IGNORE
+from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.checkpoint import latest_valid_checkpoint, list_checkpoints
 from tunelab.train.loop import train_lora
 from tunelab.train.packed_attention import register
@@ -29,7 +29,7 @@ def make_rows(n=24, seed=0):
         length = int(torch.randint(6, 20, (1,), generator=g))
         prompt = torch.randint(3, 128, (length,), generator=g).tolist()
         answer = [(t * 7) % 120 + 130 for t in prompt]
-        rows.append((prompt + answer, [IGNORE] * length + answer))
+        rows.append((prompt + answer, [IGNORE_INDEX] * length + answer))
     return rows
 
 

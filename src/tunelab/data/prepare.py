@@ -22,9 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -35,11 +32,12 @@ from typing import Any
 from tunelab.config import Config, DataConfig, SourceConfig
 from tunelab.data import dedup, readers
 from tunelab.data.formats import record_to_pairs
-from tunelab.data.masking import VERIFY_ROWS, Encoded, encode_conversations
+from tunelab.data.masking import IGNORE_INDEX, VERIFY_ROWS, Encoded, encode_conversations
 from tunelab.data.normalize import Message, canonical_conversation, keyword_pattern
 from tunelab.data.problems import FILTER_REASONS, DataError, ProblemLog, RecordProblem
 from tunelab.data.report import length_stats, print_summary, write_report
 from tunelab.data.split import copies_for_weight, is_validation
+from tunelab.io import atomic_folder
 
 FORMAT_VERSION = 1  # bump when the prepared output changes for the same config
 TRUNCATION_POLICIES = {
@@ -327,7 +325,7 @@ def output_row(row: Row, encoded: Encoded) -> dict[str, Any]:
         "input_ids": encoded.input_ids,
         "labels": encoded.labels,
         "num_tokens": len(encoded.input_ids),
-        "num_label_tokens": sum(label != -100 for label in encoded.labels),
+        "num_label_tokens": sum(label != IGNORE_INDEX for label in encoded.labels),
     }
 
 
@@ -382,21 +380,6 @@ def _check_output_folder(folder: Path) -> None:
         raise DataError(f"data.output_dir: {folder} exists and is not a prepared dataset folder (choose another or remove it)")
 
 
-def write_atomically(folder: Path, write) -> None:
-    """Build the folder under a temp name next to it, then rename: readers see the old or the new, never half."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    try:
-        write(tmp)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_splits(folder: Path, train: list[dict], val: list[dict]) -> None:
     import datasets
 
@@ -436,14 +419,12 @@ def prepare_dataset(cfg: Config, force: bool = False, verbose: bool = False) -> 
     pipeline = DataPipeline(cfg)
     train, val = pipeline.run()
 
-    def write(tmp: Path) -> None:
+    with atomic_folder(folder) as tmp:  # readers see the old or the new folder, never half
         with pipeline.timed("write"):
             save_splits(tmp, train, val)
         report = pipeline.report(train, val, key, inputs)
         lengths = {"train": [r["num_tokens"] for r in train], "val": [r["num_tokens"] for r in val]}
         write_report(tmp, report, lengths)
-
-    write_atomically(folder, write)
     if verbose:
         print_summary(json.loads((folder / "report.json").read_text(encoding="utf-8")), folder)
     return folder

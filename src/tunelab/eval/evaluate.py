@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.eval.metrics import perplexity, validation_loss
+from tunelab.io import atomic_write
+from tunelab.train.heldout import heldout_loss, perplexity
 
 
 
@@ -40,7 +41,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     from tunelab.models.runs import load_run_tokenizer, run_config
     from tunelab.train.packed_attention import register as register_packed_attention
     from tunelab.train.precision import choose_precision
-    from tunelab.train.recipe import rows_of, set_threads, write_text_atomic
+    from tunelab.train.recipe import rows_of, set_threads
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -57,7 +58,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
     tokenizer = load_run_tokenizer(run_dir)
     device = torch.device("cpu")
-    score = lambda: validation_loss(  # noqa: E731
+    score = lambda: heldout_loss(  # noqa: E731
         model, val_rows, cfg.eval.batch_size, cfg.train.packing, tokenizer.pad_token_id, precision, device, cfg.train.loss_chunk_tokens
     )
     tuned_loss = score()
@@ -81,8 +82,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
             report["samples"].append({"prompt": prompt, "base": base, "tuned": tuned})
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
-    write_text_atomic(out / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
-    write_text_atomic(out / "samples.md", _samples_markdown(report))
+    atomic_write(out / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(out / "samples.md", _samples_markdown(report))
     if verbose:
         _print_report(report, out)
     return report

@@ -1,54 +1,12 @@
-"""`tunelab bench train` and `tunelab sweep` (registered by tunelab.cli)."""
+"""`tunelab sweep` (registered by tunelab.cli)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from tunelab.errors import UserError
-
-
-def bench_train_cmd(
-    vs: Annotated[str, typer.Option("--vs", help="The peer to compare with (trl), or 'none' for tunelab alone.")] = "trl",
-    repeats: Annotated[int, typer.Option(min=1, help="Runs per side (alternating); medians are reported.")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per run.")] = 20,
-    precision: Annotated[
-        Optional[list[str]], typer.Option("--precision", help="fp32 and/or bf16 (default: fp32, plus bf16 where the CPU has native bf16).")
-    ] = None,
-    threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for both sides.")] = 2,
-    config: Annotated[Optional[Path], typer.Option(help="Config for data/model/LoRA/train settings (default: the quickstart config).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")] = None,
-    max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 32,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
-) -> None:
-    """tunelab's training loop vs TRL SFTTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out loss."""
-    from tunelab.config import load_config
-    from tunelab.experiments.bench_train import command_line, markdown_table, plot_throughput, print_table, run_bench
-    from tunelab.experiments.quickstart import QUICKSTART_CONFIG
-
-    if vs not in ("trl", "none"):
-        raise UserError(f"--vs {vs}: only `trl` (or `none`) is supported")
-    for p in precision or []:
-        if p not in ("fp32", "bf16"):
-            raise UserError(f"--precision {p}: expected fp32 or bf16")
-    cfg = load_config(config or QUICKSTART_CONFIG, set_ or [])
-    doc = run_bench(
-        cfg, steps=steps, repeats=repeats, precisions=precision or None, threads=threads,
-        vs=None if vs == "none" else vs, max_val_rows=max_val_rows, command=command_line(),
-    )
-    print_table(doc)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(doc, indent=2))
-        json_path.with_suffix(".md").write_text(markdown_table(doc))
-        typer.echo(f"wrote {json_path} and {json_path.with_suffix('.md')}")
-    if plot is not None:
-        plot_throughput(doc, plot)
-        typer.echo(f"wrote {plot}")
 
 
 def sweep_cmd(

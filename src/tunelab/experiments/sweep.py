@@ -14,9 +14,8 @@ import json
 import time
 from pathlib import Path
 
-import yaml
 
-from tunelab.config import ConfigError, load_config
+from tunelab.config import ConfigError, load_config, parse_value
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
@@ -29,19 +28,8 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
             raise ConfigError(f"--grid {item}: expected key.path=v1,v2,...")
         if key in (k for k, _ in grid):
             raise ConfigError(f"--grid {item}: `{key}` is given twice")
-        grid.append((key, [_scalar(v) for v in values.split(",")]))
+        grid.append((key, [parse_value(v.strip()) for v in values.split(",")]))
     return grid
-
-
-def _scalar(text: str):
-    """A YAML scalar, with `1e-4` read as a number (YAML 1.1 would keep it a string)."""
-    value = yaml.safe_load(text.strip())
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 def grid_points(grid: list[tuple[str, list]]) -> list[dict]:

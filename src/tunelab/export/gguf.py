@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import importlib.metadata
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.io import atomic_folder, atomic_path
 
 # What the converter needs from the sdist (paths under vendor/llama.cpp/).
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/", "LICENSE")
@@ -29,12 +29,6 @@ QUANT_TYPES = ("f16", "q8_0", "q4_k_m")
 
 def _log(message: str) -> None:
     print(f">> {message}", file=sys.stderr, flush=True)
-
-
-def atomic_target(path: Path) -> Path:
-    """A temp name next to `path` (same filesystem, so os.replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 # ---------------------------------------------------------------------------- converter source
@@ -72,11 +66,8 @@ def fetch_converter(version: str, target: Path) -> None:
                 f"cannot download the llama-cpp-python {version} source (needs PyPI access): {last}; "
                 "or set TUNELAB_LLAMA_CPP_SRC to a llama.cpp checkout"
             )
-        staged = Path(tmp) / "converter"
-        _extract_converter(sdists[0], staged)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)
+        with atomic_folder(target) as staged:
+            _extract_converter(sdists[0], staged)
 
 
 def _extract_converter(sdist: Path, out: Path) -> None:
@@ -97,15 +88,13 @@ def _extract_converter(sdist: Path, out: Path) -> None:
 def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
     """Run llama.cpp's converter on a HF folder; the GGUF carries the tokenizer, chat template and EOS."""
     src = llama_cpp_source_dir()
-    tmp = atomic_target(out_file)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
-    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        raise UserError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf_dir}:\n{tail}")
-    os.replace(tmp, out_file)
+    with atomic_path(out_file) as tmp:
+        cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not tmp.stat().st_size:
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise UserError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf_dir}:\n{tail}")
     return out_file
 
 
@@ -141,14 +130,12 @@ def quantize_gguf(src_file: Path, out_file: Path, qtype: str, threads: int | Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[qtype]
     params.nthread = threads or os.cpu_count() or 1
-    tmp = atomic_target(out_file)
-    with native_stderr_captured() as captured:
-        status = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
-    if status != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join(captured.read_text(errors="replace").strip().splitlines()[-10:])
-        raise UserError(f"llama.cpp could not quantise {src_file} to {qtype} (status {status}):\n{tail}")
-    os.replace(tmp, out_file)
+    with atomic_path(out_file) as tmp:
+        with native_stderr_captured() as captured:
+            status = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
+        if status != 0 or not tmp.stat().st_size:
+            tail = "\n".join(captured.read_text(errors="replace").strip().splitlines()[-10:])
+            raise UserError(f"llama.cpp could not quantise {src_file} to {qtype} (status {status}):\n{tail}")
     return out_file
 
 

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-import torch
 
+from tunelab.io import atomic_folder
+from tunelab.models.inference import turn_end_ids
 from tunelab.models.runs import load_run_model, run_config
-
-
-def turn_end_ids(model, tokenizer) -> list[int]:
-    """The ids that end an assistant turn: the tokenizer's EOS (<|im_end|> for ChatML) first."""
-    ids = [tokenizer.eos_token_id]
-    configured = model.generation_config.eos_token_id
-    ids += configured if isinstance(configured, list) else [configured]
-    return list(dict.fromkeys(i for i in ids if i is not None))
+from tunelab.train.heldout import heldout_loss
 
 
 def fix_generation_config(model, tokenizer) -> None:
@@ -45,37 +37,19 @@ def val_rows(run_dir: Path, limit: int = 16) -> list[dict]:
     return []
 
 
-@torch.inference_mode()
-def assistant_loss(model, rows: list[dict]) -> float | None:
-    """Mean cross-entropy per assistant token (labels != -100), like the trainer's validation loss."""
-    total, count = 0.0, 0
-    for row in rows:
-        ids = torch.tensor([row["input_ids"]])
-        labels = torch.tensor([row["labels"]])
-        logits = model(input_ids=ids).logits[0, :-1]
-        target = labels[0, 1:]
-        mask = target != -100
-        if mask.any():
-            total += float(torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum"))
-            count += int(mask.sum())
-    return total / count if count else None
-
-
 def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16) -> dict:
     """Save base+adapter merged to `out_dir` (atomically); return val losses measured on the way."""
     model, tokenizer = load_run_model(run_dir, merge=False)
-    rows = val_rows(run_dir, val_limit)
-    losses = {"val_rows": len(rows), "tuned": assistant_loss(model, rows) if rows else None}
+    rows = [(r["input_ids"], r["labels"]) for r in val_rows(run_dir, val_limit)]
+    # The loss `tunelab eval` and the trainer report (one function), so the model card quotes the same figure.
+    score = lambda: heldout_loss(model, rows, batch_size=1, pad_id=tokenizer.pad_token_id or 0)  # noqa: E731
+    losses = {"val_rows": len(rows), "tuned": score() if rows else None}
     if rows:
         with model.disable_adapter():
-            losses["base"] = assistant_loss(model, rows)
+            losses["base"] = score()
     merged = model.merge_and_unload()
     fix_generation_config(merged, tokenizer)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return losses

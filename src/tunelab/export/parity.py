@@ -15,14 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunelab.config import DEMO_PROMPTS
 from tunelab.errors import UserError
 
-PARITY_PROMPTS = [
-    "What is the capital of Australia?",
-    "Give me three tips for learning a new language.",
-    "Write a haiku about the sea.",
-    "Explain what a CPU does in one sentence.",
-]
 # Perplexity text when the run has no prepared validation split on this machine.
 FALLBACK_VAL_CONVERSATIONS = [
     [{"role": "user", "content": "How do I boil an egg?"},
@@ -140,8 +135,7 @@ def check_gguf(
     model, tokenizer, gguf_file: Path, quant: str, prompts: list[str], val_sequences: list[list[int]],
     hf_reference: dict, max_new_tokens: int, threads: int | None, tie_margin: float,
 ) -> GgufParity:
-    from tunelab.export.merge import turn_end_ids
-    from tunelab.serve.backends import open_llama
+    from tunelab.models.inference import open_llama, turn_end_ids
 
     eos_ids = turn_end_ids(model, tokenizer)
     n_ctx = max(len(s) for s in hf_reference["prompt_ids"] + val_sequences) + max_new_tokens + 8
@@ -176,9 +170,9 @@ def run_parity(
     """Compare every GGUF with the merged fp32 HF model; raise ParityError when the f16 file disagrees."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.export.merge import turn_end_ids
+    from tunelab.models.inference import turn_end_ids
 
-    prompts = prompts or PARITY_PROMPTS
+    prompts = prompts or DEMO_PROMPTS
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     eos_ids = turn_end_ids(model, tokenizer)

@@ -1,4 +1,5 @@
-"""`tunelab export`: merge -> GGUF f16 -> quantise -> parity check -> model card -> Space / Hub.
+"""`tunelab export`: merge -> GGUF f16 -> quantise -> parity check -> model card (the Space bundle and the Hub
+push come after it: tunelab.serve.space, tunelab.hub).
 
     RUN/export/merged/          HF model (safetensors, tokenizer + chat template, generation_config, README.md)
     RUN/export/model-*.gguf     as asked with --gguf
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.export.gguf import QUANT_TYPES, convert_hf_to_gguf, quantize_gguf
+from tunelab.io import atomic_write
 
 log = print
 
@@ -26,21 +28,11 @@ def parse_quants(text: str) -> list[str]:
     return list(dict.fromkeys(quants))
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    from tunelab.train.recipe import write_text_atomic  # the run folder's one atomic writer (temp, fsync, rename)
-
-    write_text_atomic(path, json.dumps(data, indent=2))
-
-
-def export_run(
-    run_dir: Path, quants: list[str], space_dir: Path | None = None, threads: int | None = None,
-    repo_id: str | None = None,
-) -> dict:
-    """Everything but the Hub push. Raises ParityError (a UserError) when the f16 GGUF is wrong."""
-    from tunelab.export.card import base_model_and_license, model_card
+def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> dict:
+    """Merge, GGUF files, parity, model card. Raises ParityError (a UserError) when the f16 GGUF is wrong."""
+    from tunelab.export.card import model_card
     from tunelab.export.merge import merge_run, val_rows
     from tunelab.export.parity import parity_table, raise_if_failed, run_parity
-    from tunelab.export.space import build_space
     from tunelab.models.runs import run_config
 
     cfg = run_config(run_dir)
@@ -71,7 +63,7 @@ def export_run(
     rows = val_rows(run_dir, limit=8)
     report = run_parity(merged_dir, ggufs, [r["input_ids"][:256] for r in rows] or None, threads=threads)
     timings["parity_s"] = time.perf_counter() - step
-    write_json_atomic(export_dir / "parity.json", report)
+    atomic_write(export_dir / "parity.json", json.dumps(report, indent=2))
     table = parity_table(report)
     log(table)
     raise_if_failed(report)  # before anything is published
@@ -81,14 +73,7 @@ def export_run(
         ggufs.pop("f16")
     gguf_names = [p.name for p in ggufs.values()]
     card = model_card(run_dir, cfg, losses, gguf_names, table)
-    (merged_dir / "README.md").write_text(card, encoding="utf-8")
-
-    space_files = []
-    if space_dir is not None:
-        _, license_ = base_model_and_license(cfg)
-        title = f"{run_dir.resolve().name} chat"
-        space_files = build_space(space_dir, export_dir, title, license_ if " " not in license_ else "other", repo_id)
-        log(f">> Space bundle: {space_dir} (run it: python {space_dir / 'app.py'})")
+    atomic_write(merged_dir / "README.md", card)
 
     timings["total_s"] = time.perf_counter() - started
     timings["merge_f16_q4_k_m_s"] = timings["merge_s"] + timings["gguf_f16_s"] + timings.get("gguf_q4_k_m_s", 0.0)
@@ -96,10 +81,9 @@ def export_run(
         "run_dir": str(run_dir),
         "merged": str(merged_dir),
         "ggufs": {q: str(p) for q, p in ggufs.items()},
-        "space": [str(p) for p in space_files],
         "val_loss": losses,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
-    write_json_atomic(export_dir / "export.json", summary)
+    atomic_write(export_dir / "export.json", json.dumps(summary, indent=2))
     log(f">> export done in {timings['total_s']:.1f} s (merge + f16 + q4_k_m: {timings['merge_f16_q4_k_m_s']:.1f} s)")
     return summary

@@ -33,7 +33,7 @@ def serve_cmd(
 ) -> None:
     """Serve the Chat + Travel Planner app with feedback collection."""
     from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
-    from tunelab.serve.backends import load_backend
+    from tunelab.models.inference import load_backend
 
     credentials = parse_auth(auth)
     if not model.exists():
@@ -68,12 +68,13 @@ def feedback_export_cmd(
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create the dataset repo as private.")] = True,
 ) -> None:
     """Turn feedback into a dataset: SFT conversations, DPO preference pairs, or raw JSONL."""
+    from tunelab.hub import check_repo_id, push_feedback_to_hub
     from tunelab.serve.feedback import EXPORT_FORMATS, export_feedback
 
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format: choose one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
-    if push_to_hub is not None and push_to_hub.count("/") != 1:
-        raise UserError(f"--push-to-hub: expected a dataset repo id like user/name (got {push_to_hub!r})")
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub, "dataset repo")
     if min_rating is not None and min_rating not in (-1, 1):
         raise UserError(f"--min-rating: ratings are -1 (👎) or 1 (👍) (got {min_rating})")
     output = output or db.with_name(f"{db.stem}.{fmt}.jsonl")
@@ -85,16 +86,3 @@ def feedback_export_cmd(
         url = push_feedback_to_hub(output, push_to_hub, private=private)
         typer.echo(f"pushed to {url}")
 
-
-def push_feedback_to_hub(path: Path, repo_id: str, private: bool = True) -> str:
-    """Upload an exported file to a Hub *dataset* repo (a Space's disk is not durable; the Hub is).
-
-    Reuses the export stage's Hub code: same token rules (HF_TOKEN or `hf auth login`, never stored by us),
-    same offline check and one-line errors.
-    """
-    from tunelab.export import hub
-
-    if repo_id.count("/") != 1:
-        raise UserError(f"--push-to-hub: expected a dataset repo id like user/name (got {repo_id!r})")
-    plan = [(Path(path), Path(path).name)]
-    return hub.push_to_hub(repo_id, plan, private, repo_type="dataset", message="tunelab feedback export")

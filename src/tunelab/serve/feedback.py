@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 from tunelab.errors import UserError
+from tunelab.io import atomic_path
 
 SCHEMA_VERSION = 1
 
@@ -334,18 +335,11 @@ def export_records(rows: Iterable[dict[str, Any]], fmt: str) -> Iterator[dict[st
 
 def write_jsonl(records: Iterable[dict[str, Any]], out_path: str | Path) -> int:
     """Write atomically (temp file + rename) so a half-written export is never picked up by `data prepare`."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     count = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out_path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

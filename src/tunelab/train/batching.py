@@ -16,14 +16,14 @@ from functools import lru_cache
 
 import torch
 
-IGNORE = -100
+from tunelab.data.masking import IGNORE_INDEX
 
 
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [rows, T]
     position_ids: torch.Tensor  # [rows, T]
-    targets: torch.Tensor  # [rows, T], IGNORE where no loss
+    targets: torch.Tensor  # [rows, T], IGNORE_INDEX where no loss
     attention_mask: torch.Tensor | None = None  # [rows, T] for padded batches, None when packed
     segments: tuple[tuple[int, int], ...] | None = None  # packed row: (start, end) of each conversation
 
@@ -36,7 +36,7 @@ class Batch:
 
     @property
     def num_targets(self) -> int:
-        return int((self.targets != IGNORE).sum())
+        return int((self.targets != IGNORE_INDEX).sum())
 
     def model_kwargs(self) -> dict:
         kwargs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
@@ -52,7 +52,7 @@ class Batch:
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
-    return list(labels[1:]) + [IGNORE]
+    return list(labels[1:]) + [IGNORE_INDEX]
 
 
 def pack(examples: list[tuple[list[int], list[int]]]) -> Batch:
@@ -72,7 +72,7 @@ def pad(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     width = max(len(ids) for ids, _ in examples)
     rows = len(examples)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    targets = torch.full((rows, width), IGNORE, dtype=torch.long)
+    targets = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((rows, width), dtype=torch.long)
     for r, (ids, labels) in enumerate(examples):
         n = len(ids)

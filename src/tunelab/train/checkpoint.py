@@ -16,12 +16,13 @@ import json
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import UserError
+from tunelab.io import fsync_dir, fsync_tree
+from tunelab.train.faults import maybe_inject_fault
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -29,32 +30,6 @@ PREFIX = "step-"
 
 class CheckpointWriteError(UserError):
     pass
-
-
-FAULT_ENV = "TUNELAB_FAULT"
-_FAULT_ERRNOS = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "erofs": errno.EROFS}
-
-
-def maybe_inject_fault(point: str, step: int) -> None:
-    """TEST-ONLY fault injection (tests/reliability): a no-op unless the env var TUNELAB_FAULT is set.
-
-    `TUNELAB_FAULT=POINT:STEP[:ACTION][,...]`, e.g. `checkpoint_files:4` SIGKILLs this process inside the write
-    of checkpoint 4 after some of its files exist; ACTION `enospc` / `eacces` / `erofs` raises that OSError
-    instead (a full disk or a permission error at exactly that point). Points: `step`, `metrics`, `eval`
-    (loop.py), `checkpoint_files`, `checkpoint_manifest`, `checkpoint_renamed` (here), `final_save` (recipe.py).
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    for item in spec.split(","):
-        name, _, rest = item.strip().partition(":")
-        at, _, action = rest.partition(":")
-        if name != point or not at.isdigit() or int(at) != step:
-            continue
-        if action in ("", "kill"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        code = _FAULT_ERRNOS[action]
-        raise OSError(code, os.strerror(code), f"<{FAULT_ENV} {item.strip()}>")
 
 
 def write_failure_reason(exc: BaseException, folder: Path) -> str | None:
@@ -94,22 +69,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -142,7 +101,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         manifest = tmp / MANIFEST
         manifest.write_text(json.dumps({"step": step, "files": files}, indent=2))
         with open(manifest, "rb") as f:
@@ -151,7 +110,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         if final.exists():  # a stale one from a run that died after renaming; ours is newer
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         maybe_inject_fault("checkpoint_renamed", step)  # in place, older ones not yet pruned
     except Exception as exc:
         reason = write_failure_reason(exc, root)

@@ -1,4 +1,4 @@
-"""The LoRA training loop: one plain function, readable top to bottom.
+"""The LoRA training loop: one plain function, readable top to bottom, with its optimizer and scheduler.
 
 Data order is a pure function of (seed, step) (see batching.step_indices), so the "data position" of a
 checkpoint is just its step number, and a resumed run replays exactly the batches an uninterrupted run
@@ -9,28 +9,24 @@ gradient accumulation (and DDP) give the same update as one big batch.
 
 from __future__ import annotations
 
-import ctypes
-import json
-from contextlib import nullcontext
-import os
-import sys
-import resource
 import time
-import types
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from peft.helpers import disable_input_dtype_casting
 
 from tunelab.config import EvalConfig, TrainConfig
-from tunelab.eval.metrics import perplexity, validation_loss
-from tunelab.train.batching import IGNORE, make_batch, step_indices
-from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, maybe_inject_fault, save_checkpoint
+from tunelab.data.masking import IGNORE_INDEX
+from tunelab.train.batching import make_batch, step_indices
+from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.train.faults import maybe_inject_fault
+from tunelab.train.heldout import Example, heldout_loss, perplexity
 from tunelab.train.loss import AssistantLoss
+from tunelab.train.memory import lean_swiglu, peak_rss_mib, return_freed_tensors_to_the_os
 from tunelab.train.precision import Precision
-
-Example = tuple[list[int], list[int]]  # (input_ids, labels)
+from tunelab.train.progress import MetricsLog
 
 
 @dataclass
@@ -44,52 +40,6 @@ class TrainResult:
     final_val_loss: float | None
     resumed_from: int | None = None
     history: list[dict] = field(default_factory=list)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def return_freed_tensors_to_the_os(threshold_bytes: int = 1 << 20) -> None:
-    """Peak-RSS trick (glibc only): serve allocations >= 1 MiB with mmap, so freed activations go back to the OS.
-
-    glibc raises its mmap threshold to the size of any mmapped block that is freed (up to 32 MiB), after which
-    activations and temporaries of a few MiB come from the heap, fragment it and are never returned: measured
-    5.07 -> 3.40 GB peak RSS for one 1765-token fp32 step of SmolLM2-135M. Fixing the threshold stops that.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass  # not glibc (e.g. musl): nothing to tune
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, keeping only gate and up for the backward (autograd would also keep silu(gate))."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        return grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig
-
-
-def lean_swiglu(model) -> None:
-    """Peak-RSS trick: Llama-style MLPs (`down(silu(gate(x)) * up(x))`) use SwiGLU, one [tokens, 1536] activation
-    per decoder layer less (about 320 MB for a 1765-token fp32 step of SmolLM2-135M); recomputing silu is cheap."""
-
-    def forward(self, x):
-        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
-
-    for module in model.modules():
-        act = type(getattr(module, "act_fn", None)).__name__
-        if act in ("SiLU", "SiLUActivation") and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            module.forward = types.MethodType(forward, module)
 
 
 def build_optimizer(model, cfg: TrainConfig):
@@ -107,49 +57,6 @@ def build_scheduler(optimizer, cfg: TrainConfig):
 
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-
-
-class MetricsLog:
-    """metrics.jsonl (one line per event, flushed) + TensorBoard. On resume, lines past the checkpoint go."""
-
-    def __init__(self, run_dir: Path, resume_step: int, enabled: bool = True):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        if enabled:
-            self._truncate_after(resume_step)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-            self.file = open(self.path, "a", encoding="utf-8")
-
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut off by a crash
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
 
 
 def train_lora(
@@ -170,9 +77,8 @@ def train_lora(
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum
-    targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE) for _, labels in train_rows]
+    targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in train_rows]
     return_freed_tensors_to_the_os()
-    precision.skip_adapter_input_casts(model)
     lean_swiglu(model)
 
     optimizer = build_optimizer(model, cfg)
@@ -193,64 +99,67 @@ def train_lora(
     metrics = MetricsLog(run_dir, start_step, enabled=is_main)
 
     def evaluate(step: int) -> float:
-        loss = validation_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
+        loss = heldout_loss(model, val_rows, eval_cfg.batch_size, cfg.packing, pad_id, precision, device, cfg.loss_chunk_tokens)
         maybe_inject_fault("eval", step)  # evaluated, not yet recorded
         metrics.write({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)})
         model.train()
         return loss
 
-    model.train()
-    window_tokens, window_start = 0, time.perf_counter()
-    for step in range(start_step, cfg.max_steps):
-        step_start = time.perf_counter()
-        indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
-        step_targets = sum(targets_per_row[i] for i in indices)
-        micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
-        loss_sum, step_tokens = torch.zeros((), device=device), 0
-        for i, rows in enumerate(micro_batches):
-            batch = make_batch([train_rows[r] for r in rows], cfg.packing, pad_id).to(device)
-            sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
-            with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
-                micro_loss = loss_module(batch)
-            # DDP averages gradients over processes; scale by world so the step equals one big batch.
-            accelerator.backward(micro_loss * world / max(step_targets, 1))
-            loss_sum += micro_loss.detach()
-            step_tokens += batch.num_tokens
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
+    # bf16: PEFT would cast each LoRA layer's bf16 input to fp32 (the adapter's dtype) only for autocast to cast
+    # it straight back: a copy per adapted layer per step that autograd keeps. Everything below runs under autocast.
+    with disable_input_dtype_casting(model, active=precision.name == "bf16"):
+        model.train()
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start_step, cfg.max_steps):
+            step_start = time.perf_counter()
+            indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
+            step_targets = sum(targets_per_row[i] for i in indices)
+            micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
+            loss_sum, step_tokens = torch.zeros((), device=device), 0
+            for i, rows in enumerate(micro_batches):
+                batch = make_batch([train_rows[r] for r in rows], cfg.packing, pad_id).to(device)
+                sync = i == len(micro_batches) - 1  # DDP: all-reduce gradients once per optimizer step
+                with accelerator.no_sync(loss_module) if not sync else nullcontext(), precision.autocast(device.type):
+                    micro_loss = loss_module(batch)
+                # DDP averages gradients over processes; scale by world so the step equals one big batch.
+                accelerator.backward(micro_loss * world / max(step_targets, 1))
+                loss_sum += micro_loss.detach()
+                step_tokens += batch.num_tokens
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
 
-        loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)
-        last_loss = loss_sum.item() / max(step_targets, 1)
-        tokens_seen += step_tokens
-        elapsed = time.perf_counter() - step_start
-        train_seconds += elapsed
-        window_tokens += step_tokens
-        done = step + 1
-        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-            rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate, "step_s": elapsed}
-            metrics.write(record)
-            maybe_inject_fault("metrics", done)  # step logged, no checkpoint yet
-            history.append(record)
-            window_tokens, window_start = 0, time.perf_counter()
-            if progress is not None:
-                progress(done, record)
-        if done % cfg.eval_steps == 0 or done == cfg.max_steps:
-            last_val = evaluate(done)
-            history.append({"step": done, "val_loss": last_val})
-            log(f"step {done}: val_loss {last_val:.4f}")
-        if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
-            state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
-            save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
-        accelerator.wait_for_everyone()
+            loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)
+            last_loss = loss_sum.item() / max(step_targets, 1)
+            tokens_seen += step_tokens
+            elapsed = time.perf_counter() - step_start
+            train_seconds += elapsed
+            window_tokens += step_tokens
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate, "step_s": elapsed}
+                metrics.write(record)
+                maybe_inject_fault("metrics", done)  # step logged, no checkpoint yet
+                history.append(record)
+                window_tokens, window_start = 0, time.perf_counter()
+                if progress is not None:
+                    progress(done, record)
+            if done % cfg.eval_steps == 0 or done == cfg.max_steps:
+                last_val = evaluate(done)
+                history.append({"step": done, "val_loss": last_val})
+                log(f"step {done}: val_loss {last_val:.4f}")
+            if is_main and (done % cfg.save_steps == 0 or done == cfg.max_steps):
+                state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss}
+                save_checkpoint(run_dir, done, model, optimizer, scheduler, state, cfg.save_total_limit)
+            accelerator.wait_for_everyone()
 
-    metrics.close()
-    if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
-        last_val = evaluate(cfg.max_steps)
+        metrics.close()
+        if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss
+            last_val = evaluate(cfg.max_steps)
     return TrainResult(
         steps=cfg.max_steps,
         tokens=tokens_seen,

@@ -10,9 +10,9 @@ chunked forward pass and stored ([n, hidden], tiny), so no logits are kept and n
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from tunelab.train.batching import IGNORE, Batch
+from tunelab.data.masking import IGNORE_INDEX
+from tunelab.train.batching import Batch
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -58,7 +58,7 @@ def masked_lm_loss(model, batch: Batch, chunk_tokens: int = 1024) -> tuple[torch
     """(sum of assistant-token cross-entropies, number of assistant tokens) for one micro-batch."""
     decoder, lm_head = split_causal_lm(model)
     hidden = decoder(**batch.model_kwargs()).last_hidden_state
-    keep = batch.targets != IGNORE
+    keep = batch.targets != IGNORE_INDEX
     selected = hidden[keep]
     targets = batch.targets[keep]
     if targets.numel() == 0:
@@ -78,11 +78,3 @@ class AssistantLoss(torch.nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         return masked_lm_loss(self.model, batch, self.chunk_tokens)[0]
 
-
-def full_logits_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Reference implementation (full logits, plain cross-entropy) used by tests."""
-    decoder, lm_head = split_causal_lm(model)
-    hidden = decoder(**batch.model_kwargs()).last_hidden_state
-    logits = lm_head(hidden).float()
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, batch.num_targets

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny_llama
-from tunelab.train.batching import IGNORE
+from tunelab.data.masking import IGNORE_INDEX
 
 pytest.importorskip("trl")
 
@@ -32,13 +32,13 @@ def synthetic_rows(n, vocab, seed):
         length = int(torch.randint(8, 40, (1,), generator=g))
         ids = torch.randint(0, vocab, (length,), generator=g).tolist()
         prompt = length // 2
-        rows.append([ids, [IGNORE] * prompt + ids[prompt:]])
+        rows.append([ids, [IGNORE_INDEX] * prompt + ids[prompt:]])
     return rows
 
 
 def test_both_sides_train_the_same_tokens_and_report_the_same_shape(tiny_model_dir, tmp_path):
-    from tunelab.experiments import bench_worker
-    from tunelab.experiments.bench_train import summarise
+    from tunelab.bench import train_worker as bench_worker
+    from tunelab.bench.train import summarise
 
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     data = tmp_path / "data.json"
@@ -69,7 +69,7 @@ def test_both_sides_train_the_same_tokens_and_report_the_same_shape(tiny_model_d
     for side in ("tunelab", "trl"):
         assert set(doc[side]) >= {"tok_per_s", "peak_rss_mib", "val_loss", "s_per_step"}
     # Same data, same maths: the two adapters land close together on the held-out rows.
-    from tunelab.experiments.bench_train import markdown_table
+    from tunelab.bench.train import markdown_table
 
     doc.update(precisions=["fp32"], precision="fp32", command="c", machine="m", date="d", steps=2, conversations_per_step=4, repeats=1)
     assert "tunelab/TRL" in markdown_table(doc)
@@ -77,7 +77,7 @@ def test_both_sides_train_the_same_tokens_and_report_the_same_shape(tiny_model_d
 
 
 def test_trl_settings_match_the_shared_job():
-    from tunelab.experiments.bench_worker import trl_settings
+    from tunelab.bench.train_worker import trl_settings
 
     spec = {"steps": 5, "batch_size": 4, "lr": 2e-4, "warmup_steps": 1, "weight_decay": 0.01, "max_grad_norm": 1.0,
             "max_seq_len": 512, "seed": 1, "precision": "fp32"}

@@ -7,21 +7,10 @@ from types import SimpleNamespace
 import pytest
 from serve_helpers import ScriptedBackend
 
-from tunelab.serve.app import (
-    ChatApp,
-    InputError,
-    Limits,
-    PlannerPrompt,
-    build_chat_messages,
-    turn_for_message,
-    chat_display,
-    clamp_params,
-    clean_text,
-    escape_for_display,
-    fit_history,
-    validate_planner_inputs,
-)
 from tunelab.serve.feedback import FeedbackStore
+from tunelab.serve.handlers import ChatApp, build_chat_messages, chat_display, turn_for_message
+from tunelab.serve.limits import InputError, Limits, clamp_params, clean_text, escape_for_display, fit_history
+from tunelab.serve.planner import PlannerPrompt, validate_planner_inputs
 
 REQUEST = SimpleNamespace(session_hash="abc123")
 

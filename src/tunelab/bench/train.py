@@ -2,16 +2,14 @@
 
 Same model, same prepared conversations in the same order, same LoRA, max length, effective batch, optimizer,
 lr schedule, number of optimizer steps, threads and precision. Each side runs in its own process
-(tunelab.experiments.bench_worker), alternating, `repeats` times; the medians are reported. A matmul
+(tunelab.bench.train_worker), alternating, `repeats` times; the medians are reported. A matmul
 microbenchmark (same threads, per precision) gives the peak that tunelab's FLOP rate is compared with.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.bench.machine import run_header
 from tunelab.errors import UserError
 
 SIDES = ("tunelab", "trl")
@@ -49,13 +48,6 @@ def matmul_peak_gflops(precision: str, threads: int, seconds: float = 1.5) -> di
     return {"gflops": max(best.values()), "shapes": best}
 
 
-def machine_description(threads: int) -> str:
-    from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model
-
-    flags = ",".join(sorted(cpu_flags() & set(NATIVE_BF16_CPU_FLAGS))) or "no native bf16"
-    return f"{cpu_model()}, {os.cpu_count()} logical CPUs ({flags}), {threads} threads, torch {torch.__version__}"
-
-
 # ----------------------------------------------------------------------------------- data
 def bench_data(cfg, max_val_rows: int) -> tuple[list, list]:
     from tunelab.data.prepare import load_prepared, prepare_dataset
@@ -74,7 +66,7 @@ def ensure_trl() -> None:
 
 # --------------------------------------------------------------------------------- running
 def run_side(side: str, spec_file: Path, out_file: Path, log) -> dict:
-    cmd = [sys.executable, "-m", "tunelab.experiments.bench_worker", "--side", side, "--spec", str(spec_file), "--out", str(out_file)]
+    cmd = [sys.executable, "-m", "tunelab.bench.train_worker", "--side", side, "--spec", str(spec_file), "--out", str(out_file)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(json.loads(spec_file.read_text())["threads"])}
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -195,9 +187,7 @@ def run_bench(
         max_seq_len=cfg.train.max_seq_len,
         lora=cfg.lora.model_dump(mode="json"),
         model=cfg.model.name,
-        machine=machine_description(threads),
-        date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=command or "tunelab bench train --vs trl",
+        **run_header(command or "tunelab bench train --vs trl", threads),
     )
     if "fp32" not in results:  # only bf16 was asked for: keep its figures at the top level too
         doc.update({k: v for k, v in results[precisions[0]].items()})
@@ -305,6 +295,3 @@ def plot_throughput(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-def command_line() -> str:
-    return "tunelab " + " ".join(shlex.quote(a) for a in sys.argv[1:])

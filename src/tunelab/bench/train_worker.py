@@ -1,14 +1,14 @@
 """One side of `tunelab bench train --vs trl`, run in its own process so its peak RSS is its own.
 
-    python -m tunelab.experiments.bench_worker --side tunelab|trl --spec SPEC.json --out RESULT.json
+    python -m tunelab.bench.train_worker --side tunelab|trl --spec SPEC.json --out RESULT.json
 
-SPEC.json (written by tunelab.experiments.bench_train) holds the model folder, the settings shared by both
+SPEC.json (written by tunelab.bench.train) holds the model folder, the settings shared by both
 sides and the path of a data file with the prepared conversations (`train`: all training rows, `val`: the
 held-out rows, each `[input_ids, labels]`). Both sides train on the same conversations in the same order:
 tunelab's own order (`batching.step_indices`), which the TRL side is given pre-ordered with sequential
 sampling. Model loading and dataset preparation are outside the timed part; the timed part is the sum of the
 optimizer steps. After training, each adapter is scored by tunelab's own evaluator
-(`tunelab.eval.metrics.validation_loss`, assistant tokens only) on the same held-out rows.
+(`tunelab.train.heldout.heldout_loss`, assistant tokens only) on the same held-out rows.
 """
 
 from __future__ import annotations
@@ -16,17 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def ordered_rows(train_rows: list, steps: int, per_step: int, seed: int) -> list:
@@ -38,11 +33,11 @@ def ordered_rows(train_rows: list, steps: int, per_step: int, seed: int) -> list
 
 def score(model, val_rows: list, precision_name: str, pad_id: int) -> float:
     """tunelab's held-out loss (assistant tokens), padded batches, in the precision the side trained in."""
-    from tunelab.eval.metrics import validation_loss
+    from tunelab.train.heldout import heldout_loss
     from tunelab.train.precision import Precision
 
     precision = Precision(precision_name, "bench")
-    return validation_loss(model, val_rows, 8, False, pad_id, precision, torch.device("cpu"))
+    return heldout_loss(model, val_rows, 8, False, pad_id, precision, torch.device("cpu"))
 
 
 def after_first_step(cpu_marks: list[float], token_marks: list[int]) -> dict:
@@ -150,12 +145,12 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
 
     from tunelab.config import ModelConfig
     from tunelab.models import load_tokenizer
-    from tunelab.train.batching import IGNORE
+    from tunelab.data.masking import IGNORE_INDEX
 
     rows = ordered_rows(train_rows, spec["steps"], spec["batch_size"], spec["seed"])
     # Pre-tokenised dataset: TRL turns `assistant_masks` into labels (-100 elsewhere), i.e. assistant-only loss.
     dataset = Dataset.from_dict(
-        {"input_ids": [ids for ids, _ in rows], "assistant_masks": [[int(x != IGNORE) for x in labels] for _, labels in rows]}
+        {"input_ids": [ids for ids, _ in rows], "assistant_masks": [[int(x != IGNORE_INDEX) for x in labels] for _, labels in rows]}
     )
     tokenizer = load_tokenizer(ModelConfig(name=spec["model_path"]))
     lora = spec["lora"]
@@ -217,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
+    from tunelab.train.memory import peak_rss_mib
     from tunelab.train.recipe import set_threads
 
     threads = set_threads(spec["threads"])

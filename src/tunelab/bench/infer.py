@@ -6,22 +6,16 @@ everything loaded before it. Timings go through the same ChatBackend the app use
 
 from __future__ import annotations
 
-import datetime
 import json
 import multiprocessing
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
+from tunelab.bench.machine import run_header
+from tunelab.config import DEMO_PROMPTS
 from tunelab.errors import UserError
 
-BENCH_PROMPTS = [
-    "Plan a 2-day trip to Lisbon for someone who loves food and museums.",
-    "Give me three tips for learning a new language.",
-    "Explain how a bicycle works.",
-]
 
 
 def model_size_mib(path: Path) -> float:
@@ -49,14 +43,14 @@ def measure_model(path: str, threads: int, max_new_tokens: int, repeats: int) ->
     import resource
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    from tunelab.serve.backends import GenerationParams, load_backend
+    from tunelab.models.inference import GenerationParams, load_backend
 
     started = time.perf_counter()
     backend = load_backend(path, threads=threads)
     load_s = time.perf_counter() - started
     params = GenerationParams(temperature=0.0, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
     ttfts, rates, tokens = [], [], []
-    for prompt in BENCH_PROMPTS:
+    for prompt in DEMO_PROMPTS:
         for attempt in range(repeats):
             t0 = time.perf_counter()
             first, text = None, ""
@@ -90,17 +84,6 @@ def _child(queue, *args) -> None:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def machine_info() -> dict:
-    from tunelab.train.precision import cpu_model
-
-    cpu = cpu_model()
-    import importlib.metadata as md
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform(),
-            "torch": md.version("torch"), "transformers": md.version("transformers"),
-            "llama_cpp_python": md.version("llama-cpp-python")}
-
-
 def format_results(results: list[dict], threads: int) -> str:
     lines = [f"threads={threads}",
              f"{'model':<44} {'backend':<12} {'size MiB':>9} {'TTFT s':>7} {'decode tok/s':>12} {'RSS MiB':>8}"]
@@ -128,12 +111,10 @@ def run_bench(models: list[Path], threads: int = 2, max_new_tokens: int = 64, re
         proc.join()
         print(format_results(results[-1:], threads).splitlines()[-1], flush=True)
     report = {
-        "command": " ".join(["tunelab", *sys.argv[1:]]) if sys.argv else "tunelab bench infer",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        **run_header(threads=threads),
         "threads": threads,
         "max_new_tokens": max_new_tokens,
-        "prompts": BENCH_PROMPTS,
+        "prompts": DEMO_PROMPTS,
         "results": results,
     }
     print(format_results(results, threads))

@@ -7,16 +7,14 @@ first message) so exact dedup keeps it and near-dedup has real work. The phases 
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config, SourceConfig
 from tunelab.data import readers
 from tunelab.data.prepare import DataPipeline, FileRecords
-from tunelab.train.precision import cpu_model
+from tunelab.bench.machine import run_header
 
 PHASES = ("recover", "normalise", "dedup_exact", "dedup_near", "encode")
 
@@ -77,10 +75,7 @@ def run_bench(scales: list[int]) -> dict[str, Any]:
     tokenizer = load_tokenizer(ModelConfig())
     load_s = time.perf_counter() - start
     return {
-        "command": "tunelab bench data --scales " + ",".join(map(str, scales)),
-        "machine": cpu_model(),
-        "cores": os.cpu_count(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **run_header("tunelab bench data --scales " + ",".join(map(str, scales))),
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "tokenizer_load_s": round(load_s, 2),
         "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
@@ -93,7 +88,7 @@ def print_bench(figures: dict[str, Any]) -> None:
     from rich.table import Table
 
     results = figures["results"]
-    table = Table(title=f"tunelab bench data - {figures['machine']} ({figures['cores']} cores)")
+    table = Table(title=f"tunelab bench data - {figures['machine']}")
     table.add_column("phase: wall s (CPU s)")
     for r in results:
         table.add_column(f"{r['scale']}x ({r['records']} records)", justify="right")

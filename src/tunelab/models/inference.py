@@ -177,12 +177,13 @@ def load_hf_model_and_tokenizer(path: Path):
     return model, tokenizer
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a turn: the tokenizer's EOS (e.g. <|im_end|>) and the generation config's."""
-    ids = {tokenizer.eos_token_id}
+def turn_end_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an assistant turn: the tokenizer's EOS (<|im_end|> for ChatML) first, then the
+    generation config's. The one definition for generation, the exported generation_config and the parity check."""
+    ids = [tokenizer.eos_token_id]
     configured = model.generation_config.eos_token_id
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 class _StopWhenSet:
@@ -209,7 +210,7 @@ class TransformersBackend:
         self.model, self.tokenizer = load_hf_model_and_tokenizer(path)
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"{path}: the tokenizer has no chat template")
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.eos_ids = turn_end_ids(self.model, self.tokenizer)
 
     def prompt_ids(self, messages: Messages):
         return self.tokenizer.apply_chat_template(

@@ -1,4 +1,5 @@
-"""Push an export to the Hugging Face Hub with huggingface_hub (one commit), or list it with --dry-run.
+"""The Hugging Face Hub, for export and serve: push an export (one commit) or list it with --dry-run, upload a
+feedback file to a dataset repo, and the one repo-id check.
 
 The token comes only from huggingface_hub itself (HF_TOKEN, or the user's `hf auth login`); tunelab never
 reads it into anything it writes.
@@ -11,6 +12,13 @@ import socket
 from pathlib import Path
 
 from tunelab.errors import UserError
+
+
+def check_repo_id(repo_id: str, kind: str = "repo") -> str:
+    """`user/name` or a one-line UserError naming the option; the one repo-id check for export and serve."""
+    if repo_id.count("/") != 1:
+        raise UserError(f"--push-to-hub: expected a {kind} id like user/name (got {repo_id!r})")
+    return repo_id
 
 
 def upload_plan(run_dir: Path, export_dir: Path) -> list[tuple[Path, str]]:
@@ -69,3 +77,14 @@ def push_to_hub(
     except (OSError, ConnectionError) as exc:
         raise UserError(f"--push-to-hub {repo_id}: network error ({type(exc).__name__}); nothing was uploaded") from None
     return str(url)
+
+
+def push_feedback_to_hub(path: Path, repo_id: str, private: bool = True) -> str:
+    """Upload an exported feedback file to a Hub *dataset* repo (a Space's disk is not durable; the Hub is).
+
+    Same token rules as an export push (HF_TOKEN or `hf auth login`, never stored by us), same offline check
+    and one-line errors.
+    """
+    check_repo_id(repo_id, "dataset repo")
+    plan = [(Path(path), Path(path).name)]
+    return push_to_hub(repo_id, plan, private, repo_type="dataset", message="tunelab feedback export")

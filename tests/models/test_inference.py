@@ -1,16 +1,14 @@
-"""The ChatBackend interface: both backends, same template, streaming, EOS, sampling params; the terminal chat."""
+"""The ChatBackend interface: both backends, same template, streaming, EOS, sampling params."""
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import pytest
 
 from tunelab.errors import UserError
-from tunelab.serve.backends import GenerationParams, load_backend
-from tunelab.serve.terminal import chat_loop
+from tunelab.models.inference import GenerationParams, load_backend
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -90,23 +88,3 @@ def test_llama_cpp_backend_max_tokens_and_seed(base_f16_gguf):
     second = "".join(backend.stream_chat([{"role": "user", "content": "Tell me a story."}], params))
     assert first == second
     assert len(backend.llm.tokenize(first.encode(), add_bos=False)) <= 6
-
-
-class EchoBackend:
-    model_id, kind = "echo", "test"
-
-    def stream_chat(self, messages, params=None):
-        yield from ["you said: ", messages[-1]["content"], f" ({len(messages)} messages)"]
-
-
-def test_terminal_chat_streams_resets_and_exits():
-    lines = iter(["hello", "again", "/reset", "fresh", "/exit", "never read"])
-    out = io.StringIO()
-    messages = chat_loop(EchoBackend(), GenerationParams(), system="be brief", read=lambda _: next(lines), out=out)
-    assert "bot> you said: hello (2 messages)" in out.getvalue()
-    assert "you said: again (4 messages)" in out.getvalue()
-    assert messages == [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "fresh"},
-        {"role": "assistant", "content": "you said: fresh (2 messages)"},
-    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import build_tiny_llama
-from tunelab.train.loop import SwiGLU, lean_swiglu
+from tunelab.train.memory import SwiGLU, lean_swiglu
 
 
 def test_swiglu_matches_autograd():

@@ -1,0 +1,86 @@
+"""`tunelab bench data|train|infer` (registered by tunelab.cli); results go to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunelab.errors import UserError
+
+
+def bench_data_cmd(
+    scales: Annotated[str, typer.Option(help="Comma-separated sizes: 1 = the embedded ShareGPT file once, 2 = twice (perturbed copies), ...")] = "1,2,4",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Time each data phase (recover, normalise, exact+near dedup, template+tokenise) on the embedded ShareGPT file."""
+    from tunelab.bench.data import print_bench, run_bench
+
+    try:
+        sizes = [int(s) for s in scales.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--scales {scales}: expected comma-separated integers, e.g. 1,2,4") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--scales {scales}: every scale must be >= 1")
+    figures = run_bench(sizes)
+    print_bench(figures)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"figures written to {json_path}")
+
+
+def bench_train_cmd(
+    vs: Annotated[str, typer.Option("--vs", help="The peer to compare with (trl), or 'none' for tunelab alone.")] = "trl",
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per side (alternating); medians are reported.")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per run.")] = 20,
+    precision: Annotated[
+        Optional[list[str]], typer.Option("--precision", help="fp32 and/or bf16 (default: fp32, plus bf16 where the CPU has native bf16).")
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for both sides.")] = 2,
+    config: Annotated[Optional[Path], typer.Option(help="Config for data/model/LoRA/train settings (default: the quickstart config).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")] = None,
+    max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 32,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
+) -> None:
+    """tunelab's training loop vs TRL SFTTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out loss."""
+    from tunelab.config import load_config
+    from tunelab.bench.machine import command_line
+    from tunelab.bench.train import markdown_table, plot_throughput, print_table, run_bench
+    from tunelab.experiments.quickstart import QUICKSTART_CONFIG
+
+    if vs not in ("trl", "none"):
+        raise UserError(f"--vs {vs}: only `trl` (or `none`) is supported")
+    for p in precision or []:
+        if p not in ("fp32", "bf16"):
+            raise UserError(f"--precision {p}: expected fp32 or bf16")
+    cfg = load_config(config or QUICKSTART_CONFIG, set_ or [])
+    doc = run_bench(
+        cfg, steps=steps, repeats=repeats, precisions=precision or None, threads=threads,
+        vs=None if vs == "none" else vs, max_val_rows=max_val_rows, command=command_line(),
+    )
+    print_table(doc)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(doc, indent=2))
+        json_path.with_suffix(".md").write_text(markdown_table(doc))
+        typer.echo(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    if plot is not None:
+        plot_throughput(doc, plot)
+        typer.echo(f"wrote {plot}")
+
+
+def bench_infer_cmd(
+    models: Annotated[list[Path], typer.Argument(help="Models to compare: run/merged folders and .gguf files.")],
+    threads: Annotated[int, typer.Option(help="Threads, the same for every model.")] = 2,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    repeats: Annotated[int, typer.Option(help="Runs per prompt (the first is a warm-up).")] = 2,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Time to first token, decode tokens/s, RSS and file size per model, on the same prompts and threads."""
+    from tunelab.bench.infer import run_bench
+
+    run_bench(models, threads=threads, max_new_tokens=max_new_tokens, repeats=repeats, output=output)

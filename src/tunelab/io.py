@@ -1,0 +1,103 @@
+"""Atomic writes: a reader (or a crash) sees the old file/folder or the new one, never half of either.
+
+Everything is built under a temp name in the same folder (same filesystem, so the rename is atomic), fsynced,
+renamed over the target, and the parent folder is fsynced so the rename itself survives a power cut. Temp
+names are `.<name>.tmp-*`: a SIGKILL can leave one behind, and the owner of the folder may sweep them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename/creation inside `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (itself included)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        for name in dirs:
+            fsync_dir(Path(root) / name)
+    fsync_dir(folder)
+
+
+def temp_name(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp file path next to `path` for a writer that takes a file name (a converter, sqlite, a stream).
+
+    When the block ends without an exception the file is fsynced and renamed over `path`; otherwise removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_name(path))
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` (text is UTF-8) to `path` atomically and durably."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Build a folder: yields an empty sibling temp folder; on success it is fsynced and replaces `path`.
+
+    An existing `path` is moved aside first and deleted after the rename, so there is never a moment without
+    one complete folder at `path` for longer than two renames. On an exception the temp folder is removed and
+    `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_name(path)))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temp files/folders that a killed atomic_write/atomic_folder left directly in `folder`."""
+    for pattern in (".*.tmp-*", ".*.old-*"):
+        for leftover in Path(folder).glob(pattern):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

@@ -1,0 +1,326 @@
+"""The app's event handlers (Chat, Travel Planner, feedback, overview), independent of the page layout.
+
+Each handler returns (or yields) a NamedTuple whose fields name the components it updates; app.py builds
+each event's `outputs` list from the same NamedTuple, by field name, so the two cannot drift apart.
+What was generated (prompt, full answer, parameters) is kept in server-side session state, so feedback
+always describes the answer the model really gave, not what a client claims it gave. Generation errors
+become a visible message; the server keeps running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import gradio as gr
+
+from tunelab import __version__
+from tunelab.errors import UserError
+from tunelab.models.inference import ChatBackend, GenerationParams
+from tunelab.serve.feedback import MAX_BETTER_ANSWER_CHARS, MAX_COMMENT_CHARS, REASONS, FeedbackRecord, FeedbackStore, rows_to_csv
+from tunelab.serve.limits import InputError, Limits, check_length, clamp_params, clean_text, escape_for_display, fit_history
+from tunelab.serve.planner import PlannerPrompt, validate_planner_inputs
+
+log = logging.getLogger(__name__)
+
+APP_VERSION = f"tunelab {__version__}"
+
+
+class ChatUpdate(NamedTuple):
+    chatbot: Any
+    turns: Any
+    last_answer: Any
+    message: Any
+    status: Any
+
+
+class AnswerSelected(NamedTuple):
+    last_answer: Any
+    rating: Any
+    status: Any
+
+
+class PlanUpdate(NamedTuple):
+    plan: Any
+    last_plan: Any
+    status: Any
+
+
+class FeedbackResult(NamedTuple):
+    status: Any
+    rating: Any
+    reasons: Any
+    comment: Any
+    better_answer: Any
+
+
+class Overview(NamedTuple):
+    headline: Any
+    by_rating: Any
+    by_reason: Any
+    by_model: Any
+    recent: Any
+
+
+def session_id_for(request: gr.Request | None) -> str:
+    """An anonymous id per browser session (a hash, so the DB cannot be joined with Gradio's own ids)."""
+    raw = getattr(request, "session_hash", None) or "no-session"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def build_chat_messages(system_prompt: str, turns: list[dict], message: str, limits: Limits) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    if system_prompt.strip():
+        messages.append({"role": "system", "content": system_prompt.strip()})
+    budget = max(0, limits.max_history_chars - len(message) - len(system_prompt))
+    for turn in fit_history(turns, budget):
+        messages.append({"role": "user", "content": turn["user"]})
+        messages.append({"role": "assistant", "content": turn["assistant"]})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def chat_display(turns: list[dict]) -> list[dict[str, str]]:
+    """Chatbot messages, escaped. Failed turns show the error in place of an answer."""
+    shown: list[dict[str, str]] = []
+    for turn in turns:
+        shown.append({"role": "user", "content": escape_for_display(turn["user"])})
+        answer = turn["assistant"]
+        if turn.get("error"):
+            answer = (answer + "\n\n" if answer else "") + f"⚠️ {turn['error']}"
+        if answer:
+            shown.append({"role": "assistant", "content": escape_for_display(answer)})
+    return shown
+
+
+def turn_for_message(turns: list[dict], message_index: Any) -> dict | None:
+    """The turn whose assistant message sits at `message_index` in `chat_display(turns)`."""
+    if isinstance(message_index, (list, tuple)):
+        message_index = message_index[0]
+    position = 0
+    for turn in turns:
+        position += 1  # the user message
+        if turn["assistant"] or turn.get("error"):
+            if position == message_index:
+                return turn
+            position += 1
+    return None
+
+
+def friendly_generation_error(exc: Exception) -> str:
+    text = str(exc)
+    if "context window" in text or "exceed context" in text:
+        return "The conversation is too long for this model. Press Clear to start a new one."
+    return f"Generation failed ({type(exc).__name__}). Please try again or start a new conversation."
+
+
+class ChatApp:
+    """Event handlers; one instance per server, shared by all sessions (per-session data lives in gr.State)."""
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        store: FeedbackStore,
+        limits: Limits = Limits(),
+        planner_prompt: PlannerPrompt | None = None,
+        share_feedback_data: bool = True,
+    ):
+        self.backend = backend
+        self.store = store
+        self.limits = limits
+        self.planner_prompt = planner_prompt or PlannerPrompt()
+        self.share_feedback_data = share_feedback_data
+        self._download_dir = Path(tempfile.mkdtemp(prefix="tunelab-feedback-"))
+
+    def _stream(self, messages: list[dict[str, str]], params: GenerationParams) -> Iterator[str]:
+        """Accumulated answer text; the backend's generator is closed even when the user presses Stop."""
+        pieces = self.backend.stream_chat(messages, params)
+        answer = ""
+        try:
+            for piece in pieces:
+                answer += piece
+                yield answer
+        finally:
+            close = getattr(pieces, "close", None)
+            if close:
+                close()
+
+    def _answer_record(self, tab: str, messages, response: str, params: GenerationParams, inputs: dict) -> dict:
+        return {
+            "tab": tab,
+            "messages": messages,
+            "response": response,
+            "params": asdict(params),
+            "inputs": inputs,
+            "model_id": self.backend.model_id,
+        }
+
+    # ------------------------------------------------------------------------------- chat tab
+    def chat(self, message, system_prompt, temperature, top_p, max_new_tokens, turns, last_answer):
+        """Stream one reply as ChatUpdates."""
+        turns = list(turns or [])
+        try:
+            message = check_length("Your message", clean_text(message).strip(), self.limits.max_message_chars)
+            if not message:
+                raise InputError("Please type a message first.")
+            system_prompt = check_length(
+                "The system prompt", clean_text(system_prompt), self.limits.max_system_prompt_chars
+            )
+            params = clamp_params(temperature, top_p, max_new_tokens, self.limits)
+        except InputError as exc:
+            yield ChatUpdate(chat_display(turns), turns, last_answer, gr.skip(), f"⚠️ {exc}")
+            return
+        messages = build_chat_messages(system_prompt, turns, message, self.limits)
+        turn = {"user": message, "assistant": ""}
+        turns.append(turn)
+        inputs = {"message": message, "system_prompt": system_prompt}
+        record = self._answer_record("chat", messages, "", params, inputs)
+        yield ChatUpdate(chat_display(turns), turns, last_answer, "", "Generating…")
+        try:
+            for answer in self._stream(messages, params):
+                turn["assistant"] = answer
+                record = {**record, "response": answer}
+                turn["record"] = record  # kept per turn: the 👍/👎 on an older message can select it later
+                yield ChatUpdate(chat_display(turns), turns, record, gr.skip(), "Generating…")
+        except Exception as exc:  # never let a model failure take the session (or server) down
+            log.exception("chat generation failed")
+            turn.pop("record", None)
+            turn["error"] = friendly_generation_error(exc)
+            yield ChatUpdate(chat_display(turns), turns, last_answer, gr.skip(), f"⚠️ {turn['error']}")
+            return
+        if not turn["assistant"]:
+            turn["error"] = "The model returned an empty answer. Try again or rephrase."
+            yield ChatUpdate(chat_display(turns), turns, last_answer, gr.skip(), f"⚠️ {turn['error']}")
+            return
+        yield ChatUpdate(chat_display(turns), turns, record, gr.skip(), "Done. Rate the answer below.")
+
+    def select_answer(self, turns, event: gr.LikeData):
+        """The 👍/👎 under any chat answer: make that answer the one the feedback form rates."""
+        turn = turn_for_message(turns or [], event.index)
+        if turn is None or not turn.get("record"):
+            return AnswerSelected(gr.skip(), gr.skip(), "⚠️ That message cannot be rated.")
+        number = (turns or []).index(turn) + 1
+        rating = "up" if event.liked is True else "down" if event.liked is False else None
+        note = f"Rating answer {number}: add reasons or a better answer if you like, then press **Send feedback**."
+        return AnswerSelected(turn["record"], rating, note)
+
+    # ---------------------------------------------------------------------------- planner tab
+    def plan(self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan):
+        """Stream a Markdown plan as PlanUpdates."""
+        try:
+            inputs = validate_planner_inputs(city, days, when, budget, pace, interests, preferences, self.limits)
+            params = clamp_params(temperature, 0.9, max_new_tokens, self.limits)
+        except InputError as exc:
+            yield PlanUpdate(gr.skip(), last_plan, f"⚠️ {exc}")
+            return
+        messages = self.planner_prompt.messages(inputs)
+        title = f"# {inputs.days}-day plan for {escape_for_display(inputs.city)}\n\n"
+        record = self._answer_record("planner", messages, "", params, asdict(inputs))
+        yield PlanUpdate(title, last_plan, "Planning…")
+        answer = ""
+        try:
+            for answer in self._stream(messages, params):
+                record = {**record, "response": answer}
+                yield PlanUpdate(title + escape_for_display(answer), record, "Planning…")
+        except Exception as exc:
+            log.exception("planner generation failed")
+            error = friendly_generation_error(exc)
+            yield PlanUpdate(title + escape_for_display(answer) + f"\n\n⚠️ {error}", last_plan, f"⚠️ {error}")
+            return
+        if not answer:
+            yield PlanUpdate(title, last_plan, "⚠️ The model returned an empty plan. Try again.")
+            return
+        yield PlanUpdate(title + escape_for_display(answer), record, "Done. Rate the plan below.")
+
+    # ------------------------------------------------------------------------------ feedback
+    def submit_feedback(
+        self, rating, reasons, comment, better_answer, answer, submission_id="", request: gr.Request = None
+    ):
+        """Store one rating of the session's latest answer.
+        `submission_id` (optional, API clients) makes a retried submission idempotent."""
+        keep = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        if not answer or not answer.get("response"):
+            return FeedbackResult("⚠️ There is no answer to rate yet.", *keep)
+        if rating not in ("up", "down"):
+            return FeedbackResult("⚠️ Pick 👍 or 👎 first.", *keep)
+        try:
+            comment = check_length("The comment", clean_text(comment).strip(), MAX_COMMENT_CHARS)
+            better_answer = check_length("The better answer", clean_text(better_answer).strip(), MAX_BETTER_ANSWER_CHARS)
+            reasons = [r for r in REASONS if r in set(reasons or [])]  # canonical order, unknown values dropped
+            record = FeedbackRecord(
+                tab=answer["tab"],
+                rating=1 if rating == "up" else -1,
+                reasons=reasons,
+                comment=comment,
+                better_answer=better_answer,
+                messages=answer["messages"],
+                inputs=answer["inputs"],
+                response=answer["response"],
+                model_id=answer["model_id"],
+                params=answer["params"],
+                app_version=APP_VERSION,
+                session_id=session_id_for(request),
+                submission_id=(submission_id or "").strip() or None,
+            )
+            feedback_id = self.store.add(record)  # returns after COMMIT: only then do we say "saved"
+        except (InputError, UserError) as exc:
+            return FeedbackResult(f"⚠️ {exc}", *keep)
+        except Exception:
+            log.exception("storing feedback failed")
+            return FeedbackResult("⚠️ Your feedback could not be saved. Please try again.", *keep)
+        return FeedbackResult(f"✅ Thank you! Feedback #{feedback_id} saved.", None, [], "", "")
+
+    # ------------------------------------------------------------------------------ overview
+    def overview(self):
+        """Totals, counts by rating/reason/model, and (when shared) the recent items."""
+        summary = self.store.summary()
+        total = sum(count for _, count in summary["rating"])
+        headline = f"**{total}** feedback item(s) stored in `{escape_for_display(self.store.path.name)}`."
+        recent: list[list[Any]] = []
+        if self.share_feedback_data:
+            for row in self.store.rows(limit=20, newest_first=True):
+                recent.append([
+                    row["id"], row["created_at"], row["tab"], "👍 up" if row["rating"] == 1 else "👎 down",
+                    ", ".join(row["reasons"]), _short(row["comment"]), _short(row["response"]), row["model_id"],
+                ])  # fmt: skip
+        return Overview(
+            headline,
+            [list(r) for r in summary["rating"]],
+            [list(r) for r in summary["reason"]],
+            [list(r) for r in summary["model"]],
+            recent,
+        )
+
+    def download(self, fmt: str) -> str | None:
+        if not self.share_feedback_data:
+            raise gr.Error("Downloads are off on this server (start it with --auth to enable them).")
+        rows = self.store.rows()
+        self._prune_downloads(max_age_s=600)  # exports hold user text: keep no old copies around
+        suffix = "csv" if fmt == "csv" else "jsonl"
+        # a fresh name per call: two people downloading at once never share (or half-overwrite) a file
+        path = self._download_dir / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.{suffix}"
+        if suffix == "csv":
+            path.write_text(rows_to_csv(rows), encoding="utf-8")
+        else:
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return str(path)
+
+    def _prune_downloads(self, max_age_s: float) -> None:
+        for old in self._download_dir.glob("feedback-*"):
+            try:
+                if time.time() - old.stat().st_mtime > max_age_s:
+                    old.unlink()
+            except FileNotFoundError:  # pruned by a concurrent call
+                pass
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,57 @@
+"""Peak-memory tricks of the training loop (no change to the numbers), and the peak-RSS figure it reports."""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def return_freed_tensors_to_the_os(threshold_bytes: int = 1 << 20) -> None:
+    """Peak-RSS trick (glibc only): serve allocations >= 1 MiB with mmap, so freed activations go back to the OS.
+
+    glibc raises its mmap threshold to the size of any mmapped block that is freed (up to 32 MiB), after which
+    activations and temporaries of a few MiB come from the heap, fragment it and are never returned: measured
+    5.07 -> 3.40 GB peak RSS for one 1765-token fp32 step of SmolLM2-135M. Fixing the threshold stops that.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass  # not glibc (e.g. musl): nothing to tune
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for the backward (autograd would also keep silu(gate))."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        return grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig
+
+
+def lean_swiglu(model) -> None:
+    """Peak-RSS trick: Llama-style MLPs (`down(silu(gate(x)) * up(x))`) use SwiGLU, one [tokens, 1536] activation
+    per decoder layer less (about 320 MB for a 1765-token fp32 step of SmolLM2-135M); recomputing silu is cheap."""
+
+    def forward(self, x):
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+    for module in model.modules():
+        act = type(getattr(module, "act_fn", None)).__name__
+        if act in ("SiLU", "SiLUActivation") and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            module.forward = types.MethodType(forward, module)

@@ -1,0 +1,49 @@
+"""tunelab.io: a reader sees the old file/folder or the new one, and a failed write leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.io import atomic_folder, atomic_path, atomic_write, remove_leftovers
+
+
+def test_atomic_write_replaces_text_and_bytes(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    atomic_write(target, "first")
+    atomic_write(target, b"\x00second")
+    assert target.read_bytes() == b"\x00second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "model.gguf"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("converter died")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_atomic_folder_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    folder = tmp_path / "adapter"
+    with atomic_folder(folder) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(ValueError), atomic_folder(folder) as tmp:
+        (tmp / "weights").write_text("v2-half")
+        raise ValueError("disk full")
+    assert (folder / "weights").read_text() == "v1"
+    with atomic_folder(folder) as tmp:
+        (tmp / "other").write_text("v2")
+    assert sorted(p.name for p in folder.iterdir()) == ["other"]  # replaced, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_remove_leftovers_sweeps_only_temp_names(tmp_path):
+    (tmp_path / ".summary.json.tmp-abc").write_text("x")
+    (tmp_path / ".adapter.tmp-xyz").mkdir()
+    (tmp_path / ".adapter.old-123").mkdir()
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / ".hidden").write_text("keep")
+    remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "summary.json"]
