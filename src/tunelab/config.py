@@ -107,6 +107,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     loss_chunk_tokens: int = Field(256, ge=16)  # LM head + loss computed this many label tokens at a time (memory vs speed)
+    compile: bool = Field(
+        False, description="torch.compile (inductor) each decoder layer's norms and MLP: fused element-wise kernels; "
+        "costs a compilation at the start of a run (see docs/benchmarks.md for when it pays off)",
+    )
     save_steps: int = Field(20, gt=0)
     save_total_limit: int = Field(2, gt=0)
     eval_steps: int = Field(20, gt=0)

@@ -77,7 +77,7 @@ def test_matmul_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(peak, "measure", lambda dtype, threads: calls.append((dtype, threads)) or {"gflops": 12.5, "shapes": {}})
+    monkeypatch.setattr(peak, "measure", lambda dtype, threads, device: calls.append((dtype, threads)) or {"gflops": 12.5, "shapes": {}})
     first = peak.matmul_peak(torch.float32, threads=1)
     again = peak.matmul_peak(torch.float32, threads=1)
     other_dtype = peak.matmul_peak(torch.bfloat16, threads=1)

@@ -110,3 +110,13 @@ def mfu(flops: float, seconds: float, peak_flops_per_s: float) -> float:
     if seconds <= 0 or peak_flops_per_s <= 0:
         return 0.0
     return flops / seconds / peak_flops_per_s
+
+
+def shape_of(model) -> ModelShape:
+    """ModelShape of a (PEFT-wrapped) HF causal LM, with the rank and targets of its LoRA adapter, if any."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    peft_config = getattr(inner, "peft_config", {}).get("default")
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if peft_config is None:
+        return model_shape(base.config)
+    return model_shape(base.config, peft_config.r, list(peft_config.target_modules or []))

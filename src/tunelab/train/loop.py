@@ -22,6 +22,7 @@ from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.batching import make_batch, step_indices
 from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.faults import maybe_inject_fault
+from tunelab.train.flops import mfu, shape_of, training_flops
 from tunelab.train.heldout import Example, heldout_loss, perplexity
 from tunelab.train.loss import AssistantLoss
 from tunelab.train.memory import lean_swiglu, peak_rss_mib, return_freed_tensors_to_the_os
@@ -40,6 +41,10 @@ class TrainResult:
     final_val_loss: float | None
     resumed_from: int | None = None
     history: list[dict] = field(default_factory=list)
+    flops_this_session: float = 0.0  # model FLOPs (tunelab.train.flops) of the steps run in this process
+    seconds_this_session: float = 0.0
+    matmul_peak_gflops: float | None = None  # per process; MFU below is against peak x processes
+    mfu: float | None = None
 
 
 def build_optimizer(model, cfg: TrainConfig):
@@ -79,7 +84,15 @@ def train_lora(
     per_step = cfg.batch_size * cfg.grad_accum
     targets_per_row = [sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in train_rows]
     return_freed_tensors_to_the_os()
-    lean_swiglu(model)
+    if cfg.compile:
+        from tunelab.train.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)  # inductor picks what the backward keeps; SwiGLU's hand-made saving is moot
+    else:
+        lean_swiglu(model)
+    shape = shape_of(model)
+    peak_flops = _matmul_peak_gflops(precision, device) * 1e9 * world
+    session_flops, session_seconds, window_flops = 0.0, 0.0, 0.0
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -114,6 +127,7 @@ def train_lora(
             step_start = time.perf_counter()
             indices = step_indices(step, per_step, len(train_rows), seed=cfg.seed)
             step_targets = sum(targets_per_row[i] for i in indices)
+            step_flops = training_flops(shape, [len(train_rows[i][0]) for i in indices], step_targets)
             micro_batches = [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)][rank::world]
             loss_sum, step_tokens = torch.zeros((), device=device), 0
             for i, rows in enumerate(micro_batches):
@@ -138,14 +152,19 @@ def train_lora(
             elapsed = time.perf_counter() - step_start
             train_seconds += elapsed
             window_tokens += step_tokens
+            window_flops += step_flops
+            session_flops += step_flops
+            session_seconds += elapsed
             done = step + 1
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate, "step_s": elapsed}
+                window_s = max(time.perf_counter() - window_start, 1e-9)
+                rate = window_tokens / window_s
+                record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate,
+                          "step_s": elapsed, "mfu": mfu(window_flops, window_s, peak_flops)}
                 metrics.write(record)
                 maybe_inject_fault("metrics", done)  # step logged, no checkpoint yet
                 history.append(record)
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if progress is not None:
                     progress(done, record)
             if done % cfg.eval_steps == 0 or done == cfg.max_steps:
@@ -170,7 +189,18 @@ def train_lora(
         final_val_loss=last_val,
         resumed_from=resumed_from,
         history=history,
+        flops_this_session=session_flops,
+        seconds_this_session=session_seconds,
+        matmul_peak_gflops=peak_flops / world / 1e9,
+        mfu=mfu(session_flops, session_seconds, peak_flops) if session_seconds else None,
     )
+
+
+def _matmul_peak_gflops(precision: Precision, device: torch.device) -> float:
+    """The measured matmul peak of this machine in the training precision (cached per machine, dtype, threads)."""
+    from tunelab.train.matmul_peak import matmul_peak
+
+    return matmul_peak(precision.dtype, torch.get_num_threads(), device=device)["gflops"]
 
 
 def _reduce(accelerator, loss_sum: torch.Tensor, tokens: int):

@@ -23,44 +23,50 @@ def cache_file() -> Path:
     return root / "matmul_peak.json"
 
 
-def measure(dtype: torch.dtype, threads: int, seconds: float = 1.5) -> dict:
+def measure(dtype: torch.dtype, threads: int, seconds: float = 1.5, device: str | torch.device = "cpu") -> dict:
     """{"gflops": best GFLOP/s, "shapes": per-shape GFLOP/s}, measured now in this process."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     per_shape = {}
     try:
         for m, k, n in SHAPES:
-            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
             for _ in range(3):
                 a @ b
+            sync()
             runs, start = 0, time.perf_counter()
             while (elapsed := time.perf_counter() - start) < seconds / len(SHAPES):
                 a @ b
                 runs += 1
+                sync()
             per_shape[f"{m}x{k}x{n}"] = 2 * m * k * n * runs / elapsed / 1e9
     finally:
         torch.set_num_threads(previous)
     return {"gflops": max(per_shape.values()), "shapes": per_shape}
 
 
-def _key(dtype: torch.dtype, threads: int) -> str:
+def _key(dtype: torch.dtype, threads: int, device: torch.device) -> str:
     from tunelab.train.precision import cpu_model
 
-    return f"{cpu_model()}|{threads} threads|{str(dtype).removeprefix('torch.')}|torch {torch.__version__}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}|{threads} threads"
+    return f"{where}|{str(dtype).removeprefix('torch.')}|torch {torch.__version__}"
 
 
-def matmul_peak(dtype: torch.dtype, threads: int | None = None, refresh: bool = False) -> dict:
+def matmul_peak(dtype: torch.dtype, threads: int | None = None, refresh: bool = False,
+                device: str | torch.device = "cpu") -> dict:
     """The cached measurement for this machine (measured and stored on first use, or when `refresh`)."""
     threads = threads or torch.get_num_threads()
+    device = torch.device(device)
     path = cache_file()
-    key = _key(dtype, threads)
+    key = _key(dtype, threads, device)
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     if not refresh and isinstance(cached.get(key), dict) and cached[key].get("gflops"):
         return cached[key]
-    result = measure(dtype, threads)
+    result = measure(dtype, threads, device=device)
     cached[key] = result
     try:  # a cache that cannot be written costs a re-measurement next time, nothing more
         path.parent.mkdir(parents=True, exist_ok=True)

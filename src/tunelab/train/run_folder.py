@@ -14,7 +14,7 @@ from tunelab.io import atomic_write, remove_leftovers
 
 # Keys that may change between an interrupted run and its resumption without changing the maths.
 RESUME_SAFE_TRAIN_KEYS = {
-    "max_steps", "save_steps", "save_total_limit", "eval_steps", "logging_steps", "threads", "output_dir", "loss_chunk_tokens",
+    "max_steps", "save_steps", "save_total_limit", "eval_steps", "logging_steps", "threads", "output_dir", "loss_chunk_tokens", "compile",
 }
 
 
