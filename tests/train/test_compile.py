@@ -11,7 +11,8 @@ import copy
 import pytest
 import torch
 
-from tunelab.train.batching import IGNORE, pack
+from tunelab.data.masking import IGNORE_INDEX as IGNORE
+from tunelab.train.batching import pack
 from tunelab.train.compile import compile_decoder_layers
 from tunelab.train.loss import masked_lm_loss
 from tunelab.train.packed_attention import register
