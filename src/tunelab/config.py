@@ -154,6 +154,10 @@ class TrainConfig(_Section):
     loss_chunk_tokens: int = Field(
         256, ge=16, **_resume_safe("Label tokens per chunk of the LM head + loss (memory vs speed; same result).")
     )
+    compile: bool = Field(
+        False, **_resume_safe("torch.compile (inductor) each decoder layer's norms and MLP: fused element-wise kernels; "
+        "costs a compilation at the start of a run (see docs/benchmarks.md for when it pays off).")
+    )
     save_steps: int = Field(20, gt=0, **_resume_safe("Write a checkpoint every this many optimizer steps (and at the end)."))
     save_total_limit: int = Field(2, gt=0, **_resume_safe("Keep this many newest checkpoints."))
     eval_steps: int = Field(20, gt=0, **_resume_safe("Held-out loss every this many optimizer steps (and at the end)."))

@@ -341,3 +341,16 @@ def test_export_rejects_a_non_run_folder(tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path)])
     assert result.exit_code != 0 and isinstance(result.exception, UserError)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_export_recommends_the_fastest_quantisation_within_tolerance_of_q8_0(tiny_run, tiny_cli_export):
+    from tunelab.export.quant_choice import PPL_TOLERANCE_PCT
+
+    output, _ = tiny_cli_export
+    choice = json.loads((tiny_run / "export" / "export.json").read_text())["recommended_quant"]
+    ggufs = {g["quant"]: g for g in json.loads((tiny_run / "export" / "parity.json").read_text())["ggufs"]}
+    limit = ggufs["q8_0"]["ppl_gguf"] * (1 + PPL_TOLERANCE_PCT / 100)
+    eligible = [q for q, g in ggufs.items() if q != "f16" and g["ppl_gguf"] <= limit]
+    assert choice["quant"] in eligible  # within the stated tolerance of q8_0
+    assert all(ggufs[q]["decode_tok_s"] <= ggufs[choice["quant"]]["decode_tok_s"] for q in eligible)  # the fastest
+    assert "recommended for a CPU Space" in output

@@ -1,10 +1,8 @@
 """The feedback loop end to end, through the real app (`tunelab serve SERVE_DIR` in a subprocess, gradio_client):
 
 chat and planner answers, thumbs, corrections and side-by-side picks -> `tunelab feedback export` (dpo, kto,
-evalset) -> `tunelab train` -> `tunelab promote --serve-dir` -> the restarted app serves the promoted model.
-
-Training here is SFT on the exported corrections: `train.objective: dpo` (issue 11, branch preftrain) is not in
-tunelab yet. When it is, the DPO export this test checks is the training set to use instead.
+evalset) -> `tunelab train` with `train.objective: dpo` on the exported pairs (corrections and picks) -> held-out
+preference accuracy above chance -> `tunelab promote --serve-dir` -> the restarted app serves the promoted model.
 """
 
 from __future__ import annotations
@@ -42,14 +40,15 @@ def make_current_run(root, base, sft_path):
     return run
 
 
-def run_config(root, base, sft_path, out_dir) -> dict:
+def run_config(root, base, data_path, out_dir, objective: str = "sft") -> dict:
     return {
         "model": {"name": str(base)},
-        "data": {"sources": [{"path": str(sft_path)}], "val_fraction": 0.25, "dedup": {"near": False},
-                 "output_dir": str(root / "prepared")},
+        "data": {"sources": [{"path": str(data_path)}], "val_fraction": 0.25, "dedup": {"near": False},
+                 "output_dir": str(root / f"prepared-{objective}")},
         "lora": {"r": 8, "alpha": 16},
-        "train": {"output_dir": str(out_dir), "max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0,
-                  "max_seq_len": 96, "save_steps": 30, "eval_steps": 30, "precision": "fp32", "threads": 2},
+        "train": {"output_dir": str(out_dir), "max_steps": 30, "batch_size": 4, "lr": 3e-3 if objective == "sft" else 5e-4, "warmup_steps": 0,
+                  "max_seq_len": 96 if objective == "sft" else 256, "save_steps": 30, "eval_steps": 30, "precision": "fp32", "threads": 2,
+                  "objective": objective},
     }  # fmt: skip
 
 
@@ -117,10 +116,12 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
     assert sorted(r["label"] for r in kto) == [False] * (10 - 3) + [True] * 3
     cli("feedback", "export", db, "--format", "sft", "-o", sft_path)
 
-    # ---- train the candidate (SFT on the corrections; see the module doc for DPO)
+    # ---- train the candidate by DPO on the exported pairs; the served run's held-out split is the SFT export
     config = tmp_path / "candidate.yaml"
-    config.write_text(yaml.safe_dump(run_config(tmp_path, base, sft_path, tmp_path / "candidate")))
+    config.write_text(yaml.safe_dump(run_config(tmp_path, base, dpo_path, tmp_path / "candidate", objective="dpo")))
     cli("train", config)
+    summary = json.loads((tmp_path / "candidate" / "summary.json").read_text())
+    assert summary["objective"] == "dpo" and summary["final_val_metrics"]["val_pref_accuracy"] > 0.5
 
     # ---- promote: the gate compares against the served run, then moves the pointer
     out = cli("promote", tmp_path / "candidate", "--over", current, "--serve-dir", serve_dir, "--evalset", evalset)

@@ -118,3 +118,25 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, packing):
     a, b = adapter_weights(tmp_path / "accum"), adapter_weights(tmp_path / "big")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_every_step_logs_mfu_from_the_hand_count_of_its_conversations(tmp_path, monkeypatch):
+    from tunelab.train import matmul_peak
+    from tunelab.train.batching import step_indices
+    from tunelab.train.flops import shape_of, training_flops
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(matmul_peak, "measure", lambda dtype, threads, device: {"gflops": 2.0, "shapes": {}})
+    result, cfg = run(tmp_path / "run", max_steps=3)
+    rows = make_rows()[:20]
+    shape = shape_of(tiny_lora_model())
+    expected = 0.0
+    for step in range(3):
+        indices = step_indices(step, 4, len(rows), seed=cfg.seed)
+        targets = sum(sum(1 for x in rows[i][1][1:] if x != IGNORE_INDEX) for i in indices)
+        expected += training_flops(shape, [len(rows[i][0]) for i in indices], targets)
+    assert result.flops_this_session == pytest.approx(expected)
+    assert result.matmul_peak_gflops == 2.0
+    assert result.mfu == pytest.approx(expected / result.seconds_this_session / 2e9)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "mfu" in r] == [1, 2, 3] and all(r["mfu"] > 0 for r in logged if "mfu" in r)

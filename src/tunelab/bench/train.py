@@ -1,9 +1,12 @@
 """`tunelab bench train --vs trl`: tunelab's loop vs TRL's SFTTrainer + PEFT on the same job.
 
-Same model, same prepared conversations in the same order, same LoRA, max length, effective batch, optimizer,
-lr schedule, number of optimizer steps, threads and precision. Each side runs in its own process
-(tunelab.bench.train_worker), alternating, `repeats` times; the medians are reported. A matmul
-microbenchmark (same threads, per precision) gives the peak that tunelab's FLOP rate is compared with.
+Same model, same prepared conversations, LoRA, max length, effective batch, optimizer, lr schedule, number of
+optimizer steps, threads, precision and allocator setting. TRL runs twice: in its fastest configuration (no
+gradient checkpointing, length-grouped batches: the same conversations in another order) for the speed goal, and
+in its memory-lean default (checkpointing on, tunelab's order) for the memory goal and the held-out loss check.
+Each side runs in its own process (tunelab.bench.train_worker), alternating, `repeats` times; medians are reported.
+The fraction of the matmul peak is the job's model FLOPs (tunelab.train.flops) over the matmul peak measured on
+this machine (tunelab.train.matmul_peak).
 """
 
 from __future__ import annotations
@@ -22,30 +25,32 @@ import torch
 from tunelab.bench.machine import run_header
 from tunelab.errors import UserError
 
-SIDES = ("tunelab", "trl")
+SIDES = ("tunelab", "trl", "trl_lean")  # trl: TRL's fastest configuration; trl_lean: its memory-lean default
+# The same allocator setting for every worker (glibc: allocations >= 1 MiB are mmapped and go back to the OS when
+# freed). tunelab's loop sets the same threshold itself with mallopt; the environment gives it to TRL's process too.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# Goals per precision (issue 13): speed vs TRL's fastest, memory vs TRL's leanest, quality vs the same-order run.
+GOALS = {"tok_per_s_vs_trl_fastest": 2.0, "peak_rss_vs_trl_leanest": 0.6, "val_loss_rel_vs_same_order": 0.005}
 
 
-# ------------------------------------------------------------------------------ matmul peak
-def matmul_peak_gflops(precision: str, threads: int, seconds: float = 1.5) -> dict:
-    """Best sustained GFLOP/s of a few matmul shapes (the model's own and a large square), in this process."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    shapes = [(2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (2048, 2048, 2048)]
-    best = {}
-    try:
-        for m, k, n in shapes:
-            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-            for _ in range(3):
-                a @ b
-            runs, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < seconds / len(shapes):
-                a @ b
-                runs += 1
-            best[f"{m}x{k}x{n}"] = 2 * m * k * n * runs / elapsed / 1e9
-    finally:
-        torch.set_num_threads(previous)
-    return {"gflops": max(best.values()), "shapes": best}
+def matmul_peak_gflops(precision: str, threads: int) -> dict:
+    """This machine's matmul peak in the precision (measured once, cached: tunelab.train.matmul_peak)."""
+    from tunelab.train.matmul_peak import matmul_peak
+
+    return matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, threads)
+
+
+def job_flops(model_path: str, lora: dict, rows: list) -> float:
+    """Model FLOPs of training once on `rows` (tunelab.train.flops: the same count for every side, since every side
+    trains on the same conversations; logits counted on assistant targets only, as the job needs)."""
+    from transformers import AutoConfig
+
+    from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.train.flops import model_shape, training_flops
+
+    shape = model_shape(AutoConfig.from_pretrained(model_path), lora["r"], lora["target_modules"])
+    targets = sum(1 for _, labels in rows for x in labels[1:] if x != IGNORE_INDEX)
+    return training_flops(shape, [len(ids) for ids, _ in rows], targets)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -67,7 +72,9 @@ def ensure_trl() -> None:
 # --------------------------------------------------------------------------------- running
 def run_side(side: str, spec_file: Path, out_file: Path, log, worker: str = "tunelab.bench.train_worker") -> dict:
     cmd = [sys.executable, "-m", worker, "--side", side, "--spec", str(spec_file), "--out", str(out_file)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(json.loads(spec_file.read_text())["threads"])}
+    threads = str(json.loads(spec_file.read_text())["threads"])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, **ALLOCATOR_ENV}
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -75,49 +82,79 @@ def run_side(side: str, spec_file: Path, out_file: Path, log, worker: str = "tun
         raise RuntimeError(f"bench worker ({side}) failed with exit code {proc.returncode}:\n{tail}")
     result = json.loads(out_file.read_text())
     result["wall_seconds"] = time.perf_counter() - started
+    result["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # 1-min load: before, after
     log(
         f"  {side:8s} {result['precision']}: {result['tok_per_s']:7.1f} tok/s, {result['s_per_step']:.2f} s/step, "
-        f"peak RSS {result['peak_rss_mib']:.0f} MiB, val loss {result['val_loss']:.4f} ({result['tokens']} tokens)"
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB, val loss {result['val_loss']:.4f} ({result['tokens']} tokens), "
+        f"load {result['load_avg'][0]}->{result['load_avg'][1]}"
     )
     return result
 
 
-def summarise(runs: dict[str, list[dict]], peak: dict, flops_per_token: float) -> dict:
-    out = {}
-    for side in SIDES:
-        rs = runs[side]
-        if not rs:
-            continue
-        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
-        out[side] = {
-            "tok_per_s": med("tok_per_s"),
-            "s_per_step": med("s_per_step"),
-            "peak_rss_mib": med("peak_rss_mib"),
-            "val_loss": med("val_loss"),
-            "tokens": rs[0]["tokens"],
-            "final_train_loss": med("final_train_loss") if all(r.get("final_train_loss") is not None for r in rs) else None,
-            "tok_per_cpu_s": med("tok_per_cpu_s") if all(r.get("tok_per_cpu_s") for r in rs) else None,
-            "runs": [{k: r.get(k) for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens", "tok_per_cpu_s")} for r in rs],
-            "fraction_of_matmul_peak": med("tok_per_s") * flops_per_token / (peak["gflops"] * 1e9),
-        }
+def side_summary(rs: list[dict], peak: dict, flops: float) -> dict:
+    """Medians of one side's runs, each run's figures, and the fraction of the matmul peak the job's FLOPs reach."""
+    med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+    return {
+        "tok_per_s": med("tok_per_s"),
+        "s_per_step": med("s_per_step"),
+        "peak_rss_mib": med("peak_rss_mib"),
+        "val_loss": med("val_loss"),
+        "tokens": rs[0]["tokens"],
+        "final_train_loss": med("final_train_loss") if all(r.get("final_train_loss") is not None for r in rs) else None,
+        "tok_per_cpu_s": med("tok_per_cpu_s") if all(r.get("tok_per_cpu_s") for r in rs) else None,
+        "runs": [{k: r.get(k) for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens", "tok_per_cpu_s", "load_avg")}
+                 for r in rs],
+        "fraction_of_matmul_peak": flops / statistics.median(r["train_seconds"] for r in rs) / (peak["gflops"] * 1e9),
+    }
+
+
+def ratio(t: dict, r: dict) -> dict:
+    return {
+        "tok_per_s": t["tok_per_s"] / r["tok_per_s"],
+        "peak_rss_mib": t["peak_rss_mib"] / r["peak_rss_mib"],
+        "s_per_step": t["s_per_step"] / r["s_per_step"],
+        "val_loss_delta": t["val_loss"] - r["val_loss"],
+        "val_loss_rel": (t["val_loss"] - r["val_loss"]) / r["val_loss"],
+        "tok_per_cpu_s": t["tok_per_cpu_s"] / r["tok_per_cpu_s"] if t["tok_per_cpu_s"] and r["tok_per_cpu_s"] else None,
+    }
+
+
+def goals(block: dict) -> dict:
+    """Each goal's measured value, target and whether it is met (needs tunelab, trl and trl_lean)."""
+    speed = block["ratio"]["tok_per_s"]
+    memory = block["ratio_lean"]["peak_rss_mib"]
+    quality = abs(block["ratio_lean"]["val_loss_rel"])
+    return {
+        "tok_per_s_vs_trl_fastest": {"value": speed, "goal": f">= {GOALS['tok_per_s_vs_trl_fastest']}",
+                                     "met": speed >= GOALS["tok_per_s_vs_trl_fastest"]},
+        "peak_rss_vs_trl_leanest": {"value": memory, "goal": f"<= {GOALS['peak_rss_vs_trl_leanest']}",
+                                    "met": memory <= GOALS["peak_rss_vs_trl_leanest"]},
+        "val_loss_rel_vs_same_order": {"value": quality, "goal": f"<= {GOALS['val_loss_rel_vs_same_order']}",
+                                       "met": quality <= GOALS["val_loss_rel_vs_same_order"]},
+    }
+
+
+def summarise(runs: dict[str, list[dict]], peak: dict, flops: float) -> dict:
+    """One precision's block. `trl` (TRL's fastest) keeps the historical keys (`ratio`, `trl_settings`);
+    `trl_lean` (TRL's leanest, same order as tunelab) and `ratio_lean` sit beside them."""
+    out = {side: side_summary(runs[side], peak, flops) for side in SIDES if runs.get(side)}
     if "tunelab" in out and "trl" in out:
-        t, r = out["tunelab"], out["trl"]
-        out["ratio"] = {
-            "tok_per_s": t["tok_per_s"] / r["tok_per_s"],
-            "peak_rss_mib": t["peak_rss_mib"] / r["peak_rss_mib"],
-            "s_per_step": t["s_per_step"] / r["s_per_step"],
-            "val_loss_delta": t["val_loss"] - r["val_loss"],
-            "tok_per_cpu_s": t["tok_per_cpu_s"] / r["tok_per_cpu_s"] if t["tok_per_cpu_s"] and r["tok_per_cpu_s"] else None,
-        }
+        out["ratio"] = ratio(out["tunelab"], out["trl"])
         out["trl_settings"] = runs["trl"][0].get("trl_settings")
+    if "tunelab" in out and "trl_lean" in out:
+        out["ratio_lean"] = ratio(out["tunelab"], out["trl_lean"])
+        out["trl_lean_settings"] = runs["trl_lean"][0].get("trl_settings")
+    if "ratio" in out and "ratio_lean" in out:
+        out["goals"] = goals(out)
     out["matmul_peak"] = peak
-    out["flops_per_token"] = flops_per_token
+    out["job_flops"] = flops
+    out["flops_per_token"] = flops / out["tunelab"]["tokens"] if "tunelab" in out else None
     return out
 
 
 def run_bench(
     cfg,
-    steps: int = 20,
+    steps: int = 40,
     repeats: int = 3,
     precisions: list[str] | None = None,
     threads: int = 2,
@@ -130,16 +167,19 @@ def run_bench(
     from tunelab.models import resolve_model_path
     from tunelab.train.precision import precision_for_this_machine
 
-    sides = ["tunelab"] + (["trl"] if vs == "trl" else [])
+    sides = ["tunelab"] + (["trl", "trl_lean"] if vs == "trl" else [])
     if "trl" in sides:
         ensure_trl()
     if precisions is None:
         precisions = ["fp32"] + (["bf16"] if precision_for_this_machine("auto").name == "bf16" else [])
     train_rows, val_rows = bench_data(cfg, max_val_rows)
     model_path = resolve_model_path(cfg.model.name)
-    n_params = _count_params(model_path)
-    flops_per_token = 4 * n_params  # LoRA: forward 2N + backward to activations 2N (no frozen-weight grads)
-    log(f"bench train: {len(train_rows)} train / {len(val_rows)} val conversations, model {model_path} ({n_params / 1e6:.0f}M params)")
+    from tunelab.bench.train_worker import ordered_rows
+
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    flops = job_flops(model_path, cfg.lora.model_dump(mode="json"), ordered_rows(train_rows, steps, per_step, cfg.train.seed))
+    log(f"bench train: {len(train_rows)} train / {len(val_rows)} val conversations, model {model_path}; "
+        f"allocator {ALLOCATOR_ENV} for every side")
     log(f"  {steps} optimizer steps x {cfg.train.batch_size} conversations, {threads} threads, {repeats} repeats, precisions {precisions}")
 
     results: dict = {}
@@ -159,6 +199,7 @@ def run_bench(
                 "max_grad_norm": cfg.train.max_grad_norm,
                 "max_seq_len": cfg.train.max_seq_len,
                 "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
+                "compile": cfg.train.compile,
                 "seed": cfg.train.seed,
                 "threads": threads,
                 "precision": precision,
@@ -173,7 +214,7 @@ def run_bench(
                 order = sides if repeat % 2 == 0 else sides[::-1]  # alternate who goes first
                 for side in order:
                     runs[side].append(run_side(side, spec_file, tmp / f"{side}-{precision}-{repeat}.json", log))
-            results[precision] = summarise(runs, peak, flops_per_token)
+            results[precision] = summarise(runs, peak, flops)
 
     doc = dict(results.get("fp32", {}))
     if "bf16" in results:
@@ -185,6 +226,9 @@ def run_bench(
         repeats=repeats,
         conversations_per_step=cfg.train.batch_size * cfg.train.grad_accum,
         max_seq_len=cfg.train.max_seq_len,
+        compile=cfg.train.compile,
+        allocator_env=ALLOCATOR_ENV,
+        goals_definition=GOALS,
         lora=cfg.lora.model_dump(mode="json"),
         model=cfg.model.name,
         **run_header(command or "tunelab bench train --vs trl", threads),
@@ -192,15 +236,6 @@ def run_bench(
     if "fp32" not in results:  # only bf16 was asked for: keep its figures at the top level too
         doc.update({k: v for k, v in results[precisions[0]].items()})
     return doc
-
-
-def _count_params(model_path: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def print_table(doc: dict, log=print) -> None:
@@ -220,15 +255,26 @@ def print_table(doc: dict, log=print) -> None:
                     side, f"{s['tok_per_s']:.1f}", f"{s['s_per_step']:.2f}", f"{s['peak_rss_mib']:.0f}", f"{s['val_loss']:.4f}",
                     f"{100 * s['fraction_of_matmul_peak']:.0f}%", _fmt(s.get("tok_per_cpu_s")),
                 )
-        if "ratio" in block:
-            r = block["ratio"]
-            table.add_row(
-                "tunelab/TRL", f"{r['tok_per_s']:.2f}x", f"{r['s_per_step']:.2f}x", f"{r['peak_rss_mib']:.2f}x", f"{r['val_loss_delta']:+.4f}", "",
-                _fmt(r.get("tok_per_cpu_s"), "x"),
-            )
+        for key, label in RATIO_ROWS:
+            if key in block:
+                r = block[key]
+                table.add_row(
+                    label, f"{r['tok_per_s']:.2f}x", f"{r['s_per_step']:.2f}x", f"{r['peak_rss_mib']:.2f}x",
+                    f"{100 * r['val_loss_rel']:+.2f}%", "", _fmt(r.get("tok_per_cpu_s"), "x"),
+                )
         console.print(table)
         console.print(f"matmul peak ({precision}): {block['matmul_peak']['gflops']:.0f} GFLOP/s")
+        if "goals" in block:
+            console.print(goals_line(block["goals"]))
     console.print(f"machine: {doc['machine']}; date: {doc['date']}")
+
+
+RATIO_ROWS = (("ratio", "tunelab/TRL fastest"), ("ratio_lean", "tunelab/TRL lean"))
+
+
+def goals_line(goals: dict) -> str:
+    return "goals: " + "; ".join(f"{name} {g['value']:.3f} ({g['goal']}): {'met' if g['met'] else 'NOT met'}"
+                                 for name, g in goals.items())
 
 
 def _fmt(value, suffix: str = "") -> str:
@@ -253,19 +299,24 @@ def markdown_table(doc: dict) -> str:
                     f"{s['val_loss']:.4f} | {100 * s['fraction_of_matmul_peak']:.0f}% of {block['matmul_peak']['gflops']:.0f} GFLOP/s | "
                     f"{_fmt(s.get('tok_per_cpu_s'))} |"
                 )
-        if "ratio" in block:
-            r = block["ratio"]
-            lines.append(
-                f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {r['s_per_step']:.2f}x | **{r['peak_rss_mib']:.2f}x** | "
-                f"{r['val_loss_delta']:+.4f} | | {_fmt(r.get('tok_per_cpu_s'), 'x')} |"
-            )
+        for key, label in RATIO_ROWS:
+            if key in block:
+                r = block[key]
+                lines.append(
+                    f"| {precision} | **{label}** | **{r['tok_per_s']:.2f}x** | {r['s_per_step']:.2f}x | **{r['peak_rss_mib']:.2f}x** | "
+                    f"{100 * r['val_loss_rel']:+.2f}% | | {_fmt(r.get('tok_per_cpu_s'), 'x')} |"
+                )
+    for precision in doc["precisions"]:
+        block = doc if precision == doc["precision"] else doc[precision]
+        if "goals" in block:
+            lines += ["", f"{precision} {goals_line(block['goals'])}"]
     lines += ["", f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; "
               f"{doc['steps']} optimizer steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']} runs per side."]
     return "\n".join(lines) + "\n"
 
 
 def plot_throughput(doc: dict, path: Path) -> None:
-    """Bar chart: real tokens/s per side and precision, with each precision's matmul-peak ceiling (4N FLOPs/token)."""
+    """Bar chart: real tokens/s per side and precision, with each precision's ceiling (matmul peak / FLOPs per token)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,8 +325,8 @@ def plot_throughput(doc: dict, path: Path) -> None:
     labels, values, colors, ceilings = [], [], [], []
     for precision in doc["precisions"]:
         block = doc if precision == doc["precision"] else doc[precision]
-        ceiling = block["matmul_peak"]["gflops"] * 1e9 / doc["flops_per_token"]
-        for side, color in (("tunelab", "#3b75af"), ("trl", "#bbbbbb")):
+        ceiling = block["matmul_peak"]["gflops"] * 1e9 / block["flops_per_token"]
+        for side, color in (("tunelab", "#3b75af"), ("trl", "#bbbbbb"), ("trl_lean", "#e0e0e0")):
             if side in block:
                 labels.append(f"{side}\n{precision}")
                 values.append(block[side]["tok_per_s"])
@@ -286,7 +337,7 @@ def plot_throughput(doc: dict, path: Path) -> None:
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.0f}", ha="center", va="bottom", fontsize=9)
     for i, ceiling in enumerate(ceilings):
-        ax.hlines(ceiling, i - 0.45, i + 0.45, colors="#c44e52", linestyles="--", label="matmul peak / 4N" if i == 0 else None)
+        ax.hlines(ceiling, i - 0.45, i + 0.45, colors="#c44e52", linestyles="--", label="matmul peak / FLOPs per token" if i == 0 else None)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("real (non-padding) tokens / s")
     ax.set_title(f"LoRA training, SmolLM2-135M, {doc['steps']} steps x {doc['conversations_per_step']} conversations")

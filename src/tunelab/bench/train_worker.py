@@ -4,9 +4,11 @@
 
 SPEC.json (written by tunelab.bench.train) holds the model folder, the settings shared by both
 sides and the path of a data file with the prepared conversations (`train`: all training rows, `val`: the
-held-out rows, each `[input_ids, labels]`). Both sides train on the same conversations in the same order:
-tunelab's own order (`batching.step_indices`), which the TRL side is given pre-ordered with sequential
-sampling. Model loading and dataset preparation are outside the timed part; the timed part is the sum of the
+held-out rows, each `[input_ids, labels]`). Every side trains on the same conversations: the ones tunelab's own
+order (`batching.step_indices`) gives for the run's steps. TRL runs in two configurations (see `TRL_CONFIGS`):
+`trl` (its fastest for this job: no gradient checkpointing, length-grouped batches, so the same conversations in
+another order) and `trl_lean` (TRL's memory-lean default: gradient checkpointing on, tunelab's order, sequential
+sampling: the same-order run for the held-out loss check). Model loading and dataset preparation are outside the timed part; the timed part is the sum of the
 optimizer steps. After training, each adapter is scored by tunelab's own evaluator
 (`tunelab.train.heldout.heldout_loss`, assistant tokens only) on the same held-out rows.
 """
@@ -38,6 +40,11 @@ def score(model, val_rows: list, precision_name: str, pad_id: int) -> float:
 
     precision = Precision(precision_name, "bench")
     return heldout_loss(model, val_rows, 8, False, pad_id, precision, torch.device("cpu"))
+
+
+def checkpointing_active(model) -> bool:
+    """Whether the trained model really recomputes activations (HF decoders set `gradient_checkpointing` on)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def after_first_step(cpu_marks: list[float], token_marks: list[int]) -> dict:
@@ -74,6 +81,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
                 "max_grad_norm": spec["max_grad_norm"],
                 "max_seq_len": spec["max_seq_len"],
                 "loss_chunk_tokens": spec.get("loss_chunk_tokens", 1024),
+                "compile": spec.get("compile", False),
                 "precision": spec["precision"],
                 "threads": spec["threads"],
                 "save_steps": spec["steps"],
@@ -103,12 +111,26 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
         "step_seconds": step_seconds,
         "val_loss": score(model, val_rows, spec["precision"], tokenizer.pad_token_id),
         "final_train_loss": result.final_train_loss,
+        "loop_mfu": result.mfu,  # what the training loop itself logs (its own FLOP count and cached peak)
+        "positions_computed": result.tokens,  # packed rows: no padding
+        "gradient_checkpointing_active": checkpointing_active(model),
     }
 
 
 # ---------------------------------------------------------------------------------------- TRL
-def trl_settings(spec: dict, output_dir: str) -> dict:
-    """SFTConfig arguments: TRL's defaults, plus what makes the job the same as tunelab's (see docs/benchmarks.md)."""
+# TRL's two configurations: the fastest one it documents for this job, and its memory-lean default.
+TRL_CONFIGS = {
+    # Gradient checkpointing off (no recomputation) and HF's length-grouped sampler (batches of similar lengths,
+    # so little padding): the speed a user who tunes TRL for speed gets. Same conversations, another order.
+    "trl": {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"},
+    # TRL's default (gradient checkpointing on), in tunelab's order: the leanest TRL, and the same-order run.
+    "trl_lean": {"gradient_checkpointing": True, "train_sampling_strategy": "sequential"},
+}
+
+
+def trl_settings(spec: dict, output_dir: str, config: str = "trl") -> dict:
+    """SFTConfig arguments: TRL's defaults, plus what makes the job the same as tunelab's (see docs/benchmarks.md),
+    plus the configuration's speed/memory choices (`TRL_CONFIGS`)."""
     bf16 = spec["precision"] == "bf16"
     return {
         "output_dir": output_dir,
@@ -122,11 +144,10 @@ def trl_settings(spec: dict, output_dir: str) -> dict:
         "max_grad_norm": spec["max_grad_norm"],
         "optim": "adamw_torch",
         "max_length": spec["max_seq_len"],
-        "packing": False,
+        "packing": False,  # TRL's packing on CPU has no per-conversation attention (padding-free needs flash-attn)
         "bf16": bf16,  # SFTConfig defaults to bf16=True; the fp32 comparison turns it off
         "model_init_kwargs": {"dtype": "bfloat16" if bf16 else "float32"},
         "use_cpu": True,
-        "train_sampling_strategy": "sequential",  # the rows come pre-ordered in tunelab's order
         "shuffle_dataset": False,
         "save_strategy": "no",
         "report_to": "none",
@@ -134,10 +155,18 @@ def trl_settings(spec: dict, output_dir: str) -> dict:
         "logging_steps": 10,
         "dataloader_num_workers": 0,
         "seed": spec["seed"],
+        **TRL_CONFIGS[config],
     }
 
 
-def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict:
+def reported_settings(settings: dict) -> dict:
+    """The settings as the JSON reports them: SFTConfig's arguments plus `group_by_length` spelled out."""
+    out = {k: v for k, v in settings.items() if k != "output_dir"}
+    out["group_by_length"] = settings["train_sampling_strategy"] == "group_by_length"
+    return out
+
+
+def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config: str = "trl") -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -172,11 +201,11 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
             self.cpu_marks.append(time.process_time())
             self.token_marks.append(counted["tokens"])
 
-    counted = {"tokens": 0}
+    counted = {"tokens": 0, "padded": 0}
     timer = StepTimer()
     trainer = SFTTrainer(
         model=spec["model_path"],
-        args=SFTConfig(**trl_settings(spec, str(workdir / "trl"))),
+        args=SFTConfig(**trl_settings(spec, str(workdir / "trl"), config)),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -187,6 +216,7 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids")
         counted["tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
+        counted["padded"] += int(ids.numel()) if ids is not None else int(mask.numel())  # what it computes on
 
     model = trainer.model
     handle = model.register_forward_pre_hook(count_real_tokens, with_kwargs=True)
@@ -201,13 +231,15 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
         "step_seconds": step_seconds,
         "val_loss": score(model, val_rows, spec["precision"], tokenizer.pad_token_id),
         "final_train_loss": losses[-1] if losses else None,
-        "trl_settings": {k: v for k, v in trl_settings(spec, "").items() if k != "output_dir"},
+        "trl_settings": reported_settings(trl_settings(spec, "", config)),
+        "positions_computed": counted["padded"],
+        "gradient_checkpointing_active": checkpointing_active(model),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=["tunelab", "trl"], required=True)
+    parser.add_argument("--side", choices=["tunelab", *TRL_CONFIGS], required=True)
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -220,8 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     train_rows = [tuple(r) for r in data["train"]]
     val_rows = [tuple(r) for r in data["val"]]
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.side}-") as tmp:
-        run = run_tunelab if args.side == "tunelab" else run_trl
-        result = run(spec, train_rows, val_rows, Path(tmp))
+        if args.side == "tunelab":
+            result = run_tunelab(spec, train_rows, val_rows, Path(tmp))
+        else:
+            result = run_trl(spec, train_rows, val_rows, Path(tmp), args.side)
     result.update(
         side=args.side,
         precision=spec["precision"],
@@ -231,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         s_per_step=statistics.median(result["step_seconds"]) if result["step_seconds"] else None,
         peak_rss_mib=peak_rss_mib(),
         pid=os.getpid(),
+        allocator_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     )
     args.out.write_text(json.dumps(result, indent=2))
 

@@ -24,7 +24,7 @@ from tunelab.io import atomic_folder, atomic_path
 
 # What the converter needs from the sdist (paths under vendor/llama.cpp/).
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/", "LICENSE")
-QUANT_TYPES = ("f16", "q8_0", "q4_k_m")
+QUANT_TYPES = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")
 
 
 def _log(message: str) -> None:
@@ -123,7 +123,9 @@ def quantize_gguf(src_file: Path, out_file: Path, qtype: str, threads: int | Non
 
     # libllama logs every tensor while quantising; keep only errors (llama-cpp-python's logger).
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    # q4_0: llama.cpp repacks it at load time into interleaved layouts for its AVX2/AVX-512 kernels (REPACK builds)
     ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+              "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
               "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}
     if qtype not in ftypes:
         raise UserError(f"--gguf: unknown type `{qtype}` (known: {', '.join(QUANT_TYPES)})")

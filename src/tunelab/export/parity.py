@@ -9,6 +9,7 @@ within `tie_margin` (fp16 rounding can legitimately flip such a step). Quantised
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class GgufParity:
     ppl_delta_pct: float
     passed: bool | None  # None: informative only (quantised)
     results: list[PromptResult] = field(default_factory=list)
+    decode_tok_s: float = 0.0  # greedy tokens/s over the parity prompts (prompt processing included)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -140,9 +142,12 @@ def check_gguf(
     eos_ids = turn_end_ids(model, tokenizer)
     n_ctx = max(len(s) for s in hf_reference["prompt_ids"] + val_sequences) + max_new_tokens + 8
     llm = open_llama(gguf_file, threads=threads, n_ctx=max(n_ctx, 512), logits_all=True)
-    results = []
+    results, generated, generating_s = [], 0, 0.0
     for prompt, ids, hf_tokens in zip(prompts, hf_reference["prompt_ids"], hf_reference["tokens"]):
+        started = time.perf_counter()
         gguf_tokens = gguf_greedy(llm, ids, max_new_tokens, eos_ids)
+        generating_s += time.perf_counter() - started
+        generated += len(gguf_tokens)
         prefix = common_prefix(hf_tokens, gguf_tokens)
         same = hf_tokens == gguf_tokens
         results.append(PromptResult(
@@ -159,6 +164,7 @@ def check_gguf(
     return GgufParity(
         quant, gguf_file.name, exact, len(results), sum(r.agreement for r in results) / len(results),
         ppl_hf, ppl_gguf, 100.0 * (ppl_gguf - ppl_hf) / ppl_hf, passed, results,
+        decode_tok_s=generated / max(generating_s, 1e-9),
     )
 
 

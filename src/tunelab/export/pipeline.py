@@ -33,6 +33,7 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
     from tunelab.export.card import model_card
     from tunelab.export.merge import merge_run, val_rows
     from tunelab.export.parity import parity_table, raise_if_failed, run_parity
+    from tunelab.export.quant_choice import recommend_quant
     from tunelab.models.runs import run_config
 
     cfg = run_config(run_dir)
@@ -67,6 +68,10 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
     table = parity_table(report)
     log(table)
     raise_if_failed(report)  # before anything is published
+    recommended = recommend_quant([{"quant": g["quant"], "ppl": g["ppl_gguf"], "decode_tok_s": g["decode_tok_s"]}
+                                   for g in report["ggufs"]])
+    if recommended:
+        log(f">> recommended for a CPU Space: {recommended['reason']}")
 
     if "f16" not in quants:
         f16.unlink()
@@ -82,6 +87,7 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
         "merged": str(merged_dir),
         "ggufs": {q: str(p) for q, p in ggufs.items()},
         "val_loss": losses,
+        "recommended_quant": recommended,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     atomic_write(export_dir / "export.json", json.dumps(summary, indent=2))

@@ -25,6 +25,7 @@ from tunelab.train.distributed import (
     AdapterSaver, average_adapter_grads, check_split, fsdp_heldout_loss, is_fsdp, shard_base_only,
 )
 from tunelab.train.faults import maybe_inject_fault
+from tunelab.train.flops import mfu, shape_of
 from tunelab.train.heldout import perplexity
 from tunelab.train.memory import lean_swiglu, peak_rss_mib, return_freed_tensors_to_the_os
 from tunelab.train.objectives import make_objective
@@ -44,6 +45,10 @@ class TrainResult:
     resumed_from: int | None = None
     final_val_metrics: dict = field(default_factory=dict)  # the last held-out figures (objective-specific)
     history: list[dict] = field(default_factory=list)
+    flops_this_session: float = 0.0  # model FLOPs (tunelab.train.flops) of the steps run in this process
+    seconds_this_session: float = 0.0
+    matmul_peak_gflops: float | None = None  # per process; MFU below is against peak x processes
+    mfu: float | None = None
 
 
 def build_optimizer(model, train_cfg: TrainConfig):
@@ -88,7 +93,15 @@ def train_lora(
     per_step = train_cfg.batch_size * train_cfg.grad_accum
     objective = make_objective(train_rows, val_rows, train_cfg, eval_cfg, pad_id, precision)
     return_freed_tensors_to_the_os()
-    lean_swiglu(model)
+    if train_cfg.compile:
+        from tunelab.train.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)  # inductor picks what the backward keeps; SwiGLU's hand-made saving is moot
+    else:
+        lean_swiglu(model)
+    shape = shape_of(model)
+    peak_flops = _matmul_peak_gflops(precision, device) * 1e9 * world
+    session_flops, session_seconds, window_flops = 0.0, 0.0, 0.0
 
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
@@ -132,6 +145,7 @@ def train_lora(
             step_start = time.perf_counter()
             indices = step_indices(step, per_step, len(train_rows), seed=train_cfg.seed)
             step_weight = objective.step_weight(indices)
+            step_flops = objective.step_flops(shape, indices, step_weight)
             # Every process takes its share of every micro-batch (rows rank, rank + world, ...): any batch size >= world
             # and any grad_accum give each process the same number of forward/backward passes.
             micro_batches = [indices[i : i + train_cfg.batch_size][rank::world] for i in range(0, per_step, train_cfg.batch_size)]
@@ -165,14 +179,19 @@ def train_lora(
             elapsed = time.perf_counter() - step_start
             train_seconds += elapsed
             window_tokens += step_tokens
+            window_flops += step_flops
+            session_flops += step_flops
+            session_seconds += elapsed
             done = step + 1
             if done % train_cfg.logging_steps == 0 or done == train_cfg.max_steps:
-                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate, "step_s": elapsed}
+                window_s = max(time.perf_counter() - window_start, 1e-9)
+                rate = window_tokens / window_s
+                record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate,
+                          "step_s": elapsed, "mfu": mfu(window_flops, window_s, peak_flops)}
                 metrics.write(record)
                 maybe_inject_fault("metrics", done)  # step logged, no checkpoint yet
                 history.append(record)
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if progress is not None:
                     progress(done, record)
             if done % train_cfg.eval_steps == 0 or done == train_cfg.max_steps:
@@ -201,7 +220,18 @@ def train_lora(
         resumed_from=resumed_from,
         history=history,
         final_val_metrics=last_figures,
+        flops_this_session=session_flops,
+        seconds_this_session=session_seconds,
+        matmul_peak_gflops=peak_flops / world / 1e9,
+        mfu=mfu(session_flops, session_seconds, peak_flops) if session_seconds else None,
     )
+
+
+def _matmul_peak_gflops(precision: Precision, device: torch.device) -> float:
+    """The measured matmul peak of this machine in the training precision (cached per machine, dtype, threads)."""
+    from tunelab.train.matmul_peak import matmul_peak
+
+    return matmul_peak(precision.dtype, torch.get_num_threads(), device=device)["gflops"]
 
 
 def _reduce(accelerator, loss_sum: torch.Tensor, tokens: int):

@@ -26,6 +26,7 @@ import torch
 from tunelab.config import EvalConfig, TrainConfig
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.batching import Batch, make_batch
+from tunelab.train.flops import training_flops
 from tunelab.train.heldout import Example, heldout_loss, perplexity
 from tunelab.train.loss import AssistantLoss
 from tunelab.train.precision import Precision
@@ -102,6 +103,10 @@ class SftObjective:
         self.step_rows = {i: self.train_rows[i] for i in indices}  # read once per step (memory-mapped rows)
         return sum(sum(1 for x in self.step_rows[i][1][1:] if x != IGNORE_INDEX) for i in indices)
 
+    def step_flops(self, shape, indices: list[int], step_weight: int) -> float:
+        """Model FLOPs of the step (train/flops.py): every conversation, the LM head on its assistant tokens."""
+        return training_flops(shape, [len(self.step_rows[i][0]) for i in indices], step_weight)
+
     def micro_batch(self, indices: list[int], device) -> tuple[Batch, int]:
         rows = [self.step_rows[i] if i in self.step_rows else self.train_rows[i] for i in indices]
         batch = make_batch(rows, self.cfg.packing, self.pad_id).to(device)
@@ -165,6 +170,14 @@ class PreferenceObjective:
 
     def step_weight(self, indices: list[int]) -> int:
         return len(indices)
+
+    def step_flops(self, shape, indices: list[int], step_weight: int) -> float:
+        """Model FLOPs of the trained sequences (dpo: chosen + rejected; kto: the completions); KTO's no-grad
+        forward of the mismatched pairs (the KL estimate) is not counted."""
+        rows = [self.train_rows[i] for i in indices]
+        sequences = [s for r in rows for s in ((r.chosen, r.rejected) if self.cfg.objective == "dpo" else (r.example,))]
+        labelled = sum(sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in sequences)
+        return training_flops(shape, [len(ids) for ids, _ in sequences], labelled)
 
     def inputs(self, rows: list, device) -> PreferenceInputs:
         if self.cfg.objective == "dpo":

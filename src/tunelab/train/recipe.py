@@ -157,6 +157,10 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
             "wall_seconds_this_session": round(time.time() - started, 2),
             "tokens_per_second": round(result.tokens_per_second, 2),
             "peak_rss_mib": round(result.peak_rss_mib, 1),
+            # model FLOP utilisation of this session's steps (tunelab.train.flops) vs the measured matmul peak
+            "mfu": None if result.mfu is None else round(result.mfu, 4),
+            "matmul_peak_gflops": round(result.matmul_peak_gflops, 1) if result.matmul_peak_gflops else None,
+            "model_tflops_this_session": round(result.flops_this_session / 1e12, 3),
             "final_train_loss": result.final_train_loss,
             "final_val_loss": result.final_val_loss,
             "objective": objective,
