@@ -313,7 +313,7 @@ def bench_serve_cmd(
     output: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """N concurrent users (chat + planner) against the app: TTFT p50/p95, tokens/s, errors, feedback rows kept."""
-    from tunelab.train.precision import cpu_model
+    from tunelab.hardware import cpu_model
 
     result = run_serve_load(model, users=users, rounds=rounds, max_new_tokens=max_new_tokens, threads=threads,
                             time_limit_s=time_limit)  # fmt: skip

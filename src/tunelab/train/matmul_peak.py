@@ -56,7 +56,7 @@ def _load_average() -> float:
 
 
 def _key(dtype: torch.dtype, threads: int, device: torch.device) -> str:
-    from tunelab.train.precision import cpu_model
+    from tunelab.hardware import cpu_model
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}|{threads} threads"
     return f"{where}|{str(dtype).removeprefix('torch.')}|torch {torch.__version__}"
