@@ -57,12 +57,12 @@ def run_dpo_bench(cfg, steps: int = 10, repeats: int = 1, precisions: list[str] 
                   vs: str | None = "trl", max_val_rows: int = 32, command: str | None = None, log=print) -> dict:
     from tunelab.bench.train import _count_params
     from tunelab.models import resolve_model_path
-    from tunelab.train.precision import choose_precision
+    from tunelab.train.precision import precision_for_this_machine
 
     sides = ["tunelab"] + (["trl"] if vs == "trl" else [])
     if "trl" in sides:
         ensure_trl()
-    precisions = precisions or ["fp32"] + (["bf16"] if choose_precision("auto").name == "bf16" else [])
+    precisions = precisions or ["fp32"] + (["bf16"] if precision_for_this_machine("auto", "cpu").name == "bf16" else [])
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     model_path = resolve_model_path(cfg.model.name)
     flops_per_token = 4 * _count_params(model_path)
