@@ -122,6 +122,17 @@ def full_logits_loss(model, batch) -> tuple[torch.Tensor, int]:
     return loss, batch.num_targets
 
 
+def save_tiny_llama_with_embedded_tokenizer(folder):
+    """A tiny random Llama sized to the embedded SmolLM2 tokenizer, saved with it as an HF folder."""
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    build_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_llama(vocab_size: int = 256, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

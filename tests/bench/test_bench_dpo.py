@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import build_tiny_llama
+from tests.helpers import save_tiny_llama_with_embedded_tokenizer
 from tunelab.data.masking import IGNORE_INDEX
 
 pytest.importorskip("trl")
@@ -16,14 +16,7 @@ pytest.importorskip("trl")
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tunelab.config import ModelConfig
-    from tunelab.models import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-dpo")
-    tokenizer = load_tokenizer(ModelConfig())
-    build_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama_with_embedded_tokenizer(tmp_path_factory.mktemp("tiny-llama-dpo"))
 
 
 def synthetic_pairs(n, vocab, seed):
