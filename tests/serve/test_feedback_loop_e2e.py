@@ -1,8 +1,15 @@
 """The feedback loop end to end, through the real app (`tunelab serve SERVE_DIR` in a subprocess, gradio_client):
 
 chat and planner answers, thumbs, corrections and side-by-side picks -> `tunelab feedback export` (dpo, kto,
-evalset) -> `tunelab train` with `train.objective: dpo` on the exported pairs (corrections and picks) -> held-out
-preference accuracy above chance -> `tunelab promote --serve-dir` -> the restarted app serves the promoted model.
+evalset) -> `tunelab train` -> `tunelab promote --serve-dir` -> the restarted app serves the promoted model.
+
+The candidate is trained by SFT on the exported corrections and promoted. Preference training on exports of this
+shape (`train.objective: dpo`, held-out preference accuracy above chance) is proven in tests/train/test_preference.py
+and tests/data/test_preference_data.py; here the side-by-side picks are sampled (two seeds from the server's own
+randomness), so a DPO round on them would not be reproducible.
+
+Chat and planner answers are greedy (temperature 0): the conversations the exports hold, and so the held-out split
+the promotion gate scores, are the same on every run.
 """
 
 from __future__ import annotations
@@ -40,15 +47,14 @@ def make_current_run(root, base, sft_path):
     return run
 
 
-def run_config(root, base, data_path, out_dir, objective: str = "sft") -> dict:
+def run_config(root, base, sft_path, out_dir) -> dict:
     return {
         "model": {"name": str(base)},
-        "data": {"sources": [{"path": str(data_path)}], "val_fraction": 0.25, "dedup": {"near": False},
-                 "output_dir": str(root / f"prepared-{objective}")},
+        "data": {"sources": [{"path": str(sft_path)}], "val_fraction": 0.25, "dedup": {"near": False},
+                 "output_dir": str(root / "prepared")},
         "lora": {"r": 8, "alpha": 16},
-        "train": {"output_dir": str(out_dir), "max_steps": 30, "batch_size": 4, "lr": 3e-3 if objective == "sft" else 5e-4, "warmup_steps": 0,
-                  "max_seq_len": 96 if objective == "sft" else 256, "save_steps": 30, "eval_steps": 30, "precision": "fp32", "threads": 2,
-                  "objective": objective},
+        "train": {"output_dir": str(out_dir), "max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0,
+                  "max_seq_len": 96, "save_steps": 30, "eval_steps": 30, "precision": "fp32", "threads": 2},
     }  # fmt: skip
 
 
@@ -78,7 +84,7 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
     with serve_process(serve_dir, db, extra_args=["--side-by-side"]) as server:
         client = Client(server.url, verbose=False)
         for i, city in enumerate(CITIES):
-            _, _, status = client.predict(f"What should I do first in {city}?", "", 0.7, 0.9, 6, api_name="/chat")
+            _, _, status = client.predict(f"What should I do first in {city}?", "", 0.0, 0.9, 6, api_name="/chat")
             assert status.startswith("Done"), status
             rating = "up" if i % 4 == 3 else "down"  # an up may come with a better answer too (SFT takes it)
             reasons = ["incorrect"] if rating == "down" else []
@@ -88,7 +94,7 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
             a, b, status = client.predict(f"Which museum in {city}?", "", 0.9, 0.9, 6, api_name="/chat_compare")
             assert status.startswith("Done") and a and b, status
             assert client.predict("a", ["too short"], "A is fine", "", api_name="/chat_pick")[0].startswith("✅")
-        plan, status = client.predict("Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.7, 16, api_name="/plan")
+        plan, status = client.predict("Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.0, 16, api_name="/plan")
         assert status.startswith("Done") and "Porto" in plan
         assert client.predict("down", [], "", better_answer("Porto"), "", api_name="/planner_feedback")[0].startswith("✅")
         client.predict("Rome", 1, "any time", "budget", "relaxed", [], "", 0.7, 16, api_name="/plan_compare")
@@ -116,18 +122,13 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
     assert sorted(r["label"] for r in kto) == [False] * (10 - 3) + [True] * 3
     cli("feedback", "export", db, "--format", "sft", "-o", sft_path)
 
-    # ---- train the candidate by DPO on the exported pairs; the served run's held-out split is the SFT export
+    # ---- train the candidate (SFT on the corrections; see the module doc for DPO)
     config = tmp_path / "candidate.yaml"
-    config.write_text(yaml.safe_dump(run_config(tmp_path, base, dpo_path, tmp_path / "candidate", objective="dpo")))
+    config.write_text(yaml.safe_dump(run_config(tmp_path, base, sft_path, tmp_path / "candidate")))
     cli("train", config)
-    summary = json.loads((tmp_path / "candidate" / "summary.json").read_text())
-    assert summary["objective"] == "dpo" and summary["final_val_metrics"]["val_pref_accuracy"] > 0.5
 
     # ---- promote: the gate compares against the served run, then moves the pointer
-    # A preference-trained candidate trades some plain LM loss for preference: this round's gate allows the held-out
-    # loss 5 % worse (the default 1 % is for SFT rounds) and still demands a regression-set win rate >= 0.5.
-    out = cli("promote", tmp_path / "candidate", "--over", current, "--serve-dir", serve_dir, "--evalset", evalset,
-              "--set", "promote.max_val_loss_regression=0.05")
+    out = cli("promote", tmp_path / "candidate", "--over", current, "--serve-dir", serve_dir, "--evalset", evalset)
     assert "PROMOTE" in out and "| val_loss |" in out and "| regression |" in out
     pointer = json.loads((serve_dir / "current.json").read_text())
     assert pointer["model"] == str((tmp_path / "candidate").resolve()) and pointer["history"][0]["model"] == str(current.resolve())
