@@ -3,10 +3,10 @@
 chat and planner answers, thumbs, corrections and side-by-side picks -> `tunelab feedback export` (dpo, kto,
 evalset) -> `tunelab train` -> `tunelab promote --serve-dir` -> the restarted app serves the promoted model.
 
-The candidate is trained by SFT on the exported corrections and promoted. Preference training on exports of this
-shape (`train.objective: dpo`, held-out preference accuracy above chance) is proven in tests/train/test_preference.py
-and tests/data/test_preference_data.py; here the side-by-side picks are sampled (two seeds from the server's own
-randomness), so a DPO round on them would not be reproducible.
+`train.objective: dpo` trains on the exported correction pairs and must reach held-out preference accuracy above
+chance; the side-by-side picks are checked in the export but left out of that training (they are sampled with
+seeds from the server's own randomness, so not reproducible). The promoted candidate is trained by SFT on the
+exported corrections.
 
 Chat and planner answers are greedy (temperature 0): the conversations the exports hold, and so the held-out split
 the promotion gate scores, are the same on every run.
@@ -121,6 +121,17 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
     kto = read_jsonl(tmp_path / "feedback.kto.jsonl")
     assert sorted(r["label"] for r in kto) == [False] * (10 - 3) + [True] * 3
     cli("feedback", "export", db, "--format", "sft", "-o", sft_path)
+
+    # ---- preference training on the exported correction pairs (the sampled picks are left out: not reproducible)
+    corrections_path = tmp_path / "corrections.dpo.jsonl"
+    corrections_path.write_text("".join(json.dumps(p) + "\n" for p in corrections))
+    dpo = run_config(tmp_path, base, corrections_path, tmp_path / "dpo-run")
+    dpo["data"].update(output_dir=str(tmp_path / "prepared-dpo"), val_fraction=0.5)
+    dpo["train"].update(objective="dpo", max_seq_len=256, lr=5e-4)
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo))
+    cli("train", tmp_path / "dpo.yaml")
+    dpo_summary = json.loads((tmp_path / "dpo-run" / "summary.json").read_text())
+    assert dpo_summary["objective"] == "dpo" and dpo_summary["final_val_metrics"]["val_pref_accuracy"] > 0.5
 
     # ---- train the candidate (SFT on the corrections; see the module doc for DPO)
     config = tmp_path / "candidate.yaml"
