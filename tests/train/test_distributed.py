@@ -10,6 +10,7 @@ GPU, runs on the CPU with gloo. Every test checks that 2 processes really ran (s
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -60,14 +61,16 @@ def single(config: Path) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-m", "tunelab.cli", "train", str(config)])
 
 
-def launch(accelerate_config: str, config: Path, fsdp: bool = False) -> subprocess.CompletedProcess:
+def launch(accelerate_config: str, config: Path, *train_args: str, fsdp: bool = False) -> subprocess.CompletedProcess:
     target = [FSDP_WORKER] if fsdp else ["-m", "tunelab.cli"]
     return _run([ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
-                 "--num_processes", "2", *target, "train", str(config)])
+                 "--num_processes", "2", *target, "train", str(config), *train_args], tmp=config.parent)
 
 
-def _run(command) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+def _run(command, tmp: Path | None = None) -> subprocess.CompletedProcess:
+    # torch elastic keeps per-launch folders in TMPDIR: keep them under the test's own folder
+    env = {**os.environ, "TMPDIR": str(tmp)} if tmp else None
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 
@@ -112,7 +115,9 @@ def test_fsdp_matches_single_process_writes_checkpoints_once_and_resumes(inputs,
         assert int(units) >= 2 and int(local) * 2 <= int(full) + 2 * int(units)
     assert [c.name for c in list_checkpoints(two)] == ["step-000002"]
 
-    second = launch("fsdp.yaml", config_file(inputs, two, **settings), fsdp=True)
+    # continued to 4 steps with --extend (max_steps may only grow on request); every step is inside the default
+    # 5-step warm-up, so the recomputed schedule gives the same learning rates as the single 4-step run
+    second = launch("fsdp.yaml", config_file(inputs, two, **settings), "--extend", fsdp=True)
     assert "resuming from" in second.stdout and "step 2 of 4" in second.stdout
     assert_ran_on(two, second.stdout, 2, "FSDP", 3)
 
