@@ -47,6 +47,7 @@ demo: install
 	$(VENV)/bin/tunelab quickstart --output $(DEMO_DIR) --serve
 
 test: install browser
+	rm -rf .test-tmp
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: install
