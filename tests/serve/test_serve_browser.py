@@ -46,20 +46,27 @@ def page(tmp_path):
 
 
 def set_slider(page, elem_id: str, value: int) -> None:
-    """Set a slider through its range input and wait until the component itself has taken the value.
+    """Set a slider through its range input and wait until the component holds the value.
 
-    Typing into the number box only commits on blur, and a blur that lands while the Settings accordion is still
-    mounting is lost (the range kept its default 0.7 in one CI run). Playwright's `fill` on a range input sets the
-    value and dispatches `input` + `change` synchronously, which is exactly what Gradio's slider listens to; the
-    number box (bound to the same component value) then proves the component, not just the DOM, has it.
+    The range input shows the component's value (Gradio writes it back on every change); the number box can lag.
+    A slider mounted by opening its accordion can be reset once to its initial value by Gradio's own mount-time
+    sync, racing a value set in the same moment (CI saw the request carry 0.7 after setting 0). So: set it, wait
+    for the range to show it, and set it again if that sync reverted it; the DB rows' params then prove what the
+    server received.
     """
-    from playwright.sync_api import expect
+    from playwright.sync_api import Error, expect
 
     slider = page.locator(f"#{elem_id} input[type=range]")
     expect(slider).to_be_visible(timeout=30_000)  # the accordion has opened and the slider is mounted
-    slider.fill(str(value))
+    for _ in range(5):  # bounded: one revert is what the mount-time sync can do
+        slider.fill(str(value))  # sets the value and dispatches input + change at once (no blur to race)
+        try:
+            expect(slider).to_have_value(str(value), timeout=3_000)
+            break
+        except (AssertionError, Error):
+            continue
+    expect(slider).to_have_value(str(value), timeout=3_000)
     expect(page.locator(f"#{elem_id} input[type=number]")).to_have_value(str(value), timeout=10_000)
-    expect(slider).to_have_value(str(value), timeout=10_000)
 
 
 def send_feedback(page, tab: str, rating: str, reasons: list[str], comment: str) -> str:
@@ -137,6 +144,8 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         send_feedback(page, "planner", "👍", [], "nice plan")
         planner_row = db_rows(db, "tab = 'planner'")[-1]
         assert json.loads(planner_row["inputs"])["city"] == XSS_CITY and planner_row["rating"] == 1
+        planner_params = json.loads(planner_row["params"])  # what the sliders said, as the server received it
+        assert (planner_params["temperature"], planner_params["max_new_tokens"]) == (0.0, 96)
         page.screenshot(path=str(ARTIFACTS / "app-planner.png"), full_page=True)
 
         # ---- overview: counts and the recent comment, as text
