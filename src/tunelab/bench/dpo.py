@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from tunelab.bench.machine import run_header
-from tunelab.bench.train import SIDES, _fmt, ensure_trl, matmul_peak_gflops, run_side, summarise
+from tunelab.bench.train import SIDES, _fmt, ensure_trl, matmul_peak_gflops, precision_blocks, run_side, summarise
 
 PREFERENCE_KEYS = ("val_pref_accuracy", "val_reward_margin", "reference_seconds")
 
@@ -111,8 +111,7 @@ def markdown_table(doc: dict) -> str:
         "| precision | side | real tok/s | tok/CPU-s (steps 2+) | s/step | peak RSS MiB | held-out DPO loss | preference accuracy | reward margin |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for precision in doc["precisions"]:
-        block = doc if precision == doc["precision"] else doc[precision]
+    for precision, block in precision_blocks(doc):
         for side in SIDES:
             if side in block:
                 s = block[side]

@@ -243,8 +243,7 @@ def print_table(doc: dict, log=print) -> None:
     from rich.table import Table
 
     console = Console()
-    for precision in doc["precisions"]:
-        block = doc if precision == doc["precision"] else doc[precision]
+    for precision, block in precision_blocks(doc):
         table = Table(title=f"bench train, {precision}: {doc['steps']} steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']}")
         for column in ("side", "real tok/s", "s/step", "peak RSS MiB", "val loss", "% matmul peak", "tok/CPU-s (steps 2+)"):
             table.add_column(column)
@@ -283,14 +282,19 @@ def _fmt(value, suffix: str = "") -> str:
     return f"{value:.2f}{suffix}" if suffix else f"{value:.1f}"
 
 
+def precision_blocks(doc: dict):
+    """(precision, its figures) for each precision benched: the first precision's figures sit at the top level."""
+    for precision in doc["precisions"]:
+        yield precision, doc if precision == doc["precision"] else doc[precision]
+
+
 def markdown_table(doc: dict) -> str:
     """The figures as a Markdown table (pasted into docs/benchmarks.md)."""
     lines = [
         "| precision | side | real tok/s | s/step | peak RSS MiB | val loss | % of matmul peak | tok/CPU-s (steps 2+) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for precision in doc["precisions"]:
-        block = doc if precision == doc["precision"] else doc[precision]
+    for precision, block in precision_blocks(doc):
         for side in SIDES:
             if side in block:
                 s = block[side]
@@ -306,8 +310,7 @@ def markdown_table(doc: dict) -> str:
                     f"| {precision} | **{label}** | **{r['tok_per_s']:.2f}x** | {r['s_per_step']:.2f}x | **{r['peak_rss_mib']:.2f}x** | "
                     f"{100 * r['val_loss_rel']:+.2f}% | | {_fmt(r.get('tok_per_cpu_s'), 'x')} |"
                 )
-    for precision in doc["precisions"]:
-        block = doc if precision == doc["precision"] else doc[precision]
+    for precision, block in precision_blocks(doc):
         if "goals" in block:
             lines += ["", f"{precision} {goals_line(block['goals'])}"]
     lines += ["", f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; "
@@ -323,8 +326,7 @@ def plot_throughput(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels, values, colors, ceilings = [], [], [], []
-    for precision in doc["precisions"]:
-        block = doc if precision == doc["precision"] else doc[precision]
+    for precision, block in precision_blocks(doc):
         ceiling = block["matmul_peak"]["gflops"] * 1e9 / block["flops_per_token"]
         for side, color in (("tunelab", "#3b75af"), ("trl", "#bbbbbb"), ("trl_lean", "#e0e0e0")):
             if side in block:
