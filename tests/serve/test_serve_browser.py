@@ -45,27 +45,28 @@ def page(tmp_path):
             browser.close()
 
 
-def set_slider(page, elem_id: str, value: int) -> None:
-    """Set a slider through its range input and wait until the component holds the value.
+def wait_until_mounted(page, locator) -> None:
+    """Wait for a component that a tab or closed accordion kept unmounted, and for Gradio to finish mounting it.
 
-    The range input shows the component's value (Gradio writes it back on every change); the number box can lag.
-    A slider mounted by opening its accordion can be reset once to its initial value by Gradio's own mount-time
-    sync, racing a value set in the same moment (CI saw the request carry 0.7 after setting 0). So: set it, wait
-    for the range to show it, and set it again if that sync reverted it; the DB rows' params then prove what the
-    server received.
+    Gradio mounts what an unselected tab or a closed accordion holds only when it first opens, then, one animation
+    frame later, pushes the components' initial values into them once more (`render_previously_invisible_children`).
+    A value typed inside that frame is overwritten (CI sent temperature 0.7 after the slider had shown 0; a
+    script doing the same reproduces it every time). Two frames and a task later that push is done.
     """
-    from playwright.sync_api import Error, expect
+    from playwright.sync_api import expect
+
+    expect(locator).to_be_visible(timeout=30_000)
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(done))))")
+
+
+def set_slider(page, elem_id: str, value: int) -> None:
+    """Set a slider through its range input once it is mounted; the DB rows' params prove what the server received."""
+    from playwright.sync_api import expect
 
     slider = page.locator(f"#{elem_id} input[type=range]")
-    expect(slider).to_be_visible(timeout=30_000)  # the accordion has opened and the slider is mounted
-    for _ in range(5):  # bounded: one revert is what the mount-time sync can do
-        slider.fill(str(value))  # sets the value and dispatches input + change at once (no blur to race)
-        try:
-            expect(slider).to_have_value(str(value), timeout=3_000)
-            break
-        except (AssertionError, Error):
-            continue
-    expect(slider).to_have_value(str(value), timeout=3_000)
+    wait_until_mounted(page, slider)
+    slider.fill(str(value))  # sets the value and dispatches input + change at once (no blur to race)
+    expect(slider).to_have_value(str(value), timeout=10_000)
     expect(page.locator(f"#{elem_id} input[type=number]")).to_have_value(str(value), timeout=10_000)
 
 
@@ -126,6 +127,7 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
 
         # ---- planner: friendly validation, then a streamed plan for a city with HTML in its name
         page.get_by_role("tab", name="Travel Planner").click()
+        wait_until_mounted(page, page.locator("#planner-city textarea"))
         page.locator("#planner-city textarea").fill(XSS_CITY)
         page.locator("#planner-days input").fill("60")
         page.locator("#planner-go").click()
@@ -150,6 +152,7 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
 
         # ---- overview: counts and the recent comment, as text
         page.get_by_role("tab", name="Feedback overview").click()
+        wait_until_mounted(page, page.locator("#feedback-refresh"))
         page.locator("#feedback-refresh").click()
         recent = page.locator("#feedback-recent")
         recent.get_by_text("nice plan").wait_for(timeout=30_000)
