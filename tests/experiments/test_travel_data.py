@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunelab.eval.rubric import Answer, load_travel_prompts
+from tunelab.eval.rubric import Answer, TravelPrompt, load_travel_prompts
 from tunelab.experiments.travel_data import rejection_sample, requested_days, select_itineraries, synthetic_prompts
 
 TWO_DAYS = ("Day 1: the castle and the old town in the morning, then lunch by the river, a long walk through the markets "
@@ -52,10 +52,10 @@ def test_synthetic_prompts_never_use_an_eval_city_or_prompt():
 def test_rejection_sampling_keeps_the_best_sample_that_passes():
     prompts = synthetic_prompts(3, seed=0)
 
-    def sample(prompt: str, seed: int) -> Answer:
+    def sample(prompt: TravelPrompt, seed: int) -> Answer:
         # Seed 2 writes a complete plan for the first prompt only; every other sample is a one-liner.
         target = prompts[0]
-        if prompt == target.prompt and seed == 2:
+        if prompt == target and seed == 2:
             plans = ["the old town, the cathedral and a long lunch on the main square, then photos of the bridges at dusk",
                      "a river cruise in the morning, the modern art quarter after lunch and live music at night",
                      "a day trip to the coast with a picnic, a swim if it is warm and seafood back in town",

@@ -141,17 +141,18 @@ def synthetic_prompts(n: int, seed: int = 0, max_days: int = 4) -> list[TravelPr
 
 
 def rejection_sample(
-    prompts: list[TravelPrompt], sample: Callable[[str, int], Answer], samples_per_prompt: int, min_score: float = 1.0, log=print,
+    prompts: list[TravelPrompt], sample: Callable[[TravelPrompt, int], Answer], samples_per_prompt: int, min_score: float = 1.0,
+    log=print,
 ) -> tuple[list[dict], list[dict], Counter]:
     """Best of `samples_per_prompt` sampled answers per prompt under the rubric; kept when its score >= min_score.
 
-    `sample(prompt_text, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts).
+    `sample(prompt, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts).
     """
     kept, pairs, counts = [], [], Counter()
     for i, prompt in enumerate(prompts, 1):
         scored = []
         for seed in range(samples_per_prompt):
-            answer = sample(prompt.prompt, seed)
+            answer = sample(prompt, seed)
             scored.append((score_answer(answer, prompt).score, seed, answer))
             counts["samples"] += 1
         scored.sort(key=lambda item: (-item[0], item[1]))
@@ -168,15 +169,30 @@ def rejection_sample(
     return kept, pairs, counts
 
 
-def gguf_sampler(gguf: Path, temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 320, threads: int | None = None):
-    """sample(prompt, seed) from a GGUF in llama.cpp (e.g. the embedded base model), through the app's backend."""
+def gguf_sampler(
+    gguf: Path, temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 320, threads: int | None = None,
+    day_grammar: bool = False, repetition_penalty: float = 1.1,
+):
+    """sample(prompt, seed) from a GGUF in llama.cpp (e.g. the embedded base model), through the app's backend.
+
+    day_grammar: constrain each sample to the prompt's number of "Day n" sections (`eval.plan_grammar`); the
+    small base model almost never writes a correctly sized plan on its own, so without it rejection sampling
+    keeps next to nothing. The token budget is then the grammar's longest plan (it is never cut).
+    """
+    from llama_cpp import LlamaGrammar
+
+    from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
     from tunelab.models.inference import load_backend
 
     backend = load_backend(gguf, threads=threads)
 
-    def sample(prompt: str, seed: int) -> Answer:
+    def sample(prompt: TravelPrompt, seed: int) -> Answer:
+        constrained = day_grammar and prompt.days is not None
+        grammar = LlamaGrammar.from_string(day_plan_grammar(prompt.days), verbose=False) if constrained else None
         result = backend.llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}], temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+            messages=[{"role": "user", "content": prompt.prompt}], temperature=temperature, top_p=top_p, seed=seed,
+            max_tokens=token_budget(prompt.days) if constrained else max_new_tokens,
+            repeat_penalty=repetition_penalty, grammar=grammar,
         )
         choice = result["choices"][0]
         return Answer((choice["message"].get("content") or "").strip(), finished=choice.get("finish_reason") == "stop")

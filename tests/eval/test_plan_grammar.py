@@ -1,0 +1,38 @@
+"""The day-plan grammar in llama.cpp on the embedded GGUF: exactly N "Day n" sections, in order, then end-of-turn."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from tests.helpers import embedded_gguf
+
+from tunelab.errors import UserError
+from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
+
+
+def test_grammar_needs_a_day_count_the_planner_allows():
+    for bad in (0, 15):
+        with pytest.raises(UserError, match="1 to 14 days"):
+            day_plan_grammar(bad)
+
+
+@pytest.mark.parametrize("days", [1, 3])
+def test_sampled_plans_have_exactly_the_requested_days_and_end_at_end_of_turn(days):
+    from llama_cpp import LlamaGrammar
+
+    from tunelab.models.inference import load_backend
+
+    llm = load_backend(embedded_gguf(), threads=1).llm
+    grammar = LlamaGrammar.from_string(day_plan_grammar(days), verbose=False)
+    prompt = f"Plan a {days}-day trip to Porto for someone who loves food and museums."
+    for seed in (0, 1):
+        result = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.8, seed=seed,
+                                            max_tokens=token_budget(days), grammar=grammar)  # fmt: skip
+        text = result["choices"][0]["message"]["content"]
+        # Counted by hand, independently of the rubric: lines that start "Day <n>".
+        assert [int(n) for n in re.findall(r"^Day (\d+)\b", text, re.M)] == list(range(1, days + 1)), text
+        assert re.findall(r"\bDay (\d+):", text) == [str(n) for n in range(1, days + 1)], text
+        assert result["choices"][0]["finish_reason"] == "stop", text  # the grammar completed, then end-of-turn
+        for section in re.split(r"^Day \d+: .*\n", text, flags=re.M)[1:]:
+            assert 2 <= len(re.findall(r"^- ", section, re.M)) <= 3, text
