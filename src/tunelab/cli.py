@@ -108,13 +108,16 @@ def eval_(
     gguf: Annotated[bool, typer.Option(help="With --prompts: also compare the q4_k_m GGUFs when RUN/export has one.")] = True,
     judge: Annotated[Optional[Path], typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="With --prompts: CPU threads.")] = None,
+    grammar: Annotated[
+        bool, typer.Option(help="With --prompts: GGUFs answer under a grammar allowing exactly the prompt's days (a decoding lever).")
+    ] = False,
 ) -> None:
     """Validation loss and perplexity of base vs tuned on the held-out split, plus sample generations;
     with --prompts, base vs tuned on domain prompts judged by the travel rubric (win/tie/loss, per criterion)."""
     if prompts is not None:
         from tunelab.experiments.travel_eval import run_domain_eval
 
-        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, judge=judge, threads=threads)
+        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, judge=judge, threads=threads, day_grammar=grammar)
         return
     from tunelab.eval.evaluate import evaluate_run
 
@@ -163,11 +166,14 @@ def quickstart(
     output: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/quickstart"),
     set_: SetOption = None,
     serve: Annotated[bool, typer.Option(help="Export GGUF q4_k_m and open the app at the end.")] = False,
+    travel_prompts: Annotated[
+        int, typer.Option(min=0, help="Shipped travel prompts to judge base vs tuned on, from the q4_k_m GGUFs (0: skip).")
+    ] = 48,
 ) -> None:
     """Prepare embedded data, fine-tune the embedded SmolLM2-135M on this CPU, evaluate base vs tuned."""
     from tunelab.experiments.quickstart import run_quickstart
 
-    run_quickstart(output, overrides=set_ or [], serve=serve)
+    run_quickstart(output, overrides=set_ or [], serve=serve, travel_prompts=travel_prompts)
 
 
 def _register_stage_commands() -> None:

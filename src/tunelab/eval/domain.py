@@ -20,7 +20,7 @@ from typing import Callable
 from tunelab.eval.rubric import CRITERIA, Answer, Scored, TravelPrompt, compare, score_answer
 from tunelab.models.inference import load_backend, open_llama
 
-Generate = Callable[[str], Answer]
+Generate = Callable[[TravelPrompt], Answer]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Decoding:
 
     max_new_tokens: int = 384
     repetition_penalty: float = 1.0  # 1.0: plain greedy; the app's default is 1.1 (a decoding lever, reported apart)
+    # GGUFs only: constrain prompts with a day count to exactly that many "Day n" sections (`plan_grammar`), with
+    # the budget of the longest plan it allows. A decoding lever: it fixes structure, not content.
+    day_grammar: bool = False
 
 
 # ------------------------------------------------------------------------------------ generators
@@ -37,10 +40,10 @@ def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = 
     backend = load_backend(run_dir, threads=threads)
     model, tokenizer, eos_ids = backend.model, backend.tokenizer, backend.eos_ids
 
-    def generate(prompt: str, adapter: bool) -> Answer:
+    def generate(prompt: TravelPrompt, adapter: bool) -> Answer:
         import torch
 
-        inputs = backend.prompt_ids([{"role": "user", "content": prompt}])
+        inputs = backend.prompt_ids([{"role": "user", "content": prompt.prompt}])
         adapter_off = contextlib.nullcontext() if adapter else model.disable_adapter()
         with torch.inference_mode(), adapter_off:
             output = model.generate(
@@ -56,12 +59,19 @@ def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = 
 
 def gguf_generator(gguf: Path, decoding: Decoding, threads: int | None = None) -> Generate:
     """Greedy answers from a GGUF in llama.cpp; finished means llama.cpp stopped at end-of-turn, not max_tokens."""
+    from llama_cpp import LlamaGrammar
+
+    from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
+
     backend = load_backend(gguf, threads=threads)
 
-    def generate(prompt: str) -> Answer:
+    def generate(prompt: TravelPrompt) -> Answer:
+        constrained = decoding.day_grammar and prompt.days is not None
         result = backend.llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=decoding.max_new_tokens,
-            repeat_penalty=decoding.repetition_penalty, seed=0,
+            messages=[{"role": "user", "content": prompt.prompt}], temperature=0.0, seed=0,
+            max_tokens=token_budget(prompt.days) if constrained else decoding.max_new_tokens,
+            repeat_penalty=decoding.repetition_penalty,
+            grammar=LlamaGrammar.from_string(day_plan_grammar(prompt.days), verbose=False) if constrained else None,
         )
         choice = result["choices"][0]
         return Answer((choice["message"].get("content") or "").strip(), finished=choice.get("finish_reason") == "stop")
@@ -74,7 +84,7 @@ def compare_pair(prompts: list[TravelPrompt], base: Generate, tuned: Generate, l
     """Answer every prompt with both generators and score them; per-prompt outcome and per-criterion means."""
     rows = []
     for i, prompt in enumerate(prompts, 1):
-        answers = {"base": base(prompt.prompt), "tuned": tuned(prompt.prompt)}
+        answers = {"base": base(prompt), "tuned": tuned(prompt)}
         scored = {side: score_answer(answer, prompt) for side, answer in answers.items()}
         outcome = compare(scored["base"], scored["tuned"])
         log(f"  [{label} {i}/{len(prompts)}] {outcome:4s} base {scored['base'].score:.2f} tuned {scored['tuned'].score:.2f}  {prompt.prompt[:60]}")

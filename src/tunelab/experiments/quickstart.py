@@ -9,7 +9,9 @@ from tunelab.config import load_config
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
 
-def run_quickstart(output: Path, overrides: list[str] | None = None, serve: bool = False, log=print) -> dict:
+def run_quickstart(output: Path, overrides: list[str] | None = None, serve: bool = False, travel_prompts: int = 48, log=print) -> dict:
+    """Train, then judge where the user lives: held-out loss, and (travel_prompts > 0) the travel rubric on that
+    many shipped prompts, base vs tuned, both from the q4_k_m GGUF the app serves."""
     from tunelab.eval.evaluate import evaluate_run
     from tunelab.train.recipe import run_training
 
@@ -18,12 +20,15 @@ def run_quickstart(output: Path, overrides: list[str] | None = None, serve: bool
     summary = run_training(cfg, resume=True, log=log)
     report = evaluate_run(output, verbose=True)
     verdict = "lower" if report["improved"] else "NOT lower"
+    if travel_prompts:
+        report["travel"] = _travel_check(output, travel_prompts, log)
     log(
         f"\ntuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base {report['base']['val_loss']:.4f}"
         f" ({summary['tokens_per_second']:.0f} train tok/s, {summary['precision']})\n"
+        f"{_travel_line(report.get('travel'))}"
         f"run folder: {output}\n"
         f"  adapter/        PEFT adapter (peft.PeftModel.from_pretrained)\n"
-        f"  eval/           base vs tuned loss and sample answers\n"
+        f"  eval/           base vs tuned loss and sample answers; travel.md: every travel answer and its scores\n"
         f"  metrics.jsonl   training curve (TensorBoard: tensorboard --logdir {output}/tb)\n"
         f"next:\n"
         f"  tunelab export {output} --gguf q4_k_m,q8_0,f16 --space {output}/space\n"
@@ -33,6 +38,29 @@ def run_quickstart(output: Path, overrides: list[str] | None = None, serve: bool
     if serve:
         _export_and_serve(output, log)
     return report
+
+
+def _travel_check(run_dir: Path, prompts: int, log) -> dict:
+    """Base vs tuned q4_k_m GGUF on the shipped travel prompts (greedy): win rate of non-tied and per-criterion means."""
+    from tunelab.experiments.travel_eval import run_domain_eval, tuned_gguf_path
+    from tunelab.export.pipeline import export_run
+
+    if not tuned_gguf_path(run_dir).is_file():
+        export_run(run_dir, ["q4_k_m"])
+    domain = run_domain_eval(run_dir, "travel", limit=prompts, adapter=False, log=log)
+    pair = domain["pairs"]["gguf"]
+    return {key: pair[key] for key in ("wins", "ties", "losses", "win_rate_non_tied", "mean_score", "criteria")}
+
+
+def _travel_line(travel: dict | None) -> str:
+    if not travel:
+        return ""
+    rate = travel["win_rate_non_tied"]
+    return (
+        f"travel planner, q4_k_m GGUFs: tuned wins {travel['wins']}, ties {travel['ties']}, loses {travel['losses']}"
+        f" (win rate of non-tied {'n/a' if rate is None else f'{rate:.0%}'}); mean rubric score"
+        f" {travel['mean_score']['base']:.3f} -> {travel['mean_score']['tuned']:.3f}\n"
+    )
 
 
 def _export_and_serve(run_dir: Path, log) -> None:

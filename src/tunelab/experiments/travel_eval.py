@@ -67,12 +67,13 @@ def run_domain_eval(
     threads: int | None = None,
     log=print,
     base_gguf: Path | None = None,
+    day_grammar: bool = False,
 ) -> dict:
     from tunelab.models.runs import run_config
 
     run_config(run_dir)  # a clear error for a folder that is not a finished run
     prompts = load_travel_prompts(prompts_source)[: limit or None]
-    name = "travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}"
+    name = ("travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}") + ("-grammar" if day_grammar else "")
     ggufs = None
     if gguf and tuned_gguf_path(run_dir).is_file():
         ggufs = (export_base_gguf(run_dir, threads, log, base_gguf), tuned_gguf_path(run_dir))
@@ -80,5 +81,8 @@ def run_domain_eval(
         log(f"no {tuned_gguf_path(run_dir)}: GGUF comparison skipped (run `tunelab export {run_dir}` first)")
     if judge is None:
         log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: not wired in")
-    decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    if day_grammar and adapter:
+        log("--grammar constrains llama.cpp only: the adapter comparison is skipped")
+        adapter = False
+    decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, day_grammar=day_grammar)
     return evaluate_domain(run_dir, prompts, name, decoding, ggufs=ggufs, judge=judge, adapter=adapter, threads=threads, log=log)
