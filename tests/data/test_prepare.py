@@ -111,3 +111,18 @@ def test_a_failure_while_writing_leaves_the_previous_folder_intact(tmp_path, mon
     assert json.loads((folder / "report.json").read_text()) == before
     assert len(load_prepared(folder)[0]) + len(load_prepared(folder)[1]) == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "prepared"]  # no temp folder left
+
+
+def test_embedded_travel_plans_are_day_by_day_plans_of_the_requested_length(tmp_path, chatml_tokenizer):
+    import re
+
+    cfg = config_from_dict({"data": {"sources": [{"preset": "embedded:travel-plans"}], "output_dir": str(tmp_path / "o")}})
+    rows = DataPipeline(cfg, tokenizer=chatml_tokenizer).read_all()
+    assert len(rows) >= 30
+    for row in rows:
+        [user, assistant] = row.messages
+        # Counted by hand from the request's own words ("a 3-day trip", "I have 2 days"), not by the rubric.
+        days = int(re.search(r"(\d+)[- ]days?\b", user["content"]).group(1))
+        assert re.findall(r"^Day (\d+):", assistant["content"], re.M) == [str(d) for d in range(1, days + 1)], row.where
+        city = re.search(r"(?:trip to|days in|itinerary for) ([A-Z][\w ]+?)(?: with| on| for| in| without|[,.])", user["content"])
+        assert city and city.group(1) in assistant["content"], row.where

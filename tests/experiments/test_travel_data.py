@@ -71,3 +71,20 @@ def test_rejection_sampling_keeps_the_best_sample_that_passes():
     assert "\nDay 1: " in pairs[0]["chosen"] and pairs[0]["rejected"] == "Have fun!"
     # Prompts 2 and 3: "Have fun!" ending at end-of-turn (seeds 0, 2) beats the same text cut at the length limit.
     assert len(pairs) == 3 and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+
+
+def test_a_sample_failing_a_pass_fail_check_is_never_kept_whatever_its_score():
+    prompt = TravelPrompt(prompt="Plan a 2-day trip to Porto for someone who loves food and art.", city="Porto", days=2,
+                          preferences=("food", "art"))  # fmt: skip
+    body = ("Day 1: the old town and its food markets in the morning, a tiled church, a long lunch by the river, a slow walk up\n"
+            "to the cathedral and the viewpoint, then a small dinner in a family tavern near the square.\n"
+            "Day 2: the art museum in the park after breakfast, a port cellar across the bridge, the bookshop with the staircase,\n"
+            "the beach at sunset and a last dinner with a view over the roofs of the old town.")
+
+    def sample(p: TravelPrompt, seed: int) -> Answer:  # seed 0: every interest but no city; seed 1: city, one interest
+        return Answer(f"Food and art all the way.\n{body}" if seed == 0 else f"Porto in two days.\n{body.replace('art ', '')}", True)
+
+    rows, _, counts = rejection_sample([prompt], sample, samples_per_prompt=2, min_score=0.8, log=lambda *_: None)
+    assert counts["kept"] == 1 and rows[0]["messages"][1]["content"].startswith("Porto in two days.")
+    rows, _, counts = rejection_sample([prompt], lambda p, seed: sample(p, 0), samples_per_prompt=1, min_score=0.8, log=lambda *_: None)
+    assert counts["kept"] == 0  # its mean passes 0.8, but the city is never named

@@ -144,7 +144,9 @@ def rejection_sample(
     prompts: list[TravelPrompt], sample: Callable[[TravelPrompt, int], Answer], samples_per_prompt: int, min_score: float = 1.0,
     log=print,
 ) -> tuple[list[dict], list[dict], Counter]:
-    """Best of `samples_per_prompt` sampled answers per prompt under the rubric; kept when its score >= min_score.
+    """Best of `samples_per_prompt` sampled answers per prompt under the rubric; kept when its score >= min_score
+    and every pass/fail criterion it was judged on passed (a plan with the wrong city or a loop is never training
+    data, whatever its mean; `preferences` is a share, so it only counts through the score).
 
     `sample(prompt, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts).
     """
@@ -153,16 +155,18 @@ def rejection_sample(
         scored = []
         for seed in range(samples_per_prompt):
             answer = sample(prompt, seed)
-            scored.append((score_answer(answer, prompt).score, seed, answer))
+            result = score_answer(answer, prompt)
+            failed = any(value == 0.0 for name, value in result.criteria.items() if name != "preferences")
+            scored.append((result.score, seed, answer, failed))
             counts["samples"] += 1
-        scored.sort(key=lambda item: (-item[0], item[1]))
+        scored.sort(key=lambda item: (item[3], -item[0], item[1]))  # passing every pass/fail check first, then by score
         best, worst = scored[0], scored[-1]
         counts["prompts"] += 1
         log(f"  [{i}/{len(prompts)}] best {best[0]:.2f} worst {worst[0]:.2f}  {prompt.prompt[:70]}")
         if best[0] > worst[0]:
             pairs.append({"prompt": prompt.prompt, "chosen": best[2].text, "rejected": worst[2].text,
                           "chosen_score": best[0], "rejected_score": worst[0]})
-        if best[0] >= min_score:
+        if best[0] >= min_score and not best[3]:
             counts["kept"] += 1
             kept.append({"messages": [{"role": "user", "content": prompt.prompt}, {"role": "assistant", "content": best[2].text}],
                          "days": prompt.days, "city": prompt.city, "score": best[0]})
