@@ -109,7 +109,7 @@ def test_sweep_files_and_their_errors(tmp_path):
     runs = planned_runs(lr_rank)
     assert len(runs) == 6 and runs[0].overrides == {"train.lr": 2e-4, "lora.r": 16, "lora.alpha": 32}
     assert all(r.overrides["lora.alpha"] == 2 * r.overrides["lora.r"] for r in runs)
-    assert len(planned_runs(load_sweep(configs / "sweep-data.yaml")[0])) == 5
+    assert len(planned_runs(load_sweep(configs / "sweep-data.yaml")[0])) == 6
     assert [r.name for r in planned_runs(load_sweep(configs / "sweep-model-size.yaml")[0])] == ["smollm2-135m", "gemma3-270m"]
     assert as_set_items({"train.lr": 5e-05, "data.sources": [{"preset": "embedded:sharegpt"}]}) == [
         "train.lr=5.0e-05", "data.sources=[{preset: 'embedded:sharegpt'}]"]

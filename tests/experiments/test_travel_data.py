@@ -88,3 +88,36 @@ def test_a_sample_failing_a_pass_fail_check_is_never_kept_whatever_its_score():
     assert counts["kept"] == 1 and rows[0]["messages"][1]["content"].startswith("Porto in two days.")
     rows, _, counts = rejection_sample([prompt], lambda p, seed: sample(p, 0), samples_per_prompt=1, min_score=0.8, log=lambda *_: None)
     assert counts["kept"] == 0  # its mean passes 0.8, but the city is never named
+
+
+def test_data_travel_command_writes_every_file_and_the_counts(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import tunelab.experiments.travel_data as travel_data
+    from tunelab.cli import app
+
+    plan = ("Day 1: breakfast in the covered market, the cathedral and its cloister, a tram up to the castle, lunch of\n"
+            "grilled sardines by the river, the tile museum in the afternoon and an early dinner in a family tavern.\n"
+            "Day 2: a ferry across the estuary, port cellars with a tasting, the bookshop with the red staircase, a\n"
+            "long beach walk at sunset and a farewell meal overlooking the bridge and the lights of the old town.")
+    exchanges = [None, ("Plan a 2-day trip to Porto please", plan), ("What is 2+2?", "4")]
+    monkeypatch.setattr(travel_data, "sharegpt_first_exchanges", lambda: iter(exchanges))
+    seen = {}
+
+    def fake_sampler(gguf, threads=None, day_grammar=False):
+        seen["day_grammar"] = day_grammar
+        return lambda prompt, seed: Answer(f"{prompt.city}, {', '.join(prompt.preferences)}.\n{plan}" if prompt.days == 2 else "No.", True)
+
+    monkeypatch.setattr(travel_data, "gguf_sampler", fake_sampler)
+    out = tmp_path / "travel"
+    result = CliRunner().invoke(app, ["data", "travel", str(out), "--prompts", "10", "--samples", "2", "--grammar", "--min-score", "0.5"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads((out / "counts.json").read_text())
+    assert counts["itineraries"]["records"] == 3 and counts["itineraries"]["after_exact_dedup"] == 1
+    two_day = sum(p.days == 2 for p in synthetic_prompts(10, seed=0))
+    assert counts["self_generated"]["samples"] == 20 and counts["self_generated"]["kept"] == two_day > 0
+    assert counts["self_generated"]["day_grammar"] is True and seen == {"day_grammar": True}
+    assert len((out / "self-generated.jsonl").read_text().splitlines()) == two_day
+    assert len((out / "itineraries.jsonl").read_text().splitlines()) == 1
