@@ -100,3 +100,15 @@ def test_matmul_peak_measured_under_load_is_remeasured_when_quieter_and_the_best
     assert peak.matmul_peak(torch.float32, threads=2)["gflops"] == 120.0  # quieter: measured again
     monkeypatch.setattr(peak, "_load_average", lambda: 0.2)
     assert peak.matmul_peak(torch.float32, threads=2)["gflops"] == 120.0  # a worse new figure never replaces a better one
+
+
+def test_a_cached_peak_without_its_load_average_is_measured_again(tmp_path, monkeypatch):
+    from tunelab.train import matmul_peak as peak
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    key = peak._key(torch.float32, 2, torch.device("cpu"))
+    (tmp_path / "matmul_peak.json").write_text(json.dumps({key: {"gflops": 26.0, "shapes": {}}}))  # an older entry
+    monkeypatch.setattr(peak, "measure", lambda dtype, threads, device: {"gflops": 150.0, "shapes": {}})
+    monkeypatch.setattr(peak, "_load_average", lambda: 3.0)
+    assert peak.matmul_peak(torch.float32, threads=2) == {"gflops": 150.0, "shapes": {}, "load_avg": 3.0}
+    assert json.loads((tmp_path / "matmul_peak.json").read_text())[key]["load_avg"] == 3.0

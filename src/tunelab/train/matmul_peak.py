@@ -75,7 +75,8 @@ def matmul_peak(dtype: torch.dtype, threads: int | None = None, refresh: bool = 
         cached = {}
     previous = cached.get(key) if isinstance(cached.get(key), dict) and cached[key].get("gflops") else None
     load = _load_average()
-    if previous is not None and not refresh and load + 0.5 >= previous.get("load_avg", 0.0):
+    # An entry without its load average predates recording it: its load is unknown, so it is measured again.
+    if previous is not None and not refresh and load + 0.5 >= previous.get("load_avg", float("inf")):
         return previous
     # First measurement, or the machine is quieter than when the cached one was taken (a shared machine's load
     # depresses the figure): measure, and keep the best figure ever seen — a peak is what the CPU *can* do.
