@@ -49,6 +49,7 @@ def travel_data_cmd(
     min_score: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep a best answer only at or above this rubric score.")] = 1.0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompt mix.")] = 0,
+    max_days: Annotated[int, typer.Option(min=1, max=7, help="Synthetic prompts ask for 1 to this many days.")] = 5,
     grammar: Annotated[
         bool, typer.Option(help="Sample under a grammar that allows exactly the prompt's number of 'Day n' sections.")
     ] = False,
@@ -67,7 +68,7 @@ def travel_data_cmd(
         from tunelab.models.loading import embedded_gguf_path
 
         sampler = gguf_sampler(model or embedded_gguf_path("smollm2-135m"), threads=threads, day_grammar=grammar)
-        rows, pairs, sampled = rejection_sample(synthetic_prompts(prompts, seed), sampler, samples, min_score, log=typer.echo)
+        rows, pairs, sampled = rejection_sample(synthetic_prompts(prompts, seed, max_days), sampler, samples, min_score, log=typer.echo)
         write_jsonl(output / "self-generated.jsonl", rows)
         write_jsonl(output / "preference-pairs.jsonl", pairs)
         report["self_generated"] = {**dict(sampled), "kept": sampled["kept"], "preference_pairs": len(pairs), "min_score": min_score,

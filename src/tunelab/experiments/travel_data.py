@@ -117,11 +117,19 @@ SYNTHETIC_CITIES = [
 INTERESTS = ["food", "museums", "history", "art", "hiking", "beaches", "markets", "architecture", "music", "parks",
              "coffee", "nightlife", "photography", "local wine", "shopping"]
 CONSTRAINTS = ["", "", "", " with kids", " on a budget", " without a car", " for a wheelchair user", " in winter", " in summer"]
+# Phrased the many ways people ask (the shipped eval prompts are phrased freely too, and a model trained on one
+# phrasing learns the plan format for that phrasing only). {n_days}: "3 days"; {word_days}: "Three days", "One day".
 TEMPLATES = [
     "Plan a {days}-day trip to {city}{constraint} for someone who loves {a} and {b}.",
-    "I have {days} days in {city}{constraint}. I like {a} and {b}. Can you give me a day-by-day itinerary?",
+    "I have {n_days} in {city}{constraint}. I like {a} and {b}. Can you give me a day-by-day itinerary?",
     "Make a {days}-day itinerary for {city}{constraint}, focused on {a} and {b}.",
+    "{word_days} in {city}{constraint}: I love {a} and {b}. What should I do each day?",
+    "Give me a {days}-day {city} plan{constraint} with {a} and {b}.",
+    "Plan {n_days} in {city}{constraint}, with {a} and some {b}.",
+    "We have {n_days} in {city}{constraint} and we like {a} and {b}. Day by day, what should we do?",
+    "What would you do with {n_days} in {city}{constraint}? I care most about {a}, then {b}.",
 ]
+_WORDS = {1: "One day", 2: "Two days", 3: "Three days", 4: "Four days", 5: "Five days", 6: "Six days", 7: "Seven days"}
 
 
 def synthetic_prompts(n: int, seed: int = 0, max_days: int = 4) -> list[TravelPrompt]:
@@ -134,7 +142,8 @@ def synthetic_prompts(n: int, seed: int = 0, max_days: int = 4) -> list[TravelPr
         city, days = cities[i % len(cities)], rng.randint(1, max_days)
         a, b = rng.sample(INTERESTS, 2)
         constraint = rng.choice(CONSTRAINTS)
-        text = rng.choice(TEMPLATES).format(days=days, city=city, constraint=constraint, a=a, b=b)
+        n_days = "1 day" if days == 1 else f"{days} days"
+        text = rng.choice(TEMPLATES).format(days=days, n_days=n_days, word_days=_WORDS[days], city=city, constraint=constraint, a=a, b=b)
         preferences = (a, b, constraint.strip().removeprefix("with ").removeprefix("on a ").removeprefix("for a ")) if constraint else (a, b)
         prompts.append(TravelPrompt(prompt=text, city=city, days=days, preferences=tuple(p for p in preferences if p)))
     return prompts
