@@ -98,17 +98,25 @@ def test_data_travel_command_writes_every_file_and_the_counts(tmp_path, monkeypa
     import tunelab.experiments.travel_data as travel_data
     from tunelab.cli import app
 
-    plan = ("Day 1: breakfast in the covered market, the cathedral and its cloister, a tram up to the castle, lunch of\n"
-            "grilled sardines by the river, the tile museum in the afternoon and an early dinner in a family tavern.\n"
-            "Day 2: a ferry across the estuary, port cellars with a tasting, the bookshop with the red staircase, a\n"
-            "long beach walk at sunset and a farewell meal overlooking the bridge and the lights of the old town.")
-    exchanges = [None, ("Plan a 2-day trip to Porto please", plan), ("What is 2+2?", "4")]
+    days_text = [
+        "breakfast in the covered market, the cathedral and its cloister, a tram up to the castle, lunch of grilled\n"
+        "sardines by the river, the tile museum in the afternoon and an early dinner in a family tavern.",
+        "a ferry across the estuary, port cellars with a tasting, the bookshop with the red staircase, a long beach\n"
+        "walk at sunset and a farewell meal overlooking the bridge and the lights of the old town.",
+        "a morning train along the coast to a fishing village, a swim if the sea allows it, a seafood lunch on the\n"
+        "harbour wall and a slow afternoon back in the botanical garden with its greenhouses.",
+    ]
+
+    def plan(days: int) -> str:
+        return "\n".join(f"Day {d}: {days_text[d - 1]}" for d in range(1, days + 1))
+
+    exchanges = [None, ("Plan a 2-day trip to Porto please", plan(2)), ("What is 2+2?", "4")]
     monkeypatch.setattr(travel_data, "sharegpt_first_exchanges", lambda: iter(exchanges))
     seen = {}
 
-    def fake_sampler(gguf, threads=None, day_grammar=False):
+    def fake_sampler(gguf, threads=None, day_grammar=False):  # complete plans for trips of up to 3 days only
         seen["day_grammar"] = day_grammar
-        return lambda prompt, seed: Answer(f"{prompt.city}, {', '.join(prompt.preferences)}.\n{plan}" if prompt.days == 2 else "No.", True)
+        return lambda prompt, seed: Answer(f"{prompt.city}: {', '.join(prompt.preferences)}.\n{plan(prompt.days)}" if prompt.days <= 3 else "No.", True)
 
     monkeypatch.setattr(travel_data, "gguf_sampler", fake_sampler)
     out = tmp_path / "travel"
@@ -116,8 +124,8 @@ def test_data_travel_command_writes_every_file_and_the_counts(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "counts.json").read_text())
     assert counts["itineraries"]["records"] == 3 and counts["itineraries"]["after_exact_dedup"] == 1
-    two_day = sum(p.days == 2 for p in synthetic_prompts(10, seed=0, max_days=5))
-    assert counts["self_generated"]["samples"] == 20 and counts["self_generated"]["kept"] == two_day > 0
+    short = sum(p.days <= 3 for p in synthetic_prompts(10, seed=0, max_days=5))
+    assert counts["self_generated"]["samples"] == 20 and counts["self_generated"]["kept"] == short > 0
     assert counts["self_generated"]["day_grammar"] is True and seen == {"day_grammar": True}
-    assert len((out / "self-generated.jsonl").read_text().splitlines()) == two_day
+    assert len((out / "self-generated.jsonl").read_text().splitlines()) == short
     assert len((out / "itineraries.jsonl").read_text().splitlines()) == 1
