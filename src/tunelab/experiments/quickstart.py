@@ -44,10 +44,12 @@ def _travel_check(run_dir: Path, prompts: int, log) -> dict:
     """Base vs tuned q4_k_m GGUF on the shipped travel prompts (greedy): win rate of non-tied and per-criterion means."""
     from tunelab.experiments.travel_eval import run_domain_eval, tuned_gguf_path
     from tunelab.export.pipeline import export_run
+    from tunelab.serve.limits import PLANNER_MAX_NEW_TOKENS
 
     if not tuned_gguf_path(run_dir).is_file():
         export_run(run_dir, ["q4_k_m"])
-    domain = run_domain_eval(run_dir, "travel", limit=prompts, adapter=False, log=log)
+    # The app's planner budget: judged as the user gets it (a plan that needs more tokens than that is cut there too).
+    domain = run_domain_eval(run_dir, "travel", max_new_tokens=PLANNER_MAX_NEW_TOKENS, limit=prompts, adapter=False, log=log)
     pair = domain["pairs"]["gguf"]
     return {key: pair[key] for key in ("wins", "ties", "losses", "win_rate_non_tied", "mean_score", "criteria")}
 
@@ -60,7 +62,14 @@ def _travel_line(travel: dict | None) -> str:
         f"travel planner, q4_k_m GGUFs: tuned wins {travel['wins']}, ties {travel['ties']}, loses {travel['losses']}"
         f" (win rate of non-tied {'n/a' if rate is None else f'{rate:.0%}'}); mean rubric score"
         f" {travel['mean_score']['base']:.3f} -> {travel['mean_score']['tuned']:.3f}\n"
+        "  per criterion, base -> tuned: "
+        + ", ".join(f"{name} {_share(v['base'])} -> {_share(v['tuned'])}" for name, v in travel["criteria"].items())
+        + "\n"
     )
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _export_and_serve(run_dir: Path, log) -> None:

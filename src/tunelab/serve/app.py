@@ -32,7 +32,7 @@ from tunelab.serve.handlers import (  # noqa: E402
     Overview,
     PlanUpdate,
 )
-from tunelab.serve.limits import Limits, escape_for_display  # noqa: E402
+from tunelab.serve.limits import PLANNER_MAX_NEW_TOKENS, Limits, escape_for_display  # noqa: E402
 from tunelab.serve.planner import BUDGETS, INTERESTS, PACES, WHEN_CHOICES, PlannerPrompt  # noqa: E402
 from tunelab.serve.side_by_side import PICKS, PairUpdate, PickResult, SideBySide  # noqa: E402
 
@@ -182,7 +182,7 @@ def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
     with gr.Accordion("Settings", open=False):
         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="planner-temperature")
         max_new_tokens = gr.Slider(
-            16, limits.max_new_tokens, value=min(600, limits.max_new_tokens), step=1, label="Max new tokens",
+            16, limits.max_new_tokens, value=min(PLANNER_MAX_NEW_TOKENS, limits.max_new_tokens), step=1, label="Max new tokens",
             elem_id="planner-max-tokens",
         )
     with gr.Row():

@@ -16,6 +16,9 @@ from typing import Any
 from tunelab.models.inference import GenerationParams
 
 
+PLANNER_MAX_NEW_TOKENS = 600  # the Travel Planner's default token budget (its slider starts here)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Server-side limits; the UI shows the same ones but never enforces them alone."""
