@@ -116,13 +116,19 @@ def test_a_failure_while_writing_leaves_the_previous_folder_intact(tmp_path, mon
 def test_embedded_travel_plans_are_day_by_day_plans_of_the_requested_length(tmp_path, chatml_tokenizer):
     import re
 
+    from tunelab.data.readers import TRAVEL_PLANS
+
+    records = [json.loads(line) for line in TRAVEL_PLANS.read_text(encoding="utf-8").splitlines()]
+    assert len(records) >= 60
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}
+    for record in records:
+        [user, assistant] = record["messages"]
+        days, city = record["days"], record["city"]
+        # The request states its length ("a 3-day trip", "3 days", "Three days"); the plan has exactly those days.
+        assert re.search(rf"\b(?:{days}|{words[days]})[- ]days?\b", user["content"], re.I), user["content"]
+        assert re.findall(r"^Day (\d+):", assistant["content"], re.M) == [str(d) for d in range(1, days + 1)], user
+        assert city in user["content"] and city in assistant["content"]
     cfg = config_from_dict({"data": {"sources": [{"preset": "embedded:travel-plans"}], "output_dir": str(tmp_path / "o")}})
     rows = DataPipeline(cfg, tokenizer=chatml_tokenizer).read_all()
-    assert len(rows) >= 30
-    for row in rows:
-        [user, assistant] = row.messages
-        # Counted by hand from the request's own words ("a 3-day trip", "I have 2 days"), not by the rubric.
-        days = int(re.search(r"(\d+)[- ]days?\b", user["content"]).group(1))
-        assert re.findall(r"^Day (\d+):", assistant["content"], re.M) == [str(d) for d in range(1, days + 1)], row.where
-        city = re.search(r"(?:trip to|days in|itinerary for) ([A-Z][\w ]+?)(?: with| on| for| in| without|[,.])", user["content"])
-        assert city and city.group(1) in assistant["content"], row.where
+    assert len(rows) == len(records)  # the preset reads every plan; normalisation keeps the day structure
+    assert sorted(len(re.findall(r"^Day \d+:", r.messages[1]["content"], re.M)) for r in rows) == sorted(r["days"] for r in records)
