@@ -44,12 +44,17 @@ def _travel_check(run_dir: Path, prompts: int, log) -> dict:
     """Base vs tuned q4_k_m GGUF on the shipped travel prompts (greedy): win rate of non-tied and per-criterion means."""
     from tunelab.experiments.travel_eval import run_domain_eval, tuned_gguf_path
     from tunelab.export.pipeline import export_run
+    from tunelab.models.inference import GenerationParams
     from tunelab.serve.limits import PLANNER_MAX_NEW_TOKENS
 
     if not tuned_gguf_path(run_dir).is_file():
         export_run(run_dir, ["q4_k_m"])
-    # The app's planner budget: judged as the user gets it (a plan that needs more tokens than that is cut there too).
-    domain = run_domain_eval(run_dir, "travel", max_new_tokens=PLANNER_MAX_NEW_TOKENS, limit=prompts, adapter=False, log=log)
+    # Decoded as the app's planner decodes (its token budget and repetition penalty), greedily so that the figure
+    # is reproducible: judged as the user gets it. `tunelab eval RUN --prompts travel` varies these settings.
+    domain = run_domain_eval(
+        run_dir, "travel", max_new_tokens=PLANNER_MAX_NEW_TOKENS, repetition_penalty=GenerationParams().repetition_penalty,
+        limit=prompts, adapter=False, log=log,
+    )
     pair = domain["pairs"]["gguf"]
     return {key: pair[key] for key in ("wins", "ties", "losses", "win_rate_non_tied", "mean_score", "criteria")}
 
