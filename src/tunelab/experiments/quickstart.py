@@ -1,4 +1,4 @@
-"""`tunelab quickstart`: the whole loop on the embedded model and data, on this CPU, in about 10 minutes."""
+"""`tunelab quickstart`: the whole loop on the embedded model and data, on this CPU, in about 15 minutes."""
 
 from __future__ import annotations
 
