@@ -57,24 +57,33 @@ def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = 
     return (lambda prompt: generate(prompt, adapter=False)), (lambda prompt: generate(prompt, adapter=True))
 
 
-def gguf_generator(gguf: Path, decoding: Decoding, threads: int | None = None) -> Generate:
-    """Greedy answers from a GGUF in llama.cpp; finished means llama.cpp stopped at end-of-turn, not max_tokens."""
+def answer_in_llama_cpp(llm, prompt: TravelPrompt, day_grammar: bool, max_new_tokens: int, **sampling) -> Answer:
+    """One answer from a llama.cpp model; finished means it stopped at end-of-turn, not at the token limit.
+
+    day_grammar (and a prompt with a day count): decode under the day-plan grammar with the budget of the longest
+    plan it allows, so a constrained plan is never cut; otherwise `max_new_tokens`."""
     from llama_cpp import LlamaGrammar
 
     from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 
-    backend = load_backend(gguf, threads=threads)
+    constrained = day_grammar and prompt.days is not None
+    result = llm.create_chat_completion(
+        messages=[{"role": "user", "content": prompt.prompt}],
+        max_tokens=token_budget(prompt.days) if constrained else max_new_tokens,
+        grammar=LlamaGrammar.from_string(day_plan_grammar(prompt.days), verbose=False) if constrained else None,
+        **sampling,
+    )
+    choice = result["choices"][0]
+    return Answer((choice["message"].get("content") or "").strip(), finished=choice.get("finish_reason") == "stop")
+
+
+def gguf_generator(gguf: Path, decoding: Decoding, threads: int | None = None) -> Generate:
+    """Greedy answers from a GGUF in llama.cpp."""
+    llm = load_backend(gguf, threads=threads).llm
 
     def generate(prompt: TravelPrompt) -> Answer:
-        constrained = decoding.day_grammar and prompt.days is not None
-        result = backend.llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt.prompt}], temperature=0.0, seed=0,
-            max_tokens=token_budget(prompt.days) if constrained else decoding.max_new_tokens,
-            repeat_penalty=decoding.repetition_penalty,
-            grammar=LlamaGrammar.from_string(day_plan_grammar(prompt.days), verbose=False) if constrained else None,
-        )
-        choice = result["choices"][0]
-        return Answer((choice["message"].get("content") or "").strip(), finished=choice.get("finish_reason") == "stop")
+        return answer_in_llama_cpp(llm, prompt, decoding.day_grammar, decoding.max_new_tokens, temperature=0.0, seed=0,
+                                   repeat_penalty=decoding.repetition_penalty)  # fmt: skip
 
     return generate
 

@@ -192,29 +192,20 @@ def gguf_sampler(
     small base model almost never writes a correctly sized plan on its own, so without it rejection sampling
     keeps next to nothing. The token budget is then the grammar's longest plan (it is never cut).
     """
-    from llama_cpp import LlamaGrammar
-
-    from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
+    from tunelab.eval.domain import answer_in_llama_cpp
     from tunelab.models.inference import load_backend
 
-    backend = load_backend(gguf, threads=threads)
+    llm = load_backend(gguf, threads=threads).llm
 
     def sample(prompt: TravelPrompt, seed: int) -> Answer:
-        constrained = day_grammar and prompt.days is not None
-        grammar = LlamaGrammar.from_string(day_plan_grammar(prompt.days), verbose=False) if constrained else None
-        result = backend.llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt.prompt}], temperature=temperature, top_p=top_p, seed=seed,
-            max_tokens=token_budget(prompt.days) if constrained else max_new_tokens,
-            repeat_penalty=repetition_penalty, grammar=grammar,
-        )
-        choice = result["choices"][0]
-        return Answer((choice["message"].get("content") or "").strip(), finished=choice.get("finish_reason") == "stop")
+        return answer_in_llama_cpp(llm, prompt, day_grammar, max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed, repeat_penalty=repetition_penalty)  # fmt: skip
 
     return sample
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
+    from tunelab.io import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
