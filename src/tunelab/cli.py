@@ -104,24 +104,41 @@ def eval_(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="With --prompts: new tokens per answer (greedy).")] = 384,
     repetition_penalty: Annotated[float, typer.Option(min=0.01, help="With --prompts: 1.0 is plain greedy.")] = 1.0,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="With --prompts: only the first N prompts.")] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(min=1, help="With --prompts: only the first N prompts; with --lm-eval: the first N documents of each task.")
+    ] = None,
     gguf: Annotated[bool, typer.Option(help="With --prompts: also compare the q4_k_m GGUFs when RUN/export has one.")] = True,
     judge: Annotated[Optional[Path], typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="With --prompts: CPU threads.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="With --prompts or --lm-eval: CPU threads.")] = None,
     grammar: Annotated[
         bool, typer.Option(help="With --prompts: GGUFs answer under a grammar allowing exactly the prompt's days (a decoding lever).")
     ] = False,
+    lm_eval: Annotated[
+        Optional[str],
+        typer.Option("--lm-eval", help="Also: lm-eval harness tasks on base and tuned, side by side (comma-separated task names, "
+                     "task YAML files or folders; needs the optional lm-eval package)."),
+    ] = None,
 ) -> None:
     """Validation loss and perplexity of base vs tuned on the held-out split, plus sample generations;
-    with --prompts, base vs tuned on domain prompts judged by the travel rubric (win/tie/loss, per criterion)."""
+    with --prompts, base vs tuned on domain prompts judged by the travel rubric (win/tie/loss, per criterion);
+    with --lm-eval, also lm-eval harness tasks (their data is loaded first: a task that cannot be is named and skipped)."""
+    from tunelab.eval.harness import load_tasks, run_lm_eval
+    from tunelab.models.runs import run_config
+
+    harness_tasks = None
+    if lm_eval is not None:
+        run_config(run_dir)  # fail on a wrong folder before loading any task
+        harness_tasks = load_tasks(lm_eval)
     if prompts is not None:
         from tunelab.experiments.travel_eval import run_domain_eval
 
         run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, judge=judge, threads=threads, day_grammar=grammar)
-        return
-    from tunelab.eval.evaluate import evaluate_run
+    else:
+        from tunelab.eval.evaluate import evaluate_run
 
-    evaluate_run(run_dir, overrides=set_ or [], verbose=True)
+        evaluate_run(run_dir, overrides=set_ or [], verbose=True)
+    if harness_tasks is not None:
+        run_lm_eval(run_dir, harness_tasks, limit=limit, threads=threads)
 
 
 # ----------------------------------------------------------------------------------- export

@@ -80,7 +80,7 @@ def run_domain_eval(
     elif gguf:
         log(f"no {tuned_gguf_path(run_dir)}: GGUF comparison skipped (run `tunelab export {run_dir}` first)")
     if judge is None:
-        log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: not wired in")
+        log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: --lm-eval TASKS")
     if day_grammar and adapter:
         log("--grammar constrains llama.cpp only: the adapter comparison is skipped")
         adapter = False
