@@ -123,17 +123,31 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
 
     metrics = [("general_val_loss_tuned", "general held-out loss"), ("travel_val_loss_tuned", "travel held-out loss"),
                ("final_train_loss", "train loss"), ("travel_score_tuned", "travel rubric score")]
-    for key in keys:
+    for i, key in enumerate(keys):
+        if any(_tied(results, earlier, key) for earlier in keys[:i]):
+            continue  # alpha = 2 x rank: the rank's plot already shows it
         path = output / f"metrics_vs_{key.replace('.', '_')}.png"
         fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
-        labels = [_fmt(r["overrides"].get(key)) for r in results]
+        positions, tick_labels, log_x = _x_axis([r["overrides"].get(key) for r in results])
+        series = _series_by_other_keys(results, [k for k in keys if k != key and not _tied(results, key, k)])
         for ax, (metric, title) in zip(axes, metrics):
-            values = [r.get(metric) for r in results]
-            ax.scatter(range(len(results)), [v if v is not None else float("nan") for v in values])
-            ax.set_xticks(range(len(results)), labels, rotation=30, fontsize=7)
+            for label, runs in series.items():
+                points = sorted((positions[repr(r["overrides"].get(key))], r.get(metric)) for r in runs
+                                if r.get(metric) is not None)
+                ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=label or None)
+            base = _base_value(results, metric)
+            if base is not None:  # where the untrained model stands: a run below it got worse
+                ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base")
+            if log_x:
+                ax.set_xscale("log")
+            if tick_labels:
+                ax.set_xticks(range(len(tick_labels)), tick_labels, rotation=30, fontsize=7)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(key, fontsize=8)
-        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()
+        if len(labels) > 1:
+            fig.legend(handles, labels, fontsize=7, loc="center right")
+        fig.tight_layout(rect=(0, 0, 0.85 if len(labels) > 1 else 1, 1))
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -153,6 +167,42 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _x_axis(values: list) -> tuple[dict[str, float], list[str], bool]:
+    """Numeric swept values sit at their value (log scale when they span a decade or more, as learning rates do);
+    anything else (booleans, strings, source lists) at evenly spaced ticks in first-seen order."""
+    distinct = list(dict.fromkeys(repr(v) for v in values))
+    by_repr = {repr(v): v for v in values}
+    if all(isinstance(by_repr[k], (int, float)) and not isinstance(by_repr[k], bool) for k in distinct):
+        numbers = [float(by_repr[k]) for k in distinct]
+        log_x = min(numbers) > 0 and max(numbers) / min(numbers) >= 10
+        return {k: float(by_repr[k]) for k in distinct}, [], log_x
+    return {k: float(i) for i, k in enumerate(distinct)}, [_fmt(by_repr[k]) for k in distinct], False
+
+
+def _series_by_other_keys(results: list[dict], other_keys: list[str]) -> dict[str, list[dict]]:
+    """One line per combination of the other swept keys, so a grid's lines do not zig-zag between settings."""
+    series: dict[str, list[dict]] = {}
+    for r in results:
+        label = ", ".join(f"{k}={_fmt(r['overrides'].get(k))}" for k in other_keys)
+        series.setdefault(label, []).append(r)
+    return series
+
+
+def _tied(results: list[dict], key: str, other: str) -> bool:
+    """Whether two swept keys move together (lora.r and lora.alpha = 2 x rank): then `other` is not a separate series."""
+    pairs = {(repr(r["overrides"].get(key)), repr(r["overrides"].get(other))) for r in results}
+    return len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+
+
+def _base_value(results: list[dict], metric: str):
+    """The base model's value of a tuned metric (the same for every run: the held-out sets are fixed by the sweep)."""
+    if not metric.endswith("_tuned"):
+        return None
+    values = [r.get(metric.removesuffix("_tuned") + "_base") for r in results]
+    values = [v for v in values if v is not None]
+    return values[0] if values else None
 
 
 def rebuild_report(sweep_dir: Path) -> list[Path]:
