@@ -329,6 +329,21 @@ class ScriptedBackend:
             yield word if i == len(words) - 1 else word + " "
 
 
+class GrammarBackend(ScriptedBackend):
+    """A ScriptedBackend that, like LlamaCppBackend, takes `grammar=` (GBNF text) and records each one it gets."""
+
+    kind = "llama.cpp"
+    takes_grammar = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grammars: list[str | None] = []
+
+    def stream_chat(self, messages, params=None, grammar=None):
+        self.grammars.append(grammar)
+        yield from super().stream_chat(messages, params)
+
+
 def embedded_gguf() -> Path:
     from tunelab.models.loading import embedded_gguf_path
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tunelab.io import atomic_folder, atomic_path, atomic_write, remove_leftovers
+from tunelab.io import atomic_folder, atomic_path, atomic_write, remove_leftovers, write_jsonl
 
 
 def test_atomic_write_replaces_text_and_bytes(tmp_path):
@@ -47,3 +49,27 @@ def test_remove_leftovers_sweeps_only_temp_names(tmp_path):
     (tmp_path / ".hidden").write_text("keep")
     remove_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "summary.json"]
+
+
+def test_write_jsonl_writes_one_utf8_object_a_line_and_counts_them(tmp_path):
+    target = tmp_path / "new" / "folder" / "rows.jsonl"  # parents are made
+    records = [{"city": "Köln", "days": 2}, {"text": "naïve — ok"}, []]
+    assert write_jsonl(target, (r for r in records)) == 3  # a generator streams in
+    assert target.read_text(encoding="utf-8") == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    assert "Köln" in target.read_text(encoding="utf-8")  # not \u-escaped
+    assert write_jsonl(target, []) == 0 and target.read_text() == ""  # replaced, even by nothing
+    assert [p.name for p in target.parent.iterdir()] == ["rows.jsonl"]
+
+
+def test_write_jsonl_that_fails_midway_keeps_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "export.jsonl"
+    write_jsonl(target, [{"n": 1}])
+
+    def records():
+        yield {"n": 2}
+        raise RuntimeError("database went away")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(target, records())
+    assert target.read_text() == '{"n": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["export.jsonl"]

@@ -8,11 +8,12 @@ names are `.<name>.tmp-*`: a SIGKILL can leave one behind, and the owner of the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 
 def fsync_dir(folder: Path) -> None:
@@ -69,6 +70,19 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Write `records` as JSON Lines (UTF-8, one per line) atomically and durably; returns how many were written.
+
+    They stream into the temp file (a generator of a large export is never held whole), so a reader such as
+    `data prepare` or a Hub upload sees the previous file or the complete new one, never a half-written one."""
+    count = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
 
 
 @contextlib.contextmanager

@@ -5,10 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from tests.helpers import ScriptedBackend
+from tests.helpers import GrammarBackend, ScriptedBackend
 
+from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 from tunelab.serve.feedback import FeedbackStore
-from tunelab.serve.handlers import ChatApp, chat_display, turn_for_message
+from tunelab.serve.handlers import ChatApp, chat_display, planner_decoding, turn_for_message
 from tunelab.serve.limits import Limits
 
 REQUEST = SimpleNamespace(session_hash="abc123")
@@ -53,6 +54,43 @@ def test_plan_with_zero_days_shows_message_and_never_calls_the_model(app):
     *_, (plan, record, status) = run(app.plan(**planner_args(days=0), temperature=0.7, max_new_tokens=50, last_plan=None))
     assert "between 1 and 14 days" in status and record is None
     assert app.backend.calls == []
+
+
+def test_plan_with_the_day_format_sends_the_grammar_and_its_budget_to_a_backend_that_takes_one(tmp_path):
+    backend = GrammarBackend()
+    app = ChatApp(backend, FeedbackStore(tmp_path / "fb.db"))
+    *_, (plan, record, status) = run(app.plan(**planner_args(days=2), temperature=0.0, max_new_tokens=16, last_plan=None,
+                                              day_format=True))  # fmt: skip
+    assert backend.grammars == [day_plan_grammar(2)] and status == "Done. Rate the plan below."
+    assert backend.calls[0][1].max_new_tokens == token_budget(2)  # the format's budget, not the slider's 16
+    assert record["params"] == {**record["params"], "max_new_tokens": token_budget(2), "day_grammar": True}
+    *_, (plan, record, status) = run(app.plan(**planner_args(days=14), temperature=0.0, max_new_tokens=16, last_plan=None,
+                                              day_format=True))  # fmt: skip
+    assert backend.calls[-1][1].max_new_tokens == Limits().max_new_tokens  # never past the server's limit
+    *_, (plan, record, status) = run(app.plan(**planner_args(days=2), temperature=0.0, max_new_tokens=16, last_plan=None))
+    assert backend.grammars[-1] is None and backend.calls[-1][1].max_new_tokens == 16 and "day_grammar" not in record["params"]
+
+
+def test_plan_with_the_day_format_on_a_backend_without_grammars_says_so_and_plans_anyway(app):
+    outputs = run(app.plan(**planner_args(), temperature=0.0, max_new_tokens=16, last_plan=None, day_format=True))
+    notice = "ℹ️ Planned without the day-by-day format: the scripted backend cannot take a grammar"
+    assert all(notice in status and "\n" not in status for *_, status in outputs)
+    *_, (plan, record, status) = outputs
+    assert status.startswith("Done. Rate the plan below. ") and record["response"].startswith("You said: Plan a 3-day")
+    assert app.backend.calls[0][1].max_new_tokens == 16 and "day_grammar" not in record["params"]
+
+
+@pytest.mark.parametrize("backend_class", ["TransformersBackend", "OpenAIBackend"])
+def test_transformers_and_remote_backends_do_not_take_a_grammar(backend_class):
+    import tunelab.models.inference as inference
+    import tunelab.models.openai_backend as openai_backend
+
+    cls = getattr(inference, backend_class, None) or getattr(openai_backend, backend_class)
+    backend = cls.__new__(cls)  # the class's capabilities, without loading a model or reaching a server
+    params = inference.GenerationParams(max_new_tokens=16)
+    grammar, used, notice = planner_decoding(True, 2, params, Limits(), [backend])
+    assert grammar is None and used == params and f"the {cls.kind} backend cannot take a grammar" in notice
+    assert inference.takes_grammar(inference.LlamaCppBackend.__new__(inference.LlamaCppBackend))
 
 
 # -------------------------------------------------------------------------------------- chat

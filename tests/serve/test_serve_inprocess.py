@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from tests.helpers import ScriptedBackend, free_port, listening_addresses
+from tests.helpers import GrammarBackend, ScriptedBackend, free_port, listening_addresses
 
 from tunelab.serve.app import build_app, launch
 
@@ -100,6 +100,28 @@ def test_feedback_with_the_same_submission_id_is_stored_once(served):
     assert [r["comment"] for r in demo.tunelab_app.store.rows()] == ["once"]
     client.predict("up", [], "no key", "", api_name="/chat_feedback")  # the key is optional
     assert len(demo.tunelab_app.store.rows()) == 2
+
+
+def test_the_planner_day_format_box_reaches_the_backend_through_the_api(tmp_path):
+    """/plan takes the box after Max new tokens; clients that leave it out (9 arguments) get its default, off."""
+    from gradio_client import Client
+
+    from tunelab.eval.plan_grammar import day_plan_grammar
+
+    backend = GrammarBackend()
+    demo = build_app(backend, tmp_path / "fb.db")
+    url = launch(demo, port=free_port(), block=False, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        trip = ("Porto", 2, "any time", "budget", "relaxed", [], "", 0.0, 16)
+        _, status = client.predict(*trip, True, api_name="/plan")
+        assert status.startswith("Done") and backend.grammars == [day_plan_grammar(2)]
+        _, status = client.predict(*trip, api_name="/plan")
+        assert status.startswith("Done") and backend.grammars[-1] is None
+        client.predict(*trip[:-2], 0.7, 16, True, api_name="/plan_compare")
+        assert backend.grammars[-2:] == [day_plan_grammar(2)] * 2
+    finally:
+        demo.close()
 
 
 def test_a_taken_port_is_a_user_error(tmp_path):

@@ -95,6 +95,32 @@ def test_planner_pair_and_bad_picks(store):
     assert "city" in last(sbs.compare_plans("", 2, "any time", "mid-range", "balanced", [], "", 0.7, 64)).status
 
 
+class SeededGrammarBackend(SeededBackend):
+    kind = "llama.cpp"
+    takes_grammar = True
+
+    def stream_chat(self, messages, params=None, grammar=None):
+        self.calls.append((messages, params, grammar))
+        yield f"{self.model_id} answer with seed {params.seed}"
+
+
+def test_planner_pair_with_the_day_format_uses_the_grammar_on_both_sides_or_on_neither(store):
+    from tunelab.eval.plan_grammar import day_plan_grammar
+
+    trip = ("Porto", 2, "any time", "mid-range", "balanced", ["food"], "", 0.7, 64)
+    current = SeededGrammarBackend(model_id="current.gguf")
+    update = last(SideBySide(ChatApp(current, store)).compare_plans(*trip, day_format=True))
+    assert [call[2] for call in current.calls] == [day_plan_grammar(2)] * 2 and update.status.startswith("Done")
+    assert all(answer["params"]["day_grammar"] for answer in update.pair["answers"])
+
+    candidate = SeededBackend(model_id="candidate")  # cannot take a grammar: neither side gets one (a fair pick)
+    current.calls.clear()
+    update = last(SideBySide(ChatApp(current, store), candidate).compare_plans(*trip, day_format=True))
+    assert [call[2] for call in current.calls] == [None] and len(candidate.calls) == 1
+    assert "the scripted backend cannot take a grammar" in update.status and "\n" not in update.status
+    assert not any("day_grammar" in answer["params"] for answer in update.pair["answers"])
+
+
 def test_side_by_side_events_through_the_gradio_api(tmp_path):
     from gradio_client import Client
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from tunelab.eval.rubric import CRITERIA, Answer, Scored, TravelPrompt, compare, score_answer
-from tunelab.models.inference import load_backend, open_llama
+from tunelab.models.inference import llama_grammar, load_backend, open_llama
 
 Generate = Callable[[TravelPrompt], Answer]
 
@@ -61,16 +61,16 @@ def answer_in_llama_cpp(llm, prompt: TravelPrompt, day_grammar: bool, max_new_to
     """One answer from a llama.cpp model; finished means it stopped at end-of-turn, not at the token limit.
 
     day_grammar (and a prompt with a day count): decode under the day-plan grammar with the budget of the longest
-    plan it allows, so a constrained plan is never cut; otherwise `max_new_tokens`."""
-    from llama_cpp import LlamaGrammar
-
+    plan it allows, so a constrained plan is never cut; otherwise `max_new_tokens`. The app's Travel Planner decodes
+    the same way when its "day-by-day format" box is ticked (serve/handlers.planner_decoding; the grammar reaches
+    llama.cpp through the same `llama_grammar`)."""
     from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 
     constrained = day_grammar and prompt.days is not None
     result = llm.create_chat_completion(
         messages=[{"role": "user", "content": prompt.prompt}],
         max_tokens=token_budget(prompt.days) if constrained else max_new_tokens,
-        grammar=LlamaGrammar.from_string(day_plan_grammar(prompt.days), verbose=False) if constrained else None,
+        grammar=llama_grammar(day_plan_grammar(prompt.days) if constrained else None),
         **sampling,
     )
     choice = result["choices"][0]

@@ -57,8 +57,9 @@ def travel_data_cmd(
     """Travel training data: real day-by-day itineraries from the embedded ShareGPT, plus base-model answers to
     synthetic prompts kept by rejection sampling under the travel rubric (never the shipped eval prompts)."""
     from tunelab.experiments.travel_data import (
-        gguf_sampler, rejection_sample, select_itineraries, sharegpt_first_exchanges, synthetic_prompts, write_jsonl,
+        gguf_sampler, rejection_sample, select_itineraries, sharegpt_first_exchanges, synthetic_prompts,
     )
+    from tunelab.io import write_jsonl
 
     kept, counts = select_itineraries(sharegpt_first_exchanges())
     write_jsonl(output / "itineraries.jsonl", kept)

@@ -11,7 +11,6 @@ Both write plain `{"messages": [...]}` JSONL files that a config lists as `data.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -202,10 +201,3 @@ def gguf_sampler(
                                    seed=seed, repeat_penalty=repetition_penalty)  # fmt: skip
 
     return sample
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from tunelab.io import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

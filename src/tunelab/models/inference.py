@@ -46,12 +46,30 @@ class GenerationParams:
 
 
 class ChatBackend(Protocol):
+    """A backend that can also constrain decoding with a grammar (llama.cpp GBNF text) sets `takes_grammar = True`
+    and accepts `stream_chat(messages, params, grammar=...)`; only LlamaCppBackend does (see `takes_grammar`)."""
+
     model_id: str  # a short name for logs and the app (file or folder name)
-    kind: str  # "llama.cpp" or "transformers"
+    kind: str  # "llama.cpp", "transformers" or "openai-api"
 
     def stream_chat(self, messages: Messages, params: GenerationParams | None = None) -> Iterator[str]:
         """Yield the assistant reply as text pieces, as they are generated."""
         ...
+
+
+def takes_grammar(backend: ChatBackend) -> bool:
+    """Whether `backend.stream_chat` takes `grammar=` (GBNF text). Callers check first and pass it only then."""
+    return getattr(backend, "takes_grammar", False)
+
+
+def llama_grammar(gbnf: str | None):
+    """GBNF text -> a llama_cpp.LlamaGrammar for one request (None stays None): the one way tunelab hands a
+    grammar to llama.cpp (the app's backend and `eval/domain.answer_in_llama_cpp`)."""
+    if gbnf is None:
+        return None
+    from llama_cpp import LlamaGrammar
+
+    return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def load_backend(model_path: str | Path, threads: int | None = None) -> ChatBackend:
@@ -132,6 +150,7 @@ def open_llama(gguf_path: str | Path, threads: int | None = None, n_ctx: int = 2
 
 class LlamaCppBackend:
     kind = "llama.cpp"
+    takes_grammar = True
 
     def __init__(self, gguf_path: Path, threads: int | None = None, n_ctx: int = 2048):
         self.model_id = gguf_path.name
@@ -141,7 +160,10 @@ class LlamaCppBackend:
         if "tokenizer.chat_template" not in self.llm.metadata:
             raise UserError(f"{gguf_path}: the GGUF has no tokenizer.chat_template; re-export it with `tunelab export`")
 
-    def stream_chat(self, messages: Messages, params: GenerationParams | None = None) -> Iterator[str]:
+    def stream_chat(
+        self, messages: Messages, params: GenerationParams | None = None, grammar: str | None = None
+    ) -> Iterator[str]:
+        """`grammar`: GBNF text the reply must match (llama.cpp then allows only end-of-turn once it is complete)."""
         params = (params or GenerationParams()).validate()
         chunks = self.llm.create_chat_completion(
             messages=messages,
@@ -151,6 +173,7 @@ class LlamaCppBackend:
             max_tokens=params.max_new_tokens,
             repeat_penalty=params.repetition_penalty,
             seed=params.seed,
+            grammar=llama_grammar(grammar),
         )
         for chunk in chunks:
             piece = chunk["choices"][0]["delta"].get("content")

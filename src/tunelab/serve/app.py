@@ -185,6 +185,11 @@ def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
             16, limits.max_new_tokens, value=min(PLANNER_MAX_NEW_TOKENS, limits.max_new_tokens), step=1, label="Max new tokens",
             elem_id="planner-max-tokens",
         )
+        day_format = gr.Checkbox(
+            value=False, label="Follow the day-by-day format (grammar)", elem_id="planner-day-format",
+            info="Exactly one \"Day n:\" section per day, 2–3 items each, under a llama.cpp grammar (.gguf models only; "
+                 "the plan then gets the tokens the format needs, whatever Max new tokens says).",
+        )  # fmt: skip
     with gr.Row():
         go = gr.Button("Plan my trip", variant="primary", elem_id="planner-go", visible=not side_by_side)
         compare = gr.Button("Two plans to compare", variant="primary", elem_id="planner-compare", visible=side_by_side)
@@ -195,12 +200,12 @@ def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
     plan = gr.Markdown(elem_id="planner-plan", sanitize_html=True)
     trip = [city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens]
     compared = compare.click(
-        sbs.compare_plans, trip, pair_outputs, api_name="plan_compare",
+        sbs.compare_plans, [*trip, day_format], pair_outputs, api_name="plan_compare",
         concurrency_limit=1, concurrency_id=MODEL_QUEUE, time_limit=600,
     )  # fmt: skip
     planned = go.click(
         app.plan,
-        [city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan],
+        [*trip, last_plan, day_format],
         list(PlanUpdate(plan=plan, last_plan=last_plan, status=status)),
         api_name="plan",
         concurrency_limit=model_concurrency(app.backend),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from tunelab.errors import UserError
+from tunelab.io import write_jsonl
 
 EVALSET_GLOB = "evalset-*.jsonl"
 DEFAULT_MAX_PROMPTS = 100
@@ -98,8 +99,6 @@ def content_version(records: list[dict[str, Any]]) -> str:
 
 def write_evalset(records: list[dict[str, Any]], out_dir: Path, source: str) -> Path:
     """Write `evalset-<version>.jsonl` atomically; an existing file of the same version is the same set (kept)."""
-    from tunelab.serve.feedback import write_jsonl
-
     if not records:
         raise UserError(f"{source}: no feedback rows to freeze into a regression set yet")
     version = content_version(records)
@@ -116,7 +115,7 @@ def write_evalset(records: list[dict[str, Any]], out_dir: Path, source: str) -> 
             "held_out": "never exported for training (tunelab feedback export skips these prompts)",
         }
     }
-    write_jsonl([header, *records], path)
+    write_jsonl(path, [header, *records])
     return path
 
 

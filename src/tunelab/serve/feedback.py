@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 from tunelab.errors import UserError
 from tunelab.serve.evalset import frozen_prompt_keys, prompt_key
-from tunelab.io import atomic_path
+from tunelab.io import write_jsonl
 
 SCHEMA_VERSION = 2
 
@@ -505,16 +505,6 @@ def export_records(
                 yield record
 
 
-def write_jsonl(records: Iterable[dict[str, Any]], out_path: str | Path) -> int:
-    """Write atomically (temp file + rename) so a half-written export is never picked up by `data prepare`."""
-    count = 0
-    with atomic_path(out_path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    return count
-
-
 def export_feedback(
     db_path: str | Path, out_path: str | Path, fmt: str, min_rating: int | None = None, log: Callable[[str], None] | None = None
 ) -> int:
@@ -534,7 +524,7 @@ def export_feedback(
             rows, pairs = filter(kept, rows), filter(kept, pairs)
             if log and left_out:
                 log(f"left out {left_out} feedback row(s) whose prompt is in a frozen regression set (evalset-*.jsonl)")
-    return write_jsonl(export_records(rows, fmt, pairs), out_path)
+    return write_jsonl(out_path, export_records(rows, fmt, pairs))
 
 
 def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:

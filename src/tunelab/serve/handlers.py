@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -25,7 +25,8 @@ import gradio as gr
 
 from tunelab import __version__
 from tunelab.errors import UserError
-from tunelab.models.inference import ChatBackend, GenerationParams
+from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
+from tunelab.models.inference import ChatBackend, GenerationParams, takes_grammar
 from tunelab.serve.feedback import MAX_BETTER_ANSWER_CHARS, MAX_COMMENT_CHARS, REASONS, FeedbackRecord, FeedbackStore, rows_to_csv
 from tunelab.serve.limits import InputError, Limits, check_length, clamp_params, clean_text, escape_for_display, fit_history
 from tunelab.serve.planner import PlannerPrompt, validate_planner_inputs
@@ -123,6 +124,35 @@ def friendly_generation_error(exc: Exception) -> str:
     return f"Generation failed ({type(exc).__name__}). Please try again or start a new conversation."
 
 
+def planner_decoding(
+    day_format: bool, days: int, params: GenerationParams, limits: Limits, backends: list[ChatBackend]
+) -> tuple[str | None, GenerationParams, str]:
+    """The Travel Planner's "Follow the day-by-day format (grammar)" box: (grammar, params, notice).
+
+    Ticked, and every backend that will answer takes a grammar (llama.cpp): the day-plan grammar for `days`, and as
+    `tunelab eval --grammar` does (eval/domain.answer_in_llama_cpp) the budget of the longest plan it allows rather
+    than the slider's, so a constrained plan is not cut — within the server's max_new_tokens. A backend that cannot
+    take one (transformers, a remote OpenAI-compatible server): no grammar for any side (a side-by-side pair stays
+    comparable) and a one-line notice for the status. Not ticked: (None, params, "")."""
+    if not day_format:
+        return None, params, ""
+    unable = next((backend for backend in backends if not takes_grammar(backend)), None)
+    if unable is not None:
+        return None, params, (f"ℹ️ Planned without the day-by-day format: the {unable.kind} backend cannot take a grammar "
+                              "(llama.cpp .gguf models only).")  # fmt: skip
+    budget = min(token_budget(days), limits.max_new_tokens)
+    return day_plan_grammar(days), replace(params, max_new_tokens=budget), ""
+
+
+def with_notice(status: str, notice: str) -> str:
+    return f"{status} {notice}" if notice else status
+
+
+def recorded_params(params: GenerationParams, grammar: str | None) -> dict:
+    """Generation parameters as stored with feedback; `day_grammar: true` marks a plan decoded under the grammar."""
+    return {**asdict(params), "day_grammar": True} if grammar else asdict(params)
+
+
 class ChatApp:
     """Event handlers; one instance per server, shared by all sessions (per-session data lives in gr.State)."""
 
@@ -144,10 +174,13 @@ class ChatApp:
         self._download_dir: Path | None = None  # made on the first download (see _downloads)
 
     def _stream(
-        self, messages: list[dict[str, str]], params: GenerationParams, backend: ChatBackend | None = None
+        self, messages: list[dict[str, str]], params: GenerationParams, backend: ChatBackend | None = None,
+        grammar: str | None = None,
     ) -> Iterator[str]:
-        """Accumulated answer text; the backend's generator is closed even when the user presses Stop."""
-        pieces = (backend or self.backend).stream_chat(messages, params)
+        """Accumulated answer text; the backend's generator is closed even when the user presses Stop.
+        `grammar` only for a backend that takes one (see `planner_decoding`)."""
+        backend = backend or self.backend
+        pieces = backend.stream_chat(messages, params, grammar=grammar) if grammar else backend.stream_chat(messages, params)
         answer = ""
         try:
             for piece in pieces:
@@ -158,12 +191,14 @@ class ChatApp:
             if close:
                 close()
 
-    def _answer_record(self, tab: str, messages, response: str, params: GenerationParams, inputs: dict) -> dict:
+    def _answer_record(
+        self, tab: str, messages, response: str, params: GenerationParams, inputs: dict, grammar: str | None = None
+    ) -> dict:
         return {
             "tab": tab,
             "messages": messages,
             "response": response,
-            "params": asdict(params),
+            "params": recorded_params(params, grammar),
             "inputs": inputs,
             "model_id": self.backend.model_id,
             "model_hash": self.model_hash,
@@ -219,32 +254,38 @@ class ChatApp:
         return AnswerSelected(turn["record"], rating, note)
 
     # ---------------------------------------------------------------------------- planner tab
-    def plan(self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan):
-        """Stream a Markdown plan as PlanUpdates."""
+    def plan(
+        self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan,
+        day_format=False,
+    ):
+        """Stream a Markdown plan as PlanUpdates. `day_format`: decode under the day-plan grammar (`planner_decoding`)."""
         try:
             inputs = validate_planner_inputs(city, days, when, budget, pace, interests, preferences, self.limits)
             params = clamp_params(temperature, 0.9, max_new_tokens, self.limits)
         except InputError as exc:
             yield PlanUpdate(gr.skip(), last_plan, f"⚠️ {exc}")
             return
+        grammar, params, notice = planner_decoding(bool(day_format), inputs.days, params, self.limits, [self.backend])
         messages = self.planner_prompt.messages(inputs)
         title = f"# {inputs.days}-day plan for {escape_for_display(inputs.city)}\n\n"
-        record = self._answer_record("planner", messages, "", params, asdict(inputs))
-        yield PlanUpdate(title, last_plan, "Planning…")
+        record = self._answer_record("planner", messages, "", params, asdict(inputs), grammar)
+        planning = with_notice("Planning…", notice)
+        yield PlanUpdate(title, last_plan, planning)
         answer = ""
         try:
-            for answer in self._stream(messages, params):
+            for answer in self._stream(messages, params, grammar=grammar):
                 record = {**record, "response": answer}
-                yield PlanUpdate(title + escape_for_display(answer), record, "Planning…")
+                yield PlanUpdate(title + escape_for_display(answer), record, planning)
         except Exception as exc:
             log.exception("planner generation failed")
             error = friendly_generation_error(exc)
-            yield PlanUpdate(title + escape_for_display(answer) + f"\n\n⚠️ {error}", last_plan, f"⚠️ {error}")
+            shown = title + escape_for_display(answer) + f"\n\n⚠️ {error}"
+            yield PlanUpdate(shown, last_plan, with_notice(f"⚠️ {error}", notice))
             return
         if not answer:
-            yield PlanUpdate(title, last_plan, "⚠️ The model returned an empty plan. Try again.")
+            yield PlanUpdate(title, last_plan, with_notice("⚠️ The model returned an empty plan. Try again.", notice))
             return
-        yield PlanUpdate(title + escape_for_display(answer), record, "Done. Rate the plan below.")
+        yield PlanUpdate(title + escape_for_display(answer), record, with_notice("Done. Rate the plan below.", notice))
 
     # ------------------------------------------------------------------------------ feedback
     def submit_feedback(

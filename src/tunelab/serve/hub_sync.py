@@ -27,7 +27,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
-from tunelab.serve.feedback import export_feedback, iter_pairwise_rows, write_jsonl
+from tunelab.io import write_jsonl
+from tunelab.serve.feedback import export_feedback, iter_pairwise_rows
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class FeedbackSync:
                 return False
             files = [
                 (export_feedback(self.db_path, self.local_file, fmt="jsonl"), self.local_file, self.path_in_repo),
-                (write_jsonl(iter_pairwise_rows(self.db_path), self.pairwise_file), self.pairwise_file, self.pairwise_path_in_repo),
+                (write_jsonl(self.pairwise_file, iter_pairwise_rows(self.db_path)), self.pairwise_file, self.pairwise_path_in_repo),
             ]
             uploaded = False
             for rows, local_file, path_in_repo in files:

@@ -19,7 +19,16 @@ import gradio as gr
 from tunelab.errors import UserError
 from tunelab.models.inference import ChatBackend, GenerationParams
 from tunelab.serve.feedback import MAX_COMMENT_CHARS, REASONS, PairwiseRecord
-from tunelab.serve.handlers import APP_VERSION, ChatApp, build_chat_messages, friendly_generation_error, session_id_for
+from tunelab.serve.handlers import (
+    APP_VERSION,
+    ChatApp,
+    build_chat_messages,
+    friendly_generation_error,
+    planner_decoding,
+    recorded_params,
+    session_id_for,
+    with_notice,
+)
 from tunelab.serve.limits import InputError, check_length, clamp_params, clean_text, escape_for_display
 from tunelab.serve.planner import validate_planner_inputs
 
@@ -66,15 +75,21 @@ class SideBySide:
         if self.candidate is None and params.temperature == 0:
             raise InputError("Side by side with one model needs a temperature above 0 (two seeds, two samples).")
 
-    def _generate_pair(self, tab: str, messages, params: GenerationParams, inputs: dict, title: str = "") -> Iterator[PairUpdate]:
+    def _backends(self) -> list[ChatBackend]:
+        return [self.app.backend] + ([self.candidate] if self.candidate is not None else [])
+
+    def _generate_pair(
+        self, tab: str, messages, params: GenerationParams, inputs: dict, title: str = "", grammar: str | None = None,
+        notice: str = "",
+    ) -> Iterator[PairUpdate]:
         pair = {"tab": tab, "messages": messages, "inputs": inputs, "answers": []}
         shown = ["", ""]
         for index, (backend, model_hash, side_params) in enumerate(self._sides(params)):
             answer = ""
             try:
-                for answer in self.app._stream(messages, side_params, backend):
+                for answer in self.app._stream(messages, side_params, backend, grammar=grammar):
                     shown[index] = title + escape_for_display(answer)
-                    yield PairUpdate(*shown, gr.skip(), f"Generating answer {'AB'[index]}…")
+                    yield PairUpdate(*shown, gr.skip(), with_notice(f"Generating answer {'AB'[index]}…", notice))
             except Exception as exc:  # a failing model must not take the session down
                 log.exception("side-by-side generation failed")
                 yield PairUpdate(*shown, None, f"⚠️ {friendly_generation_error(exc)}")
@@ -83,9 +98,10 @@ class SideBySide:
                 yield PairUpdate(*shown, None, f"⚠️ Answer {'AB'[index]} came back empty. Try again.")
                 return
             pair["answers"].append(
-                {"response": answer, "model_id": backend.model_id, "model_hash": model_hash, "params": asdict(side_params)}
-            )
-        yield PairUpdate(*shown, pair, "Done. Which answer is better? Pick below.")
+                {"response": answer, "model_id": backend.model_id, "model_hash": model_hash,
+                 "params": recorded_params(side_params, grammar)}
+            )  # fmt: skip
+        yield PairUpdate(*shown, pair, with_notice("Done. Which answer is better? Pick below.", notice))
 
     # --------------------------------------------------------------------------------- events
     def compare_chat(self, message, system_prompt, temperature, top_p, max_new_tokens, turns):
@@ -104,8 +120,10 @@ class SideBySide:
         messages = build_chat_messages(system_prompt, list(turns or []), message, limits)
         yield from self._generate_pair("chat", messages, params, {"message": message, "system_prompt": system_prompt})
 
-    def compare_plans(self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens):
-        """Two plans for the same trip, streamed into panes A and B."""
+    def compare_plans(
+        self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, day_format=False
+    ):
+        """Two plans for the same trip, streamed into panes A and B (both under the day-plan grammar, or neither)."""
         try:
             inputs = validate_planner_inputs(city, days, when, budget, pace, interests, preferences, self.app.limits)
             params = clamp_params(temperature, 0.9, max_new_tokens, self.app.limits)
@@ -113,9 +131,10 @@ class SideBySide:
         except InputError as exc:
             yield PairUpdate(gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}")
             return
+        grammar, params, notice = planner_decoding(bool(day_format), inputs.days, params, self.app.limits, self._backends())
         messages = self.app.planner_prompt.messages(inputs)
         title = f"# {inputs.days}-day plan for {escape_for_display(inputs.city)}\n\n"
-        yield from self._generate_pair("planner", messages, params, asdict(inputs), title)
+        yield from self._generate_pair("planner", messages, params, asdict(inputs), title, grammar, notice)
 
     def submit_pick(self, pick, reasons, comment, pair, submission_id="", request: gr.Request = None):
         """Store which of the two answers is better (or both bad), with reasons and comment."""
