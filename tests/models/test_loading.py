@@ -205,3 +205,55 @@ def test_real_gemma_resolves_to_a_gemma3_folder_with_its_template():
     tokenizer = load_tokenizer(ModelConfig(name="embedded:gemma3-270m"))
     assert tokenizer.apply_chat_template(MESSAGES[1:], tokenize=False) == (
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n")
+
+
+# ------------------------------------------------------------ SentencePiece tokenizer.model rebuilt from a GGUF
+def write_tiny_gguf(path, tokenizer_model: str = "llama"):
+    """A GGUF with only tokenizer metadata, written with llama.cpp's own gguf-py writer."""
+    import gguf
+
+    tokens = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "\n\n"]
+              + [f"<0x{b:02X}>" for b in range(256)] + ["▁", "a", "b", "▁a", "ab", "<unused0>"])
+    types = [3, 3, 3, 3, 3, 3, 4, 4] + [6] * 256 + [1, 1, 1, 1, 1, 5]
+    scores = [-1000.0] * 8 + [0.0] * 256 + [-1.0, -2.0, -3.0, -4.0, -5.0, -1000.0]
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_space_prefix(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tokens, scores, types
+
+
+def test_sentencepiece_model_is_rebuilt_piece_for_piece_from_the_gguf(tmp_path):
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    from tunelab.models.loading import write_sentencepiece_model
+
+    tokens, scores, types = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert write_sentencepiece_model(tmp_path / "tiny.gguf", tmp_path / "tokenizer.model") is True
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "tokenizer.model").read_bytes())
+    assert [p.piece for p in proto.pieces] == tokens
+    assert [p.score for p in proto.pieces] == scores
+    assert [int(p.type) for p in proto.pieces] == types
+    assert proto.normalizer_spec.add_dummy_prefix is False
+    assert proto.trainer_spec.byte_fallback is True  # all 256 byte pieces
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.LoadFromFile(str(tmp_path / "tokenizer.model"))  # a valid model for the sentencepiece library itself
+    assert (sp.bos_id(), sp.eos_id(), sp.pad_id(), proto.trainer_spec.unk_id) == (2, 1, 0, 3)
+    assert sp.IsControl(5) and sp.IsByte(8 + 0x41) and sp.IsUnused(269) and sp.IdToPiece(7) == "\n\n"
+    assert sp.encode("ab") == [268] and sp.encode("c") == [8 + ord("c")]  # a merge; an unknown char as its byte
+
+    write_tiny_gguf(tmp_path / "bpe.gguf", tokenizer_model="gpt2")  # SmolLM2-style: nothing to write
+    assert write_sentencepiece_model(tmp_path / "bpe.gguf", tmp_path / "none.model") is False
+    assert not (tmp_path / "none.model").exists()

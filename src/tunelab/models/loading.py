@@ -129,13 +129,60 @@ def _convert_gguf_to_hf(gguf_file: Path, out_dir: Path) -> None:
             model.hf_quantizer = None
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "tunelab_source.json").write_text(json.dumps({"gguf": str(gguf_file)}))
+        spm = write_sentencepiece_model(gguf_file, tmp / "tokenizer.model")
+        (tmp / "tunelab_source.json").write_text(json.dumps({"gguf": str(gguf_file), "tokenizer_model": spm}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_sentencepiece_model(gguf_file: Path, out_file: Path) -> bool:
+    """Rebuild a SentencePiece `tokenizer.model` from a GGUF whose tokenizer is SentencePiece (`llama`: Gemma,
+    Llama-2, Mistral v0.1...): its pieces, scores and token types, copied as they are. llama.cpp's
+    convert_hf_to_gguf reads that file for these families (Gemma-3 without it falls back to a GPT-2-style BPE
+    vocabulary it cannot recognise), so a folder made from the GGUF converts back to the same vocabulary.
+    Returns False (and writes nothing) for other tokenizers (e.g. SmolLM2's GPT-2 BPE)."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    fields = GGUFReader(str(gguf_file)).fields
+
+    def scalar(key, default=None):
+        field = fields.get(key)
+        return field.contents() if field is not None else default
+
+    if scalar("tokenizer.ggml.model") != "llama":
+        return False
+    tokens_field = fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(tokens_field.parts[i]).decode("utf-8") for i in tokens_field.data]
+    scores = scalar("tokenizer.ggml.scores")
+    types = scalar("tokenizer.ggml.token_type")  # llama.cpp's token types are SentencePiece's enum (1..6)
+    proto = spm_pb2.ModelProto()
+    trainer = proto.trainer_spec
+    trainer.model_type = spm_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = list(types).count(6) == 256  # sentencepiece requires all 256 byte pieces for it
+    trainer.unk_id = scalar("tokenizer.ggml.unknown_token_id", 0)
+    trainer.bos_id = scalar("tokenizer.ggml.bos_token_id", -1)
+    trainer.eos_id = scalar("tokenizer.ggml.eos_token_id", -1)
+    trainer.pad_id = scalar("tokenizer.ggml.padding_token_id", -1)
+    for key, token_id in (("unk_piece", trainer.unk_id), ("bos_piece", trainer.bos_id), ("eos_piece", trainer.eos_id),
+                          ("pad_piece", trainer.pad_id)):
+        if 0 <= token_id < len(tokens):
+            setattr(trainer, key, tokens[token_id])
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(scalar("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    for token, score, kind in zip(tokens, scores, types):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, float(score), int(kind)
+    out_file.write_bytes(proto.SerializeToString())
+    return True
 
 
 def _gguf_cache_folder(gguf_file: Path) -> Path:
@@ -165,7 +212,25 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
     folder = _gguf_cache_folder(gguf_file)
     if not (folder / "config.json").is_file():
         _convert_gguf_to_hf(gguf_file, folder)
+    else:
+        _add_sentencepiece_model(gguf_file, folder)
     return str(folder)
+
+
+def _add_sentencepiece_model(gguf_file: Path, folder: Path) -> None:
+    """A folder cached before tunelab wrote tokenizer.model gets it now (once; recorded in tunelab_source.json)."""
+    source_file = folder / "tunelab_source.json"
+    try:
+        source = json.loads(source_file.read_text())
+    except (OSError, ValueError):
+        source = {"gguf": str(gguf_file)}
+    if "tokenizer_model" in source:
+        return
+    tmp = folder / ".tokenizer.model.tmp"
+    source["tokenizer_model"] = write_sentencepiece_model(gguf_file, tmp)
+    if source["tokenizer_model"]:
+        os.replace(tmp, folder / "tokenizer.model")
+    source_file.write_text(json.dumps(source))
 
 
 def _check_hub_reachable(repo_id: str, revision: str | None) -> None:
