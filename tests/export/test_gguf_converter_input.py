@@ -32,3 +32,18 @@ def test_folders_without_sentencepiece_pieces_are_converted_as_they_are(tmp_path
     (tmp_path / "config.json").write_text("{}")
     with converter_input(tmp_path) as model_dir:
         assert model_dir == tmp_path
+
+
+def test_merged_folder_gets_the_base_sentencepiece_model_once(tmp_path):
+    from tunelab.export.merge import copy_sentencepiece_model
+
+    base, merged = tmp_path / "base", tmp_path / "merged"
+    base.mkdir()
+    merged.mkdir()
+    assert copy_sentencepiece_model(base, merged) is False and not (merged / "tokenizer.model").exists()  # SmolLM2
+    (base / "tokenizer.model").write_bytes(b"spm-proto")
+    assert copy_sentencepiece_model(base, merged) is True
+    assert (merged / "tokenizer.model").read_bytes() == b"spm-proto"
+    (merged / "tokenizer.model").write_bytes(b"the run's own")
+    assert copy_sentencepiece_model(base, merged) is False  # never overwrites one the tokenizer saved itself
+    assert (merged / "tokenizer.model").read_bytes() == b"the run's own"
