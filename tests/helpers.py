@@ -41,6 +41,29 @@ def tokenizer_for_tests():
     return load_tokenizer(ModelConfig())
 
 
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def tiny_gemma_like_tokenizer():
+    """Byte-level BPE without merges (one token per byte) plus Gemma's special tokens, with the `gemma` template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(GEMMA_SPECIALS)}
+    vocab.update({ch: len(GEMMA_SPECIALS) + i for i, ch in enumerate(sorted(byte_chars))})
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    from tunelab.models.templates import apply_turn_end, resolve_chat_template
+
+    tokenizer.chat_template = resolve_chat_template("gemma", tokenizer)
+    apply_turn_end("gemma", tokenizer)
+    return tokenizer
+
+
 def small_llama_folder(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

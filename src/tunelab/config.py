@@ -97,11 +97,14 @@ class DataConfig(_Section):
 # ---------------------------------------------------------------------------------------- model
 class ModelConfig(_Section):
     name: str = Field(
-        "embedded:smollm2-135m", description="Base model: embedded:smollm2-135m, a local HF folder, a local .gguf file or a Hub id."
+        "embedded:smollm2-135m",
+        description="Base model: embedded:smollm2-135m, embedded:gemma3-270m (extra `gemma`), a local HF folder, "
+        "a local .gguf file or a Hub id.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub model.")
     chat_template: str | None = Field(
-        None, description="Force a chat template: llama-3.1 | chatml | zephyr | a .jinja file; default: the tokenizer's own."
+        None, description="Force a chat template: llama-3.1 | chatml | zephyr | gemma | a .jinja file; default: the "
+        "tokenizer's own (gemma for embedded:gemma3-270m)."
     )
     load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (CUDA + bitsandbytes only).")
     load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (CUDA + bitsandbytes only).")

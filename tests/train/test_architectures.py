@@ -226,3 +226,68 @@ def test_tunelab_train_cli_step(tmp_path, name, expected):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_train_loss"] > 0 and summary["final_val_loss"] > 0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- Gemma-3 (270M shape)
+GEMMA_CHATS = [
+    [{"role": "system", "content": "Plan trips."}, {"role": "user", "content": "Two days in Rome?"},
+     {"role": "assistant", "content": "Day 1: Colosseum and Forum. Day 2: Vatican."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! Where to?"},
+     {"role": "user", "content": "Lisbon, one day."}, {"role": "assistant", "content": "Day 1: Alfama, tram 28, Belem."}],
+    [{"role": "user", "content": "Pack list for Oslo in May?"}, {"role": "assistant", "content": "Layers, rain jacket."}],
+]
+
+
+def gemma3_270m_shaped(vocab_size: int, window: int):
+    """Gemma-3-270M's shape, shrunk: sliding layers before a full one, one KV head, the query scalar not equal to
+    head_dim, separate RoPE bases for local (10k) and global (1M) layers, tied embeddings; the window binds."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=256,
+                            sliding_window=window, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                            max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=4,
+                            tie_word_embeddings=True)
+
+
+def per_conversation_loss(model, rows):
+    """Plain transformers + PEFT, one conversation per forward (no padding, no packing): the token-weighted mean
+    of each conversation's own loss."""
+    losses, counts = [], []
+    for ids, labels in rows:
+        n = sum(1 for label in labels[1:] if label != IGNORE)  # the model shifts labels by one itself
+        losses.append(model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss * n)
+        counts.append(n)
+    return sum(losses) / sum(counts)
+
+
+def test_gemma3_packed_fast_path_equals_per_conversation_forward_on_gemma_chat_rows():
+    """Rows made by tunelab's own masking with the `gemma` template (a byte-level tokenizer, so conversations are
+    60-150 tokens against a 16-token window): packed fast-path loss and LoRA gradients equal plain transformers+PEFT
+    run one conversation at a time."""
+    from tests.helpers import tiny_gemma_like_tokenizer
+    from tunelab.data.masking import encode_conversations
+
+    tokenizer = tiny_gemma_like_tokenizer()
+    encoded, _ = encode_conversations(tokenizer, GEMMA_CHATS, [f"c{i}" for i in range(len(GEMMA_CHATS))], 512, "truncate")
+    rows = [(e.input_ids, e.labels) for e in encoded]
+    assert len(rows) == 3 and min(len(ids) for ids, _ in rows) > 3 * 16
+    model = lora_model(gemma3_270m_shaped(len(tokenizer), window=16))
+    assert plan_for(model).fast, plan_for(model).reason
+
+    model.zero_grad()
+    ref_loss = per_conversation_loss(model, rows)
+    ref_loss.backward()
+    ref_grads = lora_grads(model)
+
+    assert use_plan(model, packing=True, log=lambda *_: None)
+    loss, grads = tunelab_loss_and_grads(model, pack(rows))
+    assert_same(loss, grads, ref_loss.detach(), ref_grads)
+
+    # the window really binds on these rows: without it the model's own loss is different
+    model.config.sliding_window = 10_000
+    for module in model.modules():
+        if hasattr(module, "sliding_window") and module.sliding_window:
+            module.sliding_window = 10_000
+    with torch.no_grad():
+        assert abs(float(per_conversation_loss(model, rows)) - float(ref_loss)) > 1e-4

@@ -31,7 +31,7 @@ def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, targe
 
     `target` lets a sweep share one base GGUF between runs of the same base model."""
     from tunelab.export.gguf import convert_hf_to_gguf, quantize_gguf
-    from tunelab.export.merge import fix_generation_config
+    from tunelab.export.merge import copy_sentencepiece_model, fix_generation_config
     from tunelab.models.loading import load_model
     from tunelab.models.runs import load_run_tokenizer, run_config
 
@@ -47,6 +47,7 @@ def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, targe
         fix_generation_config(model, tokenizer)
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        copy_sentencepiece_model(Path(model.name_or_path), folder)  # Gemma: what llama.cpp's converter reads
         convert_hf_to_gguf(folder, f16, "f16")
         quantize_gguf(f16, target, SHIPPED_QUANT, threads)
     finally:

@@ -11,6 +11,7 @@ from tunelab.config import Config
 
 KNOWN_BASES = {  # embedded keys -> the Hub model they are a quantised copy of
     "embedded:smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "embedded:gemma3-270m": ("google/gemma-3-270m", "gemma"),
 }
 
 

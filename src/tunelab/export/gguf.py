@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -89,13 +90,47 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
     """Run llama.cpp's converter on a HF folder; the GGUF carries the tokenizer, chat template and EOS."""
     src = llama_cpp_source_dir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
-    with atomic_path(out_file) as tmp:
-        cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+    with atomic_path(out_file) as tmp, converter_input(hf_dir) as model_dir:
+        cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not tmp.stat().st_size:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
             raise UserError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf_dir}:\n{tail}")
     return out_file
+
+
+def user_defined_pieces(tokenizer_model: Path) -> dict[str, int]:
+    """The USER_DEFINED pieces of a SentencePiece model (Gemma: "\\n", "\\n\\n", runs of spaces...): {piece: id}."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString(tokenizer_model.read_bytes())
+    user_defined = spm_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return {p.piece: i for i, p in enumerate(proto.pieces) if p.type == user_defined}
+
+
+@contextlib.contextmanager
+def converter_input(hf_dir: Path):
+    """The folder to hand llama.cpp's converter: `hf_dir` itself, or for a SentencePiece tokenizer with
+    user-defined pieces a side folder of links to its files plus an `added_tokens.json` naming them.
+
+    The converter keeps a piece USER_DEFINED (matched whole by llama.cpp, as Hugging Face's tokenizer does) only
+    when added_tokens.json or tokenizer_config.json lists it; a folder saved by transformers 5 lists neither
+    (its added tokens live in tokenizer.json), so "\\n\\n" would turn into an ordinary piece that llama.cpp's SPM
+    merges never produce and the GGUF would tokenise text differently from training. added_tokens.json is not
+    written into `hf_dir` itself: transformers would then add its entries a second time."""
+    spm = hf_dir / "tokenizer.model"
+    pieces = user_defined_pieces(spm) if spm.is_file() and not (hf_dir / "added_tokens.json").exists() else {}
+    if not pieces:
+        yield hf_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="convert-input-", dir=hf_dir.parent) as tmp:
+        staged = Path(tmp) / hf_dir.name  # the converter names the model after its folder
+        staged.mkdir()
+        for item in hf_dir.iterdir():
+            (staged / item.name).symlink_to(item.resolve())
+        (staged / "added_tokens.json").write_text(json.dumps(pieces, ensure_ascii=False), encoding="utf-8")
+        yield staged
 
 
 @contextlib.contextmanager

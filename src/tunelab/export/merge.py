@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 
@@ -52,4 +53,16 @@ def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16) -> dict:
     with atomic_folder(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        copy_sentencepiece_model(Path(merged.name_or_path), tmp)
     return losses
+
+
+def copy_sentencepiece_model(base_dir: Path, out_dir: Path) -> bool:
+    """Carry the base folder's SentencePiece `tokenizer.model` over: saving a fast tokenizer does not write it, and
+    llama.cpp's converter needs it for SentencePiece families (Gemma-3 without it stops at an unknown BPE
+    pre-tokenizer). The merge changes no token, so the base's file is the merged model's."""
+    src = base_dir / "tokenizer.model"
+    if not src.is_file() or (out_dir / "tokenizer.model").exists():
+        return False
+    shutil.copyfile(src, out_dir / "tokenizer.model")
+    return True

