@@ -48,7 +48,7 @@ demo: install
 
 test: install browser
 	rm -rf .test-tmp
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow and not browser"
