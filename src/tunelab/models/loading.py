@@ -296,6 +296,55 @@ def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, devi
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
+        if not (cfg.load_in_4bit or cfg.load_in_8bit or device_map is not None or cfg.trust_remote_code or cfg.revision):
+            converted = _load_converting_without_mmap(path, kwargs["dtype"])
+            if converted is not None:
+                return converted
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.name: cannot load `{cfg.name}`: {str(exc).splitlines()[0]}") from None
+
+
+_SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _load_converting_without_mmap(path: str, dtype):
+    """Load a local single-file safetensors model whose weights are stored in another dtype than `dtype` (the
+    cached fp32 folder, trained in bf16), reading each tensor with `pread` instead of through a memory map.
+
+    from_pretrained memory-maps the file, and every page of it that the conversion reads stays resident until
+    the file is closed: loading SmolLM2-135M's fp32 file into bf16 peaked at the fp32 file (513 MiB) plus the bf16
+    model (257 MiB). Read with pread, only the tensor being converted is in memory twice. The weights are the same
+    (the same from_pretrained conversion, fed the same tensors); returns None where this does not apply (then the
+    caller uses from_pretrained as usual: stored dtype = target dtype is zero-copy through the memory map).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    folder = Path(path)
+    file = folder / "model.safetensors"
+    if not file.is_file() or (folder / "model.safetensors.index.json").exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        probe = safe_open(str(file), framework="pt", device="cpu", backend="pread")
+    except TypeError:  # a safetensors without the pread backend
+        return None
+    with probe as f:
+        stored = {_SAFETENSORS_FLOAT_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()} - {None}
+    if stored <= {str(dtype).removeprefix("torch.")}:
+        return None  # nothing to convert: the memory map costs no copy
+    config = AutoConfig.from_pretrained(str(folder))
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+    with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
+        lazy = {k: f.get_slice(k) for k in f.keys()}  # materialised (and converted) one tensor at a time
+        model = model_class.from_pretrained(None, config=config, dtype=dtype, state_dict=lazy)
+        del lazy
+    # What from_pretrained(path) sets from the folder itself (PEFT records name_or_path as the adapter's base).
+    model.name_or_path = model.config._name_or_path = str(folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model
