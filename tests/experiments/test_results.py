@@ -40,3 +40,12 @@ def test_alpha_that_follows_the_rank_is_not_a_series_but_the_learning_rate_is():
 def test_the_base_line_is_the_base_value_of_a_tuned_metric_only():
     assert _base_value(GRID, "travel_score_tuned") == 0.5
     assert _base_value(GRID, "final_train_loss") is None
+
+
+def test_a_swept_source_list_is_shown_by_its_source_names():
+    from tunelab.experiments.results import _fmt
+
+    sources = [{"preset": "embedded:sharegpt", "name": "sharegpt-general", "max_records": 2000},
+               {"preset": "embedded:chatterbot", "name": "chatterbot", "weight": 0.5}]
+    assert _fmt(sources) == "sharegpt-general + chatterbot"
+    assert _fmt([1, 2]) == "[1, 2]"

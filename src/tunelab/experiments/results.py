@@ -64,6 +64,8 @@ def results_csv(results: list[dict], keys: list[str]) -> str:
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "—"
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        return " + ".join(v["name"] for v in value)  # data.sources: the source names, not every field
     if isinstance(value, float):
         if value and abs(value) < 10 ** -digits:  # learning rates such as 5e-06
             return f"{value:.2g}"
