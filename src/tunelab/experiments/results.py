@@ -180,7 +180,8 @@ def _x_axis(values: list) -> tuple[dict[str, float], list[str], bool]:
         numbers = [float(by_repr[k]) for k in distinct]
         log_x = min(numbers) > 0 and max(numbers) / min(numbers) >= 10
         return {k: float(by_repr[k]) for k in distinct}, [], log_x
-    return {k: float(i) for i, k in enumerate(distinct)}, [_fmt(by_repr[k]) for k in distinct], False
+    labels = ["(base config)" if by_repr[k] is None else _fmt(by_repr[k]) for k in distinct]  # a run that keeps it
+    return {k: float(i) for i, k in enumerate(distinct)}, labels, False
 
 
 def _series_by_other_keys(results: list[dict], other_keys: list[str]) -> dict[str, list[dict]]:
