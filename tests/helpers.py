@@ -471,3 +471,35 @@ def listening_addresses(port: int) -> set[str]:
         if state == "0A" and int(hex_port, 16) == port:
             found.add(socket.inet_ntoa(bytes.fromhex(hex_ip)[::-1]))
     return found
+
+
+def small_lora_run(tmp_path):
+    """A finished-looking run folder on a small random Llama with a non-zero LoRA adapter (init_lora_weights=False,
+    so base and tuned differ): RUN/adapter, RUN/tokenizer, RUN/config.yaml. Returns (run_dir, base_dir)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.config import Config, ModelConfig
+
+    base_dir = small_llama_folder(tmp_path)
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    run_dir = tmp_path / "run"
+    model.save_pretrained(run_dir / "adapter")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")
+    cfg = Config(model=ModelConfig(name=str(base_dir)))
+    cfg.train.output_dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir, base_dir
+
+
+# A two-turn conversation with a system prompt: the template and masking tests' shared example.
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome, since 1871!"},
+]

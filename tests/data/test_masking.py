@@ -7,13 +7,8 @@ import pytest
 from tunelab.data.masking import IGNORE_INDEX, Encoded, encode_conversations
 from tunelab.models.templates import TemplateError
 
-CONVERSATION = [
-    {"role": "system", "content": "You answer in one short sentence."},
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": "The capital of France is Paris."},
-    {"role": "user", "content": "And of Italy?"},
-    {"role": "assistant", "content": "Rome, since 1871!"},
-]
+from tests.helpers import CONVERSATION
+
 END_TOKENS = {"chatml": "<|im_end|>", "llama": "<|eot_id|>"}
 
 

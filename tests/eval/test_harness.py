@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import assert_one_clear_error, small_llama_folder
+from tests.helpers import assert_one_clear_error, small_lora_run
 
 ROWS = [
     {"question": "The capital of France is", "choices": ["Paris", "Rome", "Oslo"], "answer": 0},
@@ -54,25 +54,6 @@ def write_task(folder, name="tunelab_tiny_mc", rows=ROWS):
     return yaml_file
 
 
-def small_run(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tunelab.config import Config, ModelConfig
-
-    base_dir = small_llama_folder(tmp_path)
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    run_dir = tmp_path / "run"
-    model.save_pretrained(run_dir / "adapter")
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")
-    cfg = Config(model=ModelConfig(name=str(base_dir)))
-    cfg.train.output_dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    return run_dir, base_dir
-
-
 def hand_accuracy(model, tokenizer, rows) -> tuple[float, float]:
     """acc and acc_norm by hand: sum of the log-probs of " choice" after the question; argmax (acc_norm: per character)."""
     acc = acc_norm = 0
@@ -100,7 +81,7 @@ def test_lm_eval_accuracy_of_base_and_tuned_matches_hand_computation(tmp_path):
 
     from tunelab.eval.harness import load_tasks, run_lm_eval
 
-    run_dir, base_dir = small_run(tmp_path)
+    run_dir, base_dir = small_lora_run(tmp_path)
     task = write_task(tmp_path / "tasks")
     limit = 10
     lines = []
@@ -159,7 +140,7 @@ def test_cli_without_lm_eval_goes_on_with_the_rest_of_eval(monkeypatch, tmp_path
 
 def test_task_whose_data_cannot_be_fetched_is_one_line_exit_2(tmp_path):
     pytest.importorskip("lm_eval")
-    run_dir, _ = small_run(tmp_path)
+    run_dir, _ = small_lora_run(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     # arc_easy is one of lm-eval's built-in tasks; its data is on the Hub, which this run may not reach.
     done = subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--lm-eval", "arc_easy"],

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import small_llama_folder
+from tests.helpers import small_lora_run
 
 PROMPTS = [
     {"prompt": "Plan 2 days in Oslo for a museum lover.", "city": "Oslo", "days": 2, "preferences": ["museums"]},
@@ -19,21 +19,7 @@ PROMPTS = [
 
 
 def _small_run(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tunelab.config import Config, ModelConfig
-
-    base_dir = small_llama_folder(tmp_path)
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    run_dir = tmp_path / "run"
-    model.save_pretrained(run_dir / "adapter")
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")
-    cfg = Config(model=ModelConfig(name=str(base_dir)))
-    cfg.train.output_dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    run_dir, base_dir = small_lora_run(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     return run_dir, base_dir, prompts

@@ -14,16 +14,9 @@ import importlib.metadata
 import pytest
 
 from tunelab.data.masking import IGNORE_INDEX, encode_conversations
-from tests.helpers import tiny_gemma_like_tokenizer
+from tests.helpers import CONVERSATION, tiny_gemma_like_tokenizer
 from tunelab.models.templates import TemplateError, apply_turn_end
 
-CONVERSATION = [
-    {"role": "system", "content": "You answer in one short sentence."},
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": "The capital of France is Paris."},
-    {"role": "user", "content": "And of Italy?"},
-    {"role": "assistant", "content": "Rome, since 1871!"},
-]
 EXPECTED = (
     "<bos><start_of_turn>user\nYou answer in one short sentence.\n\nWhat is the capital of France?<end_of_turn>\n"
     "<start_of_turn>model\nThe capital of France is Paris.<end_of_turn>\n"
