@@ -21,6 +21,8 @@ def _chats(path: Path, n: int = 48) -> Path:
             messages = [{"role": "user", "content": f"Plan {i % 3 + 1} days in {city}, trip number {i}."},
                         {"role": "assistant", "content": f"Day 1: the old town of {city}. Day 2: a museum and the river ({i})."}]
             f.write(json.dumps({"messages": messages}) + "\n")
+            if i % 4 == 0:  # exact duplicates: the no-dedup run keeps them, so its own data differs from the others'
+                f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
 

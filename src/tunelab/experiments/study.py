@@ -82,7 +82,7 @@ def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> 
             results.append(json.loads(done.read_text()))
             continue
         log(f"[{i}/{len(runs)}] {run.name}")
-        results.append(run_one(spec, spec_dir, run, configs[run.name], output, log))
+        results.append(run_one(spec, spec_dir, run, configs[run.name], output, log, base_cfg))
         write_report(output, results_from_runs(output, runs))
     write_report(output, results_from_runs(output, runs))
     return results
@@ -94,7 +94,7 @@ def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> lis
     return [json.loads((f / RESULT_FILE).read_text()) for f in folders if (f / RESULT_FILE).is_file()]
 
 
-def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, output: Path, log) -> dict:
+def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, output: Path, log, base_cfg: Config) -> dict:
     from tunelab.io import atomic_write
     from tunelab.train.recipe import run_training
 
@@ -105,7 +105,7 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
         log(f"  trained earlier ({summary['steps']} steps)")
     else:
         summary = run_training(cfg, resume=True, log=log)
-    heldout = _cached(run_dir / "eval" / "heldout.json", lambda: heldout_losses(run_dir, cfg, spec), log, "held-out loss")
+    heldout = _cached(run_dir / "eval" / "heldout.json", lambda: heldout_losses(run_dir, cfg, spec, base_cfg), log, "held-out loss")
     gguf = None
     if spec.export:
         gguf = run_dir / "export" / "model-q4_k_m.gguf"
@@ -151,21 +151,26 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
 
 
 # --------------------------------------------------------------------------------- measurements
-def heldout_sets(cfg: Config, spec: SweepSpec) -> dict[str, Path]:
-    """Prepared datasets (tokenised with this run's model) whose val splits are the sweep's fixed held-out sets."""
+def heldout_sets(cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict[str, Path]:
+    """Prepared datasets whose val splits are the sweep's fixed held-out sets: tokenised with this run's model and
+    template, but selected, cleaned and cut with the sweep's base data settings — a run that turns dedup or
+    normalisation off, or changes the sequence length, is judged on the same conversations as every other run."""
     from tunelab.config import config_from_dict
     from tunelab.data.prepare import prepare_dataset
 
     folders = {}
     for name, sources in (("general", spec.heldout.general), ("travel", spec.heldout.travel)):
         raw = cfg.model_dump(mode="json")
+        raw["data"] = base_cfg.data.model_dump(mode="json")
+        raw["train"]["max_seq_len"] = base_cfg.train.max_seq_len
+        raw["train"]["objective"] = base_cfg.train.objective
         raw["data"]["sources"] = [s.model_dump(mode="json") for s in sources]
         raw["data"]["output_dir"] = None  # the cache, keyed by this config: shared by runs with the same model
         folders[name] = prepare_dataset(config_from_dict(raw, f"heldout.{name}"))
     return folders
 
 
-def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec) -> dict:
+def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict:
     """Assistant-token loss of base and tuned on each fixed held-out set (the trainer's own loss)."""
     import torch
 
@@ -178,7 +183,7 @@ def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec) -> dict:
     precision = precision_for_this_machine(cfg.train.precision, "cpu")
     model, tokenizer = load_run_model(run_dir, dtype=precision.dtype)
     losses = {}
-    for name, folder in heldout_sets(cfg, spec).items():
+    for name, folder in heldout_sets(cfg, spec, base_cfg).items():
         rows = rows_of(load_prepared(folder)[1])[: spec.heldout.max_rows]
 
         def score() -> float:
