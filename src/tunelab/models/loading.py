@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tunelab.config import ModelConfig
 from tunelab.errors import UserError
+from tunelab.io import atomic_path, atomic_write
 from tunelab.models.templates import apply_turn_end, resolve_chat_template
 
 @dataclass(frozen=True)
@@ -95,17 +96,11 @@ def _assembled_gguf(key: str, spec: EmbeddedModel, version: str) -> Path:
         assembler = importlib.import_module(spec.assembler)
     except ImportError as exc:
         raise ModelError(f"model.name: embedded:{key}: `{spec.dist}` is incomplete ({exc}; {spec.install})") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.file}.tmp-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        assembler.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            assembler.assemble(tmp, overwrite=True)
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
         raise ModelError(f"model.name: embedded:{key}: cannot assemble the GGUF ({exc}; {spec.install})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -230,7 +225,7 @@ def _add_sentencepiece_model(gguf_file: Path, folder: Path) -> None:
     source["tokenizer_model"] = write_sentencepiece_model(gguf_file, tmp)
     if source["tokenizer_model"]:
         os.replace(tmp, folder / "tokenizer.model")
-    source_file.write_text(json.dumps(source))
+    atomic_write(source_file, json.dumps(source))
 
 
 def _check_hub_reachable(repo_id: str, revision: str | None) -> None:
