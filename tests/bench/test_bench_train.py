@@ -41,7 +41,7 @@ def base_val_loss(model_dir, val_rows) -> float:
 
 
 @pytest.mark.slow
-def test_the_three_sides_train_the_same_tokens_with_the_same_allocator(tiny_model_dir, tmp_path, monkeypatch):
+def test_the_four_sides_train_the_same_tokens_with_the_same_allocator(tiny_model_dir, tmp_path, monkeypatch):
     from tunelab.bench import train_worker
     from tunelab.bench.train import ALLOCATOR_ENV, markdown_table, run_side, summarise
 
@@ -59,7 +59,7 @@ def test_the_three_sides_train_the_same_tokens_with_the_same_allocator(tiny_mode
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     results = {side: run_side(side, spec_file, tmp_path / f"{side}.json", log=lambda *_: None)
-               for side in ("tunelab", "trl", "trl_lean")}
+               for side in ("tunelab", "tunelab_lean", "trl", "trl_lean")}
 
     rows = train_worker.ordered_rows(json.loads(data.read_text())["train"], 8, 4, 42)
     expected = sum(len(ids) for ids, _ in rows)
@@ -71,6 +71,10 @@ def test_the_three_sides_train_the_same_tokens_with_the_same_allocator(tiny_mode
             assert isinstance(r[key], float) and r[key] > 0, (side, key)
     # TRL's fastest configuration: no recomputation, and length grouping leaves less padding than tunelab's order.
     assert not results["trl"]["gradient_checkpointing_active"] and results["trl_lean"]["gradient_checkpointing_active"]
+    # tunelab's lean configuration really recomputes, and recomputing changes no numbers (same order, same maths).
+    assert not results["tunelab"]["gradient_checkpointing_active"] and results["tunelab_lean"]["gradient_checkpointing_active"]
+    assert results["tunelab_lean"]["final_train_loss"] == pytest.approx(results["tunelab"]["final_train_loss"], rel=1e-5)
+    assert results["tunelab_lean"]["val_loss"] == pytest.approx(results["tunelab"]["val_loss"], rel=1e-5)
     assert results["trl"]["positions_computed"] < results["trl_lean"]["positions_computed"]
     assert results["tunelab"]["positions_computed"] == expected  # packed: nothing computed on padding
 
@@ -87,7 +91,8 @@ def test_the_three_sides_train_the_same_tokens_with_the_same_allocator(tiny_mode
     assert abs(tunelab - lean) < 0.01 * (base - tunelab), (base, tunelab, lean)
     doc.update(precisions=["fp32"], precision="fp32", command="c", machine="m", date="d", steps=8, conversations_per_step=4, repeats=1)
     table = markdown_table(doc)
-    assert "TRL fastest" in table and "TRL lean" in table and "goals:" in table
+    assert "TRL fastest" in table and "tunelab lean/TRL lean" in table and "goals:" in table
+    assert doc["goals"]["peak_rss_vs_trl_leanest"]["side"] in ("tunelab", "tunelab_lean")
 
 
 def _side(tok_s, rss, val, tokens=1000, seconds=10.0):
@@ -108,6 +113,7 @@ def _side(tok_s, rss, val, tokens=1000, seconds=10.0):
     ],
 )
 def test_goals_are_judged_against_the_right_trl_configuration(tunelab, trl, trl_lean, met):
+    """Without a tunelab_lean run the memory goal falls back to tunelab's default configuration."""
     from tunelab.bench.train import summarise
 
     doc = summarise({"tunelab": _side(*tunelab), "trl": _side(*trl), "trl_lean": _side(*trl_lean)}, {"gflops": 100.0}, 1e12)
@@ -116,3 +122,17 @@ def test_goals_are_judged_against_the_right_trl_configuration(tunelab, trl, trl_
             goals["val_loss_rel_vs_same_order"]["met"]) == met
     # Every side did the same job: the same FLOPs, so the fraction of the peak follows each side's own time.
     assert doc["tunelab"]["fraction_of_matmul_peak"] == pytest.approx(1e12 / 10.0 / 100e9)
+
+
+def test_memory_goal_is_leanest_against_leanest():
+    """With both tunelab configurations, memory compares the leaner one with TRL's leanest; speed stays fastest
+    against fastest (the lean run's lower speed does not count against the speed goal)."""
+    from tunelab.bench.train import summarise
+
+    doc = summarise({"tunelab": _side(210, 4000, 1.500), "tunelab_lean": _side(120, 2900, 1.500),
+                     "trl": _side(100, 7000, 1.501), "trl_lean": _side(90, 5000, 1.500)}, {"gflops": 100.0}, 1e12)
+    goals = doc["goals"]
+    assert goals["peak_rss_vs_trl_leanest"] == {"value": pytest.approx(2900 / 5000), "goal": "<= 0.6", "met": True,
+                                                "side": "tunelab_lean"}
+    assert goals["tok_per_s_vs_trl_fastest"]["value"] == pytest.approx(2.1) and goals["tok_per_s_vs_trl_fastest"]["met"]
+    assert doc["ratio_lean_vs_lean"]["tok_per_s"] == pytest.approx(120 / 90)

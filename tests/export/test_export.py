@@ -18,7 +18,7 @@ from tests.helpers import wait_for_http
 from tunelab.errors import UserError
 from tunelab.export.gguf import convert_hf_to_gguf, gguf_metadata, quantize_gguf
 from tunelab.export.merge import merge_run
-from tunelab.export.parity import ParityError, raise_if_failed, run_parity
+from tunelab.export.parity import ParityError, quantisation_warnings, raise_if_failed, run_parity
 from tunelab.export.pipeline import parse_quants
 
 FAKE_TOKEN = "hf_tunelabFAKEtoken0123456789abcdef"
@@ -109,6 +109,24 @@ def test_parity_fails_for_another_model(tiny_export, tmp_path, make_tiny_model):
     assert report["ggufs"][0]["passed"] is False
     with pytest.raises(ParityError, match="does not reproduce the merged model"):
         raise_if_failed(report)
+
+
+def test_quantised_file_that_never_starts_like_the_merged_model_is_warned_about(tiny_export, tmp_path, make_tiny_model):
+    """A quantised file is only "info" in the parity table; one whose greedy answers leave the merged model at the
+    first token on every prompt (what q4_k_m did to a short Gemma fine-tune) gets a warning line; a faithful one not."""
+    merged_dir, f16 = tiny_export
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    erased = convert_hf_to_gguf(other, tmp_path / "model-q4_k_m.gguf")  # stands for a file that lost the fine-tune
+    report = run_parity(merged_dir, {"q4_k_m": erased, "q8_0": f16}, max_new_tokens=8, threads=1)
+    by_quant = {row["quant"]: row for row in report["ggufs"]}
+    assert [r["first_divergence"] for r in by_quant["q4_k_m"]["results"]] == [0] * by_quant["q4_k_m"]["prompts"]
+    assert by_quant["q8_0"]["exact_matches"] == by_quant["q8_0"]["prompts"]
+    warnings = quantisation_warnings(report)
+    assert len(warnings) == 1
+    assert "model-q4_k_m.gguf" in warnings[0] and "first greedy token" in warnings[0] and "q8_0" in warnings[0]
+    # one prompt that starts right is ordinary quantisation noise, not an erased fine-tune
+    by_quant["q4_k_m"]["results"][0]["first_divergence"] = 3
+    assert quantisation_warnings(report) == []
 
 
 def test_export_fails_loudly_on_a_corrupted_gguf(tiny_run, monkeypatch):

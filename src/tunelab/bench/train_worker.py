@@ -1,6 +1,6 @@
 """One side of `tunelab bench train --vs trl`, run in its own process so its peak RSS is its own.
 
-    python -m tunelab.bench.train_worker --side tunelab|trl --spec SPEC.json --out RESULT.json
+    python -m tunelab.bench.train_worker --side tunelab|tunelab_lean|trl|trl_lean --spec SPEC.json --out RESULT.json
 
 SPEC.json (written by tunelab.bench.train) holds the model folder, the settings shared by both
 sides and the path of a data file with the prepared conversations (`train`: all training rows, `val`: the
@@ -8,7 +8,7 @@ held-out rows, each `[input_ids, labels]`). Every side trains on the same conver
 order (`batching.step_indices`) gives for the run's steps. TRL runs in two configurations (see `TRL_CONFIGS`):
 `trl` (its fastest for this job: no gradient checkpointing, length-grouped batches, so the same conversations in
 another order) and `trl_lean` (TRL's memory-lean default: gradient checkpointing on, tunelab's order, sequential
-sampling: the same-order run for the held-out loss check). Model loading and dataset preparation are outside the timed part; the timed part is the sum of the
+sampling: the same-order run for the held-out loss check); tunelab likewise (`TUNELAB_CONFIGS`). Model loading and dataset preparation are outside the timed part; the timed part is the sum of the
 optimizer steps. After training, each adapter is scored by tunelab's own evaluator
 (`tunelab.train.heldout.heldout_loss`, assistant tokens only) on the same held-out rows.
 """
@@ -57,7 +57,12 @@ def after_first_step(cpu_marks: list[float], token_marks: list[int]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ tunelab
-def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict:
+# tunelab's two configurations, mirroring TRL's: its fastest (the default loop) and its memory-lean one (the same
+# loop with `train.gradient_checkpointing: true`, each decoder layer recomputed in the backward pass).
+TUNELAB_CONFIGS = {"tunelab": {"gradient_checkpointing": False}, "tunelab_lean": {"gradient_checkpointing": True}}
+
+
+def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, side: str = "tunelab") -> dict:
     from accelerate import Accelerator
 
     from tunelab.config import Config, EvalConfig
@@ -82,6 +87,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
                 "max_seq_len": spec["max_seq_len"],
                 "loss_chunk_tokens": spec.get("loss_chunk_tokens", 1024),
                 "compile": spec.get("compile", False),
+                "gradient_checkpointing": TUNELAB_CONFIGS[side]["gradient_checkpointing"],
                 "precision": spec["precision"],
                 "threads": spec["threads"],
                 "save_steps": spec["steps"],
@@ -114,6 +120,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
         "loop_mfu": result.mfu,  # what the training loop itself logs (its own FLOP count and cached peak)
         "positions_computed": result.tokens,  # packed rows: no padding
         "gradient_checkpointing_active": checkpointing_active(model),
+        "tunelab_settings": TUNELAB_CONFIGS[side],
     }
 
 
@@ -239,7 +246,7 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=["tunelab", *TRL_CONFIGS], required=True)
+    parser.add_argument("--side", choices=[*TUNELAB_CONFIGS, *TRL_CONFIGS], required=True)
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -252,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     train_rows = [tuple(r) for r in data["train"]]
     val_rows = [tuple(r) for r in data["val"]]
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.side}-") as tmp:
-        if args.side == "tunelab":
-            result = run_tunelab(spec, train_rows, val_rows, Path(tmp))
+        if args.side in TUNELAB_CONFIGS:
+            result = run_tunelab(spec, train_rows, val_rows, Path(tmp), args.side)
         else:
             result = run_trl(spec, train_rows, val_rows, Path(tmp), args.side)
     result.update(

@@ -223,6 +223,22 @@ def parity_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def quantisation_warnings(report: dict) -> list[str]:
+    """One line per quantised GGUF whose greedy answer leaves the merged model at the very first token on every
+    prompt. Ordinary quantisation noise flips a later, close step; a file that never starts like the merged model
+    has most likely rounded a small fine-tune away (seen with q4_k_m on a base that was itself a Q4_K_M GGUF)."""
+    lines = []
+    for row in report["ggufs"]:
+        firsts = [r["first_divergence"] for r in row["results"]]
+        if row["quant"] != "f16" and firsts and all(first == 0 for first in firsts):
+            lines.append(
+                f"warning: {row['file']} differs from the merged model from the first greedy token on all {len(firsts)} "
+                f"parity prompts: {row['quant']} may have rounded the fine-tune away; compare a finer type "
+                f"(--gguf q8_0) before shipping it"
+            )
+    return lines
+
+
 def raise_if_failed(report: dict) -> None:
     for row in report["ggufs"]:
         if row["passed"] is False:

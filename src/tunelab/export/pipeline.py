@@ -32,7 +32,7 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
     """Merge, GGUF files, parity, model card. Raises ParityError (a UserError) when the f16 GGUF is wrong."""
     from tunelab.export.card import model_card
     from tunelab.export.merge import merge_run, val_rows
-    from tunelab.export.parity import parity_table, raise_if_failed, run_parity
+    from tunelab.export.parity import parity_table, quantisation_warnings, raise_if_failed, run_parity
     from tunelab.export.quant_choice import recommend_quant
     from tunelab.models.runs import run_config
 
@@ -68,6 +68,9 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
     table = parity_table(report)
     log(table)
     raise_if_failed(report)  # before anything is published
+    warnings = quantisation_warnings(report)
+    for line in warnings:
+        log(line)
     recommended = recommend_quant([{"quant": g["quant"], "ppl": g["ppl_gguf"], "decode_tok_s": g["decode_tok_s"]}
                                    for g in report["ggufs"]])
     if recommended:
@@ -88,6 +91,7 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
         "ggufs": {q: str(p) for q, p in ggufs.items()},
         "val_loss": losses,
         "recommended_quant": recommended,
+        "warnings": warnings,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     atomic_write(export_dir / "export.json", json.dumps(summary, indent=2))

@@ -27,7 +27,7 @@ from tunelab.train.distributed import (
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.flops import mfu, shape_of
 from tunelab.train.heldout import perplexity
-from tunelab.train.memory import lean_swiglu, peak_rss_mib, return_freed_tensors_to_the_os
+from tunelab.train.memory import lean_swiglu, peak_rss_mib, release_free_heap, return_freed_tensors_to_the_os
 from tunelab.train.objectives import make_objective
 from tunelab.train.precision import Precision
 from tunelab.train.progress import MetricsLog
@@ -171,6 +171,7 @@ def train_lora(
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            release_free_heap()
             maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
 
             loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)

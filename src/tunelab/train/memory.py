@@ -29,6 +29,21 @@ def return_freed_tensors_to_the_os(threshold_bytes: int = 1 << 20) -> None:
             pass  # not glibc (e.g. musl): nothing to tune
 
 
+def release_free_heap() -> None:
+    """Peak-RSS trick (glibc only), after each optimizer step: hand the heap's free pages back to the OS.
+
+    Below the mmap threshold a step's many small tensors (LoRA intermediates, per-conversation attention slices,
+    k/v projections) come from the heap; what they leave free is fragmented, kept, and grows from step to step:
+    measured RSS after a step 1758-1946 MiB without this, 1048 MiB with it (fp32, SmolLM2-135M, 4 x 256 tokens),
+    and the 10-step peak 2355 -> 2145 MiB.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: nothing to release this way
+
+
 class SwiGLU(torch.autograd.Function):
     """silu(gate) * up, keeping only gate and up for the backward (autograd would also keep silu(gate))."""
 
