@@ -107,7 +107,10 @@ def eval_(
     limit: Annotated[
         Optional[int], typer.Option(min=1, help="With --prompts: only the first N prompts; with --lm-eval: the first N documents of each task.")
     ] = None,
-    gguf: Annotated[bool, typer.Option(help="With --prompts: also compare the q4_k_m GGUFs when RUN/export has one.")] = True,
+    gguf: Annotated[bool, typer.Option(help="With --prompts: also compare base vs tuned GGUFs when RUN/export has one.")] = True,
+    quant: Annotated[
+        str, typer.Option(help="With --prompts: the GGUF type compared (q4_k_m: what the app serves; q8_0 keeps more of a small fine-tune).")
+    ] = "q4_k_m",
     judge: Annotated[Optional[Path], typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="With --prompts or --lm-eval: CPU threads.")] = None,
     grammar: Annotated[
@@ -132,7 +135,10 @@ def eval_(
     if prompts is not None:
         from tunelab.experiments.travel_eval import run_domain_eval
 
-        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, judge=judge, threads=threads, day_grammar=grammar)
+        from tunelab.export.pipeline import parse_quants
+
+        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, judge=judge, threads=threads,
+                        day_grammar=grammar, quant=parse_quants(quant, "--quant")[0])
     else:
         from tunelab.eval.evaluate import evaluate_run
 

@@ -68,3 +68,30 @@ def test_domain_eval_refuses_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(UserError, match="not a finished tunelab run"):
         run_domain_eval(tmp_path, "travel")
+
+
+@pytest.mark.slow
+def test_domain_eval_of_another_gguf_type_uses_that_type_on_both_sides(tmp_path):
+    """`--quant q8_0`: the tuned RUN/export/model-q8_0.gguf against a base exported to the same type, answers in
+    their own files (the shipped q4_k_m's are not overwritten); an unknown type is one line, exit code 2."""
+    from tunelab.export.gguf import gguf_metadata
+    from tunelab.export.pipeline import export_run
+
+    run_dir, _, prompts = _small_run(tmp_path)
+    export_run(run_dir, ["q8_0"], threads=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
+            "--threads", "1", "--quant"]
+    done = subprocess.run([*args, "q8_0"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((run_dir / "eval" / "domain-prompts-q8_0.json").read_text())
+    assert not (run_dir / "eval" / "domain-prompts.json").exists()
+    pair = report["pairs"]["gguf"]
+    assert (pair["base"], pair["tuned"]) == (str(run_dir / "export" / "base-q8_0.gguf"), str(run_dir / "export" / "model-q8_0.gguf"))
+    q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+    assert gguf_metadata(run_dir / "export" / "base-q8_0.gguf")["general.file_type"] == q8_0
+    assert gguf_metadata(run_dir / "export" / "model-q8_0.gguf")["general.file_type"] == q8_0
+    assert pair["wins"] + pair["ties"] + pair["losses"] == 2
+
+    bad = subprocess.run([*args, "q9_9"], capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "--quant: unknown type `q9_9`" in bad.stderr + bad.stdout

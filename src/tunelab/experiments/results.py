@@ -161,7 +161,8 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
         for r in timed:
             ax.scatter(r["cpu_decode_tok_s"], r["travel_score_tuned"])
             ax.annotate(r["name"], (r["cpu_decode_tok_s"], r["travel_score_tuned"]), fontsize=7)
-        ax.set_xlabel("CPU decode tokens/s, q4_k_m (higher is faster)")
+        quants = sorted({r.get("latency_quant", "q4_k_m") for r in timed})
+        ax.set_xlabel(f"CPU decode tokens/s, {', '.join(quants)} (higher is faster)")
         ax.set_ylabel("travel rubric score (tuned)")
         ax.set_title("travel quality vs CPU speed")
         fig.tight_layout()

@@ -3,8 +3,9 @@
 Per run, in its own folder (each step is skipped when its output is already there, so re-running the
 command skips finished runs and resumes an interrupted one where it stopped):
   train (tunelab.train.recipe, resumes from checkpoints) -> held-out loss on the sweep's fixed general and
-  travel sets (eval/heldout.json) -> q4_k_m export -> travel rubric base vs tuned (eval/travel.json) ->
-  CPU latency of the q4_k_m GGUF (eval/latency.json) -> sweep-result.json.
+  travel sets (eval/heldout.json) -> GGUF export (`quant`, q4_k_m by default) -> travel rubric base vs tuned
+  (eval/travel.json; eval/travel-<quant>.json for another type) -> CPU latency of that GGUF (eval/latency.json,
+  likewise) -> sweep-result.json.
 The held-out sets are the validation split of the sweep's `heldout` sources. The split is decided by each
 conversation's content hash (tunelab.data.split), so with the same `data.val_fraction` no run trains on them,
 whatever its own sources, dedup or weights; the sweep refuses runs that change `data.val_fraction`.
@@ -108,18 +109,20 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
     heldout = _cached(run_dir / "eval" / "heldout.json", lambda: heldout_losses(run_dir, cfg, spec, base_cfg), log, "held-out loss")
     gguf = None
     if spec.export:
-        gguf = run_dir / "export" / "model-q4_k_m.gguf"
+        gguf = run_dir / "export" / f"model-{spec.quant}.gguf"
         if not gguf.is_file():
             from tunelab.export.pipeline import export_run
 
-            export_run(run_dir, ["q4_k_m"], threads=spec.latency.threads)
+            export_run(run_dir, [spec.quant], threads=spec.latency.threads)
+    suffix = "" if spec.quant == "q4_k_m" else f"-{spec.quant}"  # a run judged from two types keeps both
     travel = None
     if spec.travel_eval.enabled:
-        travel = _cached(run_dir / "eval" / "travel.json", lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log), log, "travel eval")
+        travel = _cached(run_dir / "eval" / f"travel{suffix}.json", lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log),
+                         log, "travel eval")
     latency = None
     if gguf is not None:
-        latency = _cached(run_dir / "eval" / "latency.json", lambda: cpu_latency(gguf, spec), log, "CPU latency")
-    result = collect(run, cfg, run_dir, summary, heldout, travel, latency)
+        latency = _cached(run_dir / "eval" / f"latency{suffix}.json", lambda: cpu_latency(gguf, spec), log, "CPU latency")
+    result = collect(run, cfg, run_dir, summary, heldout, travel, latency, spec.quant)
     atomic_write(run_dir / RESULT_FILE, json.dumps(result, indent=2))
     return result
 
@@ -146,7 +149,8 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
     slug = "".join(c if c.isalnum() else "-" for c in cfg.model.name)
     return run_domain_eval(
         run_dir, prompts, max_new_tokens=spec.travel_eval.max_new_tokens, limit=spec.travel_eval.limit, gguf=spec.export,
-        adapter=not spec.export, threads=spec.latency.threads, log=log, base_gguf=output / "base-models" / f"{slug}-q4_k_m.gguf",
+        adapter=not spec.export, threads=spec.latency.threads, log=log, base_gguf=output / "base-models" / f"{slug}-{spec.quant}.gguf",
+        quant=spec.quant,
     )
 
 
@@ -198,7 +202,7 @@ def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config
 
 
 def cpu_latency(gguf: Path, spec: SweepSpec) -> dict:
-    """TTFT and decode tokens/s of the q4_k_m GGUF through the app's backend (the inference benchmark's code)."""
+    """TTFT and decode tokens/s of the exported GGUF through the app's backend (the inference benchmark's code)."""
     from tunelab.bench.infer import measure_model
 
     return measure_model(str(gguf), spec.latency.threads, spec.latency.max_new_tokens, spec.latency.repeats)
@@ -233,7 +237,8 @@ def curves(run_dir: Path) -> dict:
     return {"train": train, "val": val}
 
 
-def collect(run: PlannedRun, cfg: Config, run_dir: Path, summary: dict, heldout: dict, travel: dict | None, latency: dict | None) -> dict:
+def collect(run: PlannedRun, cfg: Config, run_dir: Path, summary: dict, heldout: dict, travel: dict | None, latency: dict | None,
+            quant: str = "q4_k_m") -> dict:
     curve = curves(run_dir)
     result = {
         "name": run.name,
@@ -254,7 +259,7 @@ def collect(run: PlannedRun, cfg: Config, run_dir: Path, summary: dict, heldout:
     if travel:
         pair = travel["pairs"].get("gguf") or travel["pairs"].get("adapter")
         result.update({
-            "travel_source": "gguf-q4_k_m" if "gguf" in travel["pairs"] else "adapter",
+            "travel_source": f"gguf-{quant}" if "gguf" in travel["pairs"] else "adapter",
             "travel_prompts": len(pair["answers"]),
             "travel_score_base": pair["mean_score"]["base"],
             "travel_score_tuned": pair["mean_score"]["tuned"],
@@ -263,5 +268,6 @@ def collect(run: PlannedRun, cfg: Config, run_dir: Path, summary: dict, heldout:
             "travel_days_honoured_tuned": pair["criteria"]["days_honoured"]["tuned"],
         })
     if latency:
-        result.update({"cpu_ttft_s": latency.get("ttft_s"), "cpu_decode_tok_s": latency.get("decode_tok_s"), "gguf_mib": latency.get("size_mib")})
+        result.update({"cpu_ttft_s": latency.get("ttft_s"), "cpu_decode_tok_s": latency.get("decode_tok_s"), "gguf_mib": latency.get("size_mib"),
+                       "latency_quant": quant})
     return result

@@ -51,7 +51,7 @@ class TravelEvalSpec(_Spec):
 
 
 class LatencySpec(_Spec):
-    threads: int = Field(2, gt=0, description="llama.cpp threads for the CPU latency of the q4_k_m GGUF.")
+    threads: int = Field(2, gt=0, description="llama.cpp threads for the CPU latency of the exported GGUF.")
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per latency prompt.")
     repeats: int = Field(2, gt=0, description="Repeats per prompt; the first is a warm-up when > 1.")
 
@@ -64,7 +64,9 @@ class SweepSpec(_Spec):
     runs: list[dict[str, Any]] = Field(default_factory=list, description="Explicit runs: {name, set: {key.path: value}}.")
     heldout: HeldoutSpec = Field(default_factory=HeldoutSpec, description="The held-out sets every run is judged on.")
     travel_eval: TravelEvalSpec = Field(default_factory=TravelEvalSpec, description="The travel rubric eval of every run.")
-    export: bool = Field(True, description="Export q4_k_m per run; the travel eval then uses the GGUFs and CPU latency is measured.")
+    export: bool = Field(True, description="Export a GGUF per run (type `quant`); the travel eval then uses the GGUFs and CPU latency is measured.")
+    quant: str = Field("q4_k_m", description="GGUF type exported, judged and timed per run: q4_k_m is what the app serves; "
+                       "q8_0 keeps more of a small fine-tune (q4_k_m rounded a 30-step Gemma-3-270M fine-tune away).")
     latency: LatencySpec = Field(default_factory=LatencySpec, description="CPU latency settings for the exported GGUF.")
     requires: list[str] = Field(default_factory=list, description="`cuda` and/or `hub`: refuse to start without them.")
 

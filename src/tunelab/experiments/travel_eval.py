@@ -1,8 +1,9 @@
-"""`tunelab eval RUN --prompts ...` end to end: find (or make) the base and tuned q4_k_m GGUFs, then run the domain eval.
+"""`tunelab eval RUN --prompts ...` end to end: find (or make) the base and tuned GGUFs, then run the domain eval.
 
-The tuned q4_k_m GGUF is what `tunelab export` wrote (RUN/export/model-q4_k_m.gguf). Its fair base is the same
-base model through the same converter and quantiser, so the first domain eval of an exported run writes
-RUN/export/base-q4_k_m.gguf once (about as long as the export's f16 + q4_k_m steps) and reuses it afterwards.
+The tuned GGUF is what `tunelab export` wrote (RUN/export/model-<quant>.gguf; q4_k_m, what the app serves, unless
+`--quant` names another type). Its fair base is the same base model through the same converter and quantiser, so
+the first domain eval of an exported run writes RUN/export/base-<quant>.gguf once (about as long as the export's
+f16 + quantise steps) and reuses it afterwards.
 This lives above export/ and eval/ because it needs both.
 """
 
@@ -18,16 +19,17 @@ from tunelab.eval.rubric import load_travel_prompts
 SHIPPED_QUANT = "q4_k_m"  # what the app and the Space serve
 
 
-def tuned_gguf_path(run_dir: Path) -> Path:
-    return run_dir / "export" / f"model-{SHIPPED_QUANT}.gguf"
+def tuned_gguf_path(run_dir: Path, quant: str = SHIPPED_QUANT) -> Path:
+    return run_dir / "export" / f"model-{quant}.gguf"
 
 
-def base_gguf_path(run_dir: Path) -> Path:
-    return run_dir / "export" / f"base-{SHIPPED_QUANT}.gguf"
+def base_gguf_path(run_dir: Path, quant: str = SHIPPED_QUANT) -> Path:
+    return run_dir / "export" / f"base-{quant}.gguf"
 
 
-def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, target: Path | None = None) -> Path:
-    """The run's base model (no adapter) with the run's tokenizer and chat template, as a q4_k_m GGUF.
+def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, target: Path | None = None,
+                     quant: str = SHIPPED_QUANT) -> Path:
+    """The run's base model (no adapter) with the run's tokenizer and chat template, as a GGUF of type `quant`.
 
     `target` lets a sweep share one base GGUF between runs of the same base model."""
     from tunelab.export.gguf import convert_hf_to_gguf, quantize_gguf
@@ -35,7 +37,7 @@ def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, targe
     from tunelab.models.loading import load_model
     from tunelab.models.runs import load_run_tokenizer, run_config
 
-    target = target or base_gguf_path(run_dir)
+    target = target or base_gguf_path(run_dir, quant)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,10 @@ def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, targe
         tokenizer.save_pretrained(folder)
         copy_sentencepiece_model(Path(model.name_or_path), folder)  # Gemma: what llama.cpp's converter reads
         convert_hf_to_gguf(folder, f16, "f16")
-        quantize_gguf(f16, target, SHIPPED_QUANT, threads)
+        if quant == "f16":
+            f16.replace(target)
+        else:
+            quantize_gguf(f16, target, quant, threads)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         f16.unlink(missing_ok=True)
@@ -69,17 +74,19 @@ def run_domain_eval(
     log=print,
     base_gguf: Path | None = None,
     day_grammar: bool = False,
+    quant: str = SHIPPED_QUANT,
 ) -> dict:
     from tunelab.models.runs import run_config
 
     run_config(run_dir)  # a clear error for a folder that is not a finished run
     prompts = load_travel_prompts(prompts_source)[: limit or None]
     name = ("travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}") + ("-grammar" if day_grammar else "")
+    name += "" if quant == SHIPPED_QUANT else f"-{quant}"  # another type's answers never overwrite the shipped one's
     ggufs = None
-    if gguf and tuned_gguf_path(run_dir).is_file():
-        ggufs = (export_base_gguf(run_dir, threads, log, base_gguf), tuned_gguf_path(run_dir))
+    if gguf and tuned_gguf_path(run_dir, quant).is_file():
+        ggufs = (export_base_gguf(run_dir, threads, log, base_gguf, quant), tuned_gguf_path(run_dir, quant))
     elif gguf:
-        log(f"no {tuned_gguf_path(run_dir)}: GGUF comparison skipped (run `tunelab export {run_dir}` first)")
+        log(f"no {tuned_gguf_path(run_dir, quant)}: GGUF comparison skipped (run `tunelab export {run_dir} --gguf {quant}` first)")
     if judge is None:
         log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: --lm-eval TASKS")
     if day_grammar and adapter:

@@ -20,11 +20,11 @@ from tunelab.io import atomic_write
 log = print
 
 
-def parse_quants(text: str) -> list[str]:
+def parse_quants(text: str, option: str = "--gguf") -> list[str]:
     quants = [q.strip().lower() for q in text.split(",") if q.strip()]
     unknown = [q for q in quants if q not in QUANT_TYPES]
-    if unknown:
-        raise UserError(f"--gguf: unknown type `{unknown[0]}` (known: {', '.join(QUANT_TYPES)})")
+    if unknown or not quants:
+        raise UserError(f"{option}: unknown type `{unknown[0] if unknown else text}` (known: {', '.join(QUANT_TYPES)})")
     return list(dict.fromkeys(quants))
 
 
