@@ -147,5 +147,21 @@ def test_best_run_is_chosen_by_held_out_metrics_and_the_training_loss_winner_is_
     assert training_loss_winner(results)["name"] == "memoriser"
     assert swept_keys(results) == ["train.lr"]  # lora.r never changes: not a swept key
     text = results_markdown(results, ["train.lr"])
-    assert "**generaliser**" in text and "Lowest training loss: memoriser (0.9000) — not the same run." in text
+    assert "**generaliser**" in text and "Lowest training loss (mean of the last 10 steps): memoriser (0.9000) — not the same run." in text
     assert "| generaliser ★ |" in text and "| memoriser (lowest train loss) |" in text
+
+
+def test_the_training_loss_winner_is_judged_on_the_last_ten_steps_not_one_batch():
+    """One step's loss swings with its batch: a run whose last batch happened to be easy does not win."""
+    from tunelab.experiments.results import results_csv, train_loss_tail, training_loss_winner
+
+    def run(name, losses):
+        return {"name": name, "overrides": {}, "final_train_loss": losses[-1],
+                "curves": {"train": list(enumerate(losses, 1)), "val": []}}
+
+    lucky = run("lucky-last-batch", [3.0] * 5 + [2.0] * 9 + [1.0])  # last step 1.0, last ten steps (9 x 2.0 + 1.0) / 10
+    steady = run("steady", [3.0] * 5 + [1.5] * 10)
+    assert train_loss_tail(lucky) == (9 * 2.0 + 1.0) / 10 and train_loss_tail(steady) == 1.5
+    assert training_loss_winner([lucky, steady])["name"] == "steady"
+    assert train_loss_tail({"final_train_loss": 1.25, "curves": {"train": []}}) == 1.25  # no curve: the final loss
+    assert "1.9," in results_csv([lucky], [])  # the CSV carries the tail mean beside the last step's loss

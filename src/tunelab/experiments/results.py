@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 COLUMNS = [
-    "name", "model", "final_train_loss", "general_val_loss_base", "general_val_loss_tuned", "travel_val_loss_base",
+    "name", "model", "train_loss_last10", "final_train_loss", "general_val_loss_base", "general_val_loss_tuned", "travel_val_loss_base",
     "travel_val_loss_tuned", "own_val_loss_final", "own_val_loss_best", "travel_score_base", "travel_score_tuned",
     "travel_wins", "travel_ties", "travel_losses", "travel_win_rate", "travel_days_honoured_tuned", "travel_source",
     "train_seconds", "train_tok_per_s", "peak_rss_mib", "trainable_params", "adapter_mib", "gguf_mib", "cpu_ttft_s",
@@ -36,13 +36,24 @@ def best_run(results: list[dict]) -> dict | None:
     return min(results, key=lambda r: (-(r.get("travel_score_tuned") or 0.0), r.get("general_val_loss_tuned") or float("inf")))
 
 
+TAIL_STEPS = 10
+
+
+def train_loss_tail(result: dict) -> float | None:
+    """Mean training loss of the run's last 10 logged steps. One step's loss swings with its batch (1.42-2.10
+    over the last three steps of a quickstart run), so the last step alone cannot rank runs."""
+    losses = [loss for _, loss in result.get("curves", {}).get("train", [])][-TAIL_STEPS:]
+    return sum(losses) / len(losses) if losses else result.get("final_train_loss")
+
+
 def training_loss_winner(results: list[dict]) -> dict | None:
-    with_loss = [r for r in results if r.get("final_train_loss") is not None]
-    return min(with_loss, key=lambda r: r["final_train_loss"]) if with_loss else None
+    with_loss = [r for r in results if train_loss_tail(r) is not None]
+    return min(with_loss, key=train_loss_tail) if with_loss else None
 
 
 def write_report(output: Path, results: list[dict]) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
+    results = [{**r, "train_loss_last10": train_loss_tail(r)} for r in results]
     keys = swept_keys(results)
     written = [output / "results.csv", output / "results.md"]
     written[0].write_text(results_csv(results, keys))
@@ -57,7 +68,8 @@ def results_csv(results: list[dict], keys: list[str]) -> str:
     writer = csv.writer(buffer)
     writer.writerow([*keys, *COLUMNS])
     for r in results:
-        writer.writerow([*(r["overrides"].get(k) for k in keys), *(r.get(c) for c in COLUMNS)])
+        row = {**r, "train_loss_last10": train_loss_tail(r)}
+        writer.writerow([*(r["overrides"].get(k) for k in keys), *(row.get(c) for c in COLUMNS)])
     return buffer.getvalue()
 
 
@@ -79,9 +91,10 @@ def results_markdown(results: list[dict], keys: list[str]) -> str:
     if best:
         lines.append(f"Best by held-out metrics (travel rubric, then general held-out loss): **{best['name']}**.")
         if by_train and by_train["name"] != best["name"]:
-            lines.append(f"Lowest training loss: {by_train['name']} ({_fmt(by_train['final_train_loss'])}) — not the same run.")
+            lines.append(f"Lowest training loss (mean of the last {TAIL_STEPS} steps): {by_train['name']} "
+                         f"({_fmt(train_loss_tail(by_train))}) — not the same run.")
         lines.append("")
-    header = ["run", *keys, "train loss", "general val base → tuned", "travel val base → tuned", "travel score base → tuned",
+    header = ["run", *keys, f"train loss (last {TAIL_STEPS} steps)", "general val base → tuned", "travel val base → tuned", "travel score base → tuned",
               "win/tie/loss", "days ok", "train s", "tok/s", "peak MiB", "LoRA params", "adapter MiB", "TTFT s", "decode tok/s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
@@ -89,7 +102,7 @@ def results_markdown(results: list[dict], keys: list[str]) -> str:
         mark += " (lowest train loss)" if by_train and r["name"] == by_train["name"] and by_train is not best else ""
         wtl = "—" if r.get("travel_wins") is None else f"{r['travel_wins']}/{r['travel_ties']}/{r['travel_losses']}"
         cells = [
-            f"{r['name']}{mark}", *(_fmt(r["overrides"].get(k)) for k in keys), _fmt(r.get("final_train_loss")),
+            f"{r['name']}{mark}", *(_fmt(r["overrides"].get(k)) for k in keys), _fmt(train_loss_tail(r)),
             f"{_fmt(r.get('general_val_loss_base'))} → {_fmt(r.get('general_val_loss_tuned'))}",
             f"{_fmt(r.get('travel_val_loss_base'))} → {_fmt(r.get('travel_val_loss_tuned'))}",
             f"{_fmt(r.get('travel_score_base'), 3)} → {_fmt(r.get('travel_score_tuned'), 3)}", wtl,
@@ -124,7 +137,7 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
     plt.close(fig)
 
     metrics = [("general_val_loss_tuned", "general held-out loss"), ("travel_val_loss_tuned", "travel held-out loss"),
-               ("final_train_loss", "train loss"), ("travel_score_tuned", "travel rubric score")]
+               ("train_loss_last10", f"train loss (last {TAIL_STEPS} steps)"), ("travel_score_tuned", "travel rubric score")]
     for i, key in enumerate(keys):
         if any(_tied(results, earlier, key) for earlier in keys[:i]):
             continue  # alpha = 2 x rank: the rank's plot already shows it
