@@ -108,6 +108,7 @@ def eval_(
         Optional[int], typer.Option(min=1, help="With --prompts: only the first N prompts; with --lm-eval: the first N documents of each task.")
     ] = None,
     gguf: Annotated[bool, typer.Option(help="With --prompts: also compare base vs tuned GGUFs when RUN/export has one.")] = True,
+    adapter: Annotated[bool, typer.Option(help="With --prompts: also compare base vs tuned from the adapter (transformers fp32; slower).")] = True,
     quant: Annotated[
         str, typer.Option(help="With --prompts: the GGUF type compared (q4_k_m: what the app serves; q8_0 keeps more of a small fine-tune).")
     ] = "q4_k_m",
@@ -137,7 +138,7 @@ def eval_(
 
         from tunelab.export.pipeline import parse_quants
 
-        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, judge=judge, threads=threads,
+        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, adapter, judge=judge, threads=threads,
                         day_grammar=grammar, quant=parse_quants(quant, "--quant")[0])
     else:
         from tunelab.eval.evaluate import evaluate_run

@@ -67,6 +67,7 @@ def test_the_four_sides_train_the_same_tokens_with_the_same_allocator(tiny_model
         assert r["tokens"] == expected, side  # the same conversations; padding not counted
         assert r["allocator_env"] == ALLOCATOR_ENV, side  # the same glibc setting in every worker process
         assert len(r["step_seconds"]) == 8
+        assert r["peak_rss_mib"] <= r["process_peak_rss_mib"], side  # training's peak, the scoring after it excluded
         for key in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tok_per_cpu_s"):
             assert isinstance(r[key], float) and r[key] > 0, (side, key)
     # TRL's fastest configuration: no recomputation, and length grouping leaves less padding than tunelab's order.

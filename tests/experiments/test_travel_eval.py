@@ -81,11 +81,12 @@ def test_domain_eval_of_another_gguf_type_uses_that_type_on_both_sides(tmp_path)
     export_run(run_dir, ["q8_0"], threads=1)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     args = [sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
-            "--threads", "1", "--quant"]
+            "--threads", "1", "--no-adapter", "--quant"]
     done = subprocess.run([*args, "q8_0"], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((run_dir / "eval" / "domain-prompts-q8_0.json").read_text())
     assert not (run_dir / "eval" / "domain-prompts.json").exists()
+    assert list(report["pairs"]) == ["gguf"]  # --no-adapter: llama.cpp only
     pair = report["pairs"]["gguf"]
     assert (pair["base"], pair["tuned"]) == (str(run_dir / "export" / "base-q8_0.gguf"), str(run_dir / "export" / "model-q8_0.gguf"))
     q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
@@ -95,3 +96,5 @@ def test_domain_eval_of_another_gguf_type_uses_that_type_on_both_sides(tmp_path)
 
     bad = subprocess.run([*args, "q9_9"], capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "--quant: unknown type `q9_9`" in bad.stderr + bad.stdout
+    missing = subprocess.run([*args, "q5_k_m"], capture_output=True, text=True, timeout=600, env=env)
+    assert missing.returncode == 2 and "nothing to compare" in missing.stderr + missing.stdout

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab.train.memory import peak_rss_mib
+
 
 def ordered_rows(train_rows: list, steps: int, per_step: int, seed: int) -> list:
     """The conversations tunelab's loop trains on, in its order (step by step)."""
@@ -110,6 +112,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, sid
         tokenizer.pad_token_id, Accelerator(cpu=True), resume=False, log=lambda *_: None, progress=progress,
     )
     step_seconds = [h["step_s"] for h in result.history if "step_s" in h]
+    training_peak = peak_rss_mib()  # before the held-out scoring below (see main)
     return {
         **after_first_step(cpu_marks, token_marks),
         "tokens": result.tokens,
@@ -121,6 +124,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, sid
         "positions_computed": result.tokens,  # packed rows: no padding
         "gradient_checkpointing_active": checkpointing_active(model),
         "tunelab_settings": TUNELAB_CONFIGS[side],
+        "training_peak_rss_mib": training_peak,
     }
 
 
@@ -231,6 +235,7 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config:
     handle.remove()
     step_seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
     losses = [h.get("loss", h.get("train_loss")) for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
+    training_peak = peak_rss_mib()  # before the held-out scoring below (see main)
     return {
         **after_first_step(timer.cpu_marks, timer.token_marks),
         "tokens": counted["tokens"],
@@ -241,6 +246,7 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config:
         "trl_settings": reported_settings(trl_settings(spec, "", config)),
         "positions_computed": counted["padded"],
         "gradient_checkpointing_active": checkpointing_active(model),
+        "training_peak_rss_mib": training_peak,
     }
 
 
@@ -251,7 +257,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
-    from tunelab.train.memory import peak_rss_mib
     from tunelab.train.recipe import set_threads
 
     threads = set_threads(spec["threads"])
@@ -270,7 +275,11 @@ def main(argv: list[str] | None = None) -> None:
         steps=spec["steps"],
         tok_per_s=result["tokens"] / max(result["train_seconds"], 1e-9),
         s_per_step=statistics.median(result["step_seconds"]) if result["step_seconds"] else None,
-        peak_rss_mib=peak_rss_mib(),
+        # The side's memory is its peak up to the end of training (model load included). The held-out scoring
+        # afterwards is the same code on every side and its logits chunks (~400 MiB) would hide the training's
+        # peak and pull every ratio towards 1; the whole process's peak is kept beside it.
+        peak_rss_mib=result.pop("training_peak_rss_mib"),
+        process_peak_rss_mib=peak_rss_mib(),
         pid=os.getpid(),
         allocator_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     )

@@ -92,5 +92,10 @@ def run_domain_eval(
     if day_grammar and adapter:
         log("--grammar constrains llama.cpp only: the adapter comparison is skipped")
         adapter = False
+    if not adapter and ggufs is None:
+        from tunelab.errors import UserError
+
+        raise UserError(f"{run_dir}: nothing to compare — no {tuned_gguf_path(run_dir, quant).name} in RUN/export and the "
+                        "adapter comparison is off (drop --no-adapter, or export first)")
     decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, day_grammar=day_grammar)
     return evaluate_domain(run_dir, prompts, name, decoding, ggufs=ggufs, judge=judge, adapter=adapter, threads=threads, log=log)
