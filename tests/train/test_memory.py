@@ -59,3 +59,15 @@ def test_release_free_heap_returns_a_fragmented_heap_to_the_os():
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     before, after = map(float, out.stdout.split())
     assert before - after > 150, (before, after)
+
+
+def test_the_onednn_primitive_cache_is_bounded_unless_the_user_set_it(monkeypatch):
+    from tunelab.train.memory import ONEDNN_PRIMITIVE_CACHE, bound_onednn_primitive_cache
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")  # recorded, so the end of the test restores the original
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    bound_onednn_primitive_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVE_CACHE) == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")  # the user's choice wins
+    bound_onednn_primitive_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         peak_rss_mib=result.pop("training_peak_rss_mib"),
         process_peak_rss_mib=peak_rss_mib(),
         pid=os.getpid(),
-        allocator_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        allocator_env={k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "ONEDNN_"))},
     )
     args.out.write_text(json.dumps(result, indent=2))
 

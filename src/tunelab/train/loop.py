@@ -27,7 +27,9 @@ from tunelab.train.distributed import (
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.flops import mfu, shape_of
 from tunelab.train.heldout import perplexity
-from tunelab.train.memory import lean_swiglu, peak_rss_mib, release_free_heap, return_freed_tensors_to_the_os
+from tunelab.train.memory import (
+    bound_onednn_primitive_cache, lean_swiglu, peak_rss_mib, release_free_heap, return_freed_tensors_to_the_os,
+)
 from tunelab.train.objectives import make_objective
 from tunelab.train.precision import Precision
 from tunelab.train.progress import MetricsLog
@@ -93,6 +95,7 @@ def train_lora(
     per_step = train_cfg.batch_size * train_cfg.grad_accum
     objective = make_objective(train_rows, val_rows, train_cfg, eval_cfg, pad_id, precision)
     return_freed_tensors_to_the_os()
+    bound_onednn_primitive_cache()
     if train_cfg.compile:
         from tunelab.train.compile import compile_decoder_layers
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import resource
 import sys
 import types
@@ -42,6 +43,20 @@ def release_free_heap() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass  # not glibc: nothing to release this way
+
+
+ONEDNN_PRIMITIVE_CACHE = 64  # entries; one step of a 30-layer model uses a few dozen (shapes x forward/backward)
+
+
+def bound_onednn_primitive_cache(capacity: int = ONEDNN_PRIMITIVE_CACHE) -> None:
+    """Peak-RSS trick for bf16 on CPU: keep oneDNN's primitive cache to about one step's worth of entries.
+
+    bf16 linears run through oneDNN, which caches a primitive (with its buffers) per shape — and packing gives every
+    step a new token count, so the default 1024-entry cache grew by ~30 MiB per step (RSS after step 12 of a
+    checkpointed bf16 run 1142 MiB; 1009 MiB with 64 entries, same speed; 0 entries: 3x slower). oneDNN reads the
+    variable when it first builds a primitive, so this runs before training; a value the user set is kept.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 class SwiGLU(torch.autograd.Function):
