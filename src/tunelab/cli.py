@@ -135,7 +135,6 @@ def eval_(
         harness_tasks = load_tasks(lm_eval)
     if prompts is not None:
         from tunelab.experiments.travel_eval import run_domain_eval
-
         from tunelab.export.pipeline import parse_quants
 
         run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, adapter, judge=judge, threads=threads,

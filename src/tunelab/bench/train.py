@@ -26,6 +26,7 @@ import torch
 
 from tunelab.bench.machine import run_header
 from tunelab.errors import UserError
+from tunelab.train.memory import MMAP_THRESHOLD, ONEDNN_PRIMITIVE_CACHE
 
 # Each tool in its fastest configuration and in its memory-lean one (gradient checkpointing on): tunelab/trl are
 # the fastest, tunelab_lean/trl_lean the leanest (see train_worker.TUNELAB_CONFIGS and TRL_CONFIGS).
@@ -33,7 +34,7 @@ SIDES = ("tunelab", "tunelab_lean", "trl", "trl_lean")
 # The same allocator settings for every worker (glibc: allocations >= 1 MiB are mmapped and go back to the OS when
 # freed; oneDNN: at most 64 cached primitives). tunelab's loop sets both itself (train/memory.py); the environment
 # gives them to TRL's process too.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_PRIMITIVE_CACHE)}
 # Goals per precision (issue 13): speed vs TRL's fastest, memory vs TRL's leanest, quality vs the same-order run.
 GOALS = {"tok_per_s_vs_trl_fastest": 2.0, "peak_rss_vs_trl_leanest": 0.6, "val_loss_rel_vs_same_order": 0.005}
 

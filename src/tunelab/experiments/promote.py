@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 from tunelab.config import PromoteConfig
 from tunelab.errors import UserError
+from tunelab.experiments.travel_eval import SHIPPED_QUANT, tuned_gguf_path
 
-SHIPPED_QUANT = "q4_k_m"
 
 
 @dataclass
@@ -62,7 +62,7 @@ def shipped_gguf(model: Path) -> Path | None:
     """The q4_k_m file this model ships as (what the app and the Space serve), if there is one."""
     if is_gguf(model):
         return model
-    path = model / "export" / f"model-{SHIPPED_QUANT}.gguf"
+    path = tuned_gguf_path(model)
     return path if path.is_file() else None
 
 

@@ -53,13 +53,12 @@ def training_loss_winner(results: list[dict]) -> dict | None:
 
 def write_report(output: Path, results: list[dict]) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
-    results = [{**r, "train_loss_last10": train_loss_tail(r)} for r in results]
     keys = swept_keys(results)
     written = [output / "results.csv", output / "results.md"]
     written[0].write_text(results_csv(results, keys))
     written[1].write_text(results_markdown(results, keys))
     if results:
-        written += write_plots(output, results, keys)
+        written += write_plots(output, [{**r, "train_loss_last10": train_loss_tail(r)} for r in results], keys)
     return written
 
 

@@ -96,6 +96,7 @@ def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> lis
 
 
 def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, output: Path, log, base_cfg: Config) -> dict:
+    from tunelab.experiments.travel_eval import quant_suffix
     from tunelab.io import atomic_write
     from tunelab.train.recipe import run_training
 
@@ -114,7 +115,7 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
             from tunelab.export.pipeline import export_run
 
             export_run(run_dir, [spec.quant], threads=spec.latency.threads)
-    suffix = "" if spec.quant == "q4_k_m" else f"-{spec.quant}"  # a run judged from two types keeps both
+    suffix = quant_suffix(spec.quant)  # a run judged from two types keeps both
     travel = None
     if spec.travel_eval.enabled:
         travel = _cached(run_dir / "eval" / f"travel{suffix}.json", lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log),

@@ -19,6 +19,11 @@ from tunelab.eval.rubric import load_travel_prompts
 SHIPPED_QUANT = "q4_k_m"  # what the app and the Space serve
 
 
+def quant_suffix(quant: str) -> str:
+    """What eval files of a GGUF type other than the shipped one carry, so they never overwrite the shipped one's."""
+    return "" if quant == SHIPPED_QUANT else f"-{quant}"
+
+
 def tuned_gguf_path(run_dir: Path, quant: str = SHIPPED_QUANT) -> Path:
     return run_dir / "export" / f"model-{quant}.gguf"
 
@@ -81,7 +86,7 @@ def run_domain_eval(
     run_config(run_dir)  # a clear error for a folder that is not a finished run
     prompts = load_travel_prompts(prompts_source)[: limit or None]
     name = ("travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}") + ("-grammar" if day_grammar else "")
-    name += "" if quant == SHIPPED_QUANT else f"-{quant}"  # another type's answers never overwrite the shipped one's
+    name += quant_suffix(quant)
     ggufs = None
     if gguf and tuned_gguf_path(run_dir, quant).is_file():
         ggufs = (export_base_gguf(run_dir, threads, log, base_gguf, quant), tuned_gguf_path(run_dir, quant))

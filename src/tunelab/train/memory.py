@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
 import sys
@@ -16,18 +17,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def return_freed_tensors_to_the_os(threshold_bytes: int = 1 << 20) -> None:
+@functools.cache
+def _libc_function(name: str):
+    """A glibc allocator function, looked up once (the heap release runs after every step), or None where the C
+    library does not have it (not Linux, or not glibc, e.g. musl): then there is nothing to tune."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name, None)
+    except OSError:
+        return None
+
+
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_tensors_to_the_os(threshold_bytes: int = MMAP_THRESHOLD) -> None:
     """Peak-RSS trick (glibc only): serve allocations >= 1 MiB with mmap, so freed activations go back to the OS.
 
     glibc raises its mmap threshold to the size of any mmapped block that is freed (up to 32 MiB), after which
     activations and temporaries of a few MiB come from the heap, fragment it and are never returned: measured
     5.07 -> 3.40 GB peak RSS for one 1765-token fp32 step of SmolLM2-135M. Fixing the threshold stops that.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass  # not glibc (e.g. musl): nothing to tune
+    if (mallopt := _libc_function("mallopt")) is not None:
+        mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
 
 
 def release_free_heap() -> None:
@@ -38,11 +51,8 @@ def release_free_heap() -> None:
     measured RSS after a step 1758-1946 MiB without this, 1048 MiB with it (fp32, SmolLM2-135M, 4 x 256 tokens),
     and the 10-step peak 2355 -> 2145 MiB.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass  # not glibc: nothing to release this way
+    if (malloc_trim := _libc_function("malloc_trim")) is not None:
+        malloc_trim(0)
 
 
 ONEDNN_PRIMITIVE_CACHE = 64  # entries; one step of a 30-layer model uses a few dozen (shapes x forward/backward)
