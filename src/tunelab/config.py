@@ -149,6 +149,11 @@ class TrainConfig(_Section):
         True, description="Pack a micro-batch into one row with per-conversation attention (no compute on padding)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, more compute per step.")
+    release_memory: bool = Field(
+        False, **_resume_safe("Hand freed activation memory back to the OS (glibc: blocks >= 1 MiB mmapped, the heap trimmed "
+        "after every step): a lower peak RSS, but every step faults its pages in again (slower on CPU; figures in "
+        "docs/benchmarks.md). With gradient_checkpointing: the leanest run.")
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="Compute precision: auto (bf16 where native: CPU avx512_bf16/AMX, GPU compute capability >= 8.0; "

@@ -140,3 +140,24 @@ def test_every_step_logs_mfu_from_the_hand_count_of_its_conversations(tmp_path, 
     assert result.mfu == pytest.approx(expected / result.seconds_this_session / 2e9)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "mfu" in r] == [1, 2, 3] and all(r["mfu"] > 0 for r in logged if "mfu" in r)
+
+
+def test_releasing_memory_changes_no_numbers(tmp_path):
+    """`train.release_memory` only changes where freed memory goes: the adapter is the same to the byte."""
+    run(tmp_path / "kept", max_steps=4)
+    run(tmp_path / "released", max_steps=4, release_memory=True)
+    file = lambda d: (list_checkpoints(d)[0] / "adapter" / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    assert file(tmp_path / "kept") == file(tmp_path / "released")
+
+
+def test_fused_lora_layers_train_as_peft_layers(tmp_path, monkeypatch):
+    """Four optimizer steps through the fused LoRA function end where PEFT's own layers end."""
+    import tunelab.train.loop as loop
+
+    run(tmp_path / "fused", max_steps=4)
+    monkeypatch.setattr(loop, "fuse_lora_linears", lambda model: 0)
+    run(tmp_path / "peft", max_steps=4)
+    a, b = adapter_weights(tmp_path / "fused"), adapter_weights(tmp_path / "peft")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

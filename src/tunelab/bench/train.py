@@ -31,10 +31,13 @@ from tunelab.train.memory import MMAP_THRESHOLD, ONEDNN_PRIMITIVE_CACHE
 # Each tool in its fastest configuration and in its memory-lean one (gradient checkpointing on): tunelab/trl are
 # the fastest, tunelab_lean/trl_lean the leanest (see train_worker.TUNELAB_CONFIGS and TRL_CONFIGS).
 SIDES = ("tunelab", "tunelab_lean", "trl", "trl_lean")
-# The same allocator settings for every worker (glibc: allocations >= 1 MiB are mmapped and go back to the OS when
-# freed; oneDNN: at most 64 cached primitives). tunelab's loop sets both itself (train/memory.py); the environment
-# gives them to TRL's process too.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_PRIMITIVE_CACHE)}
+# The same allocator settings for both tools in each configuration. Fastest: glibc's defaults (freed memory is kept
+# and reused; oneDNN keeps at most 64 primitives, which costs no speed). Leanest: also allocations >= 1 MiB mmapped,
+# so freed ones go back to the OS, and the heap trimmed after every optimizer step (tunelab: `train.release_memory`;
+# TRL: a callback, see train_worker). inherited MALLOC_* variables are dropped so that the bench decides.
+FAST_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_PRIMITIVE_CACHE)}
+LEAN_ENV = {**FAST_ENV, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+ALLOCATOR_ENV = {"tunelab": FAST_ENV, "trl": FAST_ENV, "tunelab_lean": LEAN_ENV, "trl_lean": LEAN_ENV}
 # Goals per precision (issue 13): speed vs TRL's fastest, memory vs TRL's leanest, quality vs the same-order run.
 GOALS = {"tok_per_s_vs_trl_fastest": 2.0, "peak_rss_vs_trl_leanest": 0.6, "val_loss_rel_vs_same_order": 0.005}
 
@@ -79,7 +82,8 @@ def ensure_trl() -> None:
 def run_side(side: str, spec_file: Path, out_file: Path, log, worker: str = "tunelab.bench.train_worker") -> dict:
     cmd = [sys.executable, "-m", worker, "--side", side, "--spec", str(spec_file), "--out", str(out_file)]
     threads = str(json.loads(spec_file.read_text())["threads"])
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, **ALLOCATOR_ENV}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {**inherited, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, **ALLOCATOR_ENV[side]}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -192,7 +196,7 @@ def run_bench(
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     flops = job_flops(model_path, cfg.lora.model_dump(mode="json"), ordered_rows(train_rows, steps, per_step, cfg.train.seed))
     log(f"bench train: {len(train_rows)} train / {len(val_rows)} val conversations, model {model_path}; "
-        f"allocator {ALLOCATOR_ENV} for every side")
+        f"allocator: fastest sides {FAST_ENV}, lean sides {LEAN_ENV} + heap trimmed every step")
     log(f"  {steps} optimizer steps x {cfg.train.batch_size} conversations, {threads} threads, {repeats} repeats, precisions {precisions}")
 
     results: dict = {}

@@ -60,8 +60,9 @@ def after_first_step(cpu_marks: list[float], token_marks: list[int]) -> dict:
 
 # ------------------------------------------------------------------------------------ tunelab
 # tunelab's two configurations, mirroring TRL's: its fastest (the default loop) and its memory-lean one (the same
-# loop with `train.gradient_checkpointing: true`, each decoder layer recomputed in the backward pass).
-TUNELAB_CONFIGS = {"tunelab": {"gradient_checkpointing": False}, "tunelab_lean": {"gradient_checkpointing": True}}
+# loop recomputing each decoder layer in the backward pass and handing freed memory back to the OS every step).
+TUNELAB_CONFIGS = {"tunelab": {"gradient_checkpointing": False, "release_memory": False},
+                   "tunelab_lean": {"gradient_checkpointing": True, "release_memory": True}}
 
 
 def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, side: str = "tunelab") -> dict:
@@ -89,7 +90,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, sid
                 "max_seq_len": spec["max_seq_len"],
                 "loss_chunk_tokens": spec.get("loss_chunk_tokens", 1024),
                 "compile": spec.get("compile", False),
-                "gradient_checkpointing": TUNELAB_CONFIGS[side]["gradient_checkpointing"],
+                **TUNELAB_CONFIGS[side],
                 "precision": spec["precision"],
                 "threads": spec["threads"],
                 "save_steps": spec["steps"],
@@ -137,6 +138,9 @@ TRL_CONFIGS = {
     # TRL's default (gradient checkpointing on), in tunelab's order: the leanest TRL, and the same-order run.
     "trl_lean": {"gradient_checkpointing": True, "train_sampling_strategy": "sequential"},
 }
+# The lean sides hand freed memory back to the OS after every step (tunelab: `train.release_memory`); TRL gets the
+# same call from a callback, so the memory ratio compares the tools, not allocator settings.
+RELEASES_MEMORY = {"tunelab_lean", "trl_lean"}
 
 
 def trl_settings(spec: dict, output_dir: str, config: str = "trl") -> dict:
@@ -186,6 +190,7 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config:
     from tunelab.config import ModelConfig
     from tunelab.models import load_tokenizer
     from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.train.memory import release_free_heap
 
     rows = ordered_rows(train_rows, spec["steps"], spec["batch_size"], spec["seed"])
     # Pre-tokenised dataset: TRL turns `assistant_masks` into labels (-100 elsewhere), i.e. assistant-only loss.
@@ -208,6 +213,8 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config:
             self.marks = [time.perf_counter()]
 
         def on_step_end(self, args, state, control, **kwargs):
+            if config in RELEASES_MEMORY:
+                release_free_heap()  # inside the timed step, as in tunelab's loop
             self.marks.append(time.perf_counter())
             self.cpu_marks.append(time.process_time())
             self.token_marks.append(counted["tokens"])

@@ -26,6 +26,7 @@ from tunelab.train.distributed import (
 )
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.flops import mfu, shape_of
+from tunelab.train.fused_lora import fuse_lora_linears
 from tunelab.train.heldout import perplexity
 from tunelab.train.memory import (
     bound_onednn_primitive_cache, lean_swiglu, peak_rss_mib, release_free_heap, return_freed_tensors_to_the_os,
@@ -94,14 +95,16 @@ def train_lora(
         raise UserError(f"train.objective: {train_cfg.objective} is not supported under FSDP yet (use DDP or one process)")
     per_step = train_cfg.batch_size * train_cfg.grad_accum
     objective = make_objective(train_rows, val_rows, train_cfg, eval_cfg, pad_id, precision)
-    return_freed_tensors_to_the_os()
+    if train_cfg.release_memory:
+        return_freed_tensors_to_the_os()
     bound_onednn_primitive_cache()
     if train_cfg.compile:
         from tunelab.train.compile import compile_decoder_layers
 
-        compile_decoder_layers(model)  # inductor picks what the backward keeps; SwiGLU's hand-made saving is moot
+        compile_decoder_layers(model)  # inductor fuses and picks what the backward keeps: no hand-made functions
     else:
         lean_swiglu(model)
+        fuse_lora_linears(model)  # same numbers as PEFT's layers, ~10 % faster on CPU (docs/benchmarks.md)
     shape = shape_of(model)
     peak_flops = _matmul_peak_gflops(precision, device) * 1e9 * world
     session_flops, session_seconds, window_flops = 0.0, 0.0, 0.0
@@ -174,7 +177,8 @@ def train_lora(
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            release_free_heap()
+            if train_cfg.release_memory:
+                release_free_heap()
             maybe_inject_fault("step", step + 1)  # weights updated, nothing recorded yet
 
             loss_sum, step_tokens = _reduce(accelerator, loss_sum, step_tokens)

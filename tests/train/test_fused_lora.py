@@ -1,0 +1,100 @@
+"""The fused LoRA linear gives PEFT's numbers: outputs and every adapter gradient equal to PEFT's own layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tests.helpers import build_tiny_llama
+from tunelab.train.fused_lora import LoraLinearFunction, fuse_lora_linears
+
+
+def lora_model(dropout: float = 0.0, seed: int = 0):
+    model = get_peft_model(build_tiny_llama(seed=seed), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero, which would hide every mistake in the adapter's path
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def loss_and_adapter_grads(model, ids, autocast_dtype=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_function_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    a = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: LoraLinearFunction.apply(x, weight, bias, a, b, 1.5), (x, a, b))
+    reference = x @ weight.T + bias + 1.5 * (x @ a.T) @ b.T
+    assert torch.allclose(LoraLinearFunction.apply(x, weight, bias, a, b, 1.5), reference)
+
+
+def test_fused_model_matches_peft_in_fp32():
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference, fused = lora_model(), lora_model()
+    assert fuse_lora_linears(fused) == 2 * 7  # every adapted linear of both decoder layers
+    ref_loss, ref_grads = loss_and_adapter_grads(reference, ids)
+    loss, grads = loss_and_adapter_grads(fused, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * 7
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_fused_model_under_bf16_autocast_is_as_close_to_fp32_as_peft():
+    """Under autocast both compute in bf16 (the fused path rounds once where PEFT rounds three times), so each is
+    compared with the fp32 result and the fused one must be no further from it than PEFT's own."""
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    exact_loss, exact = loss_and_adapter_grads(lora_model(), ids)
+    peft_loss, peft = loss_and_adapter_grads(lora_model(), ids, torch.bfloat16)
+    fused_model = lora_model()
+    fuse_lora_linears(fused_model)
+    fused_loss, fused = loss_and_adapter_grads(fused_model, ids, torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in fused.values())  # gradients land in the adapters' own dtype
+    assert abs(fused_loss - exact_loss) <= 2 * abs(peft_loss - exact_loss) + 1e-3
+    error = lambda grads: sum((grads[n].float() - exact[n]).norm() for n in exact) / sum(g.norm() for g in exact.values())  # noqa: E731
+    assert error(fused) <= 1.5 * error(peft) + 1e-3
+    assert error(fused) < 0.05
+
+
+def test_unfusable_layers_and_disabled_adapters_keep_peft_forward():
+    assert fuse_lora_linears(lora_model(dropout=0.1)) == 0  # dropout on the adapter input: PEFT's path
+    model = lora_model()
+    fuse_lora_linears(model)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    base = build_tiny_llama()
+    with torch.no_grad():
+        with model.disable_adapter():  # a reference pass (DPO) must see the base model, not the adapter
+            disabled = model(input_ids=ids).logits
+        enabled = model(input_ids=ids).logits
+        expected = base(input_ids=ids).logits
+    assert torch.allclose(disabled, expected, atol=1e-6)
+    assert not torch.allclose(enabled, expected, atol=1e-3)
+
+
+def test_frozen_input_gets_no_gradient_work():
+    """The first layer reads the frozen embedding: no input gradient is asked for, and none is computed."""
+    x = torch.randn(4, 5)
+    a, b = torch.randn(2, 5, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    LoraLinearFunction.apply(x, torch.randn(3, 5), None, a, b, 2.0).sum().backward()
+    assert a.grad is not None and b.grad is not None and x.grad is None
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_lora_layers_stay_peft_modules(patched):
+    """Saving, merging and loading see PEFT's own modules and parameters either way."""
+    model = lora_model()
+    if patched:
+        fuse_lora_linears(model)
+    names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert names == sorted(n for n, p in lora_model().named_parameters() if p.requires_grad)
