@@ -115,3 +115,25 @@ def remove_leftovers(folder: Path) -> None:
     for pattern in (".*.tmp-*", ".*.old-*"):
         for leftover in Path(folder).glob(pattern):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def cache_dir() -> Path:
+    """tunelab's per-user cache (dequantised models, per-machine measurements); TUNELAB_CACHE moves it."""
+    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
+
+
+def read_json_cache(name: str) -> dict:
+    """A JSON cache file under cache_dir(), or {} when it is missing or unreadable."""
+    try:
+        cached = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def write_json_cache(name: str, cached: dict) -> None:
+    """Store a JSON cache file atomically; one that cannot be written costs a re-measurement next time, nothing more."""
+    try:
+        atomic_write(cache_dir() / name, json.dumps(cached, indent=1))
+    except OSError:
+        pass

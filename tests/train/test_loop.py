@@ -150,12 +150,12 @@ def test_releasing_memory_changes_no_numbers(tmp_path):
     assert file(tmp_path / "kept") == file(tmp_path / "released")
 
 
-def test_fused_lora_layers_train_as_peft_layers(tmp_path, monkeypatch):
-    """Four optimizer steps through the fused LoRA function end where PEFT's own layers end."""
+def test_fused_layers_train_as_peft_and_transformers_layers(tmp_path, monkeypatch):
+    """Four optimizer steps through the fused layers (LoRA, RMSNorm, SwiGLU) end where the modules' own end."""
     import tunelab.train.loop as loop
 
     run(tmp_path / "fused", max_steps=4)
-    monkeypatch.setattr(loop, "fuse_lora_linears", lambda model: 0)
+    monkeypatch.setattr(loop, "fuse_decoder_layers", lambda model: {})
     run(tmp_path / "peft", max_steps=4)
     a, b = adapter_weights(tmp_path / "fused"), adapter_weights(tmp_path / "peft")
     assert a.keys() == b.keys()

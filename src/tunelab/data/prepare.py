@@ -367,7 +367,7 @@ def config_key(cfg: Config) -> str:
 def output_folder(cfg: Config) -> Path:
     if cfg.data.output_dir:
         return Path(cfg.data.output_dir).expanduser()
-    from tunelab.models.loading import cache_dir
+    from tunelab.io import cache_dir
 
     return cache_dir() / "data" / config_key(cfg)
 

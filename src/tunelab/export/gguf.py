@@ -41,7 +41,7 @@ def llama_cpp_source_dir() -> Path:
         if not (src / "convert_hf_to_gguf.py").is_file() or not (src / "gguf-py").is_dir():
             raise UserError(f"TUNELAB_LLAMA_CPP_SRC={src}: needs convert_hf_to_gguf.py and gguf-py/ (a llama.cpp checkout)")
         return src
-    from tunelab.models.loading import cache_dir
+    from tunelab.io import cache_dir
 
     version = importlib.metadata.version("llama-cpp-python")
     target = cache_dir() / "llama.cpp" / version

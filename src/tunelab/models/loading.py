@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tunelab.config import ModelConfig
 from tunelab.errors import UserError
-from tunelab.io import atomic_path, atomic_write
+from tunelab.io import atomic_path, atomic_write, cache_dir
 from tunelab.models.templates import apply_turn_end, resolve_chat_template
 
 @dataclass(frozen=True)
@@ -51,11 +51,6 @@ EMBEDDED_MODELS = {
 
 class ModelError(UserError):
     """A user-facing model problem (missing file, offline hub, no CUDA for 4-bit)."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab"
-    return Path(root)
 
 
 def embedded_model(key: str) -> EmbeddedModel:

@@ -26,10 +26,10 @@ from tunelab.train.distributed import (
 )
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.flops import mfu, shape_of
-from tunelab.train.fused_lora import fuse_lora_linears
+from tunelab.train.fused_layers import fuse_decoder_layers
 from tunelab.train.heldout import perplexity
 from tunelab.train.memory import (
-    bound_onednn_primitive_cache, lean_swiglu, peak_rss_mib, release_free_heap, return_freed_tensors_to_the_os,
+    bound_onednn_primitive_cache, peak_rss_mib, release_free_heap, return_freed_tensors_to_the_os,
 )
 from tunelab.train.objectives import make_objective
 from tunelab.train.precision import Precision
@@ -103,8 +103,7 @@ def train_lora(
 
         compile_decoder_layers(model)  # inductor fuses and picks what the backward keeps: no hand-made functions
     else:
-        lean_swiglu(model)
-        fuse_lora_linears(model)  # same numbers as PEFT's layers, ~10 % faster on CPU (docs/benchmarks.md)
+        fuse_decoder_layers(model)  # LoRA linears, RMSNorms, SwiGLU: the same numbers, fewer passes (fused_layers.py)
     shape = shape_of(model)
     peak_flops = _matmul_peak_gflops(precision, device) * 1e9 * world
     session_flops, session_seconds, window_flops = 0.0, 0.0, 0.0

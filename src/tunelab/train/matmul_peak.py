@@ -10,19 +10,17 @@ keeps the better figure.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
+
+from tunelab.io import read_json_cache, write_json_cache
 
 SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (2048, 2048, 2048))
 
 
-def cache_file() -> Path:
-    root = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
-    return root / "matmul_peak.json"
+CACHE = "matmul_peak.json"
 
 
 def measure(dtype: torch.dtype, threads: int, seconds: float = 1.5, device: str | torch.device = "cpu") -> dict:
@@ -67,12 +65,8 @@ def matmul_peak(dtype: torch.dtype, threads: int | None = None, refresh: bool = 
     """The cached measurement for this machine (measured and stored on first use, or when `refresh`)."""
     threads = threads or torch.get_num_threads()
     device = torch.device(device)
-    path = cache_file()
     key = _key(dtype, threads, device)
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    cached = read_json_cache(CACHE)
     previous = cached.get(key) if isinstance(cached.get(key), dict) and cached[key].get("gflops") else None
     load = _load_average()
     # An entry without its load average predates recording it: its load is unknown, so it is measured again.
@@ -84,11 +78,5 @@ def matmul_peak(dtype: torch.dtype, threads: int | None = None, refresh: bool = 
     if previous is not None and previous["gflops"] > result["gflops"]:
         result = previous
     cached[key] = result
-    try:  # a cache that cannot be written costs a re-measurement next time, nothing more
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    write_json_cache(CACHE, cached)
     return result

@@ -1,4 +1,6 @@
-"""Peak-memory tricks of the training loop (no change to the numbers), and the peak-RSS figure it reports."""
+"""Allocator settings of the training loop (no change to the numbers), and the peak-RSS figure it reports.
+
+The hand-written lean autograd functions (SwiGLU, RMSNorm, LoRA) are in tunelab.train.fused_layers."""
 
 from __future__ import annotations
 
@@ -7,10 +9,6 @@ import functools
 import os
 import resource
 import sys
-import types
-
-import torch
-import torch.nn.functional as F
 
 
 def peak_rss_mib() -> float:
@@ -67,31 +65,3 @@ def bound_onednn_primitive_cache(capacity: int = ONEDNN_PRIMITIVE_CACHE) -> None
     variable when it first builds a primitive, so this runs before training; a value the user set is kept.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, keeping only gate and up for the backward (autograd would also keep silu(gate))."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        return grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig
-
-
-def lean_swiglu(model) -> None:
-    """Peak-RSS trick: Llama-style MLPs (`down(silu(gate(x)) * up(x))`) use SwiGLU, one [tokens, 1536] activation
-    per decoder layer less (about 320 MB for a 1765-token fp32 step of SmolLM2-135M); recomputing silu is cheap."""
-
-    def forward(self, x):
-        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
-
-    for module in model.modules():
-        act = type(getattr(module, "act_fn", None)).__name__
-        if act in ("SiLU", "SiLUActivation") and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            module.forward = types.MethodType(forward, module)

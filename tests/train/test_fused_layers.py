@@ -1,4 +1,5 @@
-"""The fused LoRA linear gives PEFT's numbers: outputs and every adapter gradient equal to PEFT's own layers."""
+"""The fused decoder layers give the numbers of the modules they replace: outputs and gradients equal to PEFT's and
+transformers' own (LoRA linears, RMSNorm, SwiGLU), alone and in a whole model."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tests.helpers import build_tiny_llama
-from tunelab.train.fused_lora import LoraLinearFunction, fuse_lora_linears
+from tunelab.train.fused_layers import (
+    LoraLinearFunction, RMSNormFunction, SwiGLU, fuse_decoder_layers, fuse_lora_linears, fuse_rmsnorms, lean_swiglu,
+)
 
 
 def lora_model(dropout: float = 0.0, seed: int = 0):
@@ -98,3 +101,77 @@ def test_lora_layers_stay_peft_modules(patched):
         fuse_lora_linears(model)
     names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert names == sorted(n for n, p in lora_model().named_parameters() if p.requires_grad)
+
+
+def test_swiglu_matches_autograd():
+    torch.manual_seed(0)
+    gate, up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True), torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
+
+
+def test_lean_swiglu_keeps_model_outputs_and_gradients():
+    ids = torch.randint(0, 256, (1, 12))
+    grads = []
+    for patch in (False, True):
+        model = build_tiny_llama()
+        if patch:
+            assert lean_swiglu(model) == 2
+        assert all(("forward" in vars(m)) == patch for m in model.modules() if type(m).__name__ == "LlamaMLP")
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_rmsnorm_function_matches_finite_differences_and_llama():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
+    norm = LlamaRMSNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    assert torch.allclose(RMSNormFunction.apply(x, weight, 1e-5), norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_llama_module_in_its_dtype(dtype):
+    """In bf16 both take fp32 statistics and round the normalised input once: the same bits forward, and input
+    gradients within bf16 rounding of each other."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 10, 64, dtype=dtype)
+    grad = torch.randn(3, 10, 64, dtype=dtype)
+    outputs, grads = [], []
+    for fused in (False, True):
+        xi = x.clone().requires_grad_()
+        y = RMSNormFunction.apply(xi, norm.weight, norm.variance_epsilon) if fused else norm(xi)
+        y.backward(grad)
+        outputs.append(y)
+        grads.append(xi.grad)
+    assert outputs[1].dtype == outputs[0].dtype and torch.equal(outputs[1], outputs[0])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(grads[1].float(), grads[0].float(), rtol=tolerance, atol=tolerance)
+
+
+def test_whole_fused_model_matches_unfused_and_skips_other_norms():
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    reference, fused = lora_model(), lora_model()
+    counts = fuse_decoder_layers(fused)
+    assert counts == {"lora_linears": 14, "rmsnorms": 2 * 2 + 1, "swiglu_mlps": 2}
+    ref_loss, ref_grads = loss_and_adapter_grads(reference, ids)
+    loss, grads = loss_and_adapter_grads(fused, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7), name
+
+    class GemmaLikeNorm(torch.nn.Module):  # another formula (1 + weight): must keep its own forward
+        variance_epsilon = 1e-6
+
+    assert fuse_rmsnorms(torch.nn.Sequential(GemmaLikeNorm())) == 0
