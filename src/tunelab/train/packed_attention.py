@@ -19,6 +19,14 @@ import torch.nn.functional as F
 
 NAME = "tunelab_packed"
 
+# Reduced-precision SDPA on a CPU: PyTorch's flash kernel builds and keeps micro-kernels for every sequence length it
+# meets (~3.5 MiB each, never freed), and packing gives every conversation its own length, so a bf16 run's RSS grew
+# by ~16 MiB a step (hundreds of MiB over a run; docs/benchmarks.md, round four). Padding each conversation at the
+# end to a multiple of this many tokens bounds the set of lengths; it is exact, since attention is causal (no real
+# query sees a padded key) and the padded queries' outputs are dropped. Speed unchanged in the loop (tried instead:
+# the math backend for short conversations, no per-length kernels but it keeps the score matrix for the backward).
+CPU_REDUCED_PRECISION_LENGTH_MULTIPLE = 64
+
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     segments = kwargs.pop("packed_segments", None)
@@ -44,7 +52,12 @@ def segment_attention(q, k, v, dropout: float, scaling: float | None, groups: in
     """Causal attention over one conversation ([1, heads, length, head_dim])."""
     length = q.shape[2]
     if softcap is None and (window is None or window >= length):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        reduced_on_cpu = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+        padding = -length % CPU_REDUCED_PRECISION_LENGTH_MULTIPLE if reduced_on_cpu else 0
+        if padding:
+            q, k, v = (F.pad(t, (0, 0, 0, padding)) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        return out[:, :, :length] if padding else out
     allowed = causal_window_mask(length, window, q.device)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
