@@ -80,8 +80,8 @@ def test_precision_field_accepts_fp16():
     assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
 
 
-def test_fp16_training_loop_scales_the_loss_and_learns(tmp_path):
-    """fp16 through the real loop (GradScaler on; CPU autocast supports fp16): finite, learning, fp32 adapter."""
+def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False, save_total_limit=2):
+    """The real loop in fp16 (GradScaler on; CPU autocast supports fp16) on a tiny Llama with LoRA."""
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -103,10 +103,41 @@ def test_fp16_training_loop_scales_the_loss_and_learns(tmp_path):
         prompt = torch.randint(3, 128, (8,), generator=g).tolist()
         answer = [(t * 7) % 120 + 130 for t in prompt]
         rows.append((prompt + answer, [IGNORE] * 8 + answer))
-    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=10, batch_size=4, lr=1e-2, warmup_steps=0, save_steps=10, eval_steps=10)
-    result = train_lora(model, rows[:12], rows[12:], cfg, EvalConfig(batch_size=4), tmp_path, Precision("fp16", "test"), 0,
-                        Accelerator(cpu=True), resume=False, log=lambda *_: None)
+    cfg = TrainConfig(output_dir=str(run_dir), max_steps=max_steps, batch_size=4, lr=1e-2, warmup_steps=0,
+                      save_steps=save_steps, eval_steps=max_steps, save_total_limit=save_total_limit)
+    result = train_lora(model, rows[:12], rows[12:], cfg, EvalConfig(batch_size=4), run_dir, Precision("fp16", "test"), 0,
+                        Accelerator(cpu=True), resume=resume, log=lambda *_: None)
+    return result, model
+
+
+def test_fp16_training_loop_scales_the_loss_and_learns(tmp_path):
+    """fp16 through the real loop: finite, learning, fp32 adapter."""
+    result, model = _fp16_run(tmp_path)
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     adapter = [p for n, p in model.named_parameters() if "lora_" in n]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in adapter)
+
+
+def test_fp16_resume_continues_the_loss_scale(tmp_path):
+    """A resumed fp16 run goes on with the checkpoint's loss scale and growth count (a T4 session that died and
+    resumed), so it ends exactly where the uninterrupted run does."""
+    import json
+    import shutil
+
+    from tunelab.train.checkpoint import list_checkpoints
+
+    def final_state(run_dir):
+        return json.loads((list_checkpoints(run_dir)[0] / "state.json").read_text())
+
+    _, straight = _fp16_run(tmp_path / "straight", max_steps=8, save_steps=4)
+    _fp16_run(tmp_path / "resumed", max_steps=8, save_steps=4)
+    shutil.rmtree(list_checkpoints(tmp_path / "resumed")[0])  # killed after step 4: step 8 was never written
+    result, resumed = _fp16_run(tmp_path / "resumed", max_steps=8, save_steps=4, resume=True)
+    assert result.resumed_from == 4
+    scale = final_state(tmp_path / "straight")["grad_scaler"]
+    assert scale["scale"] > 1 and scale["_growth_tracker"] > 0  # a real fp16 scaler state, not the disabled {}
+    assert final_state(tmp_path / "resumed")["grad_scaler"] == scale
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        if "lora_" in name:
+            assert torch.equal(a, b), name

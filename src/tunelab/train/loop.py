@@ -110,10 +110,13 @@ def train_lora(
 
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
+    scaler = precision.grad_scaler(device.type)  # fp16: dynamic loss scaling; otherwise a pass-through
     start_step, tokens_seen, train_seconds, resumed_from = 0, 0, 0.0, None
     last_loss, last_val, last_figures, history = None, None, {}, []
     if resume and (ckpt := latest_valid_checkpoint(run_dir, warn=log)) is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        if state.get("grad_scaler"):  # fp16: the loss scale and its growth count go on where they were
+            scaler.load_state_dict(state["grad_scaler"])
         start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
         last_loss, last_val, last_figures = state.get("train_loss"), state.get("val_loss"), state.get("val_metrics", {})
         resumed_from = start_step
@@ -142,7 +145,6 @@ def train_lora(
 
     # bf16: PEFT would cast each LoRA layer's bf16 input to fp32 (the adapter's dtype) only for autocast to cast
     # it straight back: a copy per adapted layer per step that autograd keeps. Everything below runs under autocast.
-    scaler = precision.grad_scaler(device.type)  # fp16: dynamic loss scaling; otherwise a pass-through
     with disable_input_dtype_casting(model, active=precision.name == "bf16"):
         model.train()
         window_tokens, window_start = 0, time.perf_counter()
@@ -208,7 +210,7 @@ def train_lora(
                 log(f"step {done}: val_loss {last_val:.4f}")
             if is_main and (done % train_cfg.save_steps == 0 or done == train_cfg.max_steps):
                 state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss,
-                         "val_metrics": last_figures}
+                         "val_metrics": last_figures, "grad_scaler": scaler.state_dict()}
                 save_checkpoint(run_dir, done, AdapterSaver(model) if fsdp else model, optimizer, scheduler, state, train_cfg.save_total_limit)
             accelerator.wait_for_everyone()
 
