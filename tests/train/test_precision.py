@@ -80,7 +80,7 @@ def test_precision_field_accepts_fp16():
     assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
 
 
-def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False, save_total_limit=2):
+def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False):
     """The real loop in fp16 (GradScaler on; CPU autocast supports fp16) on a tiny Llama with LoRA."""
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
@@ -104,7 +104,7 @@ def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False, save_total_lim
         answer = [(t * 7) % 120 + 130 for t in prompt]
         rows.append((prompt + answer, [IGNORE] * 8 + answer))
     cfg = TrainConfig(output_dir=str(run_dir), max_steps=max_steps, batch_size=4, lr=1e-2, warmup_steps=0,
-                      save_steps=save_steps, eval_steps=max_steps, save_total_limit=save_total_limit)
+                      save_steps=save_steps, eval_steps=max_steps)
     result = train_lora(model, rows[:12], rows[12:], cfg, EvalConfig(batch_size=4), run_dir, Precision("fp16", "test"), 0,
                         Accelerator(cpu=True), resume=resume, log=lambda *_: None)
     return result, model
