@@ -55,8 +55,13 @@ def tiny_gemma_like_tokenizer():
     raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     raw.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
     from tunelab.models.templates import apply_turn_end, resolve_chat_template
 
     tokenizer.chat_template = resolve_chat_template("gemma", tokenizer)
@@ -69,8 +74,16 @@ def small_llama_folder(tmp_path):
 
     tokenizer = tokenizer_for_tests()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     folder = tmp_path / "small-llama"
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -81,8 +94,10 @@ def conversations_file(tmp_path, n=64):
     path = tmp_path / "data.jsonl"
     with open(path, "w") as f:
         for i in range(n):
-            messages = [{"role": "user", "content": f"What is {i} plus {i}?"},
-                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+            messages = [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
@@ -114,9 +129,17 @@ def llama32_shaped_folder(out_dir, *, stop_at_once: bool = False, hidden_size: i
     tokenizer.chat_template = resolve_chat_template("llama-3.1", tokenizer)
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, eot], rope_theta=500000.0,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, eot],
+        rope_theta=500000.0,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -141,7 +164,9 @@ def full_logits_loss(model, batch) -> tuple[torch.Tensor, int]:
     decoder, lm_head = split_causal_lm(model)
     hidden = decoder(**batch.model_kwargs()).last_hidden_state
     logits = lm_head(hidden).float()
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, batch.num_targets
 
 
@@ -196,7 +221,20 @@ def sharegpt(q: str, a: str, **extra) -> dict:
 
 def qa_rows(n: int, tag: str = "q") -> list[dict]:
     """n distinct, clearly different conversations (so near-dedup leaves them alone)."""
-    words = ["apple", "river", "stone", "cloud", "piano", "tiger", "lemon", "glass", "north", "candle", "mirror", "forest"]
+    words = [
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "piano",
+        "tiger",
+        "lemon",
+        "glass",
+        "north",
+        "candle",
+        "mirror",
+        "forest",
+    ]
     return [
         sharegpt(
             f"{tag}{i}: tell me about the {words[i % len(words)]} number {i} and {words[(i * 7 + 3) % len(words)]}",
@@ -226,9 +264,19 @@ class Workspace:
             "model": {"name": str(self.model_dir)},
             "lora": {"r": 4, "alpha": 8},
             "train": {
-                "output_dir": str(output_dir), "max_steps": MAX_STEPS, "batch_size": 2, "grad_accum": 2,
-                "save_steps": SAVE_STEPS, "save_total_limit": 2, "eval_steps": EVAL_STEPS, "max_seq_len": 48,
-                "warmup_steps": 1, "lr": 1.0e-3, "precision": "fp32", "threads": 1, "seed": 7,
+                "output_dir": str(output_dir),
+                "max_steps": MAX_STEPS,
+                "batch_size": 2,
+                "grad_accum": 2,
+                "save_steps": SAVE_STEPS,
+                "save_total_limit": 2,
+                "eval_steps": EVAL_STEPS,
+                "max_seq_len": 48,
+                "warmup_steps": 1,
+                "lr": 1.0e-3,
+                "precision": "fp32",
+                "threads": 1,
+                "seed": 7,
             },
             "eval": {"batch_size": 4, "max_val_rows": 6},
         }
@@ -242,8 +290,13 @@ class Workspace:
     def env(self, fault: str | None = None, cache: Path | None = None, **extra: str) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("TUNELAB_FAULT", "HF_TOKEN")}
         env.update(
-            TUNELAB_CACHE=str(cache or self.cache), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-            TOKENIZERS_PARALLELISM="false", HF_TOKEN=FAKE_HF_TOKEN, PYTHONUNBUFFERED="1", COLUMNS="200",
+            TUNELAB_CACHE=str(cache or self.cache),
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_TOKEN=FAKE_HF_TOKEN,
+            PYTHONUNBUFFERED="1",
+            COLUMNS="200",
         )
         if fault:
             env["TUNELAB_FAULT"] = fault
@@ -255,10 +308,23 @@ def train_cmd(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "tunelab.cli", "train", str(config), *args]
 
 
-def tunelab_train(ws: Workspace, config: Path, *args: str, fault: str | None = None, cache: Path | None = None,
-                  timeout: float = 600, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(config, *args), capture_output=True, text=True, timeout=timeout,
-                          env=ws.env(fault, cache, **env), cwd=ws.root)
+def tunelab_train(
+    ws: Workspace,
+    config: Path,
+    *args: str,
+    fault: str | None = None,
+    cache: Path | None = None,
+    timeout: float = 600,
+    **env,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_cmd(config, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ws.env(fault, cache, **env),
+        cwd=ws.root,
+    )
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -484,8 +550,10 @@ def small_lora_run(tmp_path):
 
     base_dir = small_llama_folder(tmp_path)
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
     run_dir = tmp_path / "run"
     model.save_pretrained(run_dir / "adapter")
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "tokenizer")

@@ -7,12 +7,28 @@ import sys
 
 import pytest
 
-COMMANDS = [[], ["config", "show"], ["data", "prepare"], ["train"], ["eval"], ["export"], ["chat"], ["serve"],
-            ["sweep"], ["bench", "train"], ["bench", "data"], ["bench", "infer"], ["quickstart"], ["feedback", "export"]]
+COMMANDS = [
+    [],
+    ["config", "show"],
+    ["data", "prepare"],
+    ["train"],
+    ["eval"],
+    ["export"],
+    ["chat"],
+    ["serve"],
+    ["sweep"],
+    ["bench", "train"],
+    ["bench", "data"],
+    ["bench", "infer"],
+    ["quickstart"],
+    ["feedback", "export"],
+]
 
 
 def tunelab(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")

@@ -25,8 +25,14 @@ def write(tmp_path, text):
         ("trian:\n  lr: 1\n", "trian: unknown key (did you mean `train`?)"),
         ("train:\n  batch_size: four\n", "train.batch_size: Input should be a valid integer"),
         ("train:\n  precision: fp8\n", "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
-        ("data:\n  sources:\n    - {path: a.json, preset: embedded:sharegpt}\n", "data.sources.0: give exactly one of `path` or `preset`"),
-        ("data:\n  sources:\n    - {path: a.json, wieght: 2}\n", "data.sources.0.wieght: unknown key (did you mean `weight`?)"),
+        (
+            "data:\n  sources:\n    - {path: a.json, preset: embedded:sharegpt}\n",
+            "data.sources.0: give exactly one of `path` or `preset`",
+        ),
+        (
+            "data:\n  sources:\n    - {path: a.json, wieght: 2}\n",
+            "data.sources.0.wieght: unknown key (did you mean `weight`?)",
+        ),
     ],
 )
 def test_bad_values_name_the_key_path(tmp_path, text, expected):
@@ -110,8 +116,19 @@ def test_config_show_explain_on_the_command_line(tmp_path):
     assert "  r: 4" in result.output and f"# {LoraConfig.model_fields['r'].description}" in result.output
 
 
-@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("2E+3", 2000.0), ("8", 8), ("0.5", 0.5), ("true", True),
-                                         ("cosine", "cosine"), ("[q_proj, v_proj]", ["q_proj", "v_proj"]), ("", "")])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-4", 1e-4),
+        ("2E+3", 2000.0),
+        ("8", 8),
+        ("0.5", 0.5),
+        ("true", True),
+        ("cosine", "cosine"),
+        ("[q_proj, v_proj]", ["q_proj", "v_proj"]),
+        ("", ""),
+    ],
+)
 def test_set_and_grid_read_values_through_one_parser(text, value, tmp_path):
     from tunelab.experiments.sweep import parse_grid
 

@@ -17,8 +17,18 @@ PACKAGE = Path(tunelab.__file__).resolve().parent
 
 # Lowest first. Modules at the top of the package (errors.py, config.py, io.py, hub.py, ...) are the base.
 STAGES = ["<base>", "models", "data", "train", "eval", "export", "serve", "bench", "experiments", "cli"]
-RANK = {"<base>": 0, "models": 1, "data": 2, "train": 3, "eval": 4, "export": 5, "serve": 6, "bench": 7,
-        "experiments": 7, "cli": 8}
+RANK = {
+    "<base>": 0,
+    "models": 1,
+    "data": 2,
+    "train": 3,
+    "eval": 4,
+    "export": 5,
+    "serve": 6,
+    "bench": 7,
+    "experiments": 7,
+    "cli": 8,
+}
 
 
 def stage_of(module: str) -> str:
@@ -62,8 +72,11 @@ def test_every_stage_folder_is_known():
 
 
 def upward_imports(path: Path, own: str) -> list[str]:
-    return [f"line {line}: {target} ({stage_of(target)})" for line, target in tunelab_imports(path)
-            if RANK[stage_of(target)] > RANK[own]]
+    return [
+        f"line {line}: {target} ({stage_of(target)})"
+        for line, target in tunelab_imports(path)
+        if RANK[stage_of(target)] > RANK[own]
+    ]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -75,7 +88,9 @@ def test_no_upward_import(path):
 
 def test_the_checker_sees_an_upward_import_even_inside_a_function(tmp_path):
     module = tmp_path / "loop.py"
-    module.write_text("from tunelab.train.batching import make_batch\n\n"
-                      "def evaluate():\n    from tunelab.eval.evaluate import evaluate_run\n")
+    module.write_text(
+        "from tunelab.train.batching import make_batch\n\n"
+        "def evaluate():\n    from tunelab.eval.evaluate import evaluate_run\n"
+    )
     assert upward_imports(module, "train") == ["line 4: tunelab.eval.evaluate (eval)"]
     assert stage_of("tunelab.io") == "<base>" and stage_of("tunelab.serve.app") == "serve"

@@ -54,7 +54,9 @@ def load(config: Path | None, overrides: list[str] | None):
 def config_show(
     config: ConfigArg,
     set_: SetOption = None,
-    explain: Annotated[bool, typer.Option("--explain", help="Print each key's meaning (unit, range) above it.")] = False,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Print each key's meaning (unit, range) above it.")
+    ] = False,
 ) -> None:
     """Print the resolved config (defaults + file + --set overrides)."""
     from tunelab.config import explain as explained
@@ -85,7 +87,12 @@ def train(
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Resume from the newest valid checkpoint in the run folder.")] = True,
     overwrite: Annotated[bool, typer.Option(help="With --no-resume: delete an existing run folder first.")] = False,
-    extend: Annotated[bool, typer.Option(help="Continue the run to a larger train.max_steps (the learning-rate schedule is recomputed over the new total).")] = False,
+    extend: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run to a larger train.max_steps (the learning-rate schedule is recomputed over the new total)."
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune with LoRA; resumes an interrupted run in the same folder (never with changed settings or data)."""
     from tunelab.train.recipe import run_training
@@ -100,27 +107,49 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `tunelab train`.")],
     set_: SetOption = None,
     prompts: Annotated[
-        Optional[str], typer.Option(help="Domain eval instead: `travel` (the shipped set) or a JSONL of {prompt, city?, days?, preferences?}.")
+        Optional[str],
+        typer.Option(
+            help="Domain eval instead: `travel` (the shipped set) or a JSONL of {prompt, city?, days?, preferences?}."
+        ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="With --prompts: new tokens per answer (greedy).")] = 384,
     repetition_penalty: Annotated[float, typer.Option(min=0.01, help="With --prompts: 1.0 is plain greedy.")] = 1.0,
     limit: Annotated[
-        Optional[int], typer.Option(min=1, help="With --prompts: only the first N prompts; with --lm-eval: the first N documents of each task.")
+        Optional[int],
+        typer.Option(
+            min=1, help="With --prompts: only the first N prompts; with --lm-eval: the first N documents of each task."
+        ),
     ] = None,
-    gguf: Annotated[bool, typer.Option(help="With --prompts: also compare base vs tuned GGUFs when RUN/export has one.")] = True,
-    adapter: Annotated[bool, typer.Option(help="With --prompts: also compare base vs tuned from the adapter (transformers fp32; slower).")] = True,
+    gguf: Annotated[
+        bool, typer.Option(help="With --prompts: also compare base vs tuned GGUFs when RUN/export has one.")
+    ] = True,
+    adapter: Annotated[
+        bool,
+        typer.Option(help="With --prompts: also compare base vs tuned from the adapter (transformers fp32; slower)."),
+    ] = True,
     quant: Annotated[
-        str, typer.Option(help="With --prompts: the GGUF type compared (q4_k_m: what the app serves; q8_0 keeps more of a small fine-tune).")
+        str,
+        typer.Option(
+            help="With --prompts: the GGUF type compared (q4_k_m: what the app serves; q8_0 keeps more of a small fine-tune)."
+        ),
     ] = "q4_k_m",
-    judge: Annotated[Optional[Path], typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")] = None,
+    judge: Annotated[
+        Optional[Path], typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="With --prompts or --lm-eval: CPU threads.")] = None,
     grammar: Annotated[
-        bool, typer.Option(help="With --prompts: GGUFs answer under a grammar allowing exactly the prompt's days (a decoding lever).")
+        bool,
+        typer.Option(
+            help="With --prompts: GGUFs answer under a grammar allowing exactly the prompt's days (a decoding lever)."
+        ),
     ] = False,
     lm_eval: Annotated[
         Optional[str],
-        typer.Option("--lm-eval", help="Also: lm-eval harness tasks on base and tuned, side by side (comma-separated task names, "
-                     "task YAML files or folders; needs the optional lm-eval package)."),
+        typer.Option(
+            "--lm-eval",
+            help="Also: lm-eval harness tasks on base and tuned, side by side (comma-separated task names, "
+            "task YAML files or folders; needs the optional lm-eval package).",
+        ),
     ] = None,
 ) -> None:
     """Validation loss and perplexity of base vs tuned on the held-out split, plus sample generations;
@@ -137,8 +166,19 @@ def eval_(
         from tunelab.experiments.travel_eval import run_domain_eval
         from tunelab.export.pipeline import parse_quants
 
-        run_domain_eval(run_dir, prompts, max_new_tokens, repetition_penalty, limit, gguf, adapter, judge=judge, threads=threads,
-                        day_grammar=grammar, quant=parse_quants(quant, "--quant")[0])
+        run_domain_eval(
+            run_dir,
+            prompts,
+            max_new_tokens,
+            repetition_penalty,
+            limit,
+            gguf,
+            adapter,
+            judge=judge,
+            threads=threads,
+            day_grammar=grammar,
+            quant=parse_quants(quant, "--quant")[0],
+        )
     else:
         from tunelab.eval.evaluate import evaluate_run
 
@@ -152,10 +192,14 @@ def eval_(
 def export_(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `tunelab train`.")],
     gguf: Annotated[str, typer.Option(help="GGUF files to write, comma separated: q4_k_m,q8_0,f16.")] = "q4_k_m",
-    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload to this Hub repo (user/name).")] = None,
+    push_to_hub: Annotated[
+        Optional[str], typer.Option("--push-to-hub", help="Upload to this Hub repo (user/name).")
+    ] = None,
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create the repo private.")] = False,
     space: Annotated[Optional[Path], typer.Option(help="Also write a Hugging Face Space folder here.")] = None,
-    dry_run: Annotated[bool, typer.Option(help="With --push-to-hub: list what would be uploaded, upload nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="With --push-to-hub: list what would be uploaded, upload nothing.")
+    ] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for quantisation and the parity check.")] = None,
 ) -> None:
     """Merge the adapter, write GGUF files, check parity with llama.cpp, optionally build a Space / push to the Hub."""
@@ -190,7 +234,8 @@ def quickstart(
     set_: SetOption = None,
     serve: Annotated[bool, typer.Option(help="Export GGUF q4_k_m and open the app at the end.")] = False,
     travel_prompts: Annotated[
-        int, typer.Option(min=0, help="Shipped travel prompts to judge base vs tuned on, from the q4_k_m GGUFs (0: skip).")
+        int,
+        typer.Option(min=0, help="Shipped travel prompts to judge base vs tuned on, from the q4_k_m GGUFs (0: skip)."),
     ] = 48,
 ) -> None:
     """Prepare embedded data, fine-tune the embedded SmolLM2-135M on this CPU, evaluate base vs tuned."""

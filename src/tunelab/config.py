@@ -32,15 +32,28 @@ class DedupConfig(_Section):
     exact: bool = Field(True, description="Drop byte-identical conversations (after normalisation).")
     near: bool = Field(True, description="Drop near-duplicate conversations (MinHash LSH, datasketch).")
     threshold: float = Field(
-        0.85, gt=0.0, le=1.0, description="Estimated Jaccard similarity of word shingles above which two conversations are near-duplicates (0-1]."
+        0.85,
+        gt=0.0,
+        le=1.0,
+        description="Estimated Jaccard similarity of word shingles above which two conversations are near-duplicates (0-1].",
     )
-    num_perm: int = Field(64, ge=16, le=512, description="MinHash permutations per conversation (16-512): more = a sharper estimate, slower.")
+    num_perm: int = Field(
+        64,
+        ge=16,
+        le=512,
+        description="MinHash permutations per conversation (16-512): more = a sharper estimate, slower.",
+    )
     shingle_words: int = Field(5, ge=1, le=20, description="Words per shingle for near-duplicate detection (1-20).")
 
 
 class SourceConfig(_Section):
-    path: str | None = Field(None, description="A local file or folder (json, jsonl, yaml, parquet); give this or `preset`.")
-    preset: str | None = Field(None, description="embedded:sharegpt | embedded:chatterbot | embedded:travel-plans | a Hugging Face Hub dataset id; give this or `path`.")
+    path: str | None = Field(
+        None, description="A local file or folder (json, jsonl, yaml, parquet); give this or `preset`."
+    )
+    preset: str | None = Field(
+        None,
+        description="embedded:sharegpt | embedded:chatterbot | embedded:travel-plans | a Hugging Face Hub dataset id; give this or `path`.",
+    )
     format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt_response", "chatterbot"] = Field(
         "auto", description="Record format; auto = recognised from the records themselves."
     )
@@ -53,8 +66,12 @@ class SourceConfig(_Section):
     weight: float = Field(
         1.0, gt=0.0, description="Mixing weight: rows kept = weight x rows available (<1 subsamples, >1 repeats)."
     )
-    max_records: int | None = Field(None, gt=0, description="Read at most this many records from the source (none: all).")
-    keywords: list[str] = Field([], description="Keep only conversations mentioning one of these words (e.g. a travel slice); empty: keep all.")
+    max_records: int | None = Field(
+        None, gt=0, description="Read at most this many records from the source (none: all)."
+    )
+    keywords: list[str] = Field(
+        [], description="Keep only conversations mentioning one of these words (e.g. a travel slice); empty: keep all."
+    )
     name: str | None = Field(None, description="Label in the data report; default: the path's file name or the preset.")
 
     @model_validator(mode="after")
@@ -70,24 +87,38 @@ class SourceConfig(_Section):
 
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(
-        default_factory=lambda: [SourceConfig(preset="embedded:sharegpt")], description="The data sources, mixed by their weights."
+        default_factory=lambda: [SourceConfig(preset="embedded:sharegpt")],
+        description="The data sources, mixed by their weights.",
     )
     output_dir: str | None = Field(
-        None, description="Prepared dataset folder; default: a cache folder keyed by a hash of everything the data depends on."
+        None,
+        description="Prepared dataset folder; default: a cache folder keyed by a hash of everything the data depends on.",
     )
-    normalize: bool = Field(True, description="Normalize text (Unicode NFC, whitespace) and role names before filtering.")
-    min_turns: int = Field(2, ge=1, description="Drop conversations with fewer user + assistant messages (a system message is not counted).")
+    normalize: bool = Field(
+        True, description="Normalize text (Unicode NFC, whitespace) and role names before filtering."
+    )
+    min_turns: int = Field(
+        2,
+        ge=1,
+        description="Drop conversations with fewer user + assistant messages (a system message is not counted).",
+    )
     max_turns: int = Field(64, ge=1, description="Drop conversations with more user + assistant messages.")
-    min_assistant_chars: int = Field(1, ge=0, description="Drop conversations with an assistant reply shorter than this (characters).")
+    min_assistant_chars: int = Field(
+        1, ge=0, description="Drop conversations with an assistant reply shorter than this (characters)."
+    )
     max_record_chars: int = Field(
         200_000, gt=0, description="Drop records longer than this while reading (characters; bounds memory)."
     )
     truncation: Literal["drop", "truncate"] = Field(
-        "truncate", description="Conversations longer than train.max_seq_len tokens: drop them, or keep the longest run of whole user->assistant exchanges that fits."
+        "truncate",
+        description="Conversations longer than train.max_seq_len tokens: drop them, or keep the longest run of whole user->assistant exchanges that fits.",
     )
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     val_fraction: float = Field(
-        0.05, gt=0.0, lt=1.0, description="Share of conversations held out for validation (0-1), chosen by content hash: stable when data is added."
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Share of conversations held out for validation (0-1), chosen by content hash: stable when data is added.",
     )
     on_error: Literal["skip", "fail"] = Field(
         "skip", description="A bad record: count it in the report and skip it, or stop with an error naming it."
@@ -103,12 +134,17 @@ class ModelConfig(_Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub model.")
     chat_template: str | None = Field(
-        None, description="Force a chat template: llama-3.1 | chatml | zephyr | gemma | a .jinja file; default: the "
-        "tokenizer's own (gemma for embedded:gemma3-270m)."
+        None,
+        description="Force a chat template: llama-3.1 | chatml | zephyr | gemma | a .jinja file; default: the "
+        "tokenizer's own (gemma for embedded:gemma3-270m).",
     )
-    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (CUDA + bitsandbytes only).")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the frozen base in 4-bit NF4 (CUDA + bitsandbytes only)."
+    )
     load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (CUDA + bitsandbytes only).")
-    trust_remote_code: bool = Field(False, description="Allow model code from the Hub repo to run (only for models you trust).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the Hub repo to run (only for models you trust)."
+    )
 
 
 # ----------------------------------------------------------------------------------------- lora
@@ -117,7 +153,8 @@ class LoraConfig(_Section):
     alpha: float = Field(32, gt=0, description="LoRA alpha: the adapter's output is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input during training [0-1).")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names that get adapters (e.g. [q_proj, v_proj]), or all-linear (every linear layer but the LM head)."
+        "all-linear",
+        description="Module names that get adapters (e.g. [q_proj, v_proj]), or all-linear (every linear layer but the LM head).",
     )
 
 
@@ -128,12 +165,18 @@ def _resume_safe(description: str) -> dict:
 
 
 class TrainConfig(_Section):
-    output_dir: str = Field("runs/quickstart", **_resume_safe("The run folder (config.yaml, adapter/, checkpoints/, metrics.jsonl, ...)."))
+    output_dir: str = Field(
+        "runs/quickstart", **_resume_safe("The run folder (config.yaml, adapter/, checkpoints/, metrics.jsonl, ...).")
+    )
     max_steps: int = Field(
-        60, gt=0, description="Optimizer steps in the whole run (the schedule depends on it: a resume may raise it only with --extend)."
+        60,
+        gt=0,
+        description="Optimizer steps in the whole run (the schedule depends on it: a resume may raise it only with --extend).",
     )
     batch_size: int = Field(4, gt=0, description="Conversations per micro-batch (per process).")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step: a step sees batch_size x grad_accum conversations.")
+    grad_accum: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step: a step sees batch_size x grad_accum conversations."
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW), reached after the warm-up.")
     warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear warm-up from 0 to lr.")
     scheduler: Literal["linear", "cosine", "constant"] = Field(
@@ -148,11 +191,16 @@ class TrainConfig(_Section):
     packing: bool = Field(
         True, description="Pack a micro-batch into one row with per-conversation attention (no compute on padding)."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, more compute per step.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, more compute per step."
+    )
     release_memory: bool = Field(
-        False, **_resume_safe("Hand freed activation memory back to the OS (glibc: blocks >= 1 MiB mmapped, the heap trimmed "
-        "after every step): a lower peak RSS, but every step faults its pages in again (slower on CPU; figures in "
-        "docs/benchmarks.md). With gradient_checkpointing: the leanest run.")
+        False,
+        **_resume_safe(
+            "Hand freed activation memory back to the OS (glibc: blocks >= 1 MiB mmapped, the heap trimmed "
+            "after every step): a lower peak RSS, but every step faults its pages in again (slower on CPU; figures in "
+            "docs/benchmarks.md). With gradient_checkpointing: the leanest run."
+        ),
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -163,23 +211,38 @@ class TrainConfig(_Section):
         256, ge=16, **_resume_safe("Label tokens per chunk of the LM head + loss (memory vs speed; same result).")
     )
     compile: bool = Field(
-        False, **_resume_safe("torch.compile (inductor) each decoder layer's norms and MLP: fused element-wise kernels; "
-        "costs a compilation at the start of a run (see docs/benchmarks.md for when it pays off).")
+        False,
+        **_resume_safe(
+            "torch.compile (inductor) each decoder layer's norms and MLP: fused element-wise kernels; "
+            "costs a compilation at the start of a run (see docs/benchmarks.md for when it pays off)."
+        ),
     )
-    save_steps: int = Field(20, gt=0, **_resume_safe("Write a checkpoint every this many optimizer steps (and at the end)."))
+    save_steps: int = Field(
+        20, gt=0, **_resume_safe("Write a checkpoint every this many optimizer steps (and at the end).")
+    )
     save_total_limit: int = Field(2, gt=0, **_resume_safe("Keep this many newest checkpoints."))
     eval_steps: int = Field(20, gt=0, **_resume_safe("Held-out loss every this many optimizer steps (and at the end)."))
     logging_steps: int = Field(1, gt=0, **_resume_safe("Write a metrics.jsonl line every this many optimizer steps."))
-    threads: int | None = Field(None, gt=0, **_resume_safe("CPU intra-op threads; default: every core this process may use."))
+    threads: int | None = Field(
+        None, gt=0, **_resume_safe("CPU intra-op threads; default: every core this process may use.")
+    )
     seed: int = Field(42, description="Seeds the data order and the LoRA initialisation.")
     objective: Literal["sft", "dpo", "kto"] = Field(
-        "sft", description="sft: imitate assistant replies; dpo: prefer `chosen` over `rejected` (pairs); kto: unpaired thumbs (`completion` + `label`)."
+        "sft",
+        description="sft: imitate assistant replies; dpo: prefer `chosen` over `rejected` (pairs); kto: unpaired thumbs (`completion` + `label`).",
     )
-    beta: float = Field(0.1, gt=0, description="dpo/kto: β, how far the policy may move from the reference (base model, adapter off); larger = closer.")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo/kto: β, how far the policy may move from the reference (base model, adapter off); larger = closer.",
+    )
     dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field(
-        "sigmoid", description="dpo loss variant, as TRL's loss_type: sigmoid (DPO), ipo (IPO, per-token averaged), hinge (SLiC)."
+        "sigmoid",
+        description="dpo loss variant, as TRL's loss_type: sigmoid (DPO), ipo (IPO, per-token averaged), hinge (SLiC).",
     )
-    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of thumbs-up (label true) losses, to balance unequal counts.")
+    kto_desirable_weight: float = Field(
+        1.0, gt=0, description="kto: weight of thumbs-up (label true) losses, to balance unequal counts."
+    )
     kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of thumbs-down (label false) losses.")
 
 
@@ -194,10 +257,15 @@ DEMO_PROMPTS = [
 
 
 class EvalConfig(_Section):
-    max_val_rows: int | None = Field(None, gt=0, description="Score at most this many held-out conversations (none: all).")
-    batch_size: int = Field(8, gt=0, description="Held-out conversations per forward pass (the loss does not depend on it).")
+    max_val_rows: int | None = Field(
+        None, gt=0, description="Score at most this many held-out conversations (none: all)."
+    )
+    batch_size: int = Field(
+        8, gt=0, description="Held-out conversations per forward pass (the loss does not depend on it)."
+    )
     prompts: list[str] = Field(
-        default_factory=lambda: list(DEMO_PROMPTS), description="Prompts answered by base and tuned model in `tunelab eval`."
+        default_factory=lambda: list(DEMO_PROMPTS),
+        description="Prompts answered by base and tuned model in `tunelab eval`.",
     )
     max_new_tokens: int = Field(96, gt=0, description="Longest sample answer in tokens (greedy).")
 
@@ -206,28 +274,42 @@ class PromoteConfig(_Section):
     """Gates of `tunelab promote CANDIDATE --over CURRENT`: every measured gate must pass to promote."""
 
     max_val_loss_regression: float = Field(
-        0.01, ge=0.0, description="Largest allowed rise of held-out val loss, as a fraction of the current model's (0.01 = 1 %)."
+        0.01,
+        ge=0.0,
+        description="Largest allowed rise of held-out val loss, as a fraction of the current model's (0.01 = 1 %).",
     )
     min_regression_win_rate: float = Field(
-        0.5, ge=0.0, le=1.0,
+        0.5,
+        ge=0.0,
+        le=1.0,
         description="Smallest share of feedback regression prompts where the candidate gives the reference answer a higher log-prob.",
     )
     min_rubric_win_rate: float = Field(
-        0.5, ge=0.0, le=1.0, description="Smallest travel-rubric win rate of the candidate over the current model (when the rubric is available)."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Smallest travel-rubric win rate of the candidate over the current model (when the rubric is available).",
     )
     max_latency_regression: float = Field(
-        0.25, ge=0.0,
+        0.25,
+        ge=0.0,
         description="Largest allowed drop of q4_k_m decode tokens/s, as a fraction of the current model's (CPU timings are noisy).",
     )
     max_val_rows: int | None = Field(64, gt=0, description="Held-out rows scored for the val-loss gate (None: all).")
-    rubric_prompts: int = Field(12, gt=0, description="Shipped travel prompts answered by both q4_k_m exports for the rubric gate.")
+    rubric_prompts: int = Field(
+        12, gt=0, description="Shipped travel prompts answered by both q4_k_m exports for the rubric gate."
+    )
     rubric_max_new_tokens: int = Field(256, gt=0, description="Longest answer in tokens for the rubric gate (greedy).")
-    latency_max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt when timing the q4_k_m exports.")
+    latency_max_new_tokens: int = Field(
+        32, gt=0, description="Tokens generated per prompt when timing the q4_k_m exports."
+    )
     latency_repeats: int = Field(2, ge=1, description="Timed runs per prompt (the first is a warm-up when > 1).")
 
 
 class Config(_Section):
-    data: DataConfig = Field(default_factory=DataConfig, description="Where the conversations come from and how they are cleaned.")
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="Where the conversations come from and how they are cleaned."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model and how it is loaded.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapters.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training run.")
@@ -241,7 +323,6 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
 
 
 def explain(cfg: Config) -> str:

@@ -40,8 +40,10 @@ def upload_plan(run_dir: Path, export_dir: Path) -> list[tuple[Path, str]]:
 
 def format_plan(repo_id: str, plan: list[tuple[Path, str]], private: bool) -> str:
     total = sum(local.stat().st_size for local, _ in plan)
-    lines = [f"would upload to https://huggingface.co/{repo_id} ({'private' if private else 'public'} model repo), "
-             f"{len(plan)} files, {total / 2**20:.1f} MiB:"]
+    lines = [
+        f"would upload to https://huggingface.co/{repo_id} ({'private' if private else 'public'} model repo), "
+        f"{len(plan)} files, {total / 2**20:.1f} MiB:"
+    ]
     lines += [f"  {remote:<40} {local.stat().st_size / 2**20:9.2f} MiB  <- {local}" for local, remote in plan]
     return "\n".join(lines)
 
@@ -75,7 +77,9 @@ def push_to_hub(
     except HfHubHTTPError as exc:
         raise UserError(f"--push-to-hub {repo_id}: {str(exc).splitlines()[0]}") from None
     except (OSError, ConnectionError) as exc:
-        raise UserError(f"--push-to-hub {repo_id}: network error ({type(exc).__name__}); nothing was uploaded") from None
+        raise UserError(
+            f"--push-to-hub {repo_id}: network error ({type(exc).__name__}); nothing was uploaded"
+        ) from None
     return str(url)
 
 

@@ -43,9 +43,20 @@ def test_dpo_sides_train_the_same_tokens_and_agree_on_heldout_figures(tiny_model
     data = tmp_path / "data.json"
     data.write_text(json.dumps({"train": synthetic_pairs(12, vocab, 0), "val": synthetic_pairs(6, vocab, 1)}))
     spec = {
-        "model_path": str(tiny_model_dir), "data_file": str(data), "steps": 3, "batch_size": 4, "lr": 5e-3,
-        "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "max_seq_len": 64, "loss_chunk_tokens": 256,
-        "seed": 42, "threads": 1, "precision": "fp32", "beta": 0.1,
+        "model_path": str(tiny_model_dir),
+        "data_file": str(data),
+        "steps": 3,
+        "batch_size": 4,
+        "lr": 5e-3,
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_seq_len": 64,
+        "loss_chunk_tokens": 256,
+        "seed": 42,
+        "threads": 1,
+        "precision": "fp32",
+        "beta": 0.1,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
     }
     spec_file = tmp_path / "spec.json"
@@ -70,6 +81,15 @@ def test_dpo_sides_train_the_same_tokens_and_agree_on_heldout_figures(tiny_model
     for side in ("tunelab", "trl"):
         for key in ("val_pref_accuracy", "val_reward_margin"):
             doc[side][key] = results[side][key]
-    doc.update(precisions=["fp32"], precision="fp32", command="c", machine="m", date="d", steps=3, pairs_per_step=4,
-               repeats=1, beta=0.1)
+    doc.update(
+        precisions=["fp32"],
+        precision="fp32",
+        command="c",
+        machine="m",
+        date="d",
+        steps=3,
+        pairs_per_step=4,
+        repeats=1,
+        beta=0.1,
+    )
     assert "tunelab/TRL" in markdown_table(doc)

@@ -32,8 +32,9 @@ def test_summary_rates_use_decode_time_after_the_first_token():
 def test_five_users_no_error_no_lost_feedback(tmp_path):
     from tests.helpers import embedded_gguf
 
-    result = run_serve_load(embedded_gguf(), users=5, rounds=1, max_new_tokens=16, threads=1,
-                            temperature=0.0, workdir=tmp_path)  # greedy: the same answers every run
+    result = run_serve_load(
+        embedded_gguf(), users=5, rounds=1, max_new_tokens=16, threads=1, temperature=0.0, workdir=tmp_path
+    )  # greedy: the same answers every run
     assert result.errors == []
     assert len(result.answers) == 10 and {a.tab for a in result.answers} == {"chat", "planner"}
     assert result.feedback_submitted == result.feedback_stored == 10

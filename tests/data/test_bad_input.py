@@ -48,7 +48,10 @@ def test_truncated_json_array_recovers_complete_records_and_counts_the_tail(tmp_
     path = tmp_path / "t.json"
     path.write_text(text[:cut], encoding="utf-8")
     pipeline, rows = read(tmp_path, path)
-    assert [r.messages[0]["content"] for r in rows] == [records[0]["conversations"][0]["value"], records[1]["conversations"][0]["value"]]
+    assert [r.messages[0]["content"] for r in rows] == [
+        records[0]["conversations"][0]["value"],
+        records[1]["conversations"][0]["value"],
+    ]
     tail_start = text.rindex("{", 0, cut)
     tail_start = text.rindex("{", 0, tail_start)  # the record's opening brace (before the message object)
     counts = pipeline.counts[path.name]
@@ -72,14 +75,17 @@ def test_empty_json_array_is_an_error(tmp_path):
 
 
 def test_missing_and_wrong_typed_fields(tmp_path):
-    path = write_json(tmp_path / "f.json", [
-        GOOD,
-        {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]},  # missing value
-        {"conversations": "not a list"},  # wrong type
-        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},  # wrong type
-        {"instruction": "Say hi", "input": ""},  # missing output -> no known format
-        42,  # not a record
-    ])
+    path = write_json(
+        tmp_path / "f.json",
+        [
+            GOOD,
+            {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]},  # missing value
+            {"conversations": "not a list"},  # wrong type
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},  # wrong type
+            {"instruction": "Say hi", "input": ""},  # missing output -> no known format
+            42,  # not a record
+        ],
+    )
     pipeline, rows = read(tmp_path, path)
     assert len(rows) == 1
     assert dropped(pipeline, "missing_field")["count"] == 1
@@ -97,13 +103,28 @@ def test_file_with_only_unknown_format_is_an_error(tmp_path):
 
 
 def test_unknown_roles_empty_messages_assistant_first(tmp_path):
-    path = write_json(tmp_path / "r.json", [
-        GOOD,
-        {"conversations": [{"from": "narrator", "value": "Once"}, {"from": "gpt", "value": "upon"}]},
-        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "   "}]},
-        {"conversations": [{"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes?"}]},
-        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "system", "value": "late"}, {"from": "gpt", "value": "x"}]},
-    ])
+    path = write_json(
+        tmp_path / "r.json",
+        [
+            GOOD,
+            {"conversations": [{"from": "narrator", "value": "Once"}, {"from": "gpt", "value": "upon"}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "   "}]},
+            {
+                "conversations": [
+                    {"from": "gpt", "value": "Hello!"},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Yes?"},
+                ]
+            },
+            {
+                "conversations": [
+                    {"from": "human", "value": "Hi"},
+                    {"from": "system", "value": "late"},
+                    {"from": "gpt", "value": "x"},
+                ]
+            },
+        ],
+    )
     pipeline, rows = read(tmp_path, path)
     assert len(rows) == 1
     for reason in ("unknown_role", "empty_message", "starts_with_assistant", "misplaced_system"):
@@ -111,10 +132,23 @@ def test_unknown_roles_empty_messages_assistant_first(tmp_path):
 
 
 def test_repeated_roles_are_merged(tmp_path):
-    path = write_json(tmp_path / "m.json", [{"conversations": [
-        {"from": "human", "value": "Part one."}, {"from": "human", "value": "Part two."}, {"from": "gpt", "value": "Answer."}]}])
+    path = write_json(
+        tmp_path / "m.json",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "Part one."},
+                    {"from": "human", "value": "Part two."},
+                    {"from": "gpt", "value": "Answer."},
+                ]
+            }
+        ],
+    )
     pipeline, rows = read(tmp_path, path)
-    assert rows[0].messages == [{"role": "user", "content": "Part one.\n\nPart two."}, {"role": "assistant", "content": "Answer."}]
+    assert rows[0].messages == [
+        {"role": "user", "content": "Part one.\n\nPart two."},
+        {"role": "assistant", "content": "Answer."},
+    ]
     assert pipeline.log.repaired.to_json()["merged_repeated_role"] == {"count": 1, "first": [f"{path}:2"]}
 
 

@@ -26,12 +26,21 @@ def test_exact_duplicates_after_normalization(tmp_path):
 
 
 def test_near_duplicates_removed_distinct_texts_kept():
-    texts = [STORY, STORY.replace("grey", "gray"), "A completely different text about cooking pasta with garlic and oil.", STORY[:60]]
+    texts = [
+        STORY,
+        STORY.replace("grey", "gray"),
+        "A completely different text about cooking pasta with garlic and oil.",
+        STORY[:60],
+    ]
     assert near_duplicates(texts, threshold=0.7, num_perm=128, shingle_words=3) == {1: 0}
 
 
 def test_near_dedup_in_the_pipeline(tmp_path):
-    rows = [sharegpt("Tell me a story", STORY), sharegpt("Tell me a story", STORY.replace("evening", "night")), *qa_rows(3)]
+    rows = [
+        sharegpt("Tell me a story", STORY),
+        sharegpt("Tell me a story", STORY.replace("evening", "night")),
+        *qa_rows(3),
+    ]
     path = write_json(tmp_path / "n.json", rows)
     pipeline = DataPipeline(make_config(tmp_path, [{"path": str(path)}], dedup={"near": True, "threshold": 0.7}))
     kept = pipeline.dedup_near(pipeline.dedup_exact(pipeline.read_all()))
@@ -45,7 +54,9 @@ def test_split_is_stable_when_data_is_added(tmp_path, monkeypatch):
     train1, val1 = load_prepared(prepare_dataset(cfg))
     assert len(val1) > 0 and len(train1) > 0
     more = write_json(tmp_path / "b.json", qa_rows(60, "b"))
-    cfg2 = make_config(tmp_path, [{"path": str(first)}, {"path": str(more)}], val_fraction=0.3, output_dir=str(tmp_path / "two"))
+    cfg2 = make_config(
+        tmp_path, [{"path": str(first)}, {"path": str(more)}], val_fraction=0.3, output_dir=str(tmp_path / "two")
+    )
     train2, val2 = load_prepared(prepare_dataset(cfg2))
     assert set(val1["id"]) <= set(val2["id"]) and set(train1["id"]) <= set(train2["id"])
     assert len(val2) > len(val1)

@@ -39,7 +39,9 @@ def dataset_folder(tmp_path, *files):
     return folder
 
 
-def test_streaming_source_reads_records_as_they_come_and_reports_bad_ones_by_index(tmp_path, offline_datasets, load_calls):
+def test_streaming_source_reads_records_as_they_come_and_reports_bad_ones_by_index(
+    tmp_path, offline_datasets, load_calls
+):
     good = qa_rows(6)
     bad = {"conversations": [{"from": "gpt", "value": "I answer first."}, {"from": "human", "value": "Hm?"}]}
     folder = dataset_folder(tmp_path, good[:3] + [bad] + good[3:])

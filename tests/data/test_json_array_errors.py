@@ -36,7 +36,7 @@ def break_record(text: str, starts: list[int], index: int, old: str, new: str) -
     """Replace the first `old` inside record `index` by `new`."""
     at = text.index(old, starts[index])
     assert at < starts[index + 1]
-    return text[:at] + new + text[at + len(old):]
+    return text[:at] + new + text[at + len(old) :]
 
 
 def read_file(path):
@@ -99,7 +99,7 @@ def test_broken_record_and_truncated_tail_are_both_reported(tmp_path, small_wind
     assert len(got) == 48
     dropped = log.dropped.to_json()
     assert dropped["malformed_json"]["count"] == 1 and dropped["unparsed_tail"]["count"] == 1
-    assert stats.unparsed_bytes == len(text[starts[49]:cut].encode())
+    assert stats.unparsed_bytes == len(text[starts[49] : cut].encode())
 
 
 def test_over_long_record_is_skipped_window_by_window(tmp_path, small_window):

@@ -30,14 +30,18 @@ def llama3_tokenizer():
 
 
 def test_llama32_tokenizer_has_the_llama3_special_tokens(llama3_tokenizer):
-    ids = [llama3_tokenizer.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>")]
+    ids = [
+        llama3_tokenizer.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>")
+    ]
     assert ids == [128000, 128006, 128009] and len(llama3_tokenizer) >= 128256
 
 
 def test_labels_cover_exactly_the_assistant_replies_and_their_eot(llama3_tokenizer):
     tok = llama3_tokenizer
     [row], stats = encode_conversations(tok, [CONVERSATION], ["porto#0"], 512, "truncate")
-    bos, eot, header = (tok.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>"))
+    bos, eot, header = (
+        tok.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>")
+    )
 
     assert row.input_ids.count(bos) == 1 and row.input_ids[0] == bos and row.labels[0] == IGNORE_INDEX
     assert stats.boundary_mismatch == 0  # the per-segment ids equal tokenising the whole rendered text

@@ -31,7 +31,9 @@ def test_only_assistant_content_and_end_token_are_labelled(template, chatml_toke
     [encoded], _ = encode_conversations(tokenizer, [CONVERSATION], ["t#0"], 512, "truncate")
     end = END_TOKENS[template]
     runs = label_runs(encoded)
-    assert [tokenizer.decode(run) for run in runs] == [m["content"] + end for m in CONVERSATION if m["role"] == "assistant"]
+    assert [tokenizer.decode(run) for run in runs] == [
+        m["content"] + end for m in CONVERSATION if m["role"] == "assistant"
+    ]
     # token by token: every unlabelled token belongs to the template, the system or the user text
     masked = tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX])
     for message in CONVERSATION:
@@ -44,7 +46,9 @@ def test_only_assistant_content_and_end_token_are_labelled(template, chatml_toke
 
 def test_chatml_ids_match_whole_text_tokenisation(chatml_tokenizer):
     results, stats = encode_conversations(chatml_tokenizer, [CONVERSATION], ["t#0"], 512, "truncate")
-    whole = chatml_tokenizer(chatml_tokenizer.apply_chat_template(CONVERSATION, tokenize=False).rstrip(), add_special_tokens=False)
+    whole = chatml_tokenizer(
+        chatml_tokenizer.apply_chat_template(CONVERSATION, tokenize=False).rstrip(), add_special_tokens=False
+    )
     assert results[0].input_ids == whole["input_ids"]
     assert stats.verified == 1 and stats.boundary_mismatch == 0
 

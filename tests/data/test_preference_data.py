@@ -27,7 +27,12 @@ def pref_config(tmp_path, path, objective="dpo", **data):
 def feedback_row(i: int) -> dict:
     """What the app stores for a thumbs-down answer with a better answer typed by the user."""
     messages = [{"role": "system", "content": "You plan trips."}, {"role": "user", "content": f"A day in city {i}?"}]
-    return {"rating": -1, "better_answer": f"Walk the old town of city {i}, then eat.", "response": f"No idea {i}.", "messages": messages}
+    return {
+        "rating": -1,
+        "better_answer": f"Walk the old town of city {i}, then eat.",
+        "response": f"No idea {i}.",
+        "messages": messages,
+    }
 
 
 def all_rows(folder):
@@ -41,7 +46,11 @@ def test_feedback_export_dpo_records_are_read_as_is(tmp_path, chatml_tokenizer):
     rows = all_rows(folder)
     assert len(rows) == 12
     report = json.loads((folder / "report.json").read_text())
-    assert report["objective"] == "dpo" and report["dropped"] == {} and report["splits"]["val"] == len(load_prepared(folder)[1])
+    assert (
+        report["objective"] == "dpo"
+        and report["dropped"] == {}
+        and report["splits"]["val"] == len(load_prepared(folder)[1])
+    )
 
     tok = chatml_tokenizer
     by_prompt = {json.dumps(r["prompt"]): r for r in records}
@@ -66,8 +75,11 @@ def test_prompt_and_completion_forms_give_the_same_tokens(tmp_path):
     """prompt string == one user message; completion string == assistant message == [assistant message]."""
     plain = [{"prompt": f"Best month for Oslo {i}?", "chosen": f"June {i}.", "rejected": "Never."} for i in range(8)]
     structured = [
-        {"messages": [{"role": "user", "content": r["prompt"]}], "chosen": {"role": "assistant", "content": r["chosen"]},
-         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        {
+            "messages": [{"role": "user", "content": r["prompt"]}],
+            "chosen": {"role": "assistant", "content": r["chosen"]},
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
         for r in plain
     ]
     first = all_rows(prepare_dataset(pref_config(tmp_path / "a", write_jsonl(tmp_path / "a.jsonl", plain))))
@@ -79,7 +91,11 @@ def test_prompt_and_completion_forms_give_the_same_tokens(tmp_path):
 
 
 def test_multi_turn_prompt_labels_only_the_completion(tmp_path, chatml_tokenizer):
-    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Rome?"}]
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Rome?"},
+    ]
     records = [{"prompt": prompt, "chosen": f"Go {i}.", "rejected": "No."} for i in range(6)]
     for row in all_rows(prepare_dataset(pref_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", records)))):
         labelled = [x for x in row["chosen_labels"] if x != IGNORE]
@@ -90,7 +106,9 @@ def test_kto_records_keep_their_label(tmp_path, chatml_tokenizer):
     records = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i % 2 == 0} for i in range(10)]
     folder = prepare_dataset(pref_config(tmp_path, write_jsonl(tmp_path / "kto.jsonl", records), objective="kto"))
     rows = all_rows(folder)
-    assert {r["prompt"]: r["label"] for r in rows} == {json.dumps([{"role": "user", "content": f"Question {i}?"}]): i % 2 == 0 for i in range(10)}
+    assert {r["prompt"]: r["label"] for r in rows} == {
+        json.dumps([{"role": "user", "content": f"Question {i}?"}]): i % 2 == 0 for i in range(10)
+    }
     for row in rows:
         assert chatml_tokenizer.decode([x for x in row["labels"] if x != IGNORE]).endswith(".<|im_end|>")
     labels = json.loads((folder / "report.json").read_text())["labels"]
@@ -102,7 +120,11 @@ def test_bad_records_are_counted_with_their_location(tmp_path):
     bad = [
         {"prompt": "Q?", "chosen": "Yes."},  # line 7: no rejected
         {"prompt": "Q?", "chosen": "Same.", "rejected": "Same."},  # line 8
-        {"prompt": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}], "chosen": "x", "rejected": "y"},  # 9
+        {
+            "prompt": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}],
+            "chosen": "x",
+            "rejected": "y",
+        },  # 9
         {"prompt": 3, "chosen": "x", "rejected": "y"},  # line 10
         {"prompt": "Q?", "chosen": {"role": "user", "content": "x"}, "rejected": "y"},  # line 11
         {"prompt": "Q?", "chosen": "long " * 200, "rejected": "y"},  # line 12: over max_seq_len 128
@@ -123,8 +145,11 @@ def test_bad_records_are_counted_with_their_location(tmp_path):
 
 
 def test_kto_label_must_be_a_bool_and_both_kinds_present(tmp_path):
-    path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Q?", "completion": "A.", "label": "yes"}] +
-                       [{"prompt": f"Q{i}?", "completion": f"A{i}.", "label": True} for i in range(8)])
+    path = write_jsonl(
+        tmp_path / "k.jsonl",
+        [{"prompt": "Q?", "completion": "A.", "label": "yes"}]
+        + [{"prompt": f"Q{i}?", "completion": f"A{i}.", "label": True} for i in range(8)],
+    )
     with pytest.raises(DataError, match=r"KTO needs both desirable"):
         prepare_dataset(pref_config(tmp_path, path, objective="kto"))
     with pytest.raises(DataError, match=rf"^{path}:1: `label` must be true or false, got str \[wrong_type\]"):
@@ -132,8 +157,14 @@ def test_kto_label_must_be_a_bool_and_both_kinds_present(tmp_path):
 
 
 def test_sft_data_given_to_dpo_is_a_one_line_error(tmp_path):
-    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}] * 3)
-    with pytest.raises(DataError, match=r"sft.jsonl: not dpo preference data \(expected prompt/messages \+ chosen \+ rejected; first record has: messages\)"):
+    path = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}] * 3,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"sft.jsonl: not dpo preference data \(expected prompt/messages \+ chosen \+ rejected; first record has: messages\)",
+    ):
         prepare_dataset(pref_config(tmp_path, path))
 
 

@@ -28,7 +28,9 @@ def test_prepare_writes_the_design_layout(tmp_path):
     assert json.loads(row["messages"])[-1]["role"] == "assistant"
 
     report = json.loads((folder / "report.json").read_text())
-    assert report["splits"]["train"] == len(train) and report["splits"]["val"] == len(val) and len(train) + len(val) == 30
+    assert (
+        report["splits"]["train"] == len(train) and report["splits"]["val"] == len(val) and len(train) + len(val) == 30
+    )
     assert report["sources"][0]["records_read"] == 31 and report["sources"][0]["valid"] == 30
     assert report["dropped"]["starts_with_assistant"]["count"] == 1
     assert report["truncation"]["policy"] == "truncate" and report["truncation"]["max_seq_len"] == 256
@@ -83,7 +85,9 @@ def test_embedded_sharegpt_recovers_every_complete_record():
 
 
 def test_embedded_chatterbot_gives_english_question_answer_pairs(tmp_path, chatml_tokenizer):
-    cfg = config_from_dict({"data": {"sources": [{"preset": "embedded:chatterbot"}], "output_dir": str(tmp_path / "o")}})
+    cfg = config_from_dict(
+        {"data": {"sources": [{"preset": "embedded:chatterbot"}], "output_dir": str(tmp_path / "o")}}
+    )
     pipeline = DataPipeline(cfg, tokenizer=chatml_tokenizer)
     rows = pipeline.read_all()
     assert 1500 < len(rows) < 2500
@@ -128,7 +132,11 @@ def test_embedded_travel_plans_are_day_by_day_plans_of_the_requested_length(tmp_
         assert re.search(rf"\b(?:{days}|{words[days]})[- ]days?\b", user["content"], re.I), user["content"]
         assert re.findall(r"^Day (\d+):", assistant["content"], re.M) == [str(d) for d in range(1, days + 1)], user
         assert city in user["content"] and city in assistant["content"]
-    cfg = config_from_dict({"data": {"sources": [{"preset": "embedded:travel-plans"}], "output_dir": str(tmp_path / "o")}})
+    cfg = config_from_dict(
+        {"data": {"sources": [{"preset": "embedded:travel-plans"}], "output_dir": str(tmp_path / "o")}}
+    )
     rows = DataPipeline(cfg, tokenizer=chatml_tokenizer).read_all()
     assert len(rows) == len(records)  # the preset reads every plan; normalisation keeps the day structure
-    assert sorted(len(re.findall(r"^Day \d+:", r.messages[1]["content"], re.M)) for r in rows) == sorted(r["days"] for r in records)
+    assert sorted(len(re.findall(r"^Day \d+:", r.messages[1]["content"], re.M)) for r in rows) == sorted(
+        r["days"] for r in records
+    )

@@ -33,8 +33,15 @@ def counting_reader(monkeypatch) -> list[int]:
 
 
 def openai_rows(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": r["conversations"][0]["value"]},
-                          {"role": "assistant", "content": r["conversations"][1]["value"]}]} for r in qa_rows(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": r["conversations"][0]["value"]},
+                {"role": "assistant", "content": r["conversations"][1]["value"]},
+            ]
+        }
+        for r in qa_rows(n)
+    ]
 
 
 def write_parquet(path, records):
@@ -45,7 +52,9 @@ def write_parquet(path, records):
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_prepare_reads_records_only_as_fast_as_it_encodes_them(tmp_path, monkeypatch, chatml_tokenizer, fmt):
     records = openai_rows(200)
-    path = write_jsonl(tmp_path / "d.jsonl", records) if fmt == "jsonl" else write_parquet(tmp_path / "d.parquet", records)
+    path = (
+        write_jsonl(tmp_path / "d.jsonl", records) if fmt == "jsonl" else write_parquet(tmp_path / "d.parquet", records)
+    )
     monkeypatch.setattr(prepare, "ENCODE_CHUNK", CHUNK)
     handed_out = counting_reader(monkeypatch)
     read_at_encode = []
@@ -90,8 +99,11 @@ def test_streamed_prepare_keeps_the_rows_dedup_and_split_of_the_reference(tmp_pa
     assert report["duplicates"]["exact"]["count"] == 1 and report["duplicates"]["near"]["count"] == 1
     kept = [json.loads(m) for m in train["messages"]] + [json.loads(m) for m in val["messages"]]
     assert sorted(map(json.dumps, kept)) == sorted(json.dumps(r["messages"]) for r in base)
-    assert train["messages"] == [json.dumps(r["messages"], ensure_ascii=False) for r in base
-                                 if not is_validation(dedup.content_id(r["messages"]), 0.2)]
+    assert train["messages"] == [
+        json.dumps(r["messages"], ensure_ascii=False)
+        for r in base
+        if not is_validation(dedup.content_id(r["messages"]), 0.2)
+    ]
     assert all(is_validation(i, 0.2) for i in val["id"])
 
 

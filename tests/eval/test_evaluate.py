@@ -37,9 +37,21 @@ def test_train_eval_and_plain_peft_reload_agree(tmp_path):
     config.write_text(CONFIG)
     run_dir = tmp_path / "run"
     cli = [sys.executable, "-m", "tunelab.cli"]
-    train = subprocess.run([*cli, "train", str(config), "--set", f"train.output_dir={run_dir}"], capture_output=True, text=True, timeout=900)
+    train = subprocess.run(
+        [*cli, "train", str(config), "--set", f"train.output_dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert train.returncode == 0, train.stderr[-2000:]
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer_config.json", "config.yaml", "summary.json", "metrics.jsonl"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "tokenizer/tokenizer_config.json",
+        "config.yaml",
+        "summary.json",
+        "metrics.jsonl",
+    ):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] > 0 and summary["final_val_loss"] > 0

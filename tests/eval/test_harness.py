@@ -102,7 +102,9 @@ def test_lm_eval_accuracy_of_base_and_tuned_matches_hand_computation(tmp_path):
     assert row["metrics"]["acc,none"]["tuned"] == pytest.approx(tuned_acc)
     assert row["metrics"]["acc_norm,none"]["base"] == pytest.approx(base_norm)
     assert row["metrics"]["acc_norm,none"]["tuned"] == pytest.approx(tuned_norm)
-    assert (base_acc, base_norm) != (tuned_acc, tuned_norm), "the adapter should change some answers, or the test proves little"
+    assert (base_acc, base_norm) != (tuned_acc, tuned_norm), (
+        "the adapter should change some answers, or the test proves little"
+    )
     table = next(line for line in lines if line.startswith("task"))
     assert "acc_norm" in table and f"{base_acc:.4f}" in table and f"{tuned_acc:.4f}" in table
 
@@ -133,9 +135,15 @@ def test_cli_without_lm_eval_goes_on_with_the_rest_of_eval(monkeypatch, tmp_path
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--lm-eval", "hellaswag"])
     assert result.exit_code == 0, result.output
     assert calls == [tmp_path]  # the held-out eval still ran
-    assert [line for line in result.output.splitlines() if "lm-eval" in line] == [
-        line for line in result.output.splitlines() if line.startswith("lm-eval harness tasks skipped: lm-eval is not installed")
-    ] != []
+    assert (
+        [line for line in result.output.splitlines() if "lm-eval" in line]
+        == [
+            line
+            for line in result.output.splitlines()
+            if line.startswith("lm-eval harness tasks skipped: lm-eval is not installed")
+        ]
+        != []
+    )
 
 
 def test_task_whose_data_cannot_be_fetched_is_one_line_exit_2(tmp_path):
@@ -143,7 +151,12 @@ def test_task_whose_data_cannot_be_fetched_is_one_line_exit_2(tmp_path):
     run_dir, _ = small_lora_run(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     # arc_easy is one of lm-eval's built-in tasks; its data is on the Hub, which this run may not reach.
-    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--lm-eval", "arc_easy"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--lm-eval", "arc_easy"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert_one_clear_error(done, "arc_easy", "could not be fetched")
     assert not (run_dir / "eval").exists()

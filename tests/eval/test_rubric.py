@@ -26,8 +26,12 @@ from tunelab.eval.rubric import (
     score_answer,
 )
 
-LISBON = TravelPrompt(prompt="Plan a 2-day trip to Lisbon for someone who loves food and museums.", city="Lisbon", days=2,
-                      preferences=("food", "museums"))
+LISBON = TravelPrompt(
+    prompt="Plan a 2-day trip to Lisbon for someone who loves food and museums.",
+    city="Lisbon",
+    days=2,
+    preferences=("food", "museums"),
+)
 
 GOOD = """Here is a two-day plan for Lisbon.
 
@@ -88,8 +92,13 @@ def test_preferences_mentioned_is_the_share_of_preferences_referred_to():
     assert preferences_mentioned(Answer(GOOD), LISBON) == 1.0
     assert preferences_mentioned(Answer("Day 1: a museum. Day 2: the beach."), LISBON) == 0.5  # museum ~ museums
     assert preferences_mentioned(Answer(PORTO), LISBON) == 0.5  # food market, no museum
-    assert preferences_mentioned(Answer("An article about parks."), TravelPrompt(prompt="x", preferences=("art",))) == 0.0
-    assert preferences_mentioned(Answer("Street art everywhere."), TravelPrompt(prompt="x", preferences=("street art",))) == 1.0
+    assert (
+        preferences_mentioned(Answer("An article about parks."), TravelPrompt(prompt="x", preferences=("art",))) == 0.0
+    )
+    assert (
+        preferences_mentioned(Answer("Street art everywhere."), TravelPrompt(prompt="x", preferences=("street art",)))
+        == 1.0
+    )
     assert preferences_mentioned(Answer(GOOD), TravelPrompt(prompt="x")) is None
 
 
@@ -133,7 +142,14 @@ def test_shipped_prompt_set_is_varied():
     assert all(p.city and p.days for p in prompts)
     assert {p.days for p in prompts} == set(range(1, 8))
     records = [json.loads(line) for line in SHIPPED_TRAVEL_PROMPTS.read_text().splitlines()]
-    assert {r["continent"] for r in records} >= {"Europe", "Asia", "Africa", "North America", "South America", "Oceania"}
+    assert {r["continent"] for r in records} >= {
+        "Europe",
+        "Asia",
+        "Africa",
+        "North America",
+        "South America",
+        "Oceania",
+    }
     constraints = " ".join(p.prompt.lower() for p in prompts)
     for word in ("kids", "without a car", "wheelchair", "budget", "winter", "summer"):
         assert word in constraints, word

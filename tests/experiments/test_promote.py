@@ -68,7 +68,9 @@ def runs(tmp_path_factory):
     adapter_cfg = json.loads((good / "adapter" / "adapter_config.json").read_text())
     untrained = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], target_modules=adapter_cfg["target_modules"]),
+        LoraConfig(
+            r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], target_modules=adapter_cfg["target_modules"]
+        ),
     )
     untrained.save_pretrained(current / "adapter")  # LoRA B = 0: exactly the base model
 

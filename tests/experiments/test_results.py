@@ -34,7 +34,9 @@ def test_alpha_that_follows_the_rank_is_not_a_series_but_the_learning_rate_is():
     others = [k for k in swept_keys(GRID) if k != "lora.r" and not _tied(GRID, "lora.r", k)]
     series = _series_by_other_keys(GRID, others)
     assert {label: [r["name"] for r in runs] for label, runs in series.items()} == {
-        "train.lr=0.0002": ["a", "b"], "train.lr=5e-06": ["c", "d"]}
+        "train.lr=0.0002": ["a", "b"],
+        "train.lr=5e-06": ["c", "d"],
+    }
 
 
 def test_the_base_line_is_the_base_value_of_a_tuned_metric_only():
@@ -45,7 +47,9 @@ def test_the_base_line_is_the_base_value_of_a_tuned_metric_only():
 def test_a_swept_source_list_is_shown_by_its_source_names():
     from tunelab.experiments.results import _fmt
 
-    sources = [{"preset": "embedded:sharegpt", "name": "sharegpt-general", "max_records": 2000},
-               {"preset": "embedded:chatterbot", "name": "chatterbot", "weight": 0.5}]
+    sources = [
+        {"preset": "embedded:sharegpt", "name": "sharegpt-general", "max_records": 2000},
+        {"preset": "embedded:chatterbot", "name": "chatterbot", "weight": 0.5},
+    ]
     assert _fmt(sources) == "sharegpt-general + chatterbot"
     assert _fmt([1, 2]) == "[1, 2]"

@@ -18,8 +18,13 @@ def _chats(path: Path, n: int = 48) -> Path:
     with open(path, "w") as f:
         for i in range(n):
             city = cities[i % len(cities)]
-            messages = [{"role": "user", "content": f"Plan {i % 3 + 1} days in {city}, trip number {i}."},
-                        {"role": "assistant", "content": f"Day 1: the old town of {city}. Day 2: a museum and the river ({i})."}]
+            messages = [
+                {"role": "user", "content": f"Plan {i % 3 + 1} days in {city}, trip number {i}."},
+                {
+                    "role": "assistant",
+                    "content": f"Day 1: the old town of {city}. Day 2: a museum and the river ({i}).",
+                },
+            ]
             f.write(json.dumps({"messages": messages}) + "\n")
             if i % 4 == 0:  # exact duplicates: the no-dedup run keeps them, so its own data differs from the others'
                 f.write(json.dumps({"messages": messages}) + "\n")
@@ -31,13 +36,24 @@ def sweep_file(tmp_path):
     model = small_llama_folder(tmp_path)
     data = _chats(tmp_path / "chats.jsonl")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "Plan 2 days in Oslo.", "city": "Oslo", "days": 2}\n{"prompt": "Plan a day in Lima."}\n')
+    prompts.write_text(
+        '{"prompt": "Plan 2 days in Oslo.", "city": "Oslo", "days": 2}\n{"prompt": "Plan a day in Lima."}\n'
+    )
     base = {
         "data": {"sources": [{"path": str(data)}], "val_fraction": 0.25, "dedup": {"near": False}},
         "model": {"name": str(model)},
         "lora": {"r": 4, "alpha": 8},
-        "train": {"output_dir": str(tmp_path / "unused"), "max_steps": 4, "batch_size": 2, "warmup_steps": 0, "save_steps": 2,
-                  "eval_steps": 2, "precision": "fp32", "threads": 1, "max_seq_len": 128},
+        "train": {
+            "output_dir": str(tmp_path / "unused"),
+            "max_steps": 4,
+            "batch_size": 2,
+            "warmup_steps": 0,
+            "save_steps": 2,
+            "eval_steps": 2,
+            "precision": "fp32",
+            "threads": 1,
+            "max_seq_len": 128,
+        },
         "eval": {"batch_size": 4},
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -46,7 +62,11 @@ def sweep_file(tmp_path):
         "output": str(tmp_path / "sweep"),
         "grid": {"train.lr": [1.0e-3, 1.0e-2]},
         "runs": [{"name": "no-dedup", "set": {"data.dedup.exact": False}}],
-        "heldout": {"general": [{"path": str(data)}], "travel": [{"path": str(data), "keywords": ["Oslo", "Lima"]}], "max_rows": 6},
+        "heldout": {
+            "general": [{"path": str(data)}],
+            "travel": [{"path": str(data), "keywords": ["Oslo", "Lima"]}],
+            "max_rows": 6,
+        },
         "travel_eval": {"prompts": "prompts.jsonl", "limit": 2, "max_new_tokens": 6},
         "export": False,
     }
@@ -112,9 +132,14 @@ def test_sweep_files_and_their_errors(tmp_path):
     assert len(runs) == 6 and runs[0].overrides == {"train.lr": 2e-4, "lora.r": 16, "lora.alpha": 32}
     assert all(r.overrides["lora.alpha"] == 2 * r.overrides["lora.r"] for r in runs)
     assert len(planned_runs(load_sweep(configs / "sweep-data.yaml")[0])) == 6
-    assert [r.name for r in planned_runs(load_sweep(configs / "sweep-model-size.yaml")[0])] == ["smollm2-135m", "gemma3-270m"]
+    assert [r.name for r in planned_runs(load_sweep(configs / "sweep-model-size.yaml")[0])] == [
+        "smollm2-135m",
+        "gemma3-270m",
+    ]
     assert as_set_items({"train.lr": 5e-05, "data.sources": [{"preset": "embedded:sharegpt"}]}) == [
-        "train.lr=5.0e-05", "data.sources=[{preset: 'embedded:sharegpt'}]"]
+        "train.lr=5.0e-05",
+        "data.sources=[{preset: 'embedded:sharegpt'}]",
+    ]
 
     gpu, _ = load_sweep(configs / "sweep-model-size-gpu.yaml")
     import torch
@@ -139,15 +164,28 @@ def test_best_run_is_chosen_by_held_out_metrics_and_the_training_loss_winner_is_
     from tunelab.experiments.results import best_run, results_markdown, swept_keys, training_loss_winner
 
     def run(name, lr, train_loss, travel, general):
-        return {"name": name, "overrides": {"train.lr": lr, "lora.r": 16}, "final_train_loss": train_loss,
-                "travel_score_tuned": travel, "general_val_loss_tuned": general, "curves": {"train": [], "val": []}}
+        return {
+            "name": name,
+            "overrides": {"train.lr": lr, "lora.r": 16},
+            "final_train_loss": train_loss,
+            "travel_score_tuned": travel,
+            "general_val_loss_tuned": general,
+            "curves": {"train": [], "val": []},
+        }
 
-    results = [run("memoriser", 2e-4, 0.9, 0.40, 1.60), run("generaliser", 5e-5, 1.3, 0.55, 1.48), run("tie-on-travel", 5e-6, 1.5, 0.55, 1.52)]
+    results = [
+        run("memoriser", 2e-4, 0.9, 0.40, 1.60),
+        run("generaliser", 5e-5, 1.3, 0.55, 1.48),
+        run("tie-on-travel", 5e-6, 1.5, 0.55, 1.52),
+    ]
     assert best_run(results)["name"] == "generaliser"  # best travel score; the tie is broken by general held-out loss
     assert training_loss_winner(results)["name"] == "memoriser"
     assert swept_keys(results) == ["train.lr"]  # lora.r never changes: not a swept key
     text = results_markdown(results, ["train.lr"])
-    assert "**generaliser**" in text and "Lowest training loss (mean of the last 10 steps): memoriser (0.9000) — not the same run." in text
+    assert (
+        "**generaliser**" in text
+        and "Lowest training loss (mean of the last 10 steps): memoriser (0.9000) — not the same run." in text
+    )
     assert "| generaliser ★ |" in text and "| memoriser (lowest train loss) |" in text
 
 
@@ -156,8 +194,12 @@ def test_the_training_loss_winner_is_judged_on_the_last_ten_steps_not_one_batch(
     from tunelab.experiments.results import results_csv, train_loss_tail, training_loss_winner
 
     def run(name, losses):
-        return {"name": name, "overrides": {}, "final_train_loss": losses[-1],
-                "curves": {"train": list(enumerate(losses, 1)), "val": []}}
+        return {
+            "name": name,
+            "overrides": {},
+            "final_train_loss": losses[-1],
+            "curves": {"train": list(enumerate(losses, 1)), "val": []},
+        }
 
     lucky = run("lucky-last-batch", [3.0] * 5 + [2.0] * 9 + [1.0])  # last step 1.0, last ten steps (9 x 2.0 + 1.0) / 10
     steady = run("steady", [3.0] * 5 + [1.5] * 10)

@@ -25,16 +25,31 @@ def tiny_setup(tmp_path):
             city = cities[i % len(cities)]
             messages = [
                 {"role": "user", "content": f"Question {i}: what should I see in {city} on day {i % 5 + 1}?"},
-                {"role": "assistant", "content": f"In {city}, start with the old town, then a museum; day {i % 5 + 1} ends by the river."},
+                {
+                    "role": "assistant",
+                    "content": f"In {city}, start with the old town, then a museum; day {i % 5 + 1} ends by the river.",
+                },
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
     config = {
-        "data": {"sources": [{"path": str(tmp_path / "chats.jsonl")}], "val_fraction": 0.25, "dedup": {"near": False},
-                 "output_dir": str(tmp_path / "prepared")},
+        "data": {
+            "sources": [{"path": str(tmp_path / "chats.jsonl")}],
+            "val_fraction": 0.25,
+            "dedup": {"near": False},
+            "output_dir": str(tmp_path / "prepared"),
+        },
         "model": {"name": str(model_dir)},
         "lora": {"r": 4, "alpha": 8},
-        "train": {"output_dir": str(tmp_path / "runs" / "base"), "max_steps": 2, "batch_size": 2, "warmup_steps": 0,
-                  "save_steps": 2, "eval_steps": 2, "precision": "fp32", "threads": 1},
+        "train": {
+            "output_dir": str(tmp_path / "runs" / "base"),
+            "max_steps": 2,
+            "batch_size": 2,
+            "warmup_steps": 0,
+            "save_steps": 2,
+            "eval_steps": 2,
+            "precision": "fp32",
+            "threads": 1,
+        },
         "eval": {"max_val_rows": 4, "batch_size": 4},
     }
     path = tmp_path / "sweep.yaml"
@@ -64,8 +79,10 @@ def test_grid_parsing_rejects_bad_items():
     from tunelab.experiments.sweep import grid_points, parse_grid
 
     assert grid_points(parse_grid(["train.lr=1e-4,2e-4", "lora.r=8,16"])) == [
-        {"train.lr": 1e-4, "lora.r": 8}, {"train.lr": 1e-4, "lora.r": 16},
-        {"train.lr": 2e-4, "lora.r": 8}, {"train.lr": 2e-4, "lora.r": 16},
+        {"train.lr": 1e-4, "lora.r": 8},
+        {"train.lr": 1e-4, "lora.r": 16},
+        {"train.lr": 2e-4, "lora.r": 8},
+        {"train.lr": 2e-4, "lora.r": 16},
     ]
     for bad in (["train.lr"], ["=1,2"], ["lora.r=8", "lora.r=16"]):
         with pytest.raises(ConfigError):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from tunelab.eval.rubric import Answer, TravelPrompt, load_travel_prompts
 from tunelab.experiments.travel_data import rejection_sample, requested_days, select_itineraries, synthetic_prompts
 
-TWO_DAYS = ("Day 1: the castle and the old town in the morning, then lunch by the river, a long walk through the markets "
-            "and the cathedral, and a sunset from the viewpoint above the harbour.\n"
-            "Day 2: a morning at the main museum, the botanical garden after lunch, a tram ride along the coast to the old fort, "
-            "and dinner at a seafood place near the station.")
+TWO_DAYS = (
+    "Day 1: the castle and the old town in the morning, then lunch by the river, a long walk through the markets "
+    "and the cathedral, and a sunset from the viewpoint above the harbour.\n"
+    "Day 2: a morning at the main museum, the botanical garden after lunch, a tram ride along the coast to the old fort, "
+    "and dinner at a seafood place near the station."
+)
 
 
 def test_requested_days_reads_counts_words_weeks_and_weekends():
@@ -35,8 +37,14 @@ def test_select_itineraries_counts_every_filter():
     assert [row["days"] for row in kept] == [2]
     assert kept[0]["messages"][1]["content"] == TWO_DAYS
     assert dict(counts) == {
-        "records": 8, "user_then_assistant": 7, "asks_for_a_trip": 6, "names_a_day_count": 5, "answers_day_by_day": 4,
-        "honours_the_day_count": 3, "length_ok_no_loops": 2, "after_exact_dedup": 1,
+        "records": 8,
+        "user_then_assistant": 7,
+        "asks_for_a_trip": 6,
+        "names_a_day_count": 5,
+        "answers_day_by_day": 4,
+        "honours_the_day_count": 3,
+        "length_ok_no_loops": 2,
+        "after_exact_dedup": 1,
     }
 
 
@@ -45,7 +53,9 @@ def test_synthetic_prompts_never_use_an_eval_city_or_prompt():
     shipped = load_travel_prompts("travel")
     assert not {p.city for p in prompts} & {p.city for p in shipped}
     assert not {p.prompt for p in prompts} & {p.prompt for p in shipped}
-    assert all(requested_days(p.prompt) == p.days and p.city in p.prompt for p in prompts)  # "3 days", "Three days", "3-day"
+    assert all(
+        requested_days(p.prompt) == p.days and p.city in p.prompt for p in prompts
+    )  # "3 days", "Three days", "3-day"
     assert synthetic_prompts(80, seed=1) == prompts  # deterministic
 
 
@@ -56,12 +66,16 @@ def test_rejection_sampling_keeps_the_best_sample_that_passes():
         # Seed 2 writes a complete plan for the first prompt only; every other sample is a one-liner.
         target = prompts[0]
         if prompt == target and seed == 2:
-            plans = ["the old town, the cathedral and a long lunch on the main square, then photos of the bridges at dusk",
-                     "a river cruise in the morning, the modern art quarter after lunch and live music at night",
-                     "a day trip to the coast with a picnic, a swim if it is warm and seafood back in town",
-                     "the covered market for breakfast, a cooking class at noon and a farewell dinner uphill"]
+            plans = [
+                "the old town, the cathedral and a long lunch on the main square, then photos of the bridges at dusk",
+                "a river cruise in the morning, the modern art quarter after lunch and live music at night",
+                "a day trip to the coast with a picnic, a swim if it is warm and seafood back in town",
+                "the covered market for breakfast, a cooking class at noon and a farewell dinner uphill",
+            ]
             days = f"A plan for {target.city}, full of {' and '.join(target.preferences)}.\n" + "\n".join(
-                f"Day {d}: {plans[d - 1]}; keep the afternoon {d} free for whatever you liked best so far." for d in range(1, target.days + 1))
+                f"Day {d}: {plans[d - 1]}; keep the afternoon {d} free for whatever you liked best so far."
+                for d in range(1, target.days + 1)
+            )
             return Answer(days, finished=True)
         return Answer("Have fun!", finished=seed % 2 == 0)
 
@@ -76,17 +90,24 @@ def test_rejection_sampling_keeps_the_best_sample_that_passes():
 def test_a_sample_failing_a_pass_fail_check_is_never_kept_whatever_its_score():
     prompt = TravelPrompt(prompt="Plan a 2-day trip to Porto for someone who loves food and art.", city="Porto", days=2,
                           preferences=("food", "art"))  # fmt: skip
-    body = ("Day 1: the old town and its food markets in the morning, a tiled church, a long lunch by the river, a slow walk up\n"
-            "to the cathedral and the viewpoint, then a small dinner in a family tavern near the square.\n"
-            "Day 2: the art museum in the park after breakfast, a port cellar across the bridge, the bookshop with the staircase,\n"
-            "the beach at sunset and a last dinner with a view over the roofs of the old town.")
+    body = (
+        "Day 1: the old town and its food markets in the morning, a tiled church, a long lunch by the river, a slow walk up\n"
+        "to the cathedral and the viewpoint, then a small dinner in a family tavern near the square.\n"
+        "Day 2: the art museum in the park after breakfast, a port cellar across the bridge, the bookshop with the staircase,\n"
+        "the beach at sunset and a last dinner with a view over the roofs of the old town."
+    )
 
     def sample(p: TravelPrompt, seed: int) -> Answer:  # seed 0: every interest but no city; seed 1: city, one interest
-        return Answer(f"Food and art all the way.\n{body}" if seed == 0 else f"Porto in two days.\n{body.replace('art ', '')}", True)
+        return Answer(
+            f"Food and art all the way.\n{body}" if seed == 0 else f"Porto in two days.\n{body.replace('art ', '')}",
+            True,
+        )
 
     rows, _, counts = rejection_sample([prompt], sample, samples_per_prompt=2, min_score=0.8, log=lambda *_: None)
     assert counts["kept"] == 1 and rows[0]["messages"][1]["content"].startswith("Porto in two days.")
-    rows, _, counts = rejection_sample([prompt], lambda p, seed: sample(p, 0), samples_per_prompt=1, min_score=0.8, log=lambda *_: None)
+    rows, _, counts = rejection_sample(
+        [prompt], lambda p, seed: sample(p, 0), samples_per_prompt=1, min_score=0.8, log=lambda *_: None
+    )
     assert counts["kept"] == 0  # its mean passes 0.8, but the city is never named
 
 
@@ -116,11 +137,15 @@ def test_data_travel_command_writes_every_file_and_the_counts(tmp_path, monkeypa
 
     def fake_sampler(gguf, threads=None, day_grammar=False):  # complete plans for trips of up to 3 days only
         seen["day_grammar"] = day_grammar
-        return lambda prompt, seed: Answer(f"{prompt.city}: {', '.join(prompt.preferences)}.\n{plan(prompt.days)}" if prompt.days <= 3 else "No.", True)
+        return lambda prompt, seed: Answer(
+            f"{prompt.city}: {', '.join(prompt.preferences)}.\n{plan(prompt.days)}" if prompt.days <= 3 else "No.", True
+        )
 
     monkeypatch.setattr(travel_data, "gguf_sampler", fake_sampler)
     out = tmp_path / "travel"
-    result = CliRunner().invoke(app, ["data", "travel", str(out), "--prompts", "10", "--samples", "2", "--grammar", "--min-score", "0.5"])
+    result = CliRunner().invoke(
+        app, ["data", "travel", str(out), "--prompts", "10", "--samples", "2", "--grammar", "--min-score", "0.5"]
+    )
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "counts.json").read_text())
     assert counts["itineraries"]["records"] == 3 and counts["itineraries"]["after_exact_dedup"] == 1

@@ -26,12 +26,19 @@ def _small_run(tmp_path):
 
 
 def _reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, ids.shape[1] :].tolist()
     return tokenizer.decode(new, skip_special_tokens=True).strip(), new[-1] == tokenizer.eos_token_id
 
 
@@ -42,8 +49,25 @@ def test_domain_eval_answers_are_plain_greedy_from_base_and_adapter(tmp_path):
 
     run_dir, base_dir, prompts = _small_run(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--prompts", str(prompts), "--max-new-tokens", "12",
-                           "--threads", "1"], capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelab.cli",
+            "eval",
+            str(run_dir),
+            "--prompts",
+            str(prompts),
+            "--max-new-tokens",
+            "12",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "GGUF comparison skipped" in done.stdout and "judge: none given" in done.stdout
     report = json.loads((run_dir / "eval" / "domain-prompts.json").read_text())
@@ -55,7 +79,9 @@ def test_domain_eval_answers_are_plain_greedy_from_base_and_adapter(tmp_path):
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(run_dir / "adapter")).eval()
     for row, spec in zip(pair["answers"], PROMPTS):
         assert (row["base"]["text"], row["base"]["finished"]) == _reference_greedy(base, tokenizer, spec["prompt"], 12)
-        assert (row["tuned"]["text"], row["tuned"]["finished"]) == _reference_greedy(tuned, tokenizer, spec["prompt"], 12)
+        assert (row["tuned"]["text"], row["tuned"]["finished"]) == _reference_greedy(
+            tuned, tokenizer, spec["prompt"], 12
+        )
     assert pair["answers"][0]["base"]["text"] != pair["answers"][0]["tuned"]["text"]  # the adapter really was on
     # The second prompt has no city/days/preferences: those criteria are not judged.
     criteria = pair["answers"][1]["tuned"]["criteria"]
@@ -80,15 +106,31 @@ def test_domain_eval_of_another_gguf_type_uses_that_type_on_both_sides(tmp_path)
     run_dir, _, prompts = _small_run(tmp_path)
     export_run(run_dir, ["q8_0"], threads=1)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    args = [sys.executable, "-m", "tunelab.cli", "eval", str(run_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
-            "--threads", "1", "--no-adapter", "--quant"]
+    args = [
+        sys.executable,
+        "-m",
+        "tunelab.cli",
+        "eval",
+        str(run_dir),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "8",
+        "--threads",
+        "1",
+        "--no-adapter",
+        "--quant",
+    ]
     done = subprocess.run([*args, "q8_0"], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((run_dir / "eval" / "domain-prompts-q8_0.json").read_text())
     assert not (run_dir / "eval" / "domain-prompts.json").exists()
     assert list(report["pairs"]) == ["gguf"]  # --no-adapter: llama.cpp only
     pair = report["pairs"]["gguf"]
-    assert (pair["base"], pair["tuned"]) == (str(run_dir / "export" / "base-q8_0.gguf"), str(run_dir / "export" / "model-q8_0.gguf"))
+    assert (pair["base"], pair["tuned"]) == (
+        str(run_dir / "export" / "base-q8_0.gguf"),
+        str(run_dir / "export" / "model-q8_0.gguf"),
+    )
     q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
     assert gguf_metadata(run_dir / "export" / "base-q8_0.gguf")["general.file_type"] == q8_0
     assert gguf_metadata(run_dir / "export" / "model-q8_0.gguf")["general.file_type"] == q8_0

@@ -25,11 +25,18 @@ FAKE_TOKEN = "hf_tunelabFAKEtoken0123456789abcdef"
 
 
 def greedy(model, tokenizer, text: str, n: int = 12) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                         min_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def corrupt_tensor(gguf_file: Path, name: str = "blk.0.ffn_down.weight") -> None:
@@ -154,8 +161,22 @@ def tiny_cli_export(tiny_run, tmp_path_factory):
     mp.setenv("HF_TOKEN", FAKE_TOKEN)
     mp.setenv("HF_ENDPOINT", "https://127.0.0.1")  # nothing listens: any upload attempt would fail
     try:
-        result = CliRunner().invoke(app, ["export", str(tiny_run), "--gguf", "q4_k_m,q8_0,f16", "--space", str(space),
-                                          "--push-to-hub", "someone/tiny-chat", "--dry-run", "--threads", "1"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "export",
+                str(tiny_run),
+                "--gguf",
+                "q4_k_m,q8_0,f16",
+                "--space",
+                str(space),
+                "--push-to-hub",
+                "someone/tiny-chat",
+                "--dry-run",
+                "--threads",
+                "1",
+            ],
+        )
     finally:
         mp.undo()
     assert result.exit_code == 0, result.output
@@ -166,10 +187,20 @@ def test_dry_run_lists_exactly_the_upload(tiny_run, tiny_cli_export):
     output, _ = tiny_cli_export
     listed = [line.split()[0] for line in output.splitlines() if line.startswith("  ") and "<-" in line]
     assert listed == [
-        "README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json",
-        "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-        "model-f16.gguf", "model-q4_k_m.gguf", "model-q8_0.gguf", "parity.json",
+        "README.md",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "adapter/README.md",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "model-f16.gguf",
+        "model-q4_k_m.gguf",
+        "model-q8_0.gguf",
+        "parity.json",
     ]
     assert "would upload to https://huggingface.co/someone/tiny-chat" in output
     assert "uploaded:" not in output
@@ -213,8 +244,12 @@ def bundle_python(space: Path) -> tuple[list[str], dict[str, str]]:
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPACE_ID", "FEEDBACK_REPO", "TUNELAB_AUTH")}
-    env.update(PYTHONPATH=os.pathsep.join([str(space), *site.getsitepackages()]), GRADIO_ANALYTICS_ENABLED="False",
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(space), *site.getsitepackages()]),
+        GRADIO_ANALYTICS_ENABLED="False",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
     return [sys.executable, "-S"], env
 
 
@@ -231,8 +266,10 @@ def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
     assert f"gradio=={gradio.__version__}" in requirements and "llama-cpp-python>=0.3" in requirements
     assert not any(r.startswith(("torch", "transformers", "tunelab", "pydantic", "pyyaml")) for r in requirements)
     assert (space / "model-q4_k_m.gguf").stat().st_size > 0
-    assert sorted(str(p.relative_to(space / "tunelab")) for p in (space / "tunelab").rglob("*") if p.is_file()) \
+    assert (
+        sorted(str(p.relative_to(space / "tunelab")) for p in (space / "tunelab").rglob("*") if p.is_file())
         == vendored_files()
+    )
     from tunelab.serve.space import APP_SOURCE
 
     assert (space / "app.py").read_text() == APP_SOURCE.read_text()  # a real file, copied as it is
@@ -243,11 +280,19 @@ def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
         "import runpy, sys, json; runpy.run_path(sys.argv[1], run_name='space_app');"
         "print(json.dumps({m: getattr(sys.modules[m], '__file__', None) for m in sys.modules if m.startswith('tunelab')}))"
     )
-    done = subprocess.run([*cmd, "-c", probe, str(space / "app.py")], env=env, cwd=space.parent, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [*cmd, "-c", probe, str(space / "app.py")],
+        env=env,
+        cwd=space.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     modules = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"tunelab.serve.app", "tunelab.models.inference", "tunelab.serve.feedback", "tunelab.serve.hub_sync"} <= set(modules)
+    assert {"tunelab.serve.app", "tunelab.models.inference", "tunelab.serve.feedback", "tunelab.serve.hub_sync"} <= set(
+        modules
+    )
     for name, file in modules.items():
         assert file and Path(file).resolve().is_relative_to(space.resolve()), (name, file)
 
@@ -319,8 +364,14 @@ def test_space_bundle_serves_tunelabs_app(tiny_cli_export, tmp_path):
     env.update(PORT=str(port), THREADS="1", FEEDBACK_DB=str(db), HF_TOKEN=FAKE_TOKEN)
     log_path = tmp_path / "space.log"
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([*cmd, str(space / "app.py")], cwd=tmp_path, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*cmd, str(space / "app.py")],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         try:
@@ -331,11 +382,13 @@ def test_space_bundle_serves_tunelabs_app(tiny_cli_export, tmp_path):
         chatbot, _, status = client.predict("Hello!", "Answer briefly.", 0.0, 0.9, 16, api_name="/chat")
         assert status.startswith("Done"), status
         assert chatbot[-1]["role"] == "assistant"
-        status, *_ = client.predict("down", ["too short"], "more please", "Hello! How can I help?",
-                                    api_name="/chat_feedback")
+        status, *_ = client.predict(
+            "down", ["too short"], "more please", "Hello! How can I help?", api_name="/chat_feedback"
+        )
         assert status.startswith("✅"), status
-        plan, status = client.predict("Lisbon", 1, "spring", "mid-range", "relaxed", ["food"], "", 0.0, 16,
-                                      api_name="/plan")
+        plan, status = client.predict(
+            "Lisbon", 1, "spring", "mid-range", "relaxed", ["food"], "", 0.0, 16, api_name="/plan"
+        )
         assert status.startswith("Done"), status
         headline, *_ = client.predict(api_name="/feedback_overview")
         assert "1" in headline

@@ -17,16 +17,24 @@ def smol_export(smol_run, tmp_path_factory):
     from tunelab.cli import app
 
     space = tmp_path_factory.mktemp("smol_space") / "space"
-    result = CliRunner().invoke(app, ["export", str(smol_run), "--gguf", "q4_k_m,q8_0,f16", "--space", str(space),
-                                      "--threads", "1"])
+    result = CliRunner().invoke(
+        app, ["export", str(smol_run), "--gguf", "q4_k_m,q8_0,f16", "--space", str(space), "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     return smol_run / "export", space, result.output
 
 
 def test_all_files_and_parity_report(smol_export):
     export, space, output = smol_export
-    for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf", "parity.json", "merged/README.md",
-                 "merged/model.safetensors", "merged/generation_config.json"):
+    for name in (
+        "model-f16.gguf",
+        "model-q8_0.gguf",
+        "model-q4_k_m.gguf",
+        "parity.json",
+        "merged/README.md",
+        "merged/model.safetensors",
+        "merged/generation_config.json",
+    ):
         assert (export / name).is_file(), name
     for name in ("README.md", "app.py", "requirements.txt", "model-q4_k_m.gguf"):
         assert (space / name).is_file(), name
@@ -50,8 +58,9 @@ def test_merged_folder_gives_the_adapters_greedy_answer(smol_run, smol_export):
     ids = ids["input_ids"]
     with torch.inference_mode():
         merged_out = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
-        adapter_out = adapted.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                       do_sample=False)
+        adapter_out = adapted.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+        )
     assert merged_out.tolist() == adapter_out.tolist()
     # generate() with the saved generation_config stops at <|im_end|> on its own
     assert plain.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -37,11 +37,22 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama3")
     base = llama32_shaped_folder(root / "base", stop_at_once=True)
     config = {
-        "data": {"sources": [{"path": str(conversations_file(root, n=24))}], "val_fraction": 0.2,
-                 "dedup": {"near": False}, "output_dir": str(root / "prepared")},
+        "data": {
+            "sources": [{"path": str(conversations_file(root, n=24))}],
+            "val_fraction": 0.2,
+            "dedup": {"near": False},
+            "output_dir": str(root / "prepared"),
+        },
         "model": {"name": str(base), "chat_template": "llama-3.1"},
-        "train": {"output_dir": str(root / "run"), "max_steps": 2, "batch_size": 2, "max_seq_len": 128,
-                  "save_steps": 2, "eval_steps": 2, "precision": "fp32"},
+        "train": {
+            "output_dir": str(root / "run"),
+            "max_steps": 2,
+            "batch_size": 2,
+            "max_seq_len": 128,
+            "save_steps": 2,
+            "eval_steps": 2,
+            "precision": "fp32",
+        },
         "eval": {"prompts": []},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
@@ -81,8 +92,9 @@ def test_llama_cpp_renders_and_tokenises_what_training_saw_and_stops_at_eot(expo
 
     # what llama-cpp-python's chat completion does with the GGUF's template (Jinja2ChatFormatter, no extra BOS)
     meta = gguf_metadata(exported / gguf)
-    formatter = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], eos_token="<|eot_id|>",
-                                    bos_token="<|begin_of_text|>")
+    formatter = Jinja2ChatFormatter(
+        template=meta["tokenizer.chat_template"], eos_token="<|eot_id|>", bos_token="<|begin_of_text|>"
+    )
     formatted = formatter(messages=CONVERSATION)
     assert formatted.prompt == trained_text
     llm = open_llama(exported / gguf, threads=1, n_ctx=256)

@@ -38,8 +38,9 @@ def test_load_backend_rejects_what_it_cannot_serve(tmp_path):
         load_backend(tmp_path, threads=0)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0),
-                                 dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(repetition_penalty=0)]
+)
 def test_generation_params_are_validated(bad):
     with pytest.raises(UserError):
         GenerationParams(**bad).validate()
@@ -64,8 +65,11 @@ def test_transformers_backend_sampling_params(base_hf_dir):
     first = "".join(backend.stream_chat([{"role": "user", "content": "Tell me a story."}], sampled))
     second = "".join(backend.stream_chat([{"role": "user", "content": "Tell me a story."}], sampled))
     assert first == second  # the seed makes sampling reproducible
-    short = "".join(backend.stream_chat([{"role": "user", "content": "Tell me a story."}],
-                                        GenerationParams(max_new_tokens=3, seed=1)))
+    short = "".join(
+        backend.stream_chat(
+            [{"role": "user", "content": "Tell me a story."}], GenerationParams(max_new_tokens=3, seed=1)
+        )
+    )
     assert len(backend.tokenizer(short)["input_ids"]) <= 4
 
 

@@ -9,7 +9,11 @@ from tunelab.models import ModelError, load_tokenizer, resolve_model_path
 from tunelab.models.loading import check_quantization_supported, embedded_gguf_path
 from tunelab.models.templates import TemplateError
 
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+]
 
 
 def test_embedded_model_is_found_and_converted_once(monkeypatch):
@@ -164,8 +168,9 @@ def test_gemma_without_its_extra_is_exit_code_2_from_the_cli(tmp_path):
         "main()\n"
     )
     env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert_one_clear_error(result, "model.name", "embedded:gemma3-270m", "pip install 'tunelab[gemma]'")
     assert not (tmp_path / "run").exists()
 
@@ -191,8 +196,11 @@ def test_chunked_package_is_assembled_once_and_atomically(monkeypatch, tmp_path)
         return output_path
 
     monkeypatch.setitem(sys.modules, "fake_chunked_gguf", types.SimpleNamespace(assemble=assemble))
-    monkeypatch.setitem(loading.EMBEDDED_MODELS, "fake-1m", loading.EmbeddedModel(
-        "fake-chunked-gguf", "fake.gguf", "pip install fake", assembler="fake_chunked_gguf"))
+    monkeypatch.setitem(
+        loading.EMBEDDED_MODELS,
+        "fake-1m",
+        loading.EmbeddedModel("fake-chunked-gguf", "fake.gguf", "pip install fake", assembler="fake_chunked_gguf"),
+    )
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: types.SimpleNamespace(version="9.9"))
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
 
@@ -234,7 +242,8 @@ def test_real_gemma_resolves_to_a_gemma3_folder_with_its_template():
     assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
     tokenizer = load_tokenizer(ModelConfig(name="embedded:gemma3-270m"))
     assert tokenizer.apply_chat_template(MESSAGES[1:], tokenize=False) == (
-        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n")
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+    )
 
 
 # ------------------------------------------------------------ SentencePiece tokenizer.model rebuilt from a GGUF
@@ -242,8 +251,11 @@ def write_tiny_gguf(path, tokenizer_model: str = "llama"):
     """A GGUF with only tokenizer metadata, written with llama.cpp's own gguf-py writer."""
     import gguf
 
-    tokens = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "\n\n"]
-              + [f"<0x{b:02X}>" for b in range(256)] + ["▁", "a", "b", "▁a", "ab", "<unused0>"])
+    tokens = (
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "\n\n"]
+        + [f"<0x{b:02X}>" for b in range(256)]
+        + ["▁", "a", "b", "▁a", "ab", "<unused0>"]
+    )
     types = [3, 3, 3, 3, 3, 3, 4, 4] + [6] * 256 + [1, 1, 1, 1, 1, 5]
     scores = [-1000.0] * 8 + [0.0] * 256 + [-1.0, -2.0, -3.0, -4.0, -5.0, -1000.0]
     writer = gguf.GGUFWriter(str(path), "gemma3")

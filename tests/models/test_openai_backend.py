@@ -32,7 +32,9 @@ def backend_with(handler, **kwargs) -> tuple[OpenAIBackend, list[httpx.Request]]
         return handler(request)
 
     backend = OpenAIBackend("http://model.invalid:8000", model="m", **kwargs)
-    backend.client = httpx.Client(base_url=backend.base_url, headers=backend.client.headers, transport=httpx.MockTransport(record))
+    backend.client = httpx.Client(
+        base_url=backend.base_url, headers=backend.client.headers, transport=httpx.MockTransport(record)
+    )
     return backend, seen
 
 

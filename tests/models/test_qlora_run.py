@@ -32,8 +32,12 @@ def qlora_run(tmp_path, monkeypatch):
     model.save_pretrained(run_dir / "adapter")
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(run_dir / "tokenizer")
     cfg = {
-        "data": {"sources": [{"path": str(conversations_file(tmp_path, n=40))}], "output_dir": str(tmp_path / "prepared"),
-                 "val_fraction": 0.2, "dedup": {"near": False}},
+        "data": {
+            "sources": [{"path": str(conversations_file(tmp_path, n=40))}],
+            "output_dir": str(tmp_path / "prepared"),
+            "val_fraction": 0.2,
+            "dedup": {"near": False},
+        },
         "model": {"name": str(base_dir), "load_in_4bit": True},
         "train": {"output_dir": str(run_dir), "precision": "auto", "max_seq_len": 64, "threads": 1},
         "eval": {"batch_size": 4, "max_val_rows": 6, "prompts": ["What is 2 plus 2?"], "max_new_tokens": 4},
@@ -97,7 +101,9 @@ def test_qlora_run_evaluates_exports_and_serves_without_cuda(qlora_run):
     assert all(p.dtype == torch.float32 for p in backend.model.parameters())
     ids = torch.tensor([rows[0][0]])
     with torch.no_grad():
-        torch.testing.assert_close(backend.model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            backend.model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
     greedy = GenerationParams(temperature=0, max_new_tokens=4)
     assert isinstance("".join(backend.stream_chat([{"role": "user", "content": "What is 2 plus 2?"}], greedy)), str)
     gguf_backend = load_backend(run_dir / "export" / "model-f16.gguf", threads=1)  # the exported file serves too

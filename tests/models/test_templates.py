@@ -23,6 +23,8 @@ EXPECTED = (
     "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
     "<start_of_turn>model\nRome, since 1871!<end_of_turn>\n"
 )
+
+
 def label_runs(input_ids, labels):
     runs, current = [], []
     for token, label in zip(input_ids, labels):
@@ -76,7 +78,8 @@ def test_gemma_mask_labels_exactly_each_reply_and_end_of_turn(which):
     # position by position against the hand-written split: labels start right after "<start_of_turn>model\n"
     expected_labels, text = [], ""
     for segment, labelled in [
-        (EXPECTED.split("The capital")[0], False), ("The capital of France is Paris.<end_of_turn>", True),
+        (EXPECTED.split("The capital")[0], False),
+        ("The capital of France is Paris.<end_of_turn>", True),
         ("\n<start_of_turn>user\nAnd of Italy?<end_of_turn>\n<start_of_turn>model\n", False),
         ("Rome, since 1871!<end_of_turn>", True),
     ]:

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers import Workspace, build_tiny_llama, tunelab_train, write_chat_jsonl
 
+
 @pytest.fixture(scope="session")
 def ws(tmp_path_factory) -> Workspace:
     """Tiny random Llama (vocab 49152, hidden 32, 2 layers) + the embedded SmolLM2 tokenizer, and 48 chats."""

@@ -49,7 +49,9 @@ def _no_manifest(ckpt):  # a half-written folder: the manifest is written last
 
 
 @pytest.mark.parametrize("corrupt", [_missing_file, _bad_bytes, _truncated, _no_manifest], ids=lambda f: f.__name__[1:])
-def test_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_the_previous_one_used(ws, reference, tmp_path, corrupt):
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_the_previous_one_used(
+    ws, reference, tmp_path, corrupt
+):
     run_dir = copy_run(reference.run_dir, tmp_path / "run")
     newest = run_dir / "checkpoints" / f"step-{MAX_STEPS:06d}"
     reason = corrupt(newest)
@@ -68,8 +70,12 @@ def _checkpoint_digests(run_dir):
 
 @pytest.mark.parametrize(
     "fault, reason",
-    [("checkpoint_files:6:enospc", "No space left on device"), ("metrics:7:enospc", "No space left on device"),
-     ("checkpoint_manifest:6:eacces", "Permission denied"), ("final_save:10:erofs", "Read-only file system")],
+    [
+        ("checkpoint_files:6:enospc", "No space left on device"),
+        ("metrics:7:enospc", "No space left on device"),
+        ("checkpoint_manifest:6:eacces", "Permission denied"),
+        ("final_save:10:erofs", "Read-only file system"),
+    ],
 )
 def test_injected_disk_errors_give_one_clear_message_and_keep_checkpoints(ws, reference, tmp_path, fault, reason):
     run_dir = tmp_path / "run"
@@ -99,8 +105,13 @@ def small_disk(tmp_path):
     """A 16 MiB tmpfs (needs root / CAP_SYS_ADMIN; skipped elsewhere; the injected-fault tests above still run)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (not root or no CAP_SYS_ADMIN)")
     try:
         yield mount
@@ -137,7 +148,9 @@ def test_real_full_disk_mid_run_gives_one_clear_message_and_resumes_after_space_
     full = tunelab_train(ws, config)
     line = assert_one_clear_error(full, "No space left on device", "intact")
     print(line)
-    assert _checkpoint_digests(run_dir) == before and all(verify_checkpoint(p) is None for p in list_checkpoints(run_dir))
+    assert _checkpoint_digests(run_dir) == before and all(
+        verify_checkpoint(p) is None for p in list_checkpoints(run_dir)
+    )
     assert newest_valid_step(run_dir) == 6, line
     ballast.unlink()
     again = tunelab_train(ws, config)

@@ -33,9 +33,17 @@ def _tree_digest(folder):
 # --------------------------------------------------------------------------------- bad configuration
 BAD_CONFIGS = [
     # (id, config change as {section: {key: value}} or a raw YAML edit, expected text in the one error line)
-    ("missing-data-file", {"data": {"sources": [{"path": "/nonexistent/chats.jsonl"}]}}, "/nonexistent/chats.jsonl: file not found"),
+    (
+        "missing-data-file",
+        {"data": {"sources": [{"path": "/nonexistent/chats.jsonl"}]}},
+        "/nonexistent/chats.jsonl: file not found",
+    ),
     ("unknown-chat-template", {"model": {"chat_template": "vicuna"}}, "model.chat_template: unknown template `vicuna`"),
-    ("missing-model-folder", {"model": {"name": "/nonexistent/model"}}, "model.name: folder not found: /nonexistent/model"),
+    (
+        "missing-model-folder",
+        {"model": {"name": "/nonexistent/model"}},
+        "model.name: folder not found: /nonexistent/model",
+    ),
     ("unknown-key", {"train": {"max_stpes": 3}}, "train.max_stpes: unknown key (did you mean `max_steps`?)"),
     ("wrong-type", {"train": {"batch_size": "four"}}, "train.batch_size: Input should be a valid integer"),
     ("lr<=0", {"train": {"lr": 0}}, "train.lr: must be > 0"),
@@ -95,7 +103,10 @@ def test_rerunning_a_finished_run_says_complete_and_changes_nothing_that_matters
     metrics = (run_dir / "metrics.jsonl").read_bytes()
     result = tunelab_train(ws, ws.config(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"run already complete: {run_dir / 'checkpoints' / f'step-{MAX_STEPS:06d}'} is step {MAX_STEPS} of {MAX_STEPS}" in result.stdout
+    assert (
+        f"run already complete: {run_dir / 'checkpoints' / f'step-{MAX_STEPS:06d}'} is step {MAX_STEPS} of {MAX_STEPS}"
+        in result.stdout
+    )
     assert "resuming from" not in result.stdout
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # no step (or evaluation) logged twice
     assert _tree_digest(run_dir / "checkpoints") == checkpoints

@@ -63,11 +63,16 @@ def test_kill_at_precise_points_then_resume_matches_uninterrupted_run(ws, refere
     assert "run already complete" in final.stdout and f"step {MAX_STEPS} of {MAX_STEPS}" in final.stdout
     difference = max_adapter_difference(adapter_file(run_dir), adapter_file(reference.run_dir))
     assert difference <= 1e-6
-    print(f"{len(KILL_CHAIN)} precise kills survived; max |diff| vs uninterrupted {difference:g}; "
-          f"bytes identical: {adapter_file(run_dir).read_bytes() == adapter_file(reference.run_dir).read_bytes()}")
+    print(
+        f"{len(KILL_CHAIN)} precise kills survived; max |diff| vs uninterrupted {difference:g}; "
+        f"bytes identical: {adapter_file(run_dir).read_bytes() == adapter_file(reference.run_dir).read_bytes()}"
+    )
     assert_metrics_each_step_once(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == MAX_STEPS and summary["tokens"] == json.loads((reference.run_dir / "summary.json").read_text())["tokens"]
+    assert (
+        summary["steps"] == MAX_STEPS
+        and summary["tokens"] == json.loads((reference.run_dir / "summary.json").read_text())["tokens"]
+    )
     leftovers = [p for p in run_dir.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
 
@@ -86,8 +91,9 @@ def _kill_while_training(ws, config, run_dir, rng: random.Random) -> tuple[int |
     before = max(logged_steps(), default=0)
     target = min(before + rng.randint(1, 2), MAX_STEPS)
     delay = rng.uniform(0.0, 0.3)
-    proc = subprocess.Popen(train_cmd(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ws.env(), cwd=ws.root)
+    proc = subprocess.Popen(
+        train_cmd(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ws.env(), cwd=ws.root
+    )
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if max(logged_steps(), default=0) >= target:
@@ -126,4 +132,6 @@ def test_kill_at_random_moments_then_resume_matches_uninterrupted_run(ws, refere
     difference = max_adapter_difference(adapter_file(run_dir), adapter_file(reference.run_dir))
     assert difference <= 1e-6, seed
     assert_metrics_each_step_once(run_dir)
-    print(f"random kills (seed {seed}): {kills}, newest valid checkpoint after each: {landed}; max |diff| {difference:g}")
+    print(
+        f"random kills (seed {seed}): {kills}, newest valid checkpoint after each: {landed}; max |diff| {difference:g}"
+    )

@@ -80,7 +80,9 @@ def test_non_streaming_reply_equals_llama_cpp(api_server, reference_llama):
     from tunelab.config import ModelConfig
     from tunelab.models import load_tokenizer
 
-    template_ids = load_tokenizer(ModelConfig()).apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    template_ids = load_tokenizer(ModelConfig()).apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True
+    )
     if hasattr(template_ids, "keys"):  # a BatchEncoding in transformers 5
         template_ids = template_ids["input_ids"]
     assert reply["usage"]["prompt_tokens"] == len(template_ids)
@@ -99,7 +101,9 @@ def test_stop_token_ends_a_short_answer(api_server, reference_llama):
 def test_streaming_reply_equals_llama_cpp(api_server, reference_llama):
     body = {"messages": MESSAGES, **GREEDY, "stream": True}
     pieces, finish = [], None
-    with httpx.stream("POST", f"{api_server.base}/chat/completions", json=body, headers=auth(), timeout=300) as response:
+    with httpx.stream(
+        "POST", f"{api_server.base}/chat/completions", json=body, headers=auth(), timeout=300
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -143,7 +147,6 @@ def test_backend_url_with_wrong_key_is_a_user_error(api_server):
 
     with pytest.raises(UserError, match="401"):
         OpenAIBackend(api_server.base, api_key="wrong-key")
-
 
 
 def test_cli_app_on_backend_url_end_to_end(api_server, reference_llama, tmp_path):

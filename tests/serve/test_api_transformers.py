@@ -73,7 +73,9 @@ def test_non_streaming_equals_transformers_generate(client, reference):
 
 def test_streaming_equals_transformers_generate(client, reference):
     pieces, finish = [], []
-    with client.stream("POST", "/v1/chat/completions", json=body(stream=True), headers={"Authorization": "Bearer k"}) as r:
+    with client.stream(
+        "POST", "/v1/chat/completions", json=body(stream=True), headers={"Authorization": "Bearer k"}
+    ) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"

@@ -25,7 +25,20 @@ from tests.helpers import serve_process, small_llama_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-CITIES = ["Lisbon", "Porto", "Madrid", "Seville", "Rome", "Florence", "Vienna", "Prague", "Krakow", "Berlin", "Oslo", "Dublin"]
+CITIES = [
+    "Lisbon",
+    "Porto",
+    "Madrid",
+    "Seville",
+    "Rome",
+    "Florence",
+    "Vienna",
+    "Prague",
+    "Krakow",
+    "Berlin",
+    "Oslo",
+    "Dublin",
+]
 
 
 def better_answer(city: str) -> str:
@@ -41,7 +54,9 @@ def make_current_run(root, base, sft_path):
     config = run_config(root, base, sft_path, run)
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    )
     model.save_pretrained(run / "adapter")
     AutoTokenizer.from_pretrained(base).save_pretrained(run / "tokenizer")
     return run
@@ -59,7 +74,9 @@ def run_config(root, base, sft_path, out_dir) -> dict:
 
 
 def cli(*args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{args}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -94,9 +111,13 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
             a, b, status = client.predict(f"Which museum in {city}?", "", 0.9, 0.9, 6, api_name="/chat_compare")
             assert status.startswith("Done") and a and b, status
             assert client.predict("a", ["too short"], "A is fine", "", api_name="/chat_pick")[0].startswith("✅")
-        plan, status = client.predict("Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.0, 16, api_name="/plan")
+        plan, status = client.predict(
+            "Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.0, 16, api_name="/plan"
+        )
         assert status.startswith("Done") and "Porto" in plan
-        assert client.predict("down", [], "", better_answer("Porto"), "", api_name="/planner_feedback")[0].startswith("✅")
+        assert client.predict("down", [], "", better_answer("Porto"), "", api_name="/planner_feedback")[0].startswith(
+            "✅"
+        )
         client.predict("Rome", 1, "any time", "budget", "relaxed", [], "", 0.7, 16, api_name="/plan_compare")
         assert client.predict("both_bad", ["unhelpful"], "", "", api_name="/planner_pick")[0].startswith("✅")
     store = FeedbackStore(db)
@@ -142,7 +163,9 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
     out = cli("promote", tmp_path / "candidate", "--over", current, "--serve-dir", serve_dir, "--evalset", evalset)
     assert "PROMOTE" in out and "| val_loss |" in out and "| regression |" in out
     pointer = json.loads((serve_dir / "current.json").read_text())
-    assert pointer["model"] == str((tmp_path / "candidate").resolve()) and pointer["history"][0]["model"] == str(current.resolve())
+    assert pointer["model"] == str((tmp_path / "candidate").resolve()) and pointer["history"][0]["model"] == str(
+        current.resolve()
+    )
 
     # ---- the restarted app serves the promoted model
     with serve_process(serve_dir, tmp_path / "feedback2.db") as server:

@@ -79,7 +79,9 @@ def test_v1_database_is_migrated_and_old_rows_keep_a_null_hash(tmp_path):
 
 def test_pairwise_round_trip_idempotency_and_validation(tmp_path):
     store = FeedbackStore(tmp_path / "fb.db")
-    first = store.add_pairwise(pick("q", "A", "B", "b", reasons=["too long"], comment="B is tighter", submission_id="x1"))
+    first = store.add_pairwise(
+        pick("q", "A", "B", "b", reasons=["too long"], comment="B is tighter", submission_id="x1")
+    )
     again = store.add_pairwise(pick("q", "A", "B", "b", submission_id="x1"))
     assert first == again
     [row] = store.pairwise_rows()
@@ -110,7 +112,9 @@ def test_dpo_export_has_corrections_and_side_by_side_winners(tmp_path):
     store.close()
     out = tmp_path / "dpo.jsonl"
     assert export_feedback(db, out, "dpo") == 3
-    pairs = {r["prompt"][-1]["content"]: (r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in read_jsonl(out)}
+    pairs = {
+        r["prompt"][-1]["content"]: (r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in read_jsonl(out)
+    }
     assert pairs == {"q1": ("good", "bad"), "q4": ("right", "left"), "q5": ("left", "right")}
     assert all(r["prompt"][0] == SYSTEM for r in read_jsonl(out))
 
@@ -196,7 +200,9 @@ def test_evalset_user_errors(tmp_path):
     empty = runner.invoke(cli_app, ["feedback", "export", str(db), "--format", "evalset"])
     assert isinstance(empty.exception, UserError) and "no feedback rows" in str(empty.exception)
     fill_for_evalset(db)
-    bad_out = runner.invoke(cli_app, ["feedback", "export", str(db), "--format", "evalset", "-o", str(tmp_path / "x.jsonl")])
+    bad_out = runner.invoke(
+        cli_app, ["feedback", "export", str(db), "--format", "evalset", "-o", str(tmp_path / "x.jsonl")]
+    )
     assert isinstance(bad_out.exception, UserError) and "folder" in str(bad_out.exception)
     (tmp_path / "evalset-broken.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match=r"evalset-broken.jsonl:1: not valid JSON"):

@@ -33,7 +33,9 @@ def run(gen):
 
 
 def test_chat_display_escapes_both_sides_and_shows_errors():
-    shown = chat_display([{"user": "<b>hi</b>", "assistant": "<i>yo</i>"}, {"user": "x", "assistant": "", "error": "oops"}])
+    shown = chat_display(
+        [{"user": "<b>hi</b>", "assistant": "<i>yo</i>"}, {"user": "x", "assistant": "", "error": "oops"}]
+    )
     assert shown[0]["content"] == "&lt;b&gt;hi&lt;/b&gt;" and shown[1]["content"] == "&lt;i&gt;yo&lt;/i&gt;"
     assert shown[-1] == {"role": "assistant", "content": "⚠️ oops"}
 
@@ -51,7 +53,9 @@ def test_plan_streams_markdown_and_remembers_the_answer(app):
 
 
 def test_plan_with_zero_days_shows_message_and_never_calls_the_model(app):
-    *_, (plan, record, status) = run(app.plan(**planner_args(days=0), temperature=0.7, max_new_tokens=50, last_plan=None))
+    *_, (plan, record, status) = run(
+        app.plan(**planner_args(days=0), temperature=0.7, max_new_tokens=50, last_plan=None)
+    )
     assert "between 1 and 14 days" in status and record is None
     assert app.backend.calls == []
 
@@ -67,8 +71,14 @@ def test_plan_with_the_day_format_sends_the_grammar_and_its_budget_to_a_backend_
     *_, (plan, record, status) = run(app.plan(**planner_args(days=14), temperature=0.0, max_new_tokens=16, last_plan=None,
                                               day_format=True))  # fmt: skip
     assert backend.calls[-1][1].max_new_tokens == Limits().max_new_tokens  # never past the server's limit
-    *_, (plan, record, status) = run(app.plan(**planner_args(days=2), temperature=0.0, max_new_tokens=16, last_plan=None))
-    assert backend.grammars[-1] is None and backend.calls[-1][1].max_new_tokens == 16 and "day_grammar" not in record["params"]
+    *_, (plan, record, status) = run(
+        app.plan(**planner_args(days=2), temperature=0.0, max_new_tokens=16, last_plan=None)
+    )
+    assert (
+        backend.grammars[-1] is None
+        and backend.calls[-1][1].max_new_tokens == 16
+        and "day_grammar" not in record["params"]
+    )
 
 
 def test_plan_with_the_day_format_on_a_backend_without_grammars_says_so_and_plans_anyway(app):
@@ -118,7 +128,9 @@ def test_too_long_message_is_refused_before_generation(app):
 
 
 def test_generation_error_is_shown_not_raised(tmp_path):
-    backend = ScriptedBackend(reply="partial answer here", fail_with=ValueError("Requested tokens exceed context window"))
+    backend = ScriptedBackend(
+        reply="partial answer here", fail_with=ValueError("Requested tokens exceed context window")
+    )
     app = ChatApp(backend, FeedbackStore(tmp_path / "fb.db"))
     *_, (chatbot, turns, record, _, status) = run(app.chat("hi", "", 0.5, 0.8, 32, [], None))
     assert "too long for this model" in status
@@ -133,7 +145,9 @@ def test_generation_error_is_shown_not_raised(tmp_path):
 # ---------------------------------------------------------------------------------- feedback
 def test_feedback_is_stored_for_the_latest_answer(app):
     *_, (_, _, answer, _, _) = run(app.chat("Hello", "", 0.5, 0.8, 32, [], None))
-    status, *cleared = app.submit_feedback("down", ["too short", "incorrect"], " meh\x00 ", "Hi!", answer, request=REQUEST)
+    status, *cleared = app.submit_feedback(
+        "down", ["too short", "incorrect"], " meh\x00 ", "Hi!", answer, request=REQUEST
+    )
     assert status.startswith("✅") and cleared == [None, [], "", ""]
     [row] = app.store.rows()
     assert row["rating"] == -1 and row["reasons"] == ["incorrect", "too short"]  # canonical order
@@ -169,7 +183,11 @@ def test_thumbs_on_an_older_message_selects_that_answer(app):
 
 
 def test_turn_for_message_skips_user_messages_and_counts_error_turns():
-    turns = [{"user": "a", "assistant": "b"}, {"user": "c", "assistant": "", "error": "x"}, {"user": "d", "assistant": "e"}]
+    turns = [
+        {"user": "a", "assistant": "b"},
+        {"user": "c", "assistant": "", "error": "x"},
+        {"user": "d", "assistant": "e"},
+    ]
     assert turn_for_message(turns, 1) is turns[0]
     assert turn_for_message(turns, 3) is turns[1]
     assert turn_for_message(turns, 5) is turns[2]
@@ -193,7 +211,7 @@ def test_download_files_are_complete_and_never_shared_between_calls(app):
     import json as json_module
 
     *_, (_, _, answer, _, _) = run(app.chat("hi", "", 0.5, 0.8, 32, [], None))
-    app.submit_feedback("up", ["other"], "a, \"quoted\" comment", "", answer, request=REQUEST)
+    app.submit_feedback("up", ["other"], 'a, "quoted" comment', "", answer, request=REQUEST)
     jsonl, csv_path = app.download("jsonl"), app.download("csv")
     assert jsonl != csv_path and jsonl.endswith(".jsonl") and csv_path.endswith(".csv")
     [row] = [json_module.loads(line) for line in open(jsonl, encoding="utf-8")]

@@ -72,8 +72,9 @@ def test_background_thread_does_not_block_and_survives_failures(tmp_path):
     said: list[str] = []
     network = threading.Event()
     upload = FakeUploader(fail_times=1, hold=network)
-    sync = start_feedback_sync(db, env={"FEEDBACK_REPO": "someone/evals"}, every_s=0.05, uploader=upload,
-                               say=said.append)
+    sync = start_feedback_sync(
+        db, env={"FEEDBACK_REPO": "someone/evals"}, every_s=0.05, uploader=upload, say=said.append
+    )
     # start returned while no upload can finish (the network is held): uploads happen in the thread
     assert upload.entered.wait(10) and not upload.uploaded.is_set()
     add(store, "written while a sync is under way")  # requests keep writing meanwhile
@@ -93,8 +94,12 @@ def test_without_repo_or_token_feedback_stays_on_disk_and_says_so(tmp_path, monk
     assert start_feedback_sync(tmp_path / "f.db", env={}, say=said.append) is None
     assert "only" in said[0] and "FEEDBACK_REPO" in said[0]
     said.clear()
-    assert start_feedback_sync(tmp_path / "f.db", env={"FEEDBACK_REPO": "someone/evals"},
-                               token_available=lambda: False, say=said.append) is None
+    assert (
+        start_feedback_sync(
+            tmp_path / "f.db", env={"FEEDBACK_REPO": "someone/evals"}, token_available=lambda: False, say=said.append
+        )
+        is None
+    )
     assert "HF_TOKEN" in said[0] and "only" in said[0]
     for line in said:
         assert FAKE_TOKEN not in line
@@ -120,8 +125,9 @@ def test_default_uploader_pushes_to_a_dataset_repo(tmp_path, monkeypatch):
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)
     add(store, "x")
-    sync = start_feedback_sync(db, env={"FEEDBACK_REPO": "someone/evals"}, every_s=3600,
-                               token_available=lambda: True, say=lambda m: None)
+    sync = start_feedback_sync(
+        db, env={"FEEDBACK_REPO": "someone/evals"}, every_s=3600, token_available=lambda: True, say=lambda m: None
+    )
     sync.stop(final_sync=True)
     sync.sync_once()
     names = [name for name, _ in calls]

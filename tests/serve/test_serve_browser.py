@@ -21,7 +21,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 XSS_MESSAGE = 'Hi <img src=x onerror="window.__xss=1"> <b>bold</b> <script>window.__xss=2</script> say hello'
 XSS_COMMENT = '<i>too</i> short <img src=z onerror="window.__xss=4">'
-XSS_CITY = "Lisbon <img src=y onerror=\"window.__xss=3\">"
+XSS_CITY = 'Lisbon <img src=y onerror="window.__xss=3">'
 
 
 def letters(text: str) -> str:
@@ -56,7 +56,9 @@ def wait_until_mounted(page, locator) -> None:
     from playwright.sync_api import expect
 
     expect(locator).to_be_visible(timeout=30_000)
-    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(done))))")
+    page.evaluate(
+        "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(done))))"
+    )
 
 
 def set_slider(page, elem_id: str, value: int) -> None:
@@ -101,7 +103,7 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         page.locator("#chat-send").click()
         page.locator("#chat-status").get_by_text("Done").wait_for(timeout=180_000)
         chat_text = page.locator("#chatbot").inner_text()
-        assert '<b>bold</b>' in chat_text and "<script>" in chat_text  # shown as text...
+        assert "<b>bold</b>" in chat_text and "<script>" in chat_text  # shown as text...
         assert page.locator("#chatbot img[src=x]").count() == 0  # ...not turned into elements
         assert page.locator("#chatbot script").count() == 0
 
@@ -119,8 +121,13 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         assert row["tab"] == "chat" and row["rating"] == -1
         assert json.loads(row["reasons"]) == ["incorrect"] and row["comment"] == XSS_COMMENT
         assert json.loads(row["messages"])[-1] == {"role": "user", "content": XSS_MESSAGE}
-        assert json.loads(row["params"]) == {"temperature": 0.0, "top_p": 0.9, "max_new_tokens": 48,
-                                             "repetition_penalty": 1.1, "seed": None}  # what the sliders said
+        assert json.loads(row["params"]) == {
+            "temperature": 0.0,
+            "top_p": 0.9,
+            "max_new_tokens": 48,
+            "repetition_penalty": 1.1,
+            "seed": None,
+        }  # what the sliders said
         assert row["response"].strip() and letters(row["response"])[:20] in letters(chat_text)
         assert row["model_id"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
         page.screenshot(path=str(ARTIFACTS / "app-chat.png"), full_page=True)

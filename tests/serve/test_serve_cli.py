@@ -23,7 +23,9 @@ def launched(monkeypatch, tmp_path):
         seen["db"] = feedback_db
         return real_build(backend, feedback_db, **kwargs)
 
-    monkeypatch.setattr(inference_module, "load_backend", lambda path, threads=None: ScriptedBackend(model_id=path.name))
+    monkeypatch.setattr(
+        inference_module, "load_backend", lambda path, threads=None: ScriptedBackend(model_id=path.name)
+    )
     monkeypatch.setattr(app_module, "build_app", fake_build)
     monkeypatch.setattr(app_module, "launch", lambda demo, **kw: seen.update(launch=kw))
     model = tmp_path / "m.gguf"

@@ -213,7 +213,7 @@ def test_single_conversions_skip_unusable_rows():
 
 def test_csv_download_neutralises_spreadsheet_formulas(tmp_path):
     store = FeedbackStore(tmp_path / "fb.db")
-    store.add(record(comment="=HYPERLINK(\"http://evil\")", response="plain"))
+    store.add(record(comment='=HYPERLINK("http://evil")', response="plain"))
     parsed = list(csv.DictReader(io.StringIO(rows_to_csv(store.rows()))))
     assert parsed[0]["comment"].startswith("'=")
     assert parsed[0]["response"] == "plain"

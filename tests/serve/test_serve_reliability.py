@@ -139,8 +139,10 @@ def test_1000_concurrent_feedback_submissions_all_stored_once_while_chat_keeps_a
     assert sorted(load.acked) == sorted(expected)
     assert len(load.chats_during_load) >= 1 and all(s.startswith("Done") for s in load.chats_during_load)
     assert integrity(db) == "ok"
-    print(f"1000 submissions in {elapsed:.1f} s ({load.retries} resent after a lost reply); "
-          f"{len(load.chats_during_load)} chats answered meanwhile")
+    print(
+        f"1000 submissions in {elapsed:.1f} s ({load.retries} resent after a lost reply); "
+        f"{len(load.chats_during_load)} chats answered meanwhile"
+    )
 
 
 def test_sigkill_mid_load_loses_no_acknowledged_submission(tmp_path):

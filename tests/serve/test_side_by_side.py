@@ -57,7 +57,12 @@ def test_two_samples_of_one_model_with_different_seeds(store):
     result = sbs.submit_pick("b", ["too long", "bogus"], "B is concrete", pair, "pick-1")
     assert result.status.startswith("✅")
     [row] = store.pairwise_rows()
-    assert (row["pick"], row["reasons"], row["comment"], row["answer_b"]) == ("b", ["too long"], "B is concrete", b["response"])
+    assert (row["pick"], row["reasons"], row["comment"], row["answer_b"]) == (
+        "b",
+        ["too long"],
+        "B is concrete",
+        b["response"],
+    )
     assert (row["params_a"]["seed"], row["params_b"]["seed"]) == (a["params"]["seed"], b["params"]["seed"])
     assert sbs.submit_pick("b", [], "", pair, "pick-1").status == result.status  # a retried submit is stored once
     assert len(store.pairwise_rows()) == 1
@@ -133,7 +138,9 @@ def test_side_by_side_events_through_the_gradio_api(tmp_path):
         assert "answer with seed" in answer_a and "answer with seed" in answer_b and status.startswith("Done")
         pick_status = client.predict("a", ["too short"], "A wins", "", api_name="/chat_pick")[0]
         assert pick_status.startswith("✅")
-        plan_a, plan_b, _ = client.predict("Rome", 2, "any time", "budget", "relaxed", [], "", 0.7, 64, api_name="/plan_compare")
+        plan_a, plan_b, _ = client.predict(
+            "Rome", 2, "any time", "budget", "relaxed", [], "", 0.7, 64, api_name="/plan_compare"
+        )
         assert plan_a.startswith("# 2-day plan for Rome")
         assert client.predict("b", [], "", "", api_name="/planner_pick")[0].startswith("✅")
         # the single-answer chat still records which weights answered
@@ -152,7 +159,9 @@ def test_side_by_side_events_through_the_gradio_api(tmp_path):
 def test_serve_options_candidate_side_by_side_and_pointer(monkeypatch, tmp_path):
     seen: dict = {}
     monkeypatch.setattr(backends_module, "load_backend", lambda path, threads=None: ScriptedBackend(model_id=path.name))
-    monkeypatch.setattr(app_module, "build_app", lambda backend, db, **kw: seen.update(backend=backend, **kw) or object())
+    monkeypatch.setattr(
+        app_module, "build_app", lambda backend, db, **kw: seen.update(backend=backend, **kw) or object()
+    )
     monkeypatch.setattr(app_module, "launch", lambda demo, **kw: None)
     current, candidate = tmp_path / "current.gguf", tmp_path / "candidate.gguf"
     current.write_bytes(b"GGUF current")

@@ -18,29 +18,58 @@ from tunelab.train.batching import pack, pad
 from tunelab.train.loss import LinearCrossEntropy, masked_lm_loss
 
 VOCAB = 256
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 WINDOW = 6
 LAYERS = ["sliding_attention", "full_attention"]
 
 
 def family_configs():
-    from transformers import (CohereConfig, Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig,
-                              Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import (
+        CohereConfig,
+        Gemma2Config,
+        Gemma3TextConfig,
+        GraniteConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     return {
         "llama-tied": LlamaConfig(**SMALL, tie_word_embeddings=True),
         "qwen2-sliding": Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
-        "qwen3-sliding": Qwen3Config(**SMALL, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "qwen3-sliding": Qwen3Config(
+            **SMALL, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+        ),
         "mistral-sliding": MistralConfig(**SMALL, sliding_window=WINDOW),
         "phi3-sliding": Phi3Config(**SMALL, sliding_window=WINDOW),
-        "gemma2-softcaps": Gemma2Config(**SMALL, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
-                                        attn_logit_softcapping=0.5, final_logit_softcapping=0.3),
-        "gemma3-sliding": Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=WINDOW, layer_types=LAYERS,
-                                           final_logit_softcapping=0.3),
+        "gemma2-softcaps": Gemma2Config(
+            **SMALL,
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=0.3,
+        ),
+        "gemma3-sliding": Gemma3TextConfig(
+            **SMALL, head_dim=16, sliding_window=WINDOW, layer_types=LAYERS, final_logit_softcapping=0.3
+        ),
         "cohere-logit-scale": CohereConfig(**SMALL, logit_scale=4.0),
-        "granite-logits-scaling": GraniteConfig(**SMALL, logits_scaling=0.25, attention_multiplier=0.3,
-                                                embedding_multiplier=3.0, residual_multiplier=0.5),
+        "granite-logits-scaling": GraniteConfig(
+            **SMALL, logits_scaling=0.25, attention_multiplier=0.3, embedding_multiplier=3.0, residual_multiplier=0.5
+        ),
     }
 
 
@@ -152,8 +181,17 @@ def test_head_maths_matches_autograd_with_bias_scale_and_softcap():
 def test_unknown_family_falls_back_to_the_models_own_forward_on_padded_rows():
     from transformers import PhiConfig  # Phi-2: lm_head bias, partial rotary, parallel blocks; not claimed
 
-    model = lora_model(PhiConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=256, pad_token_id=0))
+    model = lora_model(
+        PhiConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=0,
+        )
+    )
     plan = plan_for(model)
     assert not plan.fast and "phi" in plan.reason
     lines = []
@@ -188,7 +226,11 @@ def saved_model(tmp_path, config) -> str:
 
     tokenizer = tokenizer_for_tests()
     config.vocab_size = len(tokenizer)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     folder = tmp_path / "model"
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -196,7 +238,9 @@ def saved_model(tmp_path, config) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("name,expected", [("gemma2-softcaps", "fast path"), ("qwen2-sliding", "fast path"), ("phi2", "fallback")])
+@pytest.mark.parametrize(
+    "name,expected", [("gemma2-softcaps", "fast path"), ("qwen2-sliding", "fast path"), ("phi2", "fallback")]
+)
 def test_tunelab_train_cli_step(tmp_path, name, expected):
     import json
 
@@ -209,12 +253,25 @@ def test_tunelab_train_cli_step(tmp_path, name, expected):
 
     configs = {**family_configs(), "phi2": PhiConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"})}
     cfg = {
-        "data": {"sources": [{"path": str(conversations_file(tmp_path, n=24))}], "output_dir": str(tmp_path / "prepared"),
-                 "val_fraction": 0.2, "dedup": {"near": False}},
+        "data": {
+            "sources": [{"path": str(conversations_file(tmp_path, n=24))}],
+            "output_dir": str(tmp_path / "prepared"),
+            "val_fraction": 0.2,
+            "dedup": {"near": False},
+        },
         "model": {"name": saved_model(tmp_path, configs[name])},
         "lora": {"r": 4, "alpha": 8},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 3, "save_steps": 2, "eval_steps": 2,
-                  "max_seq_len": 64, "warmup_steps": 0, "precision": "fp32", "threads": 1},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "batch_size": 3,
+            "save_steps": 2,
+            "eval_steps": 2,
+            "max_seq_len": 64,
+            "warmup_steps": 0,
+            "precision": "fp32",
+            "threads": 1,
+        },
         "eval": {"batch_size": 4, "max_val_rows": 3},
     }
     config_file = tmp_path / "train.yaml"
@@ -230,11 +287,21 @@ def test_tunelab_train_cli_step(tmp_path, name, expected):
 
 # ---------------------------------------------------------------------------------------------- Gemma-3 (270M shape)
 GEMMA_CHATS = [
-    [{"role": "system", "content": "Plan trips."}, {"role": "user", "content": "Two days in Rome?"},
-     {"role": "assistant", "content": "Day 1: Colosseum and Forum. Day 2: Vatican."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! Where to?"},
-     {"role": "user", "content": "Lisbon, one day."}, {"role": "assistant", "content": "Day 1: Alfama, tram 28, Belem."}],
-    [{"role": "user", "content": "Pack list for Oslo in May?"}, {"role": "assistant", "content": "Layers, rain jacket."}],
+    [
+        {"role": "system", "content": "Plan trips."},
+        {"role": "user", "content": "Two days in Rome?"},
+        {"role": "assistant", "content": "Day 1: Colosseum and Forum. Day 2: Vatican."},
+    ],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! Where to?"},
+        {"role": "user", "content": "Lisbon, one day."},
+        {"role": "assistant", "content": "Day 1: Alfama, tram 28, Belem."},
+    ],
+    [
+        {"role": "user", "content": "Pack list for Oslo in May?"},
+        {"role": "assistant", "content": "Layers, rain jacket."},
+    ],
 ]
 
 
@@ -243,11 +310,23 @@ def gemma3_270m_shaped(vocab_size: int, window: int):
     head_dim, separate RoPE bases for local (10k) and global (1M) layers, tied embeddings; the window binds."""
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=256,
-                            sliding_window=window, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                            max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=4,
-                            tie_word_embeddings=True)
+    return Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=256,
+        sliding_window=window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=4,
+        tie_word_embeddings=True,
+    )
 
 
 def per_conversation_loss(model, rows):
@@ -269,7 +348,9 @@ def test_gemma3_packed_fast_path_equals_per_conversation_forward_on_gemma_chat_r
     from tunelab.data.masking import encode_conversations
 
     tokenizer = tiny_gemma_like_tokenizer()
-    encoded, _ = encode_conversations(tokenizer, GEMMA_CHATS, [f"c{i}" for i in range(len(GEMMA_CHATS))], 512, "truncate")
+    encoded, _ = encode_conversations(
+        tokenizer, GEMMA_CHATS, [f"c{i}" for i in range(len(GEMMA_CHATS))], 512, "truncate"
+    )
     rows = [(e.input_ids, e.labels) for e in encoded]
     assert len(rows) == 3 and min(len(ids) for ids, _ in rows) > 3 * 16
     model = lora_model(gemma3_270m_shaped(len(tokenizer), window=16))

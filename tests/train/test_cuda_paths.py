@@ -25,11 +25,21 @@ def test_cuda_training_learns_and_resumes(tmp_path, quantized):
 
     model_dir, data = small_llama_folder(tmp_path), conversations_file(tmp_path)
     overrides = [
-        f"model.name={model_dir}", f"data.sources=[{{path: {data}}}]", f"data.output_dir={tmp_path / 'prepared'}",
-        "data.dedup.near=false", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=12", "train.batch_size=4",
-        "train.lr=2e-3", "train.save_steps=6", "train.eval_steps=6", "train.max_seq_len=128",
-        f"model.load_in_4bit={str(quantized).lower()}", f"train.optimizer={'adamw_8bit' if quantized else 'adamw'}",
-        f"train.gradient_checkpointing={str(quantized).lower()}", "data.val_fraction=0.1",
+        f"model.name={model_dir}",
+        f"data.sources=[{{path: {data}}}]",
+        f"data.output_dir={tmp_path / 'prepared'}",
+        "data.dedup.near=false",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=12",
+        "train.batch_size=4",
+        "train.lr=2e-3",
+        "train.save_steps=6",
+        "train.eval_steps=6",
+        "train.max_seq_len=128",
+        f"model.load_in_4bit={str(quantized).lower()}",
+        f"train.optimizer={'adamw_8bit' if quantized else 'adamw'}",
+        f"train.gradient_checkpointing={str(quantized).lower()}",
+        "data.val_fraction=0.1",
     ]
     summary = run_training(load_config(None, overrides), log=lambda *_: None)
     assert summary["precision"] == "bf16"

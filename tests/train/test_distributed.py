@@ -44,7 +44,7 @@ def config_file(inputs, run_dir: Path, **train) -> Path:
 model: {{name: {model_dir}}}
 data:
   sources: [{{path: {data}}}]
-  output_dir: {folder / 'prepared'}
+  output_dir: {folder / "prepared"}
   dedup: {{near: false}}
   val_fraction: 0.1
 train:
@@ -53,7 +53,7 @@ train:
   max_seq_len: 64
   precision: fp32
   threads: 1
-{''.join(f'  {k}: {v}{chr(10)}' for k, v in settings.items())}""")
+{"".join(f"  {k}: {v}{chr(10)}" for k, v in settings.items())}""")
     return path
 
 
@@ -63,8 +63,21 @@ def single(config: Path) -> subprocess.CompletedProcess:
 
 def launch(accelerate_config: str, config: Path, *train_args: str, fsdp: bool = False) -> subprocess.CompletedProcess:
     target = [FSDP_WORKER] if fsdp else ["-m", "tunelab.cli"]
-    return _run([ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
-                 "--num_processes", "2", *target, "train", str(config), *train_args], tmp=config.parent)
+    return _run(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate" / accelerate_config),
+            "--num_processes",
+            "2",
+            *target,
+            "train",
+            str(config),
+            *train_args,
+        ],
+        tmp=config.parent,
+    )
 
 
 def _run(command, tmp: Path | None = None) -> subprocess.CompletedProcess:
@@ -125,7 +138,11 @@ def test_fsdp_matches_single_process_writes_checkpoints_once_and_resumes(inputs,
     root = two / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
     assert latest_valid_checkpoint(two).name == "step-000004"
-    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (two / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 4  # one line per step, none doubled by a second writer
 
     assert_same_adapter(adapter(one), adapter(two))

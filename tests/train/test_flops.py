@@ -12,8 +12,16 @@ from tunelab.train.flops import mfu, model_shape, training_flops
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    sizes = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    sizes = dict(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return LlamaConfig(**{**sizes, **overrides})
 
 
@@ -54,8 +62,14 @@ def test_count_agrees_with_torch_flop_counter_on_forward_and_backward():
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaForCausalLM
 
-    config = tiny_config(vocab_size=128, hidden_size=64, intermediate_size=160, num_attention_heads=4,
-                         num_key_value_heads=2, attn_implementation="eager")
+    config = tiny_config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     n = 24
@@ -78,7 +92,9 @@ def test_matmul_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     monkeypatch.setattr(peak, "_load_average", lambda: 1.0)
     calls = []
-    monkeypatch.setattr(peak, "measure", lambda dtype, threads, device: calls.append((dtype, threads)) or {"gflops": 12.5, "shapes": {}})
+    monkeypatch.setattr(
+        peak, "measure", lambda dtype, threads, device: calls.append((dtype, threads)) or {"gflops": 12.5, "shapes": {}}
+    )
     first = peak.matmul_peak(torch.float32, threads=1)
     again = peak.matmul_peak(torch.float32, threads=1)
     other_dtype = peak.matmul_peak(torch.bfloat16, threads=1)
@@ -99,7 +115,9 @@ def test_matmul_peak_measured_under_load_is_remeasured_when_quieter_and_the_best
     monkeypatch.setattr(peak, "_load_average", lambda: 1.0)
     assert peak.matmul_peak(torch.float32, threads=2)["gflops"] == 120.0  # quieter: measured again
     monkeypatch.setattr(peak, "_load_average", lambda: 0.2)
-    assert peak.matmul_peak(torch.float32, threads=2)["gflops"] == 120.0  # a worse new figure never replaces a better one
+    assert (
+        peak.matmul_peak(torch.float32, threads=2)["gflops"] == 120.0
+    )  # a worse new figure never replaces a better one
 
 
 def test_a_cached_peak_without_its_load_average_is_measured_again(tmp_path, monkeypatch):

@@ -9,13 +9,21 @@ from peft import LoraConfig, get_peft_model
 
 from tests.helpers import build_tiny_llama
 from tunelab.train.fused_layers import (
-    LoraLinearFunction, RMSNormFunction, SwiGLU, fuse_decoder_layers, fuse_lora_linears, fuse_rmsnorms, lean_swiglu,
+    LoraLinearFunction,
+    RMSNormFunction,
+    SwiGLU,
+    fuse_decoder_layers,
+    fuse_lora_linears,
+    fuse_rmsnorms,
+    lean_swiglu,
 )
 
 
 def lora_model(dropout: float = 0.0, seed: int = 0):
-    model = get_peft_model(build_tiny_llama(seed=seed), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        build_tiny_llama(seed=seed),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     torch.manual_seed(seed + 1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero, which would hide every mistake in the adapter's path
@@ -65,7 +73,9 @@ def test_fused_model_under_bf16_autocast_is_as_close_to_fp32_as_peft():
     fused_loss, fused = loss_and_adapter_grads(fused_model, ids, torch.bfloat16)
     assert all(g.dtype == torch.float32 for g in fused.values())  # gradients land in the adapters' own dtype
     assert abs(fused_loss - exact_loss) <= 2 * abs(peft_loss - exact_loss) + 1e-3
-    error = lambda grads: sum((grads[n].float() - exact[n]).norm() for n in exact) / sum(g.norm() for g in exact.values())  # noqa: E731
+    error = lambda grads: (
+        sum((grads[n].float() - exact[n]).norm() for n in exact) / sum(g.norm() for g in exact.values())
+    )  # noqa: E731
     assert error(fused) <= 1.5 * error(peft) + 1e-3
     assert error(fused) < 0.05
 
@@ -105,7 +115,10 @@ def test_lora_layers_stay_peft_modules(patched):
 
 def test_swiglu_matches_autograd():
     torch.manual_seed(0)
-    gate, up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True), torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    gate, up = (
+        torch.randn(5, 7, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, 7, dtype=torch.float64, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(SwiGLU.apply, (gate, up))
 
 

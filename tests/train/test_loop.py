@@ -46,8 +46,17 @@ def run(tmp_path, max_steps, resume=True, packing=True, **overrides):
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=max_steps, packing=packing, **{**settings, **overrides})
     rows = make_rows()
     return train_lora(
-        tiny_lora_model(packing), rows[:20], rows[20:], cfg, EvalConfig(batch_size=4), tmp_path, FP32, 0,
-        Accelerator(cpu=True), resume=resume, log=lambda *_: None,
+        tiny_lora_model(packing),
+        rows[:20],
+        rows[20:],
+        cfg,
+        EvalConfig(batch_size=4),
+        tmp_path,
+        FP32,
+        0,
+        Accelerator(cpu=True),
+        resume=resume,
+        log=lambda *_: None,
     ), cfg
 
 
@@ -78,8 +87,11 @@ def test_resume_is_exact_and_metrics_have_each_step_once(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.max(torch.abs(a[key] - b[key])).item() <= 1e-6, key
-    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, 9))
 
 
@@ -111,10 +123,28 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, packing):
     run(tmp_path / "accum", max_steps=2, packing=packing)
     cfg_big = dict(batch_size=4, grad_accum=1)
     rows = make_rows()
-    cfg = TrainConfig(output_dir=str(tmp_path / "big"), max_steps=2, lr=5e-3, warmup_steps=1, save_steps=2,
-                      eval_steps=4, packing=packing, **cfg_big)
-    train_lora(tiny_lora_model(packing), rows[:20], rows[20:], cfg, EvalConfig(batch_size=4), tmp_path / "big", FP32, 0,
-               Accelerator(cpu=True), log=lambda *_: None)
+    cfg = TrainConfig(
+        output_dir=str(tmp_path / "big"),
+        max_steps=2,
+        lr=5e-3,
+        warmup_steps=1,
+        save_steps=2,
+        eval_steps=4,
+        packing=packing,
+        **cfg_big,
+    )
+    train_lora(
+        tiny_lora_model(packing),
+        rows[:20],
+        rows[20:],
+        cfg,
+        EvalConfig(batch_size=4),
+        tmp_path / "big",
+        FP32,
+        0,
+        Accelerator(cpu=True),
+        log=lambda *_: None,
+    )
     a, b = adapter_weights(tmp_path / "accum"), adapter_weights(tmp_path / "big")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

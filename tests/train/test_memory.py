@@ -11,7 +11,6 @@ import pytest
 import torch
 
 
-
 FRAGMENT_THE_HEAP = """
 import ctypes, sys
 from tunelab.train.memory import release_free_heap, return_freed_tensors_to_the_os
@@ -33,8 +32,13 @@ print(before, rss_mib())
 def test_release_free_heap_returns_a_fragmented_heap_to_the_os():
     """A fresh process (the test runner's own heap would blur the figure): ~190 MiB freed below the mmap threshold
     stays resident until the release, and goes back to the OS with it."""
-    out = subprocess.run([sys.executable, "-c", FRAGMENT_THE_HEAP], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = subprocess.run(
+        [sys.executable, "-c", FRAGMENT_THE_HEAP],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     before, after = map(float, out.stdout.split())
     assert before - after > 150, (before, after)
 

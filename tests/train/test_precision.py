@@ -92,8 +92,15 @@ def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False):
     from tunelab.train.packed_attention import register
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(config).to(torch.float16)  # frozen base stored in the compute dtype, as the recipe does
     model.config._attn_implementation = register()
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -103,10 +110,28 @@ def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False):
         prompt = torch.randint(3, 128, (8,), generator=g).tolist()
         answer = [(t * 7) % 120 + 130 for t in prompt]
         rows.append((prompt + answer, [IGNORE] * 8 + answer))
-    cfg = TrainConfig(output_dir=str(run_dir), max_steps=max_steps, batch_size=4, lr=1e-2, warmup_steps=0,
-                      save_steps=save_steps, eval_steps=max_steps)
-    result = train_lora(model, rows[:12], rows[12:], cfg, EvalConfig(batch_size=4), run_dir, Precision("fp16", "test"), 0,
-                        Accelerator(cpu=True), resume=resume, log=lambda *_: None)
+    cfg = TrainConfig(
+        output_dir=str(run_dir),
+        max_steps=max_steps,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=0,
+        save_steps=save_steps,
+        eval_steps=max_steps,
+    )
+    result = train_lora(
+        model,
+        rows[:12],
+        rows[12:],
+        cfg,
+        EvalConfig(batch_size=4),
+        run_dir,
+        Precision("fp16", "test"),
+        0,
+        Accelerator(cpu=True),
+        resume=resume,
+        log=lambda *_: None,
+    )
     return result, model
 
 

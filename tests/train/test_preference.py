@@ -27,8 +27,15 @@ def tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -80,9 +87,17 @@ class StandInModel:
 def trainer_stub(**fields):
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
     metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    return SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False,
-                           precompute_ref_logps=True, _metrics=metrics, _total_train_tokens=0, _tp_size=1,
-                           args=SimpleNamespace(gradient_checkpointing_kwargs=None), **fields)
+    return SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        _metrics=metrics,
+        _total_train_tokens=0,
+        _tp_size=1,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        **fields,
+    )
 
 
 def trl_dpo(model, chosen, rejected, ref_chosen, ref_rejected, beta, loss_type):
@@ -90,10 +105,22 @@ def trl_dpo(model, chosen, rejected, ref_chosen, ref_rejected, beta, loss_type):
 
     rows = chosen + rejected  # TRL's batch is [chosen..., rejected...]
     input_ids, attention, completion = padded(rows)
-    inputs = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
-              "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
-    stub = trainer_stub(ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-                        beta=beta, use_weighting=False, label_smoothing=0.0)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
+    stub = trainer_stub(
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        use_weighting=False,
+        label_smoothing=0.0,
+    )
     loss = DPOTrainer._compute_loss(stub, StandInModel({id(input_ids): plain_token_logps(model, rows)}), inputs, False)
     return loss, stub._metrics["train"]
 
@@ -178,11 +205,23 @@ def test_kto_loss_kl_and_rewards_equal_trl(tiny_model, weights):
 
     input_ids, attention, completion = padded(rows)
     kl_input_ids, kl_attention, kl_completion = padded(kl_rows)
-    inputs = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion, "label": labels,
-              "KL_input_ids": kl_input_ids, "KL_attention_mask": kl_attention, "KL_completion_mask": kl_completion,
-              "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
-    stand_in = StandInModel({id(input_ids): plain_token_logps(tiny_model, rows), id(kl_input_ids): plain_token_logps(tiny_model, kl_rows)})
-    stub = trainer_stub(calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "label": labels,
+        "KL_input_ids": kl_input_ids,
+        "KL_attention_mask": kl_attention,
+        "KL_completion_mask": kl_completion,
+        "ref_logps": ref_logps,
+        "ref_KL_logps": ref_kl_logps,
+    }
+    stand_in = StandInModel(
+        {id(input_ids): plain_token_logps(tiny_model, rows), id(kl_input_ids): plain_token_logps(tiny_model, kl_rows)}
+    )
+    stub = trainer_stub(
+        calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1]
+    )
     stub._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(stub, model, batch)
     trl_value = KTOTrainer._compute_loss(stub, stand_in, inputs, False)
     trl_metrics = stub._metrics["train"]
@@ -241,11 +280,28 @@ def dpo_config(root, run_dir, **train):
 
     cfg = {
         "model": {"name": str(root / "model")},
-        "data": {"sources": [{"path": str(root / "pairs.jsonl")}], "val_fraction": 0.25, "output_dir": str(root / "prepared")},
+        "data": {
+            "sources": [{"path": str(root / "pairs.jsonl")}],
+            "val_fraction": 0.25,
+            "output_dir": str(root / "prepared"),
+        },
         "lora": {"r": 8, "alpha": 16},
-        "train": {"objective": "dpo", "beta": 0.1, "output_dir": str(run_dir), "max_steps": 24, "batch_size": 4,
-                  "lr": 5e-3, "warmup_steps": 0, "max_seq_len": 96, "precision": "fp32", "threads": 1, "seed": 3,
-                  "save_steps": 4, "eval_steps": 12, **train},
+        "train": {
+            "objective": "dpo",
+            "beta": 0.1,
+            "output_dir": str(run_dir),
+            "max_steps": 24,
+            "batch_size": 4,
+            "lr": 5e-3,
+            "warmup_steps": 0,
+            "max_seq_len": 96,
+            "precision": "fp32",
+            "threads": 1,
+            "seed": 3,
+            "save_steps": 4,
+            "eval_steps": 12,
+            **train,
+        },
         "eval": {"batch_size": 8},
     }
     path = run_dir.parent / f"{run_dir.name}.yaml"
@@ -263,8 +319,13 @@ def tunelab_train(config, cache, fault=None):
     env.update(TUNELAB_CACHE=str(cache), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if fault:
         env["TUNELAB_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(config)], capture_output=True, text=True,
-                          timeout=900, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "train", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -319,13 +380,18 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_adapter(dpo_run, dpo_worksp
 
     run_dir = dpo_workspace / "runs" / "killed"
     config = dpo_config(dpo_workspace, run_dir)
-    killed = tunelab_train(config, dpo_workspace / "cache", fault="step:7")  # SIGKILL after step 7; checkpoint 4 is newest
+    killed = tunelab_train(
+        config, dpo_workspace / "cache", fault="step:7"
+    )  # SIGKILL after step 7; checkpoint 4 is newest
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = tunelab_train(config, dpo_workspace / "cache")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step-000004" in resumed.stdout
     assert "reference log-probs: cached" in resumed.stdout  # computed once, by the first run
-    ours, expected = load_file(run_dir / "adapter" / "adapter_model.safetensors"), load_file(dpo_run[0] / "adapter" / "adapter_model.safetensors")
+    ours, expected = (
+        load_file(run_dir / "adapter" / "adapter_model.safetensors"),
+        load_file(dpo_run[0] / "adapter" / "adapter_model.safetensors"),
+    )
     assert ours.keys() == expected.keys()
     assert max((ours[k] - expected[k]).abs().max().item() for k in ours) <= 1e-6
 
@@ -338,22 +404,34 @@ def test_kto_rows_pair_each_prompt_with_the_previous_rows_completion():
     ids = [[1, 2, 10, 11], [3, 20], [4, 5, 6, 30, 31, 32]]
     prompt_lens = [2, 1, 3]
     labels = [[IGNORE_INDEX] * n + row[n:] for row, n in zip(ids, prompt_lens)]
-    rows = thumb_rows(Dataset.from_dict({"input_ids": ids, "labels": labels, "prompt_len": prompt_lens, "label": [True, False, True]}))
+    rows = thumb_rows(
+        Dataset.from_dict({"input_ids": ids, "labels": labels, "prompt_len": prompt_lens, "label": [True, False, True]})
+    )
     assert [r.desirable for r in rows] == [True, False, True]
     assert [r.mismatched[0] for r in rows] == [[1, 2, 30, 31, 32], [3, 10, 11], [4, 5, 6, 20]]
-    assert [r.mismatched[1] for r in rows] == [[IGNORE_INDEX] * 2 + [30, 31, 32], [IGNORE_INDEX, 10, 11], [IGNORE_INDEX] * 3 + [20]]
+    assert [r.mismatched[1] for r in rows] == [
+        [IGNORE_INDEX] * 2 + [30, 31, 32],
+        [IGNORE_INDEX, 10, 11],
+        [IGNORE_INDEX] * 3 + [20],
+    ]
 
 
 @pytest.mark.slow
 def test_kto_run_learns_the_thumbs(dpo_workspace):
     import json
 
-    records = [{"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
-               for i, p in enumerate(preference_pairs(80, seed=1))]
+    records = [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+        for i, p in enumerate(preference_pairs(80, seed=1))
+    ]
     (dpo_workspace / "thumbs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run_dir = dpo_workspace / "runs" / "kto"
     config = dpo_config(dpo_workspace, run_dir, objective="kto", max_steps=12, save_steps=12)
-    text = config.read_text().replace("pairs.jsonl", "thumbs.jsonl").replace(str(dpo_workspace / "prepared"), str(dpo_workspace / "prepared-kto"))
+    text = (
+        config.read_text()
+        .replace("pairs.jsonl", "thumbs.jsonl")
+        .replace(str(dpo_workspace / "prepared"), str(dpo_workspace / "prepared-kto"))
+    )
     config.write_text(text)
     result = tunelab_train(config, dpo_workspace / "cache")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -28,8 +28,9 @@ def test_a_resume_safe_change_is_accepted(tmp_path, override):
     assert resumed_with(tmp_path, override) == tmp_path / "run"
 
 
-@pytest.mark.parametrize("override, named", [("train.lr=1e-3", "train.lr"), ("lora.r=4", "lora.r"),
-                                             ("train.seed=1", "train.seed")])
+@pytest.mark.parametrize(
+    "override, named", [("train.lr=1e-3", "train.lr"), ("lora.r=4", "lora.r"), ("train.seed=1", "train.seed")]
+)
 def test_any_other_change_stops_the_resume_naming_the_key(tmp_path, override, named):
     with pytest.raises(UserError, match=f"different config \\({named}: "):
         resumed_with(tmp_path, override)

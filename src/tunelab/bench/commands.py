@@ -12,10 +12,24 @@ from tunelab.errors import UserError
 
 
 def bench_data_cmd(
-    scales: Annotated[str, typer.Option(help="Comma-separated sizes: 1 = the embedded ShareGPT file once, 2 = twice (perturbed copies), ...")] = "1,2,4",
-    rows: Annotated[Optional[str], typer.Option(help="FineTome-sized inputs instead: comma-separated row counts, e.g. 10000,100000 (a single N also runs 10000 first).")] = None,
-    out: Annotated[Path, typer.Option(help="--rows: folder for the generated inputs, prepared data and logs.")] = Path("runs/bench-data"),
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    scales: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated sizes: 1 = the embedded ShareGPT file once, 2 = twice (perturbed copies), ..."
+        ),
+    ] = "1,2,4",
+    rows: Annotated[
+        Optional[str],
+        typer.Option(
+            help="FineTome-sized inputs instead: comma-separated row counts, e.g. 10000,100000 (a single N also runs 10000 first)."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="--rows: folder for the generated inputs, prepared data and logs.")] = Path(
+        "runs/bench-data"
+    ),
+    json_path: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")
+    ] = None,
 ) -> None:
     """Time each data phase on the embedded ShareGPT file (--scales), or prepare FineTome-sized JSONL and Parquet
     inputs and report wall time, peak RSS and rows/s (--rows)."""
@@ -47,19 +61,36 @@ def _sizes(option: str, text: str, minimum: int) -> list[int]:
 
 
 def bench_train_cmd(
-    vs: Annotated[str, typer.Option("--vs", help="The peer to compare with (trl), or 'none' for tunelab alone.")] = "trl",
+    vs: Annotated[
+        str, typer.Option("--vs", help="The peer to compare with (trl), or 'none' for tunelab alone.")
+    ] = "trl",
     repeats: Annotated[int, typer.Option(min=1, help="Runs per side (alternating); medians are reported.")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per run (>= 40 moves the adapters enough for the held-out loss check).")] = 40,
+    steps: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Optimizer steps per run (>= 40 moves the adapters enough for the held-out loss check)."
+        ),
+    ] = 40,
     precision: Annotated[
-        Optional[list[str]], typer.Option("--precision", help="fp32 and/or bf16 (default: fp32, plus bf16 where the CPU has native bf16).")
+        Optional[list[str]],
+        typer.Option("--precision", help="fp32 and/or bf16 (default: fp32, plus bf16 where the CPU has native bf16)."),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for both sides.")] = 2,
-    config: Annotated[Optional[Path], typer.Option(help="Config for data/model/LoRA/train settings (default: the quickstart config).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option(help="Config for data/model/LoRA/train settings (default: the quickstart config).")
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")
+    ] = None,
     max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 32,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
-    objective: Annotated[str, typer.Option(help="sft (vs TRL SFTTrainer) or dpo (vs TRL DPOTrainer, on pairs built from the config's conversations).")] = "sft",
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="sft (vs TRL SFTTrainer) or dpo (vs TRL DPOTrainer, on pairs built from the config's conversations)."
+        ),
+    ] = "sft",
 ) -> None:
     """tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out figures."""
     from tunelab.config import load_config
@@ -78,8 +109,16 @@ def bench_train_cmd(
     if objective == "dpo":
         from tunelab.bench.dpo import markdown_table as dpo_table, run_dpo_bench
 
-        doc = run_dpo_bench(cfg, steps=steps, repeats=repeats, precisions=precision or None, threads=threads,
-                            vs=None if vs == "none" else vs, max_val_rows=max_val_rows, command=command_line())
+        doc = run_dpo_bench(
+            cfg,
+            steps=steps,
+            repeats=repeats,
+            precisions=precision or None,
+            threads=threads,
+            vs=None if vs == "none" else vs,
+            max_val_rows=max_val_rows,
+            command=command_line(),
+        )
         typer.echo(dpo_table(doc))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +127,14 @@ def bench_train_cmd(
             typer.echo(f"wrote {json_path} and {json_path.with_suffix('.md')}")
         return
     doc = run_bench(
-        cfg, steps=steps, repeats=repeats, precisions=precision or None, threads=threads,
-        vs=None if vs == "none" else vs, max_val_rows=max_val_rows, command=command_line(),
+        cfg,
+        steps=steps,
+        repeats=repeats,
+        precisions=precision or None,
+        threads=threads,
+        vs=None if vs == "none" else vs,
+        max_val_rows=max_val_rows,
+        command=command_line(),
     )
     print_table(doc)
     if json_path is not None:
@@ -103,9 +148,19 @@ def bench_train_cmd(
 
 
 def bench_infer_cmd(
-    models: Annotated[Optional[list[Path]], typer.Argument(help="Models to compare: run/merged folders and .gguf files.")] = None,
-    quants: Annotated[Optional[str], typer.Option(help="Quantisation table instead: comma-separated llama.cpp types, e.g. q4_k_m,q4_0,q5_k_m,q8_0.")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="With --quants: the run whose merged export is quantised (default: the quickstart's base model).")] = None,
+    models: Annotated[
+        Optional[list[Path]], typer.Argument(help="Models to compare: run/merged folders and .gguf files.")
+    ] = None,
+    quants: Annotated[
+        Optional[str],
+        typer.Option(help="Quantisation table instead: comma-separated llama.cpp types, e.g. q4_k_m,q4_0,q5_k_m,q8_0."),
+    ] = None,
+    run: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="With --quants: the run whose merged export is quantised (default: the quickstart's base model)."
+        ),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Threads, the same for every model.")] = 2,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     repeats: Annotated[int, typer.Option(help="Runs per prompt (the first is a warm-up).")] = 2,
@@ -121,7 +176,9 @@ def bench_infer_cmd(
         chosen = [q.strip().lower() for q in quants.split(",") if q.strip()]
         unknown = [q for q in chosen if q not in QUANT_TYPES or q == "f16"]
         if unknown:
-            raise UserError(f"--quants: unknown type `{unknown[0]}` (known: {', '.join(q for q in QUANT_TYPES if q != 'f16')})")
+            raise UserError(
+                f"--quants: unknown type `{unknown[0]}` (known: {', '.join(q for q in QUANT_TYPES if q != 'f16')})"
+            )
         report = {**run_header(threads=threads), **quant_table(run, chosen, threads, max_new_tokens, repeats)}
         typer.echo(format_table(report))
         if output is not None:

@@ -61,11 +61,16 @@ def run_scale(scale: int, tokenizer) -> dict[str, Any]:
             for path, label in readers.source_files(src).files:
                 stats = readers.FileStats(label)
                 ctx = readers.ReadContext(label, name, pipeline.log, cfg.data.max_record_chars, stats)
-                records += [readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where) for r in readers.iter_file(path, ctx)]
+                records += [
+                    readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where)
+                    for r in readers.iter_file(path, ctx)
+                ]
                 counts.records_read += stats.records
                 counts.unparsed_bytes += stats.unparsed_bytes
     with pipeline.timed("normalize"):
-        rows = [row for r in records if (row := pipeline.normalize_record(r, src.format, None, name, Counter())) is not None]
+        rows = [
+            row for r in records if (row := pipeline.normalize_record(r, src.format, None, name, Counter())) is not None
+        ]
     del records
     valid = len(rows)
     with pipeline.timed("dedup_exact"):
@@ -120,7 +125,10 @@ def print_bench(figures: dict[str, Any]) -> None:
         table.add_row(phase, *(f"{r['seconds'][phase]:.2f} ({r['cpu_seconds'][phase]:.2f})" for r in results))
     table.add_row("total (wall)", *(f"{r['total_s']:.2f}" for r in results))
     table.add_row("total (CPU s)", *(f"{r['cpu_total_s']:.2f}" for r in results))
-    table.add_row("near-dedup CPU ms / 1k rows", *(f"{1e6 * r['cpu_seconds']['dedup_near'] / max(r['valid'] - r['exact_duplicates'], 1):.0f}" for r in results))
+    table.add_row(
+        "near-dedup CPU ms / 1k rows",
+        *(f"{1e6 * r['cpu_seconds']['dedup_near'] / max(r['valid'] - r['exact_duplicates'], 1):.0f}" for r in results),
+    )
     table.add_row("rows after dedup", *(str(r["after_dedup"]) for r in results))
     table.add_row("train / val rows", *(f"{r['train']} / {r['val']}" for r in results))
     Console().print(table)
@@ -216,16 +224,24 @@ def run_rows_bench(sizes: list[int], out: Path) -> dict[str, Any]:
             prepared = out / f"prepared-{fmt}-{rows}"
             config = out / f"config-{fmt}-{rows}.yaml"
             config.write_text(yaml.safe_dump({"data": {"sources": [{"path": str(path)}], "output_dir": str(prepared)}}))
-            prepare = measured([sys.executable, "-m", "tunelab.cli", "data", "prepare", str(config), "--force"], out / f"prepare-{fmt}-{rows}.log")
+            prepare = measured(
+                [sys.executable, "-m", "tunelab.cli", "data", "prepare", str(config), "--force"],
+                out / f"prepare-{fmt}-{rows}.log",
+            )
             read = measured([sys.executable, "-c", _READ_ALL_ROWS, str(prepared)], out / f"read-{fmt}-{rows}.log")
             report = json.loads((prepared / "report.json").read_text(encoding="utf-8"))
-            results.append({
-                "rows": rows, "format": fmt, "input_mib": round(path.stat().st_size / 2**20, 1),
-                "prepare": {**prepare, "rows_per_s": round(rows / max(prepare["wall_s"], 1e-9), 1)},
-                "train_read": read,
-                "train_rows": report["splits"]["train"], "val_rows": report["splits"]["val"],
-                "near_duplicates": report["duplicates"]["near"]["count"],
-            })
+            results.append(
+                {
+                    "rows": rows,
+                    "format": fmt,
+                    "input_mib": round(path.stat().st_size / 2**20, 1),
+                    "prepare": {**prepare, "rows_per_s": round(rows / max(prepare["wall_s"], 1e-9), 1)},
+                    "train_read": read,
+                    "train_rows": report["splits"]["train"],
+                    "val_rows": report["splits"]["val"],
+                    "near_duplicates": report["duplicates"]["near"]["count"],
+                }
+            )
     return {
         **started,
         "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
@@ -250,12 +266,27 @@ def print_rows_bench(figures: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"tunelab bench data --rows - {figures['machine']} ({figures['cores']} cores)")
-    for column in ("input", "rows", "MiB", "prepare wall s", "rows/s", "prepare peak RSS MiB", "train read peak RSS MiB", "train / val rows"):
+    for column in (
+        "input",
+        "rows",
+        "MiB",
+        "prepare wall s",
+        "rows/s",
+        "prepare peak RSS MiB",
+        "train read peak RSS MiB",
+        "train / val rows",
+    ):
         table.add_column(column, justify="right")
     for r in figures["results"]:
         table.add_row(
-            r["format"], f"{r['rows']:,}", f"{r['input_mib']}", f"{r['prepare']['wall_s']:.1f}", f"{r['prepare']['rows_per_s']:.0f}",
-            f"{r['prepare']['peak_rss_mib']:.0f}", f"{r['train_read']['peak_rss_mib']:.0f}", f"{r['train_rows']:,} / {r['val_rows']:,}",
+            r["format"],
+            f"{r['rows']:,}",
+            f"{r['input_mib']}",
+            f"{r['prepare']['wall_s']:.1f}",
+            f"{r['prepare']['rows_per_s']:.0f}",
+            f"{r['prepare']['peak_rss_mib']:.0f}",
+            f"{r['train_read']['peak_rss_mib']:.0f}",
+            f"{r['train_rows']:,} / {r['val_rows']:,}",
         )
     Console().print(table)
     flat = figures["flat_rss"]

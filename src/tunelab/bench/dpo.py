@@ -25,7 +25,9 @@ def build_pairs(cfg, folder: Path, max_pairs: int) -> Path:
     """A preference JSONL from the config's conversations: own answer (chosen) vs the next one's (rejected)."""
     from tunelab.data.prepare import load_prepared, prepare_dataset
 
-    train, _ = load_prepared(prepare_dataset(cfg.model_copy(update={"train": cfg.train.model_copy(update={"objective": "sft"})})))
+    train, _ = load_prepared(
+        prepare_dataset(cfg.model_copy(update={"train": cfg.train.model_copy(update={"objective": "sft"})}))
+    )
     exchanges = []
     for text in train["messages"]:
         messages = json.loads(text)
@@ -46,15 +48,31 @@ def bench_pairs(cfg, folder: Path, pairs_needed: int, max_val_rows: int) -> tupl
     from tunelab.data.prepare import load_prepared, prepare_dataset
 
     pairs_file = build_pairs(cfg, folder, pairs_needed)
-    data = DataConfig(sources=[SourceConfig(path=str(pairs_file))], output_dir=str(folder / "prepared"), val_fraction=0.2)
+    data = DataConfig(
+        sources=[SourceConfig(path=str(pairs_file))], output_dir=str(folder / "prepared"), val_fraction=0.2
+    )
     pref = cfg.model_copy(update={"data": data, "train": cfg.train.model_copy(update={"objective": "dpo"})})
     train, val = load_prepared(prepare_dataset(pref))
-    as_pairs = lambda ds: [[[c, cl], [r, rl]] for c, cl, r, rl in zip(ds["chosen_input_ids"], ds["chosen_labels"], ds["rejected_input_ids"], ds["rejected_labels"])]  # noqa: E731
+    as_pairs = lambda ds: [
+        [[c, cl], [r, rl]]
+        for c, cl, r, rl in zip(
+            ds["chosen_input_ids"], ds["chosen_labels"], ds["rejected_input_ids"], ds["rejected_labels"]
+        )
+    ]  # noqa: E731
     return as_pairs(train), as_pairs(val)[:max_val_rows]
 
 
-def run_dpo_bench(cfg, steps: int = 10, repeats: int = 1, precisions: list[str] | None = None, threads: int = 2,
-                  vs: str | None = "trl", max_val_rows: int = 32, command: str | None = None, log=print) -> dict:
+def run_dpo_bench(
+    cfg,
+    steps: int = 10,
+    repeats: int = 1,
+    precisions: list[str] | None = None,
+    threads: int = 2,
+    vs: str | None = "trl",
+    max_val_rows: int = 32,
+    command: str | None = None,
+    log=print,
+) -> dict:
     from tunelab.bench.train import _count_params
     from tunelab.models import resolve_model_path
     from tunelab.train.precision import precision_for_this_machine
@@ -71,16 +89,28 @@ def run_dpo_bench(cfg, steps: int = 10, repeats: int = 1, precisions: list[str] 
         tmp = Path(tmp)
         train_rows, val_rows = bench_pairs(cfg, tmp, int(steps * per_step * 1.5) + 2 * max_val_rows, max_val_rows)
         log(f"bench train --objective dpo: {len(train_rows)} train / {len(val_rows)} val pairs, model {model_path}")
-        log(f"  {steps} optimizer steps x {per_step} pairs, beta {cfg.train.beta}, {threads} threads, {repeats} repeats, {precisions}")
+        log(
+            f"  {steps} optimizer steps x {per_step} pairs, beta {cfg.train.beta}, {threads} threads, {repeats} repeats, {precisions}"
+        )
         data_file = tmp / "data.json"
         data_file.write_text(json.dumps({"train": train_rows, "val": val_rows}))
         for precision in precisions:
             spec = {
-                "model_path": model_path, "data_file": str(data_file), "steps": steps, "batch_size": per_step,
-                "lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps, "weight_decay": cfg.train.weight_decay,
-                "max_grad_norm": cfg.train.max_grad_norm, "max_seq_len": cfg.train.max_seq_len,
-                "loss_chunk_tokens": cfg.train.loss_chunk_tokens, "seed": cfg.train.seed, "threads": threads,
-                "precision": precision, "lora": cfg.lora.model_dump(mode="json"), "beta": cfg.train.beta,
+                "model_path": model_path,
+                "data_file": str(data_file),
+                "steps": steps,
+                "batch_size": per_step,
+                "lr": cfg.train.lr,
+                "warmup_steps": cfg.train.warmup_steps,
+                "weight_decay": cfg.train.weight_decay,
+                "max_grad_norm": cfg.train.max_grad_norm,
+                "max_seq_len": cfg.train.max_seq_len,
+                "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
+                "seed": cfg.train.seed,
+                "threads": threads,
+                "precision": precision,
+                "lora": cfg.lora.model_dump(mode="json"),
+                "beta": cfg.train.beta,
             }
             spec_file = tmp / f"spec-{precision}.json"
             spec_file.write_text(json.dumps(spec))
@@ -88,8 +118,16 @@ def run_dpo_bench(cfg, steps: int = 10, repeats: int = 1, precisions: list[str] 
             runs: dict[str, list[dict]] = {s: [] for s in SIDES}
             for repeat in range(repeats):
                 for side in sides if repeat % 2 == 0 else sides[::-1]:
-                    result = run_side(side, spec_file, tmp / f"{side}-{precision}-{repeat}.json", log, worker="tunelab.bench.dpo_worker")
-                    log(f"    held-out preference accuracy {result['val_pref_accuracy']:.3f}, reward margin {result['val_reward_margin']:+.4f}")
+                    result = run_side(
+                        side,
+                        spec_file,
+                        tmp / f"{side}-{precision}-{repeat}.json",
+                        log,
+                        worker="tunelab.bench.dpo_worker",
+                    )
+                    log(
+                        f"    held-out preference accuracy {result['val_pref_accuracy']:.3f}, reward margin {result['val_reward_margin']:+.4f}"
+                    )
                     runs[side].append(result)
             block = summarise(runs, peak, flops_per_token)
             for side in sides:
@@ -99,10 +137,19 @@ def run_dpo_bench(cfg, steps: int = 10, repeats: int = 1, precisions: list[str] 
     doc = dict(results[precisions[0]])
     for precision in precisions[1:]:
         doc[precision] = results[precision]
-    doc.update(objective="dpo", precision=precisions[0], precisions=precisions, steps=steps, repeats=repeats,
-               pairs_per_step=per_step, max_seq_len=cfg.train.max_seq_len, beta=cfg.train.beta,
-               lora=cfg.lora.model_dump(mode="json"), model=cfg.model.name,
-               **run_header(command or "tunelab bench train --objective dpo --vs trl", threads))
+    doc.update(
+        objective="dpo",
+        precision=precisions[0],
+        precisions=precisions,
+        steps=steps,
+        repeats=repeats,
+        pairs_per_step=per_step,
+        max_seq_len=cfg.train.max_seq_len,
+        beta=cfg.train.beta,
+        lora=cfg.lora.model_dump(mode="json"),
+        model=cfg.model.name,
+        **run_header(command or "tunelab bench train --objective dpo --vs trl", threads),
+    )
     return doc
 
 
@@ -115,12 +162,19 @@ def markdown_table(doc: dict) -> str:
         for side in SIDES:
             if side in block:
                 s = block[side]
-                lines.append(f"| {precision} | {side} | {s['tok_per_s']:.1f} | {_fmt(s.get('tok_per_cpu_s'))} | {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
-                             f"{s['val_loss']:.4f} | {s['val_pref_accuracy']:.3f} | {s['val_reward_margin']:+.4f} |")
+                lines.append(
+                    f"| {precision} | {side} | {s['tok_per_s']:.1f} | {_fmt(s.get('tok_per_cpu_s'))} | {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
+                    f"{s['val_loss']:.4f} | {s['val_pref_accuracy']:.3f} | {s['val_reward_margin']:+.4f} |"
+                )
         if "ratio" in block:
             r = block["ratio"]
-            lines.append(f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {_fmt(r.get('tok_per_cpu_s'), 'x')} | {r['s_per_step']:.2f}x | "
-                         f"**{r['peak_rss_mib']:.2f}x** | {r['val_loss_delta']:+.4f} | | |")
-    lines += ["", f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; {doc['steps']} optimizer "
-              f"steps x {doc['pairs_per_step']} pairs, beta {doc['beta']}, median of {doc['repeats']} run(s) per side."]
+            lines.append(
+                f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {_fmt(r.get('tok_per_cpu_s'), 'x')} | {r['s_per_step']:.2f}x | "
+                f"**{r['peak_rss_mib']:.2f}x** | {r['val_loss_delta']:+.4f} | | |"
+            )
+    lines += [
+        "",
+        f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; {doc['steps']} optimizer "
+        f"steps x {doc['pairs_per_step']} pairs, beta {doc['beta']}, median of {doc['repeats']} run(s) per side.",
+    ]
     return "\n".join(lines) + "\n"

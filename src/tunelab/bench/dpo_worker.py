@@ -35,18 +35,33 @@ def pairs_from(data: list) -> list:
 def train_config(spec: dict, output_dir: Path):
     from tunelab.config import Config
 
-    return Config.model_validate({
-        "model": {"name": spec["model_path"]},
-        "lora": spec["lora"],
-        "train": {
-            "objective": "dpo", "beta": spec["beta"], "dpo_loss": "sigmoid", "output_dir": str(output_dir),
-            "max_steps": spec["steps"], "batch_size": spec["batch_size"], "grad_accum": 1, "lr": spec["lr"],
-            "warmup_steps": spec["warmup_steps"], "weight_decay": spec["weight_decay"], "max_grad_norm": spec["max_grad_norm"],
-            "max_seq_len": spec["max_seq_len"], "loss_chunk_tokens": spec["loss_chunk_tokens"], "precision": spec["precision"],
-            "threads": spec["threads"], "save_steps": spec["steps"], "eval_steps": spec["steps"], "seed": spec["seed"],
-        },
-        "eval": {"batch_size": 8},
-    })
+    return Config.model_validate(
+        {
+            "model": {"name": spec["model_path"]},
+            "lora": spec["lora"],
+            "train": {
+                "objective": "dpo",
+                "beta": spec["beta"],
+                "dpo_loss": "sigmoid",
+                "output_dir": str(output_dir),
+                "max_steps": spec["steps"],
+                "batch_size": spec["batch_size"],
+                "grad_accum": 1,
+                "lr": spec["lr"],
+                "warmup_steps": spec["warmup_steps"],
+                "weight_decay": spec["weight_decay"],
+                "max_grad_norm": spec["max_grad_norm"],
+                "max_seq_len": spec["max_seq_len"],
+                "loss_chunk_tokens": spec["loss_chunk_tokens"],
+                "precision": spec["precision"],
+                "threads": spec["threads"],
+                "save_steps": spec["steps"],
+                "eval_steps": spec["steps"],
+                "seed": spec["seed"],
+            },
+            "eval": {"batch_size": 8},
+        }
+    )
 
 
 def score(model, val_rows: list, spec: dict, pad_id: int) -> dict:
@@ -58,7 +73,9 @@ def score(model, val_rows: list, spec: dict, pad_id: int) -> dict:
     cfg = train_config(spec, Path("unused")).train.model_copy(update={"packing": False})
     precision = Precision(spec["precision"], "bench")
     device = torch.device("cpu")
-    for row, values in zip(val_rows, reference_logps(model, val_rows, 8, False, pad_id, precision, device, cfg.loss_chunk_tokens).tolist()):
+    for row, values in zip(
+        val_rows, reference_logps(model, val_rows, 8, False, pad_id, precision, device, cfg.loss_chunk_tokens).tolist()
+    ):
         store(row, values)
     from tunelab.config import EvalConfig
 
@@ -80,8 +97,16 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
     tokenizer = load_tokenizer(cfg.model)
     model = build_lora_model(cfg, precision)
     started = time.perf_counter()
-    ref = reference_logps(model, train_rows, 16, cfg.train.packing, tokenizer.pad_token_id, precision, torch.device("cpu"),
-                          cfg.train.loss_chunk_tokens)
+    ref = reference_logps(
+        model,
+        train_rows,
+        16,
+        cfg.train.packing,
+        tokenizer.pad_token_id,
+        precision,
+        torch.device("cpu"),
+        cfg.train.loss_chunk_tokens,
+    )
     for row, values in zip(train_rows, ref.tolist()):
         store(row, values)
     reference_seconds = time.perf_counter() - started
@@ -92,8 +117,18 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
         token_marks.append(record["tokens"])
 
     result = train_lora(
-        model, train_rows, val_rows[:1], cfg.train, cfg.eval, workdir / "run", precision, tokenizer.pad_token_id,
-        Accelerator(cpu=True), resume=False, log=lambda *_: None, progress=progress,
+        model,
+        train_rows,
+        val_rows[:1],
+        cfg.train,
+        cfg.eval,
+        workdir / "run",
+        precision,
+        tokenizer.pad_token_id,
+        Accelerator(cpu=True),
+        resume=False,
+        log=lambda *_: None,
+        progress=progress,
     )
     figures = score(model, val_rows, spec, tokenizer.pad_token_id)
     return {
@@ -114,13 +149,30 @@ def trl_settings(spec: dict, output_dir: str) -> dict:
     """DPOConfig arguments: TRL's defaults plus what makes the job the same as tunelab's."""
     bf16 = spec["precision"] == "bf16"
     return {
-        "output_dir": output_dir, "max_steps": spec["steps"], "per_device_train_batch_size": spec["batch_size"],
-        "gradient_accumulation_steps": 1, "learning_rate": spec["lr"], "lr_scheduler_type": "linear",
-        "warmup_steps": spec["warmup_steps"], "weight_decay": spec["weight_decay"], "max_grad_norm": spec["max_grad_norm"],
-        "optim": "adamw_torch", "beta": spec["beta"], "loss_type": ["sigmoid"], "max_length": spec["max_seq_len"],
-        "precompute_ref_log_probs": True, "bf16": bf16, "model_init_kwargs": {"dtype": "bfloat16" if bf16 else "float32"},
-        "use_cpu": True, "train_sampling_strategy": "sequential", "save_strategy": "no", "report_to": "none",
-        "disable_tqdm": True, "logging_steps": 10, "dataloader_num_workers": 0, "seed": spec["seed"],
+        "output_dir": output_dir,
+        "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "linear",
+        "warmup_steps": spec["warmup_steps"],
+        "weight_decay": spec["weight_decay"],
+        "max_grad_norm": spec["max_grad_norm"],
+        "optim": "adamw_torch",
+        "beta": spec["beta"],
+        "loss_type": ["sigmoid"],
+        "max_length": spec["max_seq_len"],
+        "precompute_ref_log_probs": True,
+        "bf16": bf16,
+        "model_init_kwargs": {"dtype": "bfloat16" if bf16 else "float32"},
+        "use_cpu": True,
+        "train_sampling_strategy": "sequential",
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_steps": 10,
+        "dataloader_num_workers": 0,
+        "seed": spec["seed"],
     }
 
 
@@ -155,8 +207,13 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
 
     tokenizer = load_tokenizer(ModelConfig(name=spec["model_path"]))
     lora = spec["lora"]
-    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                             target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -173,8 +230,14 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> dict
     counted = {"tokens": 0}
     timer = StepTimer()
     started = time.perf_counter()
-    trainer = PreTokenized(model=spec["model_path"], args=DPOConfig(**trl_settings(spec, str(workdir / "trl"))),
-                           train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+    trainer = PreTokenized(
+        model=spec["model_path"],
+        args=DPOConfig(**trl_settings(spec, str(workdir / "trl"))),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
     reference_seconds = time.perf_counter() - started  # includes model loading; the reference pass dominates
 
     def count_real_tokens(module, args, kwargs):  # padding excluded; chosen + rejected rows of each forward
@@ -219,10 +282,14 @@ def main(argv: list[str] | None = None) -> None:
         run = run_tunelab if args.side == "tunelab" else run_trl
         result = run(spec, train_rows, val_rows, Path(tmp))
     result.update(
-        side=args.side, precision=spec["precision"], threads=threads, steps=spec["steps"],
+        side=args.side,
+        precision=spec["precision"],
+        threads=threads,
+        steps=spec["steps"],
         tok_per_s=result["tokens"] / max(result["train_seconds"], 1e-9),
         s_per_step=statistics.median(result["step_seconds"]) if result["step_seconds"] else None,
-        peak_rss_mib=peak_rss_mib(), pid=os.getpid(),
+        peak_rss_mib=peak_rss_mib(),
+        pid=os.getpid(),
     )
     args.out.write_text(json.dumps(result, indent=2))
 

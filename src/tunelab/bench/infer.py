@@ -17,7 +17,6 @@ from tunelab.config import DEMO_PROMPTS
 from tunelab.errors import UserError
 
 
-
 def model_size_mib(path: Path) -> float:
     """File size of a GGUF; for folders the weights (a run folder: base weights + adapter)."""
     if path.is_file():
@@ -85,19 +84,24 @@ def _child(queue, *args) -> None:
 
 
 def format_results(results: list[dict], threads: int) -> str:
-    lines = [f"threads={threads}",
-             f"{'model':<44} {'backend':<12} {'size MiB':>9} {'TTFT s':>7} {'decode tok/s':>12} {'RSS MiB':>8}"]
+    lines = [
+        f"threads={threads}",
+        f"{'model':<44} {'backend':<12} {'size MiB':>9} {'TTFT s':>7} {'decode tok/s':>12} {'RSS MiB':>8}",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"{r['model']:<44} error: {r['error']}")
             continue
-        lines.append(f"{Path(r['model']).name[:44]:<44} {r['backend']:<12} {r['size_mib']:>9.1f} {r['ttft_s']:>7.3f} "
-                     f"{r['decode_tok_s'] or 0:>12.1f} {r['peak_rss_mib']:>8.1f}")
+        lines.append(
+            f"{Path(r['model']).name[:44]:<44} {r['backend']:<12} {r['size_mib']:>9.1f} {r['ttft_s']:>7.3f} "
+            f"{r['decode_tok_s'] or 0:>12.1f} {r['peak_rss_mib']:>8.1f}"
+        )
     return "\n".join(lines)
 
 
-def run_bench(models: list[Path], threads: int = 2, max_new_tokens: int = 64, repeats: int = 2,
-              output: Path | None = None) -> dict:
+def run_bench(
+    models: list[Path], threads: int = 2, max_new_tokens: int = 64, repeats: int = 2, output: Path | None = None
+) -> dict:
     for m in models:
         if not m.exists():
             raise UserError(f"{m}: not found")

@@ -92,8 +92,15 @@ def _measure_in_child(path: Path, threads: int, max_new_tokens: int, repeats: in
     return result
 
 
-def quant_table(run: Path | None, quants: list[str], threads: int = 2, max_new_tokens: int = 64, repeats: int = 2,
-                val_limit: int = 16, log=print) -> dict:
+def quant_table(
+    run: Path | None,
+    quants: list[str],
+    threads: int = 2,
+    max_new_tokens: int = 64,
+    repeats: int = 2,
+    val_limit: int = 16,
+    log=print,
+) -> dict:
     from tunelab.bench.bandwidth import copy_bandwidth_gb_s, decode_bound_tok_s
     from tunelab.export.quant_choice import PPL_TOLERANCE_PCT, recommend_quant
     from tunelab.models.inference import amx_build_needs_plain_buffers
@@ -119,7 +126,9 @@ def quant_table(run: Path | None, quants: list[str], threads: int = 2, max_new_t
             "ppl": round(gguf_perplexity(path, sequences, threads), 4),
             "bandwidth_bound_tok_s": round(decode_bound_tok_s(size, bandwidth), 1),
         }
-        row["fraction_of_bound"] = round(row["decode_tok_s"] / row["bandwidth_bound_tok_s"], 3) if row["decode_tok_s"] else None
+        row["fraction_of_bound"] = (
+            round(row["decode_tok_s"] / row["bandwidth_bound_tok_s"], 3) if row["decode_tok_s"] else None
+        )
         rows.append(row)
         log(format_row(row))
     reference = next((r["ppl"] for r in rows if r["quant"] == "q8_0"), None)
@@ -149,14 +158,18 @@ HEADER = f"{'quant':<8} {'size MiB':>9} {'decode tok/s':>12} {'bound tok/s':>11}
 def format_row(row: dict) -> str:
     vs = f"{row['ppl_vs_q8_0_pct']:+.2f}%" if row.get("ppl_vs_q8_0_pct") is not None else "-"
     of_bound = f"{100 * row['fraction_of_bound']:.0f}%" if row.get("fraction_of_bound") else "-"
-    return (f"{row['quant']:<8} {row['size_mib']:>9.1f} {row['decode_tok_s'] or 0:>12.1f} {row['bandwidth_bound_tok_s']:>11.1f} "
-            f"{of_bound:>8} {row['ttft_s']:>7.3f} {row['ppl']:>8.3f} {vs:>8}")
+    return (
+        f"{row['quant']:<8} {row['size_mib']:>9.1f} {row['decode_tok_s'] or 0:>12.1f} {row['bandwidth_bound_tok_s']:>11.1f} "
+        f"{of_bound:>8} {row['ttft_s']:>7.3f} {row['ppl']:>8.3f} {vs:>8}"
+    )
 
 
 def format_table(report: dict) -> str:
     lines = [HEADER, *(format_row(r) for r in report["quants"])]
-    lines.append(f"copy bandwidth {report['copy_bandwidth_gb_s']} GB/s; q4_0 runtime repacking: {'on' if report['repack'] else 'off'}; "
-                 f"perplexity on {report['val_sequences']} val sequences ({report['val_tokens']} tokens)")
+    lines.append(
+        f"copy bandwidth {report['copy_bandwidth_gb_s']} GB/s; q4_0 runtime repacking: {'on' if report['repack'] else 'off'}; "
+        f"perplexity on {report['val_sequences']} val sequences ({report['val_tokens']} tokens)"
+    )
     choice = report["recommended"]
     lines.append(f"recommended: {choice['reason']}" if choice else "recommended: - (needs q8_0 in the table)")
     return "\n".join(lines)

@@ -237,7 +237,11 @@ def run_serve_load(
         raise UserError(f"--max-new-tokens: the app accepts 16..1024 for the planner (got {max_new_tokens})")
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tunelab-bench-serve-") if workdir is None else nullcontext(workdir) as folder:
+    with (
+        tempfile.TemporaryDirectory(prefix="tunelab-bench-serve-")
+        if workdir is None
+        else nullcontext(workdir) as folder
+    ):
         folder = Path(folder)
         db, port = folder / "feedback.db", free_port()
         proc = start_app(model, db, port, threads, folder)
@@ -251,7 +255,9 @@ def run_serve_load(
             start = time.monotonic()
             deadline = start + time_limit_s
             workers = [
-                threading.Thread(target=run_user, args=(url, u, rounds, max_new_tokens, temperature, deadline, result, lock))
+                threading.Thread(
+                    target=run_user, args=(url, u, rounds, max_new_tokens, temperature, deadline, result, lock)
+                )
                 for u in range(users)
             ]
             for worker in workers:

@@ -75,7 +75,9 @@ def ensure_trl() -> None:
     try:
         import trl  # noqa: F401
     except ImportError:
-        raise UserError("the TRL side needs the benchmark extra: pip install 'tunelab[bench]' (TRL is never a runtime dependency)") from None
+        raise UserError(
+            "the TRL side needs the benchmark extra: pip install 'tunelab[bench]' (TRL is never a runtime dependency)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------- running
@@ -112,8 +114,13 @@ def side_summary(rs: list[dict], peak: dict, flops: float) -> dict:
         "tokens": rs[0]["tokens"],
         "final_train_loss": med("final_train_loss") if all(r.get("final_train_loss") is not None for r in rs) else None,
         "tok_per_cpu_s": med("tok_per_cpu_s") if all(r.get("tok_per_cpu_s") for r in rs) else None,
-        "runs": [{k: r.get(k) for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens", "tok_per_cpu_s", "load_avg")}
-                 for r in rs],
+        "runs": [
+            {
+                k: r.get(k)
+                for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens", "tok_per_cpu_s", "load_avg")
+            }
+            for r in rs
+        ],
         "fraction_of_matmul_peak": flops / statistics.median(r["train_seconds"] for r in rs) / (peak["gflops"] * 1e9),
     }
 
@@ -140,12 +147,24 @@ def goals(block: dict) -> dict:
     memory = block[lean_side]["peak_rss_mib"] / block["trl_lean"]["peak_rss_mib"]
     quality = abs(block["ratio_lean"]["val_loss_rel"])
     return {
-        "tok_per_s_vs_trl_fastest": {"value": speed, "goal": f">= {GOALS['tok_per_s_vs_trl_fastest']}",
-                                     "met": speed >= GOALS["tok_per_s_vs_trl_fastest"], "side": "tunelab"},
-        "peak_rss_vs_trl_leanest": {"value": memory, "goal": f"<= {GOALS['peak_rss_vs_trl_leanest']}",
-                                    "met": memory <= GOALS["peak_rss_vs_trl_leanest"], "side": lean_side},
-        "val_loss_rel_vs_same_order": {"value": quality, "goal": f"<= {GOALS['val_loss_rel_vs_same_order']}",
-                                       "met": quality <= GOALS["val_loss_rel_vs_same_order"], "side": "tunelab"},
+        "tok_per_s_vs_trl_fastest": {
+            "value": speed,
+            "goal": f">= {GOALS['tok_per_s_vs_trl_fastest']}",
+            "met": speed >= GOALS["tok_per_s_vs_trl_fastest"],
+            "side": "tunelab",
+        },
+        "peak_rss_vs_trl_leanest": {
+            "value": memory,
+            "goal": f"<= {GOALS['peak_rss_vs_trl_leanest']}",
+            "met": memory <= GOALS["peak_rss_vs_trl_leanest"],
+            "side": lean_side,
+        },
+        "val_loss_rel_vs_same_order": {
+            "value": quality,
+            "goal": f"<= {GOALS['val_loss_rel_vs_same_order']}",
+            "met": quality <= GOALS["val_loss_rel_vs_same_order"],
+            "side": "tunelab",
+        },
     }
 
 
@@ -194,10 +213,16 @@ def run_bench(
     from tunelab.bench.train_worker import ordered_rows
 
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    flops = job_flops(model_path, cfg.lora.model_dump(mode="json"), ordered_rows(train_rows, steps, per_step, cfg.train.seed))
-    log(f"bench train: {len(train_rows)} train / {len(val_rows)} val conversations, model {model_path}; "
-        f"allocator: fastest sides {FAST_ENV}, lean sides {LEAN_ENV} + heap trimmed every step")
-    log(f"  {steps} optimizer steps x {cfg.train.batch_size} conversations, {threads} threads, {repeats} repeats, precisions {precisions}")
+    flops = job_flops(
+        model_path, cfg.lora.model_dump(mode="json"), ordered_rows(train_rows, steps, per_step, cfg.train.seed)
+    )
+    log(
+        f"bench train: {len(train_rows)} train / {len(val_rows)} val conversations, model {model_path}; "
+        f"allocator: fastest sides {FAST_ENV}, lean sides {LEAN_ENV} + heap trimmed every step"
+    )
+    log(
+        f"  {steps} optimizer steps x {cfg.train.batch_size} conversations, {threads} threads, {repeats} repeats, precisions {precisions}"
+    )
 
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
@@ -261,22 +286,42 @@ def print_table(doc: dict, log=print) -> None:
 
     console = Console()
     for precision, block in precision_blocks(doc):
-        table = Table(title=f"bench train, {precision}: {doc['steps']} steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']}")
-        for column in ("side", "real tok/s", "s/step", "peak RSS MiB", "val loss", "% matmul peak", "tok/CPU-s (steps 2+)"):
+        table = Table(
+            title=f"bench train, {precision}: {doc['steps']} steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']}"
+        )
+        for column in (
+            "side",
+            "real tok/s",
+            "s/step",
+            "peak RSS MiB",
+            "val loss",
+            "% matmul peak",
+            "tok/CPU-s (steps 2+)",
+        ):
             table.add_column(column)
         for side in SIDES:
             if side in block:
                 s = block[side]
                 table.add_row(
-                    side, f"{s['tok_per_s']:.1f}", f"{s['s_per_step']:.2f}", f"{s['peak_rss_mib']:.0f}", f"{s['val_loss']:.4f}",
-                    f"{100 * s['fraction_of_matmul_peak']:.0f}%", _fmt(s.get("tok_per_cpu_s")),
+                    side,
+                    f"{s['tok_per_s']:.1f}",
+                    f"{s['s_per_step']:.2f}",
+                    f"{s['peak_rss_mib']:.0f}",
+                    f"{s['val_loss']:.4f}",
+                    f"{100 * s['fraction_of_matmul_peak']:.0f}%",
+                    _fmt(s.get("tok_per_cpu_s")),
                 )
         for key, label in RATIO_ROWS:
             if key in block:
                 r = block[key]
                 table.add_row(
-                    label, f"{r['tok_per_s']:.2f}x", f"{r['s_per_step']:.2f}x", f"{r['peak_rss_mib']:.2f}x",
-                    f"{100 * r['val_loss_rel']:+.2f}%", "", _fmt(r.get("tok_per_cpu_s"), "x"),
+                    label,
+                    f"{r['tok_per_s']:.2f}x",
+                    f"{r['s_per_step']:.2f}x",
+                    f"{r['peak_rss_mib']:.2f}x",
+                    f"{100 * r['val_loss_rel']:+.2f}%",
+                    "",
+                    _fmt(r.get("tok_per_cpu_s"), "x"),
                 )
         console.print(table)
         console.print(f"matmul peak ({precision}): {block['matmul_peak']['gflops']:.0f} GFLOP/s")
@@ -285,13 +330,18 @@ def print_table(doc: dict, log=print) -> None:
     console.print(f"machine: {doc['machine']}; date: {doc['date']}")
 
 
-RATIO_ROWS = (("ratio", "tunelab/TRL fastest"), ("ratio_lean", "tunelab/TRL lean"),
-              ("ratio_lean_vs_lean", "tunelab lean/TRL lean"))
+RATIO_ROWS = (
+    ("ratio", "tunelab/TRL fastest"),
+    ("ratio_lean", "tunelab/TRL lean"),
+    ("ratio_lean_vs_lean", "tunelab lean/TRL lean"),
+)
 
 
 def goals_line(goals: dict) -> str:
-    return "goals: " + "; ".join(f"{name} {g['value']:.3f} ({g['goal']}, {g.get('side', 'tunelab')}): "
-                                 f"{'met' if g['met'] else 'NOT met'}" for name, g in goals.items())
+    return "goals: " + "; ".join(
+        f"{name} {g['value']:.3f} ({g['goal']}, {g.get('side', 'tunelab')}): {'met' if g['met'] else 'NOT met'}"
+        for name, g in goals.items()
+    )
 
 
 def _fmt(value, suffix: str = "") -> str:
@@ -331,8 +381,11 @@ def markdown_table(doc: dict) -> str:
     for precision, block in precision_blocks(doc):
         if "goals" in block:
             lines += ["", f"{precision} {goals_line(block['goals'])}"]
-    lines += ["", f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; "
-              f"{doc['steps']} optimizer steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']} runs per side."]
+    lines += [
+        "",
+        f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; "
+        f"{doc['steps']} optimizer steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']} runs per side.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +410,14 @@ def plot_throughput(doc: dict, path: Path) -> None:
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.0f}", ha="center", va="bottom", fontsize=9)
     for i, ceiling in enumerate(ceilings):
-        ax.hlines(ceiling, i - 0.45, i + 0.45, colors="#c44e52", linestyles="--", label="matmul peak / FLOPs per token" if i == 0 else None)
+        ax.hlines(
+            ceiling,
+            i - 0.45,
+            i + 0.45,
+            colors="#c44e52",
+            linestyles="--",
+            label="matmul peak / FLOPs per token" if i == 0 else None,
+        )
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("real (non-padding) tokens / s")
     ax.set_title(f"LoRA training, SmolLM2-135M, {doc['steps']} steps x {doc['conversations_per_step']} conversations")
@@ -365,4 +425,3 @@ def plot_throughput(doc: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-

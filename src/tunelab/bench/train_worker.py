@@ -61,8 +61,10 @@ def after_first_step(cpu_marks: list[float], token_marks: list[int]) -> dict:
 # ------------------------------------------------------------------------------------ tunelab
 # tunelab's two configurations, mirroring TRL's: its fastest (the default loop) and its memory-lean one (the same
 # loop recomputing each decoder layer in the backward pass and handing freed memory back to the OS every step).
-TUNELAB_CONFIGS = {"tunelab": {"gradient_checkpointing": False, "release_memory": False},
-                   "tunelab_lean": {"gradient_checkpointing": True, "release_memory": True}}
+TUNELAB_CONFIGS = {
+    "tunelab": {"gradient_checkpointing": False, "release_memory": False},
+    "tunelab_lean": {"gradient_checkpointing": True, "release_memory": True},
+}
 
 
 def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, side: str = "tunelab") -> dict:
@@ -109,8 +111,18 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, sid
         token_marks.append(record["tokens"])
 
     result = train_lora(
-        model, train_rows, val_rows[:1], cfg.train, EvalConfig(batch_size=8), workdir / "run", precision,
-        tokenizer.pad_token_id, Accelerator(cpu=True), resume=False, log=lambda *_: None, progress=progress,
+        model,
+        train_rows,
+        val_rows[:1],
+        cfg.train,
+        EvalConfig(batch_size=8),
+        workdir / "run",
+        precision,
+        tokenizer.pad_token_id,
+        Accelerator(cpu=True),
+        resume=False,
+        log=lambda *_: None,
+        progress=progress,
     )
     step_seconds = [h["step_s"] for h in result.history if "step_s" in h]
     training_peak = peak_rss_mib()  # before the held-out scoring below (see main)
@@ -195,12 +207,19 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config:
     rows = ordered_rows(train_rows, spec["steps"], spec["batch_size"], spec["seed"])
     # Pre-tokenised dataset: TRL turns `assistant_masks` into labels (-100 elsewhere), i.e. assistant-only loss.
     dataset = Dataset.from_dict(
-        {"input_ids": [ids for ids, _ in rows], "assistant_masks": [[int(x != IGNORE_INDEX) for x in labels] for _, labels in rows]}
+        {
+            "input_ids": [ids for ids, _ in rows],
+            "assistant_masks": [[int(x != IGNORE_INDEX) for x in labels] for _, labels in rows],
+        }
     )
     tokenizer = load_tokenizer(ModelConfig(name=spec["model_path"]))
     lora = spec["lora"]
     peft_config = LoraConfig(
-        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"], task_type="CAUSAL_LM"
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
     )
 
     class StepTimer(TrainerCallback):

@@ -83,7 +83,12 @@ def sharegpt(record: Any) -> Pairs:
         if not isinstance(turn, dict):
             raise RecordProblem("wrong_type", f"conversations[{i}] must be an object, got {type(turn).__name__}")
         role = _field(turn, "from", "role")
-        pairs.append((_text(role, f"conversations[{i}].from"), _text(_field(turn, "value", "content"), f"conversations[{i}].value")))
+        pairs.append(
+            (
+                _text(role, f"conversations[{i}].from"),
+                _text(_field(turn, "value", "content"), f"conversations[{i}].value"),
+            )
+        )
     return pairs
 
 

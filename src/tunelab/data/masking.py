@@ -76,12 +76,17 @@ class _Progress:
 
 
 def encode_conversations(
-    tokenizer, conversations: list[list[Message]], wheres: list[str], max_seq_len: int, policy: str,
+    tokenizer,
+    conversations: list[list[Message]],
+    wheres: list[str],
+    max_seq_len: int,
+    policy: str,
     verify_rows: int = VERIFY_ROWS,
 ) -> tuple[list[Encoded | RecordProblem], EncodeStats]:
     stats = EncodeStats()
     rows = [
-        _Progress(m, w, [i for i, msg in enumerate(m) if msg["role"] == "assistant"]) for m, w in zip(conversations, wheres)
+        _Progress(m, w, [i for i, msg in enumerate(m) if msg["role"] == "assistant"])
+        for m, w in zip(conversations, wheres)
     ]
     wave = 0
     while True:
@@ -103,7 +108,10 @@ def _encode_exchange(tokenizer, active: list[_Progress], k: int, max_seq_len: in
         check_prefix_stable(r, prompt, full)
     # Prompts first: a reply whose prompt already overflows is never tokenised.
     prompt_ids = _tokenize_within_budget(
-        tokenizer, [p[len(r.text) :] for r, p in zip(active, prompts)], [max_seq_len - len(r.ids) for r in active], stats
+        tokenizer,
+        [p[len(r.text) :] for r, p in zip(active, prompts)],
+        [max_seq_len - len(r.ids) for r in active],
+        stats,
     )
     fitting = [i for i, ids in enumerate(prompt_ids) if ids is not None and len(active[i].ids) + len(ids) < max_seq_len]
     reply_ids = _tokenize_within_budget(
@@ -141,7 +149,9 @@ def check_prefix_stable(r: _Progress, prompt: str, full: str) -> None:
         )
 
 
-def _tokenize_within_budget(tokenizer, texts: list[str], budgets: list[int], stats: EncodeStats) -> list[list[int] | None]:
+def _tokenize_within_budget(
+    tokenizer, texts: list[str], budgets: list[int], stats: EncodeStats
+) -> list[list[int] | None]:
     """Token ids of each text, or None when it surely has more than its budget of tokens.
 
     A long text is first tokenised only up to (budget+1)*CHARS_PER_TOKEN_CAP characters: if that head already has

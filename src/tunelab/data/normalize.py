@@ -114,7 +114,9 @@ def canonical_conversation(
     if len(turns) > data_cfg.max_turns:
         raise RecordProblem("too_many_turns", f"{len(turns)} turns (data.max_turns={data_cfg.max_turns})")
     if any(m["role"] == "assistant" and len(m["content"]) < data_cfg.min_assistant_chars for m in turns):
-        raise RecordProblem("short_assistant", f"an assistant reply is shorter than {data_cfg.min_assistant_chars} characters")
+        raise RecordProblem(
+            "short_assistant", f"an assistant reply is shorter than {data_cfg.min_assistant_chars} characters"
+        )
     if keywords is not None and not any(keywords.search(m["content"]) for m in turns):
         raise RecordProblem("no_keyword", "mentions none of the keywords")
     return system + turns

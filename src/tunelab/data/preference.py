@@ -147,7 +147,9 @@ class PreferencePipeline(DataPipeline):
                 f"first record has: {keys})"
             ) from None
 
-    def normalize_record(self, record: RawRecord, fmt: str, keywords, name: str, reasons: Counter) -> PreferenceRow | None:
+    def normalize_record(
+        self, record: RawRecord, fmt: str, keywords, name: str, reasons: Counter
+    ) -> PreferenceRow | None:
         self.first_records.setdefault(name, record.value)
         try:
             return self.preference_row(record.value, record.where, name, keywords)
@@ -174,7 +176,9 @@ class PreferencePipeline(DataPipeline):
         repair = lambda r: self.log.repair(r, where)  # noqa: E731
         prompt, texts = [], []
         for completion in completions:
-            conversation = canonical_conversation([*prompt_pairs, ("assistant", completion)], self.data, keywords, repair)
+            conversation = canonical_conversation(
+                [*prompt_pairs, ("assistant", completion)], self.data, keywords, repair
+            )
             *prompt, reply = conversation
             texts.append(reply["content"])
         if len(texts) == 2 and texts[0] == texts[1]:
@@ -210,28 +214,42 @@ class PreferencePipeline(DataPipeline):
                 counts.train_rows += copies
         if not train:
             dropped = ", ".join(f"{k} {v}" for k, v in self.log.dropped.counts.most_common(4))
-            raise DataError(f"data.sources: no preference rows left for training after filtering and tokenising (dropped: {dropped})")
+            raise DataError(
+                f"data.sources: no preference rows left for training after filtering and tokenising (dropped: {dropped})"
+            )
         if self.objective == "kto" and len({r["label"] for r in train}) < 2:
-            raise DataError("data.sources: KTO needs both desirable (label true) and undesirable (label false) training rows")
+            raise DataError(
+                "data.sources: KTO needs both desirable (label true) and undesirable (label false) training rows"
+            )
         self.splits = (train, val)
         return train, val
 
     def report(self, key, inputs):
         report = super().report(key, inputs)
         report["objective"] = self.objective
-        report["truncation"].update(policy="drop", description="preference sequences over train.max_seq_len are dropped")
+        report["truncation"].update(
+            policy="drop", description="preference sequences over train.max_seq_len are dropped"
+        )
         if self.objective == "kto":
-            report["labels"] = {split: {"desirable": sum(r["label"] for r in rows), "undesirable": sum(not r["label"] for r in rows)}
-                                for split, rows in zip(("train", "val"), self.splits)}
+            report["labels"] = {
+                split: {"desirable": sum(r["label"] for r in rows), "undesirable": sum(not r["label"] for r in rows)}
+                for split, rows in zip(("train", "val"), self.splits)
+            }
         return report
 
 
 # ----------------------------------------------------------------------------------------- encode
-def encode_preferences(tokenizer, rows: list[PreferenceRow], max_seq_len: int) -> list[list[EncodedSequence] | RecordProblem]:
+def encode_preferences(
+    tokenizer, rows: list[PreferenceRow], max_seq_len: int
+) -> list[list[EncodedSequence] | RecordProblem]:
     """One EncodedSequence per completion of each row, or the RecordProblem that drops the row."""
     prompts = render(tokenizer, [r.prompt for r in rows], add_generation_prompt=True)
     flat = [(i, text) for i, r in enumerate(rows) for text in r.completions]
-    fulls = render(tokenizer, [rows[i].prompt + [{"role": "assistant", "content": text}] for i, text in flat], add_generation_prompt=False)
+    fulls = render(
+        tokenizer,
+        [rows[i].prompt + [{"role": "assistant", "content": text}] for i, text in flat],
+        add_generation_prompt=False,
+    )
     tails = []
     for (i, _), full in zip(flat, fulls):
         if not full.startswith(prompts[i]):
@@ -250,7 +268,9 @@ def encode_preferences(tokenizer, rows: list[PreferenceRow], max_seq_len: int) -
         if not ids:
             results[i] = RecordProblem("no_label_tokens", "a completion has no tokens")
         elif len(p) + len(ids) > max_seq_len:
-            results[i] = RecordProblem("over_max_seq_len", f"prompt + completion longer than train.max_seq_len={max_seq_len}")
+            results[i] = RecordProblem(
+                "over_max_seq_len", f"prompt + completion longer than train.max_seq_len={max_seq_len}"
+            )
         else:
             results[i].append(EncodedSequence(p + ids, [IGNORE_INDEX] * len(p) + ids, len(p)))
     return results

@@ -147,21 +147,31 @@ class DataPipeline:
             counts.records_read += stats.records
             counts.unparsed_bytes += stats.unparsed_bytes
             if stats.unparsed_bytes:
-                counts.unparsed.append({"at": stats.unparsed_at, "bytes": stats.unparsed_bytes, "error": stats.unparsed_error})
+                counts.unparsed.append(
+                    {"at": stats.unparsed_at, "bytes": stats.unparsed_bytes, "error": stats.unparsed_error}
+                )
             check_file_usable(stats, usable, reasons, first_record)
             if budget is not None:
                 budget -= taken
                 if budget <= 0:
                     break
         if not counts.valid:
-            raise DataError(f"{src.path or src.preset}: all {counts.records_read} rows were filtered out ({self.log.top_reasons(name)})")
+            raise DataError(
+                f"{src.path or src.preset}: all {counts.records_read} rows were filtered out ({self.log.top_reasons(name)})"
+            )
 
-    def normalize_record(self, record: readers.RawRecord, fmt: str, keywords, name: str, reasons: Counter) -> Row | None:
+    def normalize_record(
+        self, record: readers.RawRecord, fmt: str, keywords, name: str, reasons: Counter
+    ) -> Row | None:
         try:
             pairs = record_to_pairs(record.value, fmt)
             if sum(len(text) for _, text in pairs) > self.data.max_record_chars:
-                raise RecordProblem("too_long", f"more than data.max_record_chars={self.data.max_record_chars} characters")
-            messages = canonical_conversation(pairs, self.data, keywords, lambda r, w=record.where: self.log.repair(r, w))
+                raise RecordProblem(
+                    "too_long", f"more than data.max_record_chars={self.data.max_record_chars} characters"
+                )
+            messages = canonical_conversation(
+                pairs, self.data, keywords, lambda r, w=record.where: self.log.repair(r, w)
+            )
         except RecordProblem as problem:
             reasons[problem.reason] += 1
             self.log.drop(problem.reason, record.where, name, problem.detail)
@@ -231,8 +241,12 @@ class DataPipeline:
             verify = max(VERIFY_ROWS - self.encode_stats.verified, 0)
             with self.timed("encode"):
                 results, stats = encode_conversations(
-                    self.tokenizer, [r.messages for r, _, _ in chunk], [r.where for r, _, _ in chunk],
-                    self.cfg.train.max_seq_len, self.data.truncation, verify_rows=verify,
+                    self.tokenizer,
+                    [r.messages for r, _, _ in chunk],
+                    [r.where for r, _, _ in chunk],
+                    self.cfg.train.max_seq_len,
+                    self.data.truncation,
+                    verify_rows=verify,
                 )
             for key, value in vars(stats).items():
                 setattr(self.encode_stats, key, getattr(self.encode_stats, key) + value)
@@ -281,8 +295,14 @@ class DataPipeline:
             "repaired": self.log.repaired.to_json(),
             "duplicates": {k: v.to_json() for k, v in self.duplicates.items()},
             "unparsed_bytes": sum(c.unparsed_bytes for c in self.counts.values()),
-            "splits": {"train": len(self.lengths["train"]), "val": len(self.lengths["val"]), "val_fraction": self.data.val_fraction},
-            "tokens": {split: length_stats(self.lengths[split], self.label_lengths[split]) for split in ("train", "val")},
+            "splits": {
+                "train": len(self.lengths["train"]),
+                "val": len(self.lengths["val"]),
+                "val_fraction": self.data.val_fraction,
+            },
+            "tokens": {
+                split: length_stats(self.lengths[split], self.label_lengths[split]) for split in ("train", "val")
+            },
             "truncation": {
                 "policy": self.data.truncation,
                 "max_seq_len": self.cfg.train.max_seq_len,
@@ -321,12 +341,18 @@ def check_file_usable(stats: readers.FileStats, usable: int, reasons: Counter, f
         if stats.first_error:  # a stream that failed before its first record
             raise DataError(f"{label}: nothing usable: {stats.first_error}")
         if stats.unparsed_bytes:
-            raise DataError(f"{label}: nothing usable: no complete record ({stats.unparsed_error} at {stats.unparsed_at})")
+            raise DataError(
+                f"{label}: nothing usable: no complete record ({stats.unparsed_error} at {stats.unparsed_at})"
+            )
         raise DataError(f"{label}: empty file (no records)")
     if stats.first_error and stats.problems >= stats.records:
         raise DataError(f"{label}: nothing usable: no line is valid JSON (first error: {stats.first_error})")
     if reasons and set(reasons) <= {"unknown_format", "not_a_record"} and reasons["unknown_format"]:
-        keys = ", ".join(sorted(map(str, first_record))[:8]) if isinstance(first_record, dict) else type(first_record).__name__
+        keys = (
+            ", ".join(sorted(map(str, first_record))[:8])
+            if isinstance(first_record, dict)
+            else type(first_record).__name__
+        )
         raise DataError(
             f"{label}: unknown format (expected ShareGPT `conversations`, OpenAI `messages`, Alpaca "
             f"`instruction`/`output` or `prompt`/`response` fields; first record has: {keys})"
@@ -401,7 +427,9 @@ def _up_to_date(folder: Path, key: str, inputs: list) -> bool:
 
 def _check_output_folder(folder: Path) -> None:
     if folder.exists() and not is_prepared(folder) and (not folder.is_dir() or any(folder.iterdir())):
-        raise DataError(f"data.output_dir: {folder} exists and is not a prepared dataset folder (choose another or remove it)")
+        raise DataError(
+            f"data.output_dir: {folder} exists and is not a prepared dataset folder (choose another or remove it)"
+        )
 
 
 def prepared_features():
@@ -478,7 +506,9 @@ class SplitWriter:
         state.update(_split=None, _data_files=[{"filename": self.DATA_FILE}])
         (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
         info = asdict(dataset.info)
-        (split_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8")
+        (split_dir / "dataset_info.json").write_text(
+            json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8"
+        )
 
 
 # ---------------------------------------------------------------------------------- public

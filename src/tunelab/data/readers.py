@@ -103,7 +103,9 @@ def embedded_files(preset: str) -> list[tuple[Path, str]]:
         "chatterbot": ("chatterbot-corpus", r"/data/english/[^/]+\.ya?ml$"),
     }.get(key, (None, None))
     if dist_name is None:
-        raise DataError(f"data.sources: unknown embedded dataset `{preset}` (known: embedded:sharegpt, embedded:chatterbot, embedded:travel-plans)")
+        raise DataError(
+            f"data.sources: unknown embedded dataset `{preset}` (known: embedded:sharegpt, embedded:chatterbot, embedded:travel-plans)"
+        )
     try:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
@@ -122,7 +124,9 @@ def local_files(path_text: str) -> list[tuple[Path, str]]:
     path = Path(path_text).expanduser()
     if path.is_dir():
         files = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
         )
         if not files:
             raise DataError(f"{path}: folder has no {', '.join(SUPPORTED_SUFFIXES)} files")
@@ -130,7 +134,9 @@ def local_files(path_text: str) -> list[tuple[Path, str]]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type `{path.suffix or '(none)'}` (expected {', '.join(SUPPORTED_SUFFIXES)})")
+        raise DataError(
+            f"{path}: unsupported file type `{path.suffix or '(none)'}` (expected {', '.join(SUPPORTED_SUFFIXES)})"
+        )
     return [(path, str(path))]
 
 
@@ -168,7 +174,11 @@ def unwrap_records(value: Any, label: str) -> Iterator[tuple[Any, str]]:
     if isinstance(value, dict):
         convs = value.get("conversations")
         # chatterbot corpus file: a list of line lists (a stray non-list item becomes one bad record, not a bad file)
-        if isinstance(convs, list) and any(isinstance(c, list) for c in convs) and not any(isinstance(c, dict) for c in convs):
+        if (
+            isinstance(convs, list)
+            and any(isinstance(c, list) for c in convs)
+            and not any(isinstance(c, dict) for c in convs)
+        ):
             for i, item in enumerate(convs):
                 yield item, f"{label}#{i}"
             return

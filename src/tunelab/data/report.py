@@ -89,7 +89,13 @@ def summary_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Repairs (rows kept)", "", "| repair | count | first locations |", "|---|---:|---|"]
         for reason, info in report["repaired"].items():
             lines.append(f"| {reason} | {info['count']} | {', '.join(info['first'])} |")
-    lines += ["", "## Token lengths", "", "| split | rows | total | min | mean | p50 | p95 | max |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Token lengths",
+        "",
+        "| split | rows | total | min | mean | p50 | p95 | max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for split, st in report["tokens"].items():
         if st.get("rows"):
             lines.append(

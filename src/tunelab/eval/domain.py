@@ -47,8 +47,12 @@ def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = 
         adapter_off = contextlib.nullcontext() if adapter else model.disable_adapter()
         with torch.inference_mode(), adapter_off:
             output = model.generate(
-                **inputs, do_sample=False, max_new_tokens=decoding.max_new_tokens, repetition_penalty=decoding.repetition_penalty,
-                eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
+                **inputs,
+                do_sample=False,
+                max_new_tokens=decoding.max_new_tokens,
+                repetition_penalty=decoding.repetition_penalty,
+                eos_token_id=eos_ids,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
             )
         new = output[0, inputs["input_ids"].shape[1] :].tolist()
         finished = bool(new) and new[-1] in eos_ids
@@ -96,12 +100,19 @@ def compare_pair(prompts: list[TravelPrompt], base: Generate, tuned: Generate, l
         answers = {"base": base(prompt), "tuned": tuned(prompt)}
         scored = {side: score_answer(answer, prompt) for side, answer in answers.items()}
         outcome = compare(scored["base"], scored["tuned"])
-        log(f"  [{label} {i}/{len(prompts)}] {outcome:4s} base {scored['base'].score:.2f} tuned {scored['tuned'].score:.2f}  {prompt.prompt[:60]}")
-        rows.append({
-            "prompt": prompt.prompt, "city": prompt.city, "days": prompt.days, "preferences": list(prompt.preferences),
-            "outcome": outcome,
-            **{side: _answer_record(answers[side], scored[side]) for side in ("base", "tuned")},
-        })
+        log(
+            f"  [{label} {i}/{len(prompts)}] {outcome:4s} base {scored['base'].score:.2f} tuned {scored['tuned'].score:.2f}  {prompt.prompt[:60]}"
+        )
+        rows.append(
+            {
+                "prompt": prompt.prompt,
+                "city": prompt.city,
+                "days": prompt.days,
+                "preferences": list(prompt.preferences),
+                "outcome": outcome,
+                **{side: _answer_record(answers[side], scored[side]) for side in ("base", "tuned")},
+            }
+        )
     return summarise(rows)
 
 
@@ -113,11 +124,14 @@ def summarise(rows: list[dict]) -> dict:
     counts = {outcome: sum(r["outcome"] == outcome for r in rows) for outcome in ("win", "tie", "loss")}
     decided = counts["win"] + counts["loss"]
     return {
-        "wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
+        "wins": counts["win"],
+        "ties": counts["tie"],
+        "losses": counts["loss"],
         "win_rate_non_tied": counts["win"] / decided if decided else None,
         "mean_score": {side: _mean(r[side]["score"] for r in rows) for side in ("base", "tuned")},
         "criteria": {
-            name: {side: _mean(r[side]["criteria"][name] for r in rows) for side in ("base", "tuned")} for name in CRITERIA
+            name: {side: _mean(r[side]["criteria"][name] for r in rows) for side in ("base", "tuned")}
+            for name in CRITERIA
         },
         "answers": rows,
     }
@@ -144,10 +158,15 @@ def judge_pairs(judge_gguf: Path, rows: list[dict], threads: int | None = None) 
     llm = open_llama(judge_gguf, threads, n_ctx=4096)
 
     def prefers_first(request: str, a: str, b: str) -> bool | None:
-        reply = llm.create_chat_completion(
-            messages=[{"role": "user", "content": JUDGE_QUESTION.format(request=request, a=a[:2000], b=b[:2000])}],
-            temperature=0.0, max_tokens=4, seed=0,
-        )["choices"][0]["message"].get("content") or ""
+        reply = (
+            llm.create_chat_completion(
+                messages=[{"role": "user", "content": JUDGE_QUESTION.format(request=request, a=a[:2000], b=b[:2000])}],
+                temperature=0.0,
+                max_tokens=4,
+                seed=0,
+            )["choices"][0]["message"].get("content")
+            or ""
+        )
         letter = next((c for c in reply.upper() if c in "AB"), None)
         return None if letter is None else letter == "A"
 
@@ -184,15 +203,28 @@ def evaluate_domain(
     run_dir = Path(run_dir)
     pairs: dict[str, dict] = {}
     if adapter:
-        log(f"domain eval ({name}, {len(prompts)} prompts): adapter on vs off, greedy, max {decoding.max_new_tokens} new tokens")
+        log(
+            f"domain eval ({name}, {len(prompts)} prompts): adapter on vs off, greedy, max {decoding.max_new_tokens} new tokens"
+        )
         base, tuned = adapter_generators(run_dir, decoding, threads)
-        pairs["adapter"] = {"base": "adapter off", "tuned": "adapter on", **compare_pair(prompts, base, tuned, log, "adapter")}
+        pairs["adapter"] = {
+            "base": "adapter off",
+            "tuned": "adapter on",
+            **compare_pair(prompts, base, tuned, log, "adapter"),
+        }
     if ggufs is not None:
         base_gguf, tuned_gguf = ggufs
         log(f"domain eval ({name}): {base_gguf.name} vs {tuned_gguf.name} in llama.cpp")
         pairs["gguf"] = {
-            "base": str(base_gguf), "tuned": str(tuned_gguf),
-            **compare_pair(prompts, gguf_generator(base_gguf, decoding, threads), gguf_generator(tuned_gguf, decoding, threads), log, "gguf"),
+            "base": str(base_gguf),
+            "tuned": str(tuned_gguf),
+            **compare_pair(
+                prompts,
+                gguf_generator(base_gguf, decoding, threads),
+                gguf_generator(tuned_gguf, decoding, threads),
+                log,
+                "gguf",
+            ),
         }
     if judge is not None:
         if not Path(judge).is_file():
@@ -226,19 +258,27 @@ def _fmt(value: float | None) -> str:
 
 
 def domain_markdown(report: dict) -> str:
-    lines = [f"# Domain evaluation: {report['prompts']} prompts on {report['run_dir']}", "",
-             f"Greedy decoding, max {report['decoding']['max_new_tokens']} new tokens, repetition penalty "
-             f"{report['decoding']['repetition_penalty']}. Rubric: tunelab.eval.rubric (form, not facts).", "",
-             "| pair | base | tuned | wins | ties | losses | win rate (non-tied) | mean score base | mean score tuned |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Domain evaluation: {report['prompts']} prompts on {report['run_dir']}",
+        "",
+        f"Greedy decoding, max {report['decoding']['max_new_tokens']} new tokens, repetition penalty "
+        f"{report['decoding']['repetition_penalty']}. Rubric: tunelab.eval.rubric (form, not facts).",
+        "",
+        "| pair | base | tuned | wins | ties | losses | win rate (non-tied) | mean score base | mean score tuned |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, pair in report["pairs"].items():
-        lines.append(f"| {label} | {Path(pair['base']).name} | {Path(pair['tuned']).name} | {pair['wins']} | {pair['ties']} | "
-                     f"{pair['losses']} | {_fmt(pair['win_rate_non_tied'])} | {_fmt(pair['mean_score']['base'])} | "
-                     f"{_fmt(pair['mean_score']['tuned'])} |")
+        lines.append(
+            f"| {label} | {Path(pair['base']).name} | {Path(pair['tuned']).name} | {pair['wins']} | {pair['ties']} | "
+            f"{pair['losses']} | {_fmt(pair['win_rate_non_tied'])} | {_fmt(pair['mean_score']['base'])} | "
+            f"{_fmt(pair['mean_score']['tuned'])} |"
+        )
         if "judge" in pair:
             judge = pair["judge"]
-            lines.append(f"| {label}, judge {Path(judge['model']).name} | | | {judge['wins']} | {judge['ties']} | {judge['losses']} | "
-                         f"{_fmt(judge['win_rate_non_tied'])} | | |")
+            lines.append(
+                f"| {label}, judge {Path(judge['model']).name} | | | {judge['wins']} | {judge['ties']} | {judge['losses']} | "
+                f"{_fmt(judge['win_rate_non_tied'])} | | |"
+            )
     for label, pair in report["pairs"].items():
         lines += ["", f"## Mean score per criterion ({label})", "", "| criterion | base | tuned |", "|---|---|---|"]
         lines += [f"| {name} | {_fmt(v['base'])} | {_fmt(v['tuned'])} |" for name, v in pair["criteria"].items()]

@@ -17,10 +17,11 @@ from tunelab.models.inference import turn_end_ids
 from tunelab.train.heldout import heldout_loss, perplexity
 
 
-
 def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     messages = [{"role": "user", "content": prompt}]
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    input_ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     input_ids = input_ids.to(model.device)
     with torch.no_grad():
         output = model.generate(
@@ -34,7 +35,9 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbose: bool = False, samples: bool = True) -> dict:
+def evaluate_run(
+    run_dir: str | Path, overrides: list[str] | None = None, verbose: bool = False, samples: bool = True
+) -> dict:
     from tunelab.config import apply_overrides, config_from_dict
     from tunelab.data.prepare import load_prepared, prepare_dataset
     from tunelab.models.runs import load_run_model, run_config
@@ -60,7 +63,14 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, verbos
     own_attention = model.config._attn_implementation
     packing = use_plan(model, cfg.train.packing, log=print if verbose else lambda *_: None)
     score = lambda: heldout_loss(  # noqa: E731
-        model, val_rows, cfg.eval.batch_size, packing, tokenizer.pad_token_id, precision, device, cfg.train.loss_chunk_tokens
+        model,
+        val_rows,
+        cfg.eval.batch_size,
+        packing,
+        tokenizer.pad_token_id,
+        precision,
+        device,
+        cfg.train.loss_chunk_tokens,
     )
     tuned_loss = score()
     with model.disable_adapter():
@@ -104,7 +114,18 @@ def _samples_markdown(report: dict) -> str:
         "",
     ]
     for sample in report["samples"]:
-        lines += [f"## {sample['prompt']}", "", "**Base:**", "", sample["base"], "", "**Tuned:**", "", sample["tuned"], ""]
+        lines += [
+            f"## {sample['prompt']}",
+            "",
+            "**Base:**",
+            "",
+            sample["base"],
+            "",
+            "**Tuned:**",
+            "",
+            sample["tuned"],
+            "",
+        ]
     return "\n".join(lines)
 
 

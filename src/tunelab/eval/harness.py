@@ -42,7 +42,9 @@ class HarnessTasks:
     """The requested tasks, loaded (their data included) and ready for both models."""
 
     spec: str
-    manager: object  # the lm-eval TaskManager that loaded them (simple_evaluate would otherwise scan its built-ins again)
+    manager: (
+        object  # the lm-eval TaskManager that loaded them (simple_evaluate would otherwise scan its built-ins again)
+    )
     objects: list = field(default_factory=list)  # lm-eval Task and Group objects, one or more per requested item
     names: list[str] = field(default_factory=list)  # the requested items that loaded
     skipped: dict[str, str] = field(default_factory=dict)  # requested item -> why it could not be loaded
@@ -73,7 +75,9 @@ def load_tasks(spec: str, log=print) -> HarnessTasks | None:
     from lm_eval.tasks import TaskManager
 
     items, include = parse_task_spec(spec)
-    needs_builtins = any(not Path(item).expanduser().exists() for item in items)  # the built-in index takes ~10 s to scan
+    needs_builtins = any(
+        not Path(item).expanduser().exists() for item in items
+    )  # the built-in index takes ~10 s to scan
     manager = TaskManager(include_path=[str(p) for p in include] or None, include_defaults=needs_builtins)
     tasks = HarnessTasks(spec, manager)
     for item in items:
@@ -132,12 +136,19 @@ def evaluate_with_lm_eval(model, tokenizer, tasks: HarnessTasks, limit: int | No
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=_flat(tasks.objects), task_manager=tasks.manager, limit=limit, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS,
+        model=lm,
+        tasks=_flat(tasks.objects),
+        task_manager=tasks.manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=BOOTSTRAP_ITERS,
     )
     return {"results": out["results"], "n_samples": out.get("n-samples", {})}
 
 
-def run_lm_eval(run_dir: str | Path, tasks: HarnessTasks, limit: int | None = None, threads: int | None = None, log=print) -> dict:
+def run_lm_eval(
+    run_dir: str | Path, tasks: HarnessTasks, limit: int | None = None, threads: int | None = None, log=print
+) -> dict:
     """Base vs tuned on the loaded tasks; writes RUN/eval/lm-eval.json and prints the side-by-side table."""
     from tunelab.models.runs import load_run_model, run_config
     from tunelab.train.recipe import set_threads
@@ -187,8 +198,10 @@ def side_by_side(base: dict, tuned: dict) -> dict:
             metric, filter_name = key.split(",", 1)
             stderr = f"{metric}_stderr,{filter_name}"
             metrics[key] = {
-                "base": _number(base_row.get(key)), "tuned": _number(value),
-                "base_stderr": _number(base_row.get(stderr)), "tuned_stderr": _number(tuned_row.get(stderr)),
+                "base": _number(base_row.get(key)),
+                "tuned": _number(value),
+                "base_stderr": _number(base_row.get(stderr)),
+                "tuned_stderr": _number(tuned_row.get(stderr)),
             }
         samples = tuned["n_samples"].get(task, {}).get("effective")
         table[task] = {"samples": samples, "metrics": metrics}
@@ -204,9 +217,16 @@ def format_table(report: dict) -> str:
     for task, row in report["results"].items():
         for metric, v in row["metrics"].items():
             delta = v["tuned"] - v["base"] if v["base"] is not None and v["tuned"] is not None else None
-            rows.append((task, metric.removesuffix(",none"), "" if row["samples"] is None else str(row["samples"]),
-                         _cell(v["base"], v["base_stderr"]), _cell(v["tuned"], v["tuned_stderr"]),
-                         "—" if delta is None else f"{delta:+.4f}"))
+            rows.append(
+                (
+                    task,
+                    metric.removesuffix(",none"),
+                    "" if row["samples"] is None else str(row["samples"]),
+                    _cell(v["base"], v["base_stderr"]),
+                    _cell(v["tuned"], v["tuned_stderr"]),
+                    "—" if delta is None else f"{delta:+.4f}",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -34,15 +34,20 @@ def day_plan_grammar(days: int) -> str:
     low, high = LINE_CHARS
     fewest, most = ITEMS_PER_DAY
     day_rules = "\n".join(f'day{n} ::= "Day {n}: " line "\\n" items' for n in range(1, days + 1))
-    return "\n".join([
-        "root ::= opening " + " ".join(f"day{n}" for n in range(1, days + 1)) + " closing?",
-        'opening ::= text "\\n\\n"',
-        day_rules,
-        f'items ::= item{{{fewest},{most}}} "\\n"',
-        'item ::= "- " text "\\n"',
-        f"line ::= [^\\n]{{{low},{high}}}",
-        # Any other line must not read as a day heading ("Day 4", "- Day 4", "## Day 4" count as sections), so it
-        # starts with neither "d" nor a Markdown marker.
-        f"text ::= [^Dd#*>_+\\- \\t\\n0-9] [^\\n]{{{low - 1},{high - 1}}}",
-        "closing ::= text",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "root ::= opening " + " ".join(f"day{n}" for n in range(1, days + 1)) + " closing?",
+                'opening ::= text "\\n\\n"',
+                day_rules,
+                f'items ::= item{{{fewest},{most}}} "\\n"',
+                'item ::= "- " text "\\n"',
+                f"line ::= [^\\n]{{{low},{high}}}",
+                # Any other line must not read as a day heading ("Day 4", "- Day 4", "## Day 4" count as sections), so it
+                # starts with neither "d" nor a Markdown marker.
+                f"text ::= [^Dd#*>_+\\- \\t\\n0-9] [^\\n]{{{low - 1},{high - 1}}}",
+                "closing ::= text",
+            ]
+        )
+        + "\n"
+    )

@@ -23,7 +23,9 @@ SHIPPED_TRAVEL_PROMPTS = Path(__file__).resolve().parent / "travel_prompts.jsonl
 
 # A "Day N" section starts a line, optionally after Markdown heading/list/bold markers: "## Day 2", "**Day 2:**",
 # "- Day 2 -", "1. Day 1". "on day 2 of your trip" inside a sentence is not a section.
-_DAY_HEADING = re.compile(r"^[ \t]*(?:#{1,6}[ \t]*|[-*+>][ \t]*|\d+[.)][ \t]*)?(?:\*\*|__)?[ \t]*day[ \t]+(\d{1,3})\b", re.I | re.M)
+_DAY_HEADING = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]*|[-*+>][ \t]*|\d+[.)][ \t]*)?(?:\*\*|__)?[ \t]*day[ \t]+(\d{1,3})\b", re.I | re.M
+)
 _WORD = re.compile(r"[\w']+", re.UNICODE)
 
 REPEATED_NGRAM = 4  # word n-gram size for the repetition check
@@ -130,7 +132,11 @@ def ended_with_end_of_turn(answer: Answer, prompt: TravelPrompt) -> float | None
 def length_within_bounds(answer: Answer, prompt: TravelPrompt) -> float | None:
     """Word count within bounds that scale with the requested days (not a one-liner, not a runaway)."""
     words = len(_WORD.findall(answer.text))
-    low, high = (MIN_WORDS, MAX_WORDS) if prompt.days is None else (MIN_WORDS_PER_DAY * prompt.days, MAX_WORDS_PER_DAY * prompt.days)
+    low, high = (
+        (MIN_WORDS, MAX_WORDS)
+        if prompt.days is None
+        else (MIN_WORDS_PER_DAY * prompt.days, MAX_WORDS_PER_DAY * prompt.days)
+    )
     return float(low <= words <= high)
 
 
@@ -152,7 +158,7 @@ def score_answer(answer: Answer, prompt: TravelPrompt) -> Scored:
 
 
 def compare(base: Scored, tuned: Scored) -> str:
-    """"win" when the tuned answer scores higher than the base answer, "loss" when lower, else "tie"."""
+    """ "win" when the tuned answer scores higher than the base answer, "loss" when lower, else "tie"."""
     if abs(tuned.score - base.score) < 1e-9:
         return "tie"
     return "win" if tuned.score > base.score else "loss"

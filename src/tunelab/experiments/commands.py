@@ -9,14 +9,23 @@ from typing import Annotated, Optional
 import typer
 
 
-
 def sweep_cmd(
-    config: Annotated[Path, typer.Argument(help="A sweep file (base + grid/runs + held-out sets), or a base config with --grid.")],
+    config: Annotated[
+        Path, typer.Argument(help="A sweep file (base + grid/runs + held-out sets), or a base config with --grid.")
+    ],
     grid: Annotated[
-        Optional[list[str]], typer.Option("--grid", help="Shortcut: key.path=v1,v2,... on a base config (repeatable; the grid is their product).")
+        Optional[list[str]],
+        typer.Option(
+            "--grid", help="Shortcut: key.path=v1,v2,... on a base config (repeatable; the grid is their product)."
+        ),
     ] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: the sweep file's `output`, or <train.output_dir>-sweep).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="With --grid: override applied to every grid point.")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(help="Sweep folder (default: the sweep file's `output`, or <train.output_dir>-sweep)."),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="With --grid: override applied to every grid point.")
+    ] = None,
 ) -> None:
     """Train, export and judge one run per sweep point on the same held-out sets; results.csv/.md and plots.
 
@@ -42,11 +51,22 @@ def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder wr
 
 
 def travel_data_cmd(
-    output: Annotated[Path, typer.Argument(help="Folder for itineraries.jsonl, self-generated.jsonl, preference-pairs.jsonl, counts.json.")],
-    prompts: Annotated[int, typer.Option(min=0, help="Synthetic travel prompts to sample (0: only select real itineraries).")] = 40,
-    samples: Annotated[int, typer.Option(min=1, help="Sampled answers per synthetic prompt (rejection sampling keeps the best).")] = 4,
-    model: Annotated[Optional[Path], typer.Option(help="GGUF to sample from (default: the embedded base SmolLM2-135M).")] = None,
-    min_score: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep a best answer only at or above this rubric score.")] = 1.0,
+    output: Annotated[
+        Path,
+        typer.Argument(help="Folder for itineraries.jsonl, self-generated.jsonl, preference-pairs.jsonl, counts.json."),
+    ],
+    prompts: Annotated[
+        int, typer.Option(min=0, help="Synthetic travel prompts to sample (0: only select real itineraries).")
+    ] = 40,
+    samples: Annotated[
+        int, typer.Option(min=1, help="Sampled answers per synthetic prompt (rejection sampling keeps the best).")
+    ] = 4,
+    model: Annotated[
+        Optional[Path], typer.Option(help="GGUF to sample from (default: the embedded base SmolLM2-135M).")
+    ] = None,
+    min_score: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Keep a best answer only at or above this rubric score.")
+    ] = 1.0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompt mix.")] = 0,
     max_days: Annotated[int, typer.Option(min=1, max=7, help="Synthetic prompts ask for 1 to this many days.")] = 5,
@@ -57,7 +77,11 @@ def travel_data_cmd(
     """Travel training data: real day-by-day itineraries from the embedded ShareGPT, plus base-model answers to
     synthetic prompts kept by rejection sampling under the travel rubric (never the shipped eval prompts)."""
     from tunelab.experiments.travel_data import (
-        gguf_sampler, rejection_sample, select_itineraries, sharegpt_first_exchanges, synthetic_prompts,
+        gguf_sampler,
+        rejection_sample,
+        select_itineraries,
+        sharegpt_first_exchanges,
+        synthetic_prompts,
     )
     from tunelab.io import write_jsonl
 
@@ -69,33 +93,51 @@ def travel_data_cmd(
         from tunelab.models.loading import embedded_gguf_path
 
         sampler = gguf_sampler(model or embedded_gguf_path("smollm2-135m"), threads=threads, day_grammar=grammar)
-        rows, pairs, sampled = rejection_sample(synthetic_prompts(prompts, seed, max_days), sampler, samples, min_score, log=typer.echo)
+        rows, pairs, sampled = rejection_sample(
+            synthetic_prompts(prompts, seed, max_days), sampler, samples, min_score, log=typer.echo
+        )
         write_jsonl(output / "self-generated.jsonl", rows)
         write_jsonl(output / "preference-pairs.jsonl", pairs)
-        report["self_generated"] = {**dict(sampled), "kept": sampled["kept"], "preference_pairs": len(pairs), "min_score": min_score,
-                                  "day_grammar": grammar}
-        typer.echo(f"self-generated: kept {sampled['kept']} of {sampled['prompts']} prompts from {sampled['samples']} samples")
+        report["self_generated"] = {
+            **dict(sampled),
+            "kept": sampled["kept"],
+            "preference_pairs": len(pairs),
+            "min_score": min_score,
+            "day_grammar": grammar,
+        }
+        typer.echo(
+            f"self-generated: kept {sampled['kept']} of {sampled['prompts']} prompts from {sampled['samples']} samples"
+        )
     (output / "counts.json").write_text(json.dumps(report, indent=2))
 
 
 def promote_cmd(
-    candidate: Annotated[Optional[Path], typer.Argument(help="Run folder or .gguf to promote (not needed with --rollback).")] = None,
+    candidate: Annotated[
+        Optional[Path], typer.Argument(help="Run folder or .gguf to promote (not needed with --rollback).")
+    ] = None,
     over: Annotated[
         Optional[Path],
         typer.Option("--over", help="The model served now: run folder or .gguf (default: what --serve-dir serves)."),
     ] = None,
     serve_dir: Annotated[
-        Optional[Path], typer.Option(help="Folder whose current.json `tunelab serve DIR` serves; updated only when the gates pass.")
+        Optional[Path],
+        typer.Option(help="Folder whose current.json `tunelab serve DIR` serves; updated only when the gates pass."),
     ] = None,
     evalset: Annotated[
         Optional[Path], typer.Option(help="Feedback regression set (`tunelab feedback export DB --format evalset`).")
     ] = None,
-    rollback: Annotated[bool, typer.Option(help="Point --serve-dir back at the model served before the last promotion.")] = False,
+    rollback: Annotated[
+        bool, typer.Option(help="Point --serve-dir back at the model served before the last promotion.")
+    ] = False,
     space: Annotated[
-        Optional[Path], typer.Option(help="Also rebuild this Space bundle around the model --serve-dir now serves (a q4_k_m export).")
+        Optional[Path],
+        typer.Option(help="Also rebuild this Space bundle around the model --serve-dir now serves (a q4_k_m export)."),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Threads for the latency measurement.")] = 2,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Gate override, e.g. --set promote.min_regression_win_rate=0.6.")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Gate override, e.g. --set promote.min_regression_win_rate=0.6."),
+    ] = None,
 ) -> None:
     """Compare CANDIDATE with the current model (val loss, feedback regression set, travel rubric, q4_k_m latency);
     write a decision report and promote only when every measured gate passes. Exit code 1 when not promoted."""

@@ -31,7 +31,6 @@ from tunelab.errors import UserError
 from tunelab.experiments.travel_eval import SHIPPED_QUANT, tuned_gguf_path
 
 
-
 @dataclass
 class Check:
     name: str
@@ -96,7 +95,9 @@ def gates_for(candidate: Path, overrides: list[str]) -> PromoteConfig:
         bad = [o for o in overrides if not o.startswith("promote.")]
         if bad:
             raise UserError(f"--set {bad[0]}: tunelab promote takes only promote.* keys")
-        raw = apply_overrides({**raw, "promote": raw.get("promote") or PromoteConfig().model_dump(mode="json")}, overrides)
+        raw = apply_overrides(
+            {**raw, "promote": raw.get("promote") or PromoteConfig().model_dump(mode="json")}, overrides
+        )
     return config_from_dict(raw, str(candidate)).promote
 
 
@@ -115,7 +116,9 @@ def reference_rows(tokenizer, records: list[dict], max_seq_len: int) -> list[tup
     from tunelab.data.masking import Encoded, encode_conversations
 
     conversations = [[*r["messages"], {"role": "assistant", "content": r["reference"]}] for r in records]
-    encoded, _ = encode_conversations(tokenizer, conversations, [f"evalset:{i}" for i in range(len(records))], max_seq_len, "truncate")
+    encoded, _ = encode_conversations(
+        tokenizer, conversations, [f"evalset:{i}" for i in range(len(records))], max_seq_len, "truncate"
+    )
     return [(e.input_ids, e.labels) for e in encoded if isinstance(e, Encoded) and any(x != -100 for x in e.labels)]
 
 
@@ -151,19 +154,38 @@ def adapter_checks(candidate: Path, current: Path, gates: PromoteConfig, evalset
     log(f"val loss: scoring both adapters on {current}'s held-out split")
     _, val_set = load_prepared(prepare_dataset(cur_cfg))
     val_rows = rows_of(val_set)[: gates.max_val_rows or None]
-    losses = each_adapter(lambda: heldout_loss(model, val_rows, cur_cfg.eval.batch_size, False, pad_id, precision, _cpu()))
+    losses = each_adapter(
+        lambda: heldout_loss(model, val_rows, cur_cfg.eval.batch_size, False, pad_id, precision, _cpu())
+    )
     limit = losses["current"] * (1 + gates.max_val_loss_regression)
     checks = [Check(
         "val_loss", losses["current"], losses["candidate"], f"candidate <= current x {1 + gates.max_val_loss_regression:g}",
         losses["candidate"] <= limit, f"{len(val_rows)} held-out rows of the current run",
     )]  # fmt: skip
-    checks.append(_regression_check(evalset, read_evalset, tokenizer, cur_cfg.train.max_seq_len, each_adapter, model, pad_id, precision, gates, log))
+    checks.append(
+        _regression_check(
+            evalset,
+            read_evalset,
+            tokenizer,
+            cur_cfg.train.max_seq_len,
+            each_adapter,
+            model,
+            pad_id,
+            precision,
+            gates,
+            log,
+        )
+    )
     return checks
 
 
-def _regression_check(evalset, read_evalset, tokenizer, max_seq_len, each_adapter, model, pad_id, precision, gates, log) -> Check:
+def _regression_check(
+    evalset, read_evalset, tokenizer, max_seq_len, each_adapter, model, pad_id, precision, gates, log
+) -> Check:
     if evalset is None:
-        return _unmeasured("regression", "no regression set given (--evalset FILE from `tunelab feedback export --format evalset`)")
+        return _unmeasured(
+            "regression", "no regression set given (--evalset FILE from `tunelab feedback export --format evalset`)"
+        )
     frozen = read_evalset(evalset)
     with_reference = [r for r in frozen.records if r.get("reference")]
     rows = reference_rows(tokenizer, with_reference, max_seq_len)
@@ -175,7 +197,10 @@ def _regression_check(evalset, read_evalset, tokenizer, max_seq_len, each_adapte
     ties = sum(c == k for c, k in zip(nll["candidate"], nll["current"]))
     win_rate = (wins + ties / 2) / len(rows)
     return Check(
-        "regression", 0.5, win_rate, f"candidate win rate >= {gates.min_regression_win_rate:g}",
+        "regression",
+        0.5,
+        win_rate,
+        f"candidate win rate >= {gates.min_regression_win_rate:g}",
         win_rate >= gates.min_regression_win_rate,
         f"evalset {frozen.version}: {wins} wins, {ties} ties, {len(rows) - wins - ties} losses over {len(rows)} references"
         f" ({len(frozen.records) - len(with_reference)} prompts without a reference not scored); current column = chance",
@@ -190,7 +215,9 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
     files = {"current": shipped_gguf(current), "candidate": shipped_gguf(candidate)}
     missing = [name for name, path in files.items() if path is None]
     if missing:
-        return _unmeasured("rubric", f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)")
+        return _unmeasured(
+            "rubric", f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)"
+        )
     prompts = load_travel_prompts("travel")[: gates.rubric_prompts]
     log(f"rubric: {len(prompts)} travel prompts, current vs candidate ({SHIPPED_QUANT}, greedy)")
     decoding = Decoding(max_new_tokens=gates.rubric_max_new_tokens)
@@ -201,7 +228,10 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
     win_rate = (summary["wins"] + summary["ties"] / 2) / len(prompts)
     means = summary["mean_score"]
     return Check(
-        "rubric", means["base"], means["tuned"], f"candidate win rate >= {gates.min_rubric_win_rate:g}",
+        "rubric",
+        means["base"],
+        means["tuned"],
+        f"candidate win rate >= {gates.min_rubric_win_rate:g}",
         win_rate >= gates.min_rubric_win_rate,
         f"win rate {win_rate:.2f} ({summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses over "
         f"{len(prompts)} shipped travel prompts); columns = mean rubric score",
@@ -212,19 +242,27 @@ def latency_check(candidate: Path, current: Path, gates: PromoteConfig, threads:
     from tunelab.bench.infer import run_bench
 
     files = {"current": shipped_gguf(current), "candidate": shipped_gguf(candidate)}
-    missing = [f"{name} ({path})" for name, path in (("current", current), ("candidate", candidate)) if files[name] is None]
+    missing = [
+        f"{name} ({path})" for name, path in (("current", current), ("candidate", candidate)) if files[name] is None
+    ]
     if missing:
         return _unmeasured("latency", f"no {SHIPPED_QUANT} export for {', '.join(missing)} (run `tunelab export RUN`)")
     log(f"latency: timing both {SHIPPED_QUANT} exports ({threads} thread(s))")
-    report = run_bench([files["current"], files["candidate"]], threads, gates.latency_max_new_tokens, gates.latency_repeats)
+    report = run_bench(
+        [files["current"], files["candidate"]], threads, gates.latency_max_new_tokens, gates.latency_repeats
+    )
     rates = [r.get("decode_tok_s") for r in report["results"]]
     if any(not rate for rate in rates):
         return _unmeasured("latency", f"decode speed not measured ({[r.get('error') for r in report['results']]})")
     current_rate, candidate_rate = rates
     floor = current_rate * (1 - gates.max_latency_regression)
     return Check(
-        "latency", current_rate, candidate_rate, f"candidate >= current x {1 - gates.max_latency_regression:g}",
-        candidate_rate >= floor, f"q4_k_m, {threads} thread(s), {gates.latency_max_new_tokens} new tokens",
+        "latency",
+        current_rate,
+        candidate_rate,
+        f"candidate >= current x {1 - gates.max_latency_regression:g}",
+        candidate_rate >= floor,
+        f"q4_k_m, {threads} thread(s), {gates.latency_max_new_tokens} new tokens",
     )
 
 
@@ -249,7 +287,9 @@ def decide(checks: list[Check]) -> tuple[bool, str]:
     return True, f"all {len(measured)} measured gate(s) passed"
 
 
-def compare(candidate: Path, current: Path, gates: PromoteConfig, evalset: Path | None, threads: int, log=print) -> Decision:
+def compare(
+    candidate: Path, current: Path, gates: PromoteConfig, evalset: Path | None, threads: int, log=print
+) -> Decision:
     checks: list[Check] = []
     if is_gguf(candidate) or is_gguf(current):
         note = "needs two run folders (a .gguf has no adapter to score)"
@@ -311,7 +351,9 @@ def promote(
         raise UserError(f"--evalset {evalset}: file not found")
     gates = gates_for(candidate, overrides or [])
     decision = compare(candidate, current, gates, Path(evalset) if evalset else None, threads, log)
-    report_dir = (serve_dir / "decisions") if serve_dir else (candidate.parent if is_gguf(candidate) else candidate) / "promote"
+    report_dir = (
+        (serve_dir / "decisions") if serve_dir else (candidate.parent if is_gguf(candidate) else candidate) / "promote"
+    )
     report = write_report(decision, report_dir)
     log(report_markdown(decision))
     log(f"report: {report} (+ .json)")

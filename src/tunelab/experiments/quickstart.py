@@ -9,7 +9,9 @@ from tunelab.config import load_config
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
 
-def run_quickstart(output: Path, overrides: list[str] | None = None, serve: bool = False, travel_prompts: int = 48, log=print) -> dict:
+def run_quickstart(
+    output: Path, overrides: list[str] | None = None, serve: bool = False, travel_prompts: int = 48, log=print
+) -> dict:
     """Train, then judge where the user lives: held-out loss, and (travel_prompts > 0) the travel rubric on that
     many shipped prompts, base vs tuned, both from the q4_k_m GGUF the app serves."""
     from tunelab.eval.evaluate import evaluate_run
@@ -52,8 +54,13 @@ def _travel_check(run_dir: Path, prompts: int, log) -> dict:
     # Decoded as the app's planner decodes (its token budget and repetition penalty), greedily so that the figure
     # is reproducible: judged as the user gets it. `tunelab eval RUN --prompts travel` varies these settings.
     domain = run_domain_eval(
-        run_dir, "travel", max_new_tokens=PLANNER_MAX_NEW_TOKENS, repetition_penalty=GenerationParams().repetition_penalty,
-        limit=prompts, adapter=False, log=log,
+        run_dir,
+        "travel",
+        max_new_tokens=PLANNER_MAX_NEW_TOKENS,
+        repetition_penalty=GenerationParams().repetition_penalty,
+        limit=prompts,
+        adapter=False,
+        log=log,
     )
     pair = domain["pairs"]["gguf"]
     return {key: pair[key] for key in ("wins", "ties", "losses", "win_rate_non_tied", "mean_score", "criteria")}

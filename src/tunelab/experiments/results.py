@@ -13,10 +13,31 @@ import io
 from pathlib import Path
 
 COLUMNS = [
-    "name", "model", "train_loss_last10", "final_train_loss", "general_val_loss_base", "general_val_loss_tuned", "travel_val_loss_base",
-    "travel_val_loss_tuned", "own_val_loss_final", "own_val_loss_best", "travel_score_base", "travel_score_tuned",
-    "travel_wins", "travel_ties", "travel_losses", "travel_win_rate", "travel_days_honoured_tuned", "travel_source",
-    "train_seconds", "train_tok_per_s", "peak_rss_mib", "trainable_params", "adapter_mib", "gguf_mib", "cpu_ttft_s",
+    "name",
+    "model",
+    "train_loss_last10",
+    "final_train_loss",
+    "general_val_loss_base",
+    "general_val_loss_tuned",
+    "travel_val_loss_base",
+    "travel_val_loss_tuned",
+    "own_val_loss_final",
+    "own_val_loss_best",
+    "travel_score_base",
+    "travel_score_tuned",
+    "travel_wins",
+    "travel_ties",
+    "travel_losses",
+    "travel_win_rate",
+    "travel_days_honoured_tuned",
+    "travel_source",
+    "train_seconds",
+    "train_tok_per_s",
+    "peak_rss_mib",
+    "trainable_params",
+    "adapter_mib",
+    "gguf_mib",
+    "cpu_ttft_s",
     "cpu_decode_tok_s",
 ]
 
@@ -33,7 +54,9 @@ def best_run(results: list[dict]) -> dict | None:
     """Best by held-out metrics: highest tuned travel score, then lowest general held-out loss."""
     if not results:
         return None
-    return min(results, key=lambda r: (-(r.get("travel_score_tuned") or 0.0), r.get("general_val_loss_tuned") or float("inf")))
+    return min(
+        results, key=lambda r: (-(r.get("travel_score_tuned") or 0.0), r.get("general_val_loss_tuned") or float("inf"))
+    )
 
 
 TAIL_STEPS = 10
@@ -78,7 +101,7 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
         return " + ".join(v["name"] for v in value)  # data.sources: the source names, not every field
     if isinstance(value, float):
-        if value and abs(value) < 10 ** -digits:  # learning rates such as 5e-06
+        if value and abs(value) < 10**-digits:  # learning rates such as 5e-06
             return f"{value:.2g}"
         return f"{value:.{digits}f}"
     return str(value)
@@ -90,27 +113,56 @@ def results_markdown(results: list[dict], keys: list[str]) -> str:
     if best:
         lines.append(f"Best by held-out metrics (travel rubric, then general held-out loss): **{best['name']}**.")
         if by_train and by_train["name"] != best["name"]:
-            lines.append(f"Lowest training loss (mean of the last {TAIL_STEPS} steps): {by_train['name']} "
-                         f"({_fmt(train_loss_tail(by_train))}) — not the same run.")
+            lines.append(
+                f"Lowest training loss (mean of the last {TAIL_STEPS} steps): {by_train['name']} "
+                f"({_fmt(train_loss_tail(by_train))}) — not the same run."
+            )
         lines.append("")
-    header = ["run", *keys, f"train loss (last {TAIL_STEPS} steps)", "general val base → tuned", "travel val base → tuned", "travel score base → tuned",
-              "win/tie/loss", "days ok", "train s", "tok/s", "peak MiB", "LoRA params", "adapter MiB", "TTFT s", "decode tok/s"]
+    header = [
+        "run",
+        *keys,
+        f"train loss (last {TAIL_STEPS} steps)",
+        "general val base → tuned",
+        "travel val base → tuned",
+        "travel score base → tuned",
+        "win/tie/loss",
+        "days ok",
+        "train s",
+        "tok/s",
+        "peak MiB",
+        "LoRA params",
+        "adapter MiB",
+        "TTFT s",
+        "decode tok/s",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         mark = " ★" if best and r["name"] == best["name"] else ""
         mark += " (lowest train loss)" if by_train and r["name"] == by_train["name"] and by_train is not best else ""
         wtl = "—" if r.get("travel_wins") is None else f"{r['travel_wins']}/{r['travel_ties']}/{r['travel_losses']}"
         cells = [
-            f"{r['name']}{mark}", *(_fmt(r["overrides"].get(k)) for k in keys), _fmt(train_loss_tail(r)),
+            f"{r['name']}{mark}",
+            *(_fmt(r["overrides"].get(k)) for k in keys),
+            _fmt(train_loss_tail(r)),
             f"{_fmt(r.get('general_val_loss_base'))} → {_fmt(r.get('general_val_loss_tuned'))}",
             f"{_fmt(r.get('travel_val_loss_base'))} → {_fmt(r.get('travel_val_loss_tuned'))}",
-            f"{_fmt(r.get('travel_score_base'), 3)} → {_fmt(r.get('travel_score_tuned'), 3)}", wtl,
-            _fmt(r.get("travel_days_honoured_tuned"), 2), _fmt(r.get("train_seconds"), 0), _fmt(r.get("train_tok_per_s"), 0),
-            _fmt(r.get("peak_rss_mib"), 0), _fmt(r.get("trainable_params")), _fmt(r.get("adapter_mib"), 1),
-            _fmt(r.get("cpu_ttft_s"), 3), _fmt(r.get("cpu_decode_tok_s"), 1),
+            f"{_fmt(r.get('travel_score_base'), 3)} → {_fmt(r.get('travel_score_tuned'), 3)}",
+            wtl,
+            _fmt(r.get("travel_days_honoured_tuned"), 2),
+            _fmt(r.get("train_seconds"), 0),
+            _fmt(r.get("train_tok_per_s"), 0),
+            _fmt(r.get("peak_rss_mib"), 0),
+            _fmt(r.get("trainable_params")),
+            _fmt(r.get("adapter_mib"), 1),
+            _fmt(r.get("cpu_ttft_s"), 3),
+            _fmt(r.get("cpu_decode_tok_s"), 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Plots: loss_curves.png, metrics_vs_<key>.png, quality_vs_latency.png (when latency was measured).", ""]
+    lines += [
+        "",
+        "Plots: loss_curves.png, metrics_vs_<key>.png, quality_vs_latency.png (when latency was measured).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -135,8 +187,12 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
 
-    metrics = [("general_val_loss_tuned", "general held-out loss"), ("travel_val_loss_tuned", "travel held-out loss"),
-               ("train_loss_last10", f"train loss (last {TAIL_STEPS} steps)"), ("travel_score_tuned", "travel rubric score")]
+    metrics = [
+        ("general_val_loss_tuned", "general held-out loss"),
+        ("travel_val_loss_tuned", "travel held-out loss"),
+        ("train_loss_last10", f"train loss (last {TAIL_STEPS} steps)"),
+        ("travel_score_tuned", "travel rubric score"),
+    ]
     for i, key in enumerate(keys):
         if any(_tied(results, earlier, key) for earlier in keys[:i]):
             continue  # alpha = 2 x rank: the rank's plot already shows it
@@ -146,8 +202,9 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
         series = _series_by_other_keys(results, [k for k in keys if k != key and not _tied(results, key, k)])
         for ax, (metric, title) in zip(axes, metrics):
             for label, runs in series.items():
-                points = sorted((positions[repr(r["overrides"].get(key))], r.get(metric)) for r in runs
-                                if r.get(metric) is not None)
+                points = sorted(
+                    (positions[repr(r["overrides"].get(key))], r.get(metric)) for r in runs if r.get(metric) is not None
+                )
                 ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=label or None)
             base = _base_value(results, metric)
             if base is not None:  # where the untrained model stands: a run below it got worse

@@ -24,7 +24,9 @@ RESULT_FILE = "sweep-result.json"
 
 
 def run_config_for(spec: SweepSpec, spec_dir: Path, run: PlannedRun, output: Path) -> Config:
-    return load_config(_base_path(spec, spec_dir), [*spec.set, *as_set_items(run.overrides), f"train.output_dir={output / run.name}"])
+    return load_config(
+        _base_path(spec, spec_dir), [*spec.set, *as_set_items(run.overrides), f"train.output_dir={output / run.name}"]
+    )
 
 
 def _base_path(spec: SweepSpec, spec_dir: Path) -> Path:
@@ -52,7 +54,9 @@ def check_requirements(spec: SweepSpec) -> None:
         try:
             socket.create_connection(("huggingface.co", 443), timeout=3).close()
         except OSError:
-            raise ConfigError("sweep: this sweep downloads models from the Hugging Face Hub (requires: hub), which is unreachable") from None
+            raise ConfigError(
+                "sweep: this sweep downloads models from the Hugging Face Hub (requires: hub), which is unreachable"
+            ) from None
 
 
 def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> list[dict]:
@@ -63,14 +67,20 @@ def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> 
     runs = planned_runs(spec)
     output = Path(output or sweep_output(spec, spec_dir))
     base_cfg = load_config(_base_path(spec, spec_dir), spec.set)
-    configs = {run.name: run_config_for(spec, spec_dir, run, output) for run in runs}  # validate all before training any
+    configs = {
+        run.name: run_config_for(spec, spec_dir, run, output) for run in runs
+    }  # validate all before training any
     for name, cfg in configs.items():
-        if cfg.model.name.startswith("embedded:"):  # a missing embedded model fails now, not after hours of earlier runs
+        if cfg.model.name.startswith(
+            "embedded:"
+        ):  # a missing embedded model fails now, not after hours of earlier runs
             from tunelab.models.loading import embedded_gguf_path
 
             embedded_gguf_path(cfg.model.name.split(":", 1)[1])
         if cfg.data.val_fraction != base_cfg.data.val_fraction:
-            raise ConfigError(f"sweep run {name}: data.val_fraction must stay {base_cfg.data.val_fraction} (the fixed held-out sets depend on it)")
+            raise ConfigError(
+                f"sweep run {name}: data.val_fraction must stay {base_cfg.data.val_fraction} (the fixed held-out sets depend on it)"
+            )
     output.mkdir(parents=True, exist_ok=True)
     (output / "sweep.yaml").write_text(spec.model_dump_json(indent=2))  # what was run (JSON is valid YAML)
     log(f"sweep: {len(runs)} runs into {output}")
@@ -91,7 +101,11 @@ def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> 
 
 def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> list[dict]:
     """Every finished run's result, in sweep order (or folder order when the plan is not at hand)."""
-    folders = [output / r.name for r in runs] if runs is not None else sorted(p.parent for p in output.glob(f"*/{RESULT_FILE}"))
+    folders = (
+        [output / r.name for r in runs]
+        if runs is not None
+        else sorted(p.parent for p in output.glob(f"*/{RESULT_FILE}"))
+    )
     return [json.loads((f / RESULT_FILE).read_text()) for f in folders if (f / RESULT_FILE).is_file()]
 
 
@@ -107,7 +121,9 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
         log(f"  trained earlier ({summary['steps']} steps)")
     else:
         summary = run_training(cfg, resume=True, log=log)
-    heldout = _cached(run_dir / "eval" / "heldout.json", lambda: heldout_losses(run_dir, cfg, spec, base_cfg), log, "held-out loss")
+    heldout = _cached(
+        run_dir / "eval" / "heldout.json", lambda: heldout_losses(run_dir, cfg, spec, base_cfg), log, "held-out loss"
+    )
     gguf = None
     if spec.export:
         gguf = run_dir / "export" / f"model-{spec.quant}.gguf"
@@ -118,11 +134,17 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
     suffix = quant_suffix(spec.quant)  # a run judged from two types keeps both
     travel = None
     if spec.travel_eval.enabled:
-        travel = _cached(run_dir / "eval" / f"travel{suffix}.json", lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log),
-                         log, "travel eval")
+        travel = _cached(
+            run_dir / "eval" / f"travel{suffix}.json",
+            lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log),
+            log,
+            "travel eval",
+        )
     latency = None
     if gguf is not None:
-        latency = _cached(run_dir / "eval" / f"latency{suffix}.json", lambda: cpu_latency(gguf, spec), log, "CPU latency")
+        latency = _cached(
+            run_dir / "eval" / f"latency{suffix}.json", lambda: cpu_latency(gguf, spec), log, "CPU latency"
+        )
     result = collect(run, cfg, run_dir, summary, heldout, travel, latency, spec.quant)
     atomic_write(run_dir / RESULT_FILE, json.dumps(result, indent=2))
     return result
@@ -149,8 +171,15 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
     # One base GGUF per base model for the whole sweep: runs of the same model compare against the same file.
     slug = "".join(c if c.isalnum() else "-" for c in cfg.model.name)
     return run_domain_eval(
-        run_dir, prompts, max_new_tokens=spec.travel_eval.max_new_tokens, limit=spec.travel_eval.limit, gguf=spec.export,
-        adapter=not spec.export, threads=spec.latency.threads, log=log, base_gguf=output / "base-models" / f"{slug}-{spec.quant}.gguf",
+        run_dir,
+        prompts,
+        max_new_tokens=spec.travel_eval.max_new_tokens,
+        limit=spec.travel_eval.limit,
+        gguf=spec.export,
+        adapter=not spec.export,
+        threads=spec.latency.threads,
+        log=log,
+        base_gguf=output / "base-models" / f"{slug}-{spec.quant}.gguf",
         quant=spec.quant,
     )
 
@@ -192,8 +221,16 @@ def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config
         rows = rows_of(load_prepared(folder)[1])[: spec.heldout.max_rows]
 
         def score() -> float:
-            return heldout_loss(model, rows, cfg.eval.batch_size, False, tokenizer.pad_token_id, precision, torch.device("cpu"),
-                                   cfg.train.loss_chunk_tokens)
+            return heldout_loss(
+                model,
+                rows,
+                cfg.eval.batch_size,
+                False,
+                tokenizer.pad_token_id,
+                precision,
+                torch.device("cpu"),
+                cfg.train.loss_chunk_tokens,
+            )
 
         tuned = score()
         with model.disable_adapter():
@@ -238,8 +275,16 @@ def curves(run_dir: Path) -> dict:
     return {"train": train, "val": val}
 
 
-def collect(run: PlannedRun, cfg: Config, run_dir: Path, summary: dict, heldout: dict, travel: dict | None, latency: dict | None,
-            quant: str = "q4_k_m") -> dict:
+def collect(
+    run: PlannedRun,
+    cfg: Config,
+    run_dir: Path,
+    summary: dict,
+    heldout: dict,
+    travel: dict | None,
+    latency: dict | None,
+    quant: str = "q4_k_m",
+) -> dict:
     curve = curves(run_dir)
     result = {
         "name": run.name,
@@ -259,16 +304,26 @@ def collect(run: PlannedRun, cfg: Config, run_dir: Path, summary: dict, heldout:
     }
     if travel:
         pair = travel["pairs"].get("gguf") or travel["pairs"].get("adapter")
-        result.update({
-            "travel_source": f"gguf-{quant}" if "gguf" in travel["pairs"] else "adapter",
-            "travel_prompts": len(pair["answers"]),
-            "travel_score_base": pair["mean_score"]["base"],
-            "travel_score_tuned": pair["mean_score"]["tuned"],
-            "travel_wins": pair["wins"], "travel_ties": pair["ties"], "travel_losses": pair["losses"],
-            "travel_win_rate": pair["win_rate_non_tied"],
-            "travel_days_honoured_tuned": pair["criteria"]["days_honoured"]["tuned"],
-        })
+        result.update(
+            {
+                "travel_source": f"gguf-{quant}" if "gguf" in travel["pairs"] else "adapter",
+                "travel_prompts": len(pair["answers"]),
+                "travel_score_base": pair["mean_score"]["base"],
+                "travel_score_tuned": pair["mean_score"]["tuned"],
+                "travel_wins": pair["wins"],
+                "travel_ties": pair["ties"],
+                "travel_losses": pair["losses"],
+                "travel_win_rate": pair["win_rate_non_tied"],
+                "travel_days_honoured_tuned": pair["criteria"]["days_honoured"]["tuned"],
+            }
+        )
     if latency:
-        result.update({"cpu_ttft_s": latency.get("ttft_s"), "cpu_decode_tok_s": latency.get("decode_tok_s"), "gguf_mib": latency.get("size_mib"),
-                       "latency_quant": quant})
+        result.update(
+            {
+                "cpu_ttft_s": latency.get("ttft_s"),
+                "cpu_decode_tok_s": latency.get("decode_tok_s"),
+                "gguf_mib": latency.get("size_mib"),
+                "latency_quant": quant,
+            }
+        )
     return result

@@ -41,7 +41,9 @@ def point_name(point: dict) -> str:
     return "_".join(f"{key.split('.')[-1]}-{value}" for key, value in point.items()).replace("/", "-")
 
 
-def run_sweep(config: str | Path, grid_items: list[str], output: Path | None = None, overrides: list[str] | None = None, log=print) -> list[dict]:
+def run_sweep(
+    config: str | Path, grid_items: list[str], output: Path | None = None, overrides: list[str] | None = None, log=print
+) -> list[dict]:
     from tunelab.eval.evaluate import evaluate_run
     from tunelab.train.recipe import run_training
 
@@ -80,14 +82,18 @@ def run_sweep(config: str | Path, grid_items: list[str], output: Path | None = N
         )
         write_results(output, [k for k, _ in grid], results)
     best = min(results, key=lambda r: r["val_loss_tuned"])
-    log(f"best by held-out loss: {best['name']} ({best['val_loss_tuned']:.4f}; base {best['val_loss_base']:.4f}); table: {output / 'sweep.md'}")
+    log(
+        f"best by held-out loss: {best['name']} ({best['val_loss_tuned']:.4f}; base {best['val_loss_base']:.4f}); table: {output / 'sweep.md'}"
+    )
     return results
 
 
 def write_results(output: Path, keys: list[str], results: list[dict]) -> None:
     output.mkdir(parents=True, exist_ok=True)
     ranked = sorted(results, key=lambda r: r["val_loss_tuned"])
-    (output / "sweep.json").write_text(json.dumps({"grid": keys, "ranked_by": "val_loss_tuned", "runs": ranked}, indent=2))
+    (output / "sweep.json").write_text(
+        json.dumps({"grid": keys, "ranked_by": "val_loss_tuned", "runs": ranked}, indent=2)
+    )
     lines = [
         "# Sweep results (ranked by held-out loss of the tuned adapter, assistant tokens only)",
         "",

@@ -44,7 +44,9 @@ class HeldoutSpec(_Spec):
 
 
 class TravelEvalSpec(_Spec):
-    prompts: str = Field("travel", description="`travel` (the shipped set) or a JSONL prompt file, relative to the sweep file.")
+    prompts: str = Field(
+        "travel", description="`travel` (the shipped set) or a JSONL prompt file, relative to the sweep file."
+    )
     limit: int | None = Field(12, gt=0, description="Only the first N prompts (None: all); bounds CPU time per run.")
     max_new_tokens: int = Field(256, gt=0, description="New tokens per answer (greedy).")
     enabled: bool = Field(True, description="Score the travel rubric (base vs tuned) for every run.")
@@ -58,15 +60,29 @@ class LatencySpec(_Spec):
 
 class SweepSpec(_Spec):
     base: str = Field(description="Base YAML config, relative to the sweep file (or absolute).")
-    output: str | None = Field(None, description="Sweep folder, relative to the working directory (default: <base output_dir>-sweep).")
+    output: str | None = Field(
+        None, description="Sweep folder, relative to the working directory (default: <base output_dir>-sweep)."
+    )
     set: list[str] = Field(default_factory=list, description="Overrides (key.path=value) applied to every run.")
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Axes whose product gives runs; a value may be a mapping of several keys.")
-    runs: list[dict[str, Any]] = Field(default_factory=list, description="Explicit runs: {name, set: {key.path: value}}.")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Axes whose product gives runs; a value may be a mapping of several keys."
+    )
+    runs: list[dict[str, Any]] = Field(
+        default_factory=list, description="Explicit runs: {name, set: {key.path: value}}."
+    )
     heldout: HeldoutSpec = Field(default_factory=HeldoutSpec, description="The held-out sets every run is judged on.")
-    travel_eval: TravelEvalSpec = Field(default_factory=TravelEvalSpec, description="The travel rubric eval of every run.")
-    export: bool = Field(True, description="Export a GGUF per run (type `quant`); the travel eval then uses the GGUFs and CPU latency is measured.")
-    quant: str = Field("q4_k_m", description="GGUF type exported, judged and timed per run: q4_k_m is what the app serves; "
-                       "q8_0 keeps more of a small fine-tune (q4_k_m rounded a 30-step Gemma-3-270M fine-tune away).")
+    travel_eval: TravelEvalSpec = Field(
+        default_factory=TravelEvalSpec, description="The travel rubric eval of every run."
+    )
+    export: bool = Field(
+        True,
+        description="Export a GGUF per run (type `quant`); the travel eval then uses the GGUFs and CPU latency is measured.",
+    )
+    quant: str = Field(
+        "q4_k_m",
+        description="GGUF type exported, judged and timed per run: q4_k_m is what the app serves; "
+        "q8_0 keeps more of a small fine-tune (q4_k_m rounded a 30-step Gemma-3-270M fine-tune away).",
+    )
     latency: LatencySpec = Field(default_factory=LatencySpec, description="CPU latency settings for the exported GGUF.")
     requires: list[str] = Field(default_factory=list, description="`cuda` and/or `hub`: refuse to start without them.")
 
@@ -128,9 +144,14 @@ def _grid_runs(grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
 
 def run_name(overrides: dict[str, Any]) -> str:
     """{"train.lr": 5e-05, "lora.r": 16} -> "lr-5e-05_r-16" (folder-safe)."""
-    return "_".join(f"{key.split('.')[-1]}-{value}" for key, value in overrides.items()).replace("/", "-").replace(" ", "")
+    return (
+        "_".join(f"{key.split('.')[-1]}-{value}" for key, value in overrides.items()).replace("/", "-").replace(" ", "")
+    )
 
 
 def as_set_items(overrides: dict[str, Any]) -> list[str]:
     """Overrides as `--set` strings; values are written as YAML so lists and mappings survive."""
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}" for key, value in overrides.items()]
+    return [
+        f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key, value in overrides.items()
+    ]

@@ -30,7 +30,18 @@ from tunelab.eval.rubric import (
 )
 
 TRIP_WORDS = re.compile(r"\b(?:travel|trip|itinerary|vacation|holiday|tour|visit|sightseeing|things to do in)\b", re.I)
-_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+_NUMBER_WORDS = {
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+}
 _DAYS = re.compile(r"\b(\d{1,2}|one|two|three|four|five|six|seven|eight|nine|ten)[- ]?days?\b", re.I)
 
 
@@ -56,7 +67,9 @@ def sharegpt_first_exchanges() -> Iterator[tuple[str, str] | None]:
     from tunelab.data.readers import FileStats, ReadContext, embedded_files, iter_json
 
     for path, label in embedded_files("embedded:sharegpt"):
-        ctx = ReadContext(label=label, source="sharegpt", log=ProblemLog(), max_chars=200_000, stats=FileStats(label=label))
+        ctx = ReadContext(
+            label=label, source="sharegpt", log=ProblemLog(), max_chars=200_000, stats=FileStats(label=label)
+        )
         for raw in iter_json(path, ctx):
             try:
                 messages = to_messages(record_to_pairs(raw.value, "sharegpt"), normalize=True, repair=lambda _: None)
@@ -101,21 +114,84 @@ def select_itineraries(exchanges, max_request_chars: int = 1500) -> tuple[list[d
             continue
         seen.add(key)
         counts["after_exact_dedup"] += 1
-        kept.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], "days": days})
+        kept.append(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], "days": days}
+        )
     return kept, counts
 
 
 # ------------------------------------------------------------------------ self-generated data
 # Cities for synthetic prompts; none of them is in the shipped eval set (checked in synthetic_prompts).
 SYNTHETIC_CITIES = [
-    "Porto", "Seville", "Florence", "Munich", "Budapest", "Krakow", "Dublin", "Stockholm", "Helsinki", "Bruges", "Valencia",
-    "Naples", "Osaka", "Taipei", "Shanghai", "Kuala Lumpur", "Chiang Mai", "Jaipur", "Colombo", "Tbilisi", "Fez",
-    "Dakar", "Addis Ababa", "Windhoek", "Kigali", "Chicago", "Boston", "Quebec City", "Oaxaca", "Seattle", "Bogota",
-    "Quito", "Montevideo", "La Paz", "Valparaiso", "Perth", "Hobart", "Wellington", "Brisbane", "Adelaide",
+    "Porto",
+    "Seville",
+    "Florence",
+    "Munich",
+    "Budapest",
+    "Krakow",
+    "Dublin",
+    "Stockholm",
+    "Helsinki",
+    "Bruges",
+    "Valencia",
+    "Naples",
+    "Osaka",
+    "Taipei",
+    "Shanghai",
+    "Kuala Lumpur",
+    "Chiang Mai",
+    "Jaipur",
+    "Colombo",
+    "Tbilisi",
+    "Fez",
+    "Dakar",
+    "Addis Ababa",
+    "Windhoek",
+    "Kigali",
+    "Chicago",
+    "Boston",
+    "Quebec City",
+    "Oaxaca",
+    "Seattle",
+    "Bogota",
+    "Quito",
+    "Montevideo",
+    "La Paz",
+    "Valparaiso",
+    "Perth",
+    "Hobart",
+    "Wellington",
+    "Brisbane",
+    "Adelaide",
 ]
-INTERESTS = ["food", "museums", "history", "art", "hiking", "beaches", "markets", "architecture", "music", "parks",
-             "coffee", "nightlife", "photography", "local wine", "shopping"]
-CONSTRAINTS = ["", "", "", " with kids", " on a budget", " without a car", " for a wheelchair user", " in winter", " in summer"]
+INTERESTS = [
+    "food",
+    "museums",
+    "history",
+    "art",
+    "hiking",
+    "beaches",
+    "markets",
+    "architecture",
+    "music",
+    "parks",
+    "coffee",
+    "nightlife",
+    "photography",
+    "local wine",
+    "shopping",
+]
+CONSTRAINTS = [
+    "",
+    "",
+    "",
+    " with kids",
+    " on a budget",
+    " without a car",
+    " for a wheelchair user",
+    " in winter",
+    " in summer",
+]
 # Phrased the many ways people ask (the shipped eval prompts are phrased freely too, and a model trained on one
 # phrasing learns the plan format for that phrasing only). {n_days}: "3 days"; {word_days}: "Three days", "One day".
 TEMPLATES = [
@@ -142,14 +218,23 @@ def synthetic_prompts(n: int, seed: int = 0, max_days: int = 4) -> list[TravelPr
         a, b = rng.sample(INTERESTS, 2)
         constraint = rng.choice(CONSTRAINTS)
         n_days = "1 day" if days == 1 else f"{days} days"
-        text = rng.choice(TEMPLATES).format(days=days, n_days=n_days, word_days=_WORDS[days], city=city, constraint=constraint, a=a, b=b)
-        preferences = (a, b, constraint.strip().removeprefix("with ").removeprefix("on a ").removeprefix("for a ")) if constraint else (a, b)
+        text = rng.choice(TEMPLATES).format(
+            days=days, n_days=n_days, word_days=_WORDS[days], city=city, constraint=constraint, a=a, b=b
+        )
+        preferences = (
+            (a, b, constraint.strip().removeprefix("with ").removeprefix("on a ").removeprefix("for a "))
+            if constraint
+            else (a, b)
+        )
         prompts.append(TravelPrompt(prompt=text, city=city, days=days, preferences=tuple(p for p in preferences if p)))
     return prompts
 
 
 def rejection_sample(
-    prompts: list[TravelPrompt], sample: Callable[[TravelPrompt, int], Answer], samples_per_prompt: int, min_score: float = 1.0,
+    prompts: list[TravelPrompt],
+    sample: Callable[[TravelPrompt, int], Answer],
+    samples_per_prompt: int,
+    min_score: float = 1.0,
     log=print,
 ) -> tuple[list[dict], list[dict], Counter]:
     """Best of `samples_per_prompt` sampled answers per prompt under the rubric; kept when its score >= min_score
@@ -172,18 +257,39 @@ def rejection_sample(
         counts["prompts"] += 1
         log(f"  [{i}/{len(prompts)}] best {best[0]:.2f} worst {worst[0]:.2f}  {prompt.prompt[:70]}")
         if best[0] > worst[0]:
-            pairs.append({"prompt": prompt.prompt, "chosen": best[2].text, "rejected": worst[2].text,
-                          "chosen_score": best[0], "rejected_score": worst[0]})
+            pairs.append(
+                {
+                    "prompt": prompt.prompt,
+                    "chosen": best[2].text,
+                    "rejected": worst[2].text,
+                    "chosen_score": best[0],
+                    "rejected_score": worst[0],
+                }
+            )
         if best[0] >= min_score and not best[3]:
             counts["kept"] += 1
-            kept.append({"messages": [{"role": "user", "content": prompt.prompt}, {"role": "assistant", "content": best[2].text}],
-                         "days": prompt.days, "city": prompt.city, "score": best[0]})
+            kept.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": prompt.prompt},
+                        {"role": "assistant", "content": best[2].text},
+                    ],
+                    "days": prompt.days,
+                    "city": prompt.city,
+                    "score": best[0],
+                }
+            )
     return kept, pairs, counts
 
 
 def gguf_sampler(
-    gguf: Path, temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 320, threads: int | None = None,
-    day_grammar: bool = False, repetition_penalty: float = 1.1,
+    gguf: Path,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    max_new_tokens: int = 320,
+    threads: int | None = None,
+    day_grammar: bool = False,
+    repetition_penalty: float = 1.1,
 ):
     """sample(prompt, seed) from a GGUF in llama.cpp (e.g. the embedded base model), through the app's backend.
 

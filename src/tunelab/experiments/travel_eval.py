@@ -32,8 +32,9 @@ def base_gguf_path(run_dir: Path, quant: str = SHIPPED_QUANT) -> Path:
     return run_dir / "export" / f"base-{quant}.gguf"
 
 
-def export_base_gguf(run_dir: Path, threads: int | None = None, log=print, target: Path | None = None,
-                     quant: str = SHIPPED_QUANT) -> Path:
+def export_base_gguf(
+    run_dir: Path, threads: int | None = None, log=print, target: Path | None = None, quant: str = SHIPPED_QUANT
+) -> Path:
     """The run's base model (no adapter) with the run's tokenizer and chat template, as a GGUF of type `quant`.
 
     `target` lets a sweep share one base GGUF between runs of the same base model."""
@@ -85,13 +86,17 @@ def run_domain_eval(
 
     run_config(run_dir)  # a clear error for a folder that is not a finished run
     prompts = load_travel_prompts(prompts_source)[: limit or None]
-    name = ("travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}") + ("-grammar" if day_grammar else "")
+    name = ("travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}") + (
+        "-grammar" if day_grammar else ""
+    )
     name += quant_suffix(quant)
     ggufs = None
     if gguf and tuned_gguf_path(run_dir, quant).is_file():
         ggufs = (export_base_gguf(run_dir, threads, log, base_gguf, quant), tuned_gguf_path(run_dir, quant))
     elif gguf:
-        log(f"no {tuned_gguf_path(run_dir, quant)}: GGUF comparison skipped (run `tunelab export {run_dir} --gguf {quant}` first)")
+        log(
+            f"no {tuned_gguf_path(run_dir, quant)}: GGUF comparison skipped (run `tunelab export {run_dir} --gguf {quant}` first)"
+        )
     if judge is None:
         log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: --lm-eval TASKS")
     if day_grammar and adapter:
@@ -100,7 +105,11 @@ def run_domain_eval(
     if not adapter and ggufs is None:
         from tunelab.errors import UserError
 
-        raise UserError(f"{run_dir}: nothing to compare — no {tuned_gguf_path(run_dir, quant).name} in RUN/export and the "
-                        "adapter comparison is off (drop --no-adapter, or export first)")
+        raise UserError(
+            f"{run_dir}: nothing to compare — no {tuned_gguf_path(run_dir, quant).name} in RUN/export and the "
+            "adapter comparison is off (drop --no-adapter, or export first)"
+        )
     decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, day_grammar=day_grammar)
-    return evaluate_domain(run_dir, prompts, name, decoding, ggufs=ggufs, judge=judge, adapter=adapter, threads=threads, log=log)
+    return evaluate_domain(
+        run_dir, prompts, name, decoding, ggufs=ggufs, judge=judge, adapter=adapter, threads=threads, log=log
+    )

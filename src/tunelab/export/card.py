@@ -29,8 +29,10 @@ def _read_json(path: Path) -> dict:
 
 
 def data_lines(cfg: Config, summary: dict) -> list[str]:
-    lines = [f"- `{s.label}` (weight {s.weight}" + (f", at most {s.max_records} records" if s.max_records else "") + ")"
-             for s in cfg.data.sources]
+    lines = [
+        f"- `{s.label}` (weight {s.weight}" + (f", at most {s.max_records} records" if s.max_records else "") + ")"
+        for s in cfg.data.sources
+    ]
     report = _read_json(Path(summary["data_dir"]) / "report.json") if summary.get("data_dir") else {}
     if "train_rows" in summary:
         lines.append(f"- {summary['train_rows']} training / {summary.get('val_rows', '?')} validation conversations")
@@ -58,8 +60,17 @@ def model_card(run_dir: Path, cfg: Config, losses: dict, gguf_files: list[str], 
     base, license_ = base_model_and_license(cfg)
     summary = _read_json(run_dir / "summary.json")
     lora = yaml.safe_dump(cfg.lora.model_dump(mode="json"), sort_keys=False).strip()
-    train_keys = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "scheduler", "max_seq_len", "packing",
-                  "seed")
+    train_keys = (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "warmup_steps",
+        "scheduler",
+        "max_seq_len",
+        "packing",
+        "seed",
+    )
     train = yaml.safe_dump({k: getattr(cfg.train, k) for k in train_keys}, sort_keys=False).strip()
     gguf_list = "\n".join(f"- `{name}`" for name in gguf_files) or "- (none exported)"
     example_gguf = next((g for g in gguf_files if "q4_k_m" in g), gguf_files[0] if gguf_files else "model-f16.gguf")

@@ -39,7 +39,9 @@ def llama_cpp_source_dir() -> Path:
     if override:
         src = Path(override).expanduser()
         if not (src / "convert_hf_to_gguf.py").is_file() or not (src / "gguf-py").is_dir():
-            raise UserError(f"TUNELAB_LLAMA_CPP_SRC={src}: needs convert_hf_to_gguf.py and gguf-py/ (a llama.cpp checkout)")
+            raise UserError(
+                f"TUNELAB_LLAMA_CPP_SRC={src}: needs convert_hf_to_gguf.py and gguf-py/ (a llama.cpp checkout)"
+            )
         return src
     from tunelab.io import cache_dir
 
@@ -57,8 +59,19 @@ def fetch_converter(version: str, target: Path) -> None:
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "-q", "-d", tmp, f"llama-cpp-python=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-q",
+            "-d",
+            tmp,
+            f"llama-cpp-python=={version}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if done.returncode != 0 or not sdists:
@@ -91,7 +104,15 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
     src = llama_cpp_source_dir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
     with atomic_path(out_file) as tmp, converter_input(hf_dir) as model_dir:
-        cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+        cmd = [
+            sys.executable,
+            str(src / "convert_hf_to_gguf.py"),
+            str(model_dir),
+            "--outfile",
+            str(tmp),
+            "--outtype",
+            outtype,
+        ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not tmp.stat().st_size:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
@@ -159,9 +180,13 @@ def quantize_gguf(src_file: Path, out_file: Path, qtype: str, threads: int | Non
     # libllama logs every tensor while quantising; keep only errors (llama-cpp-python's logger).
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     # q4_0: llama.cpp repacks it at load time into interleaved layouts for its AVX2/AVX-512 kernels (REPACK builds)
-    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-              "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-              "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}
+    ftypes = {
+        "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+        "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+        "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+        "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+        "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+    }
     if qtype not in ftypes:
         raise UserError(f"--gguf: unknown type `{qtype}` (known: {', '.join(QUANT_TYPES)})")
     params = llama_cpp.llama_model_quantize_default_params()

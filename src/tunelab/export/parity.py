@@ -21,12 +21,18 @@ from tunelab.errors import UserError
 
 # Perplexity text when the run has no prepared validation split on this machine.
 FALLBACK_VAL_CONVERSATIONS = [
-    [{"role": "user", "content": "How do I boil an egg?"},
-     {"role": "assistant", "content": "Put the egg in boiling water for about nine minutes, then cool it in cold water."}],
-    [{"role": "user", "content": "Name three primary colours."},
-     {"role": "assistant", "content": "Red, yellow and blue are the traditional primary colours."}],
-    [{"role": "user", "content": "What is 12 times 12?"},
-     {"role": "assistant", "content": "12 times 12 is 144."}],
+    [
+        {"role": "user", "content": "How do I boil an egg?"},
+        {
+            "role": "assistant",
+            "content": "Put the egg in boiling water for about nine minutes, then cool it in cold water.",
+        },
+    ],
+    [
+        {"role": "user", "content": "Name three primary colours."},
+        {"role": "assistant", "content": "Red, yellow and blue are the traditional primary colours."},
+    ],
+    [{"role": "user", "content": "What is 12 times 12?"}, {"role": "assistant", "content": "12 times 12 is 144."}],
 ]
 
 
@@ -70,10 +76,15 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[i
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=eos_ids, pad_token_id=eos_ids[0], repetition_penalty=1.0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=eos_ids[0],
+            repetition_penalty=1.0,
         )
-    new = out[0, len(prompt_ids):].tolist()
+    new = out[0, len(prompt_ids) :].tolist()
     stop = next((i for i, t in enumerate(new) if t in eos_ids), len(new))
     return new[:stop]
 
@@ -122,20 +133,33 @@ def is_near_tie(model, prompt_ids, hf_tokens, gguf_tokens, at: int, tie_margin: 
 
 def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [
-        list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"])
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
         for p in prompts
     ]
 
 
 def fallback_val_sequences(tokenizer) -> list[list[int]]:
-    return [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
-            for c in FALLBACK_VAL_CONVERSATIONS]
+    return [
+        list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+        for c in FALLBACK_VAL_CONVERSATIONS
+    ]
 
 
 def check_gguf(
-    model, tokenizer, gguf_file: Path, quant: str, prompts: list[str], val_sequences: list[list[int]],
-    hf_reference: dict, max_new_tokens: int, threads: int | None, tie_margin: float,
+    model,
+    tokenizer,
+    gguf_file: Path,
+    quant: str,
+    prompts: list[str],
+    val_sequences: list[list[int]],
+    hf_reference: dict,
+    max_new_tokens: int,
+    threads: int | None,
+    tie_margin: float,
 ) -> GgufParity:
     from tunelab.models.inference import open_llama, turn_end_ids
 
@@ -150,11 +174,16 @@ def check_gguf(
         generated += len(gguf_tokens)
         prefix = common_prefix(hf_tokens, gguf_tokens)
         same = hf_tokens == gguf_tokens
-        results.append(PromptResult(
-            prompt, hf_tokens, gguf_tokens, prefix / max(len(hf_tokens), len(gguf_tokens), 1),
-            None if same else prefix,
-            near_tie=not same and is_near_tie(model, ids, hf_tokens, gguf_tokens, prefix, tie_margin),
-        ))
+        results.append(
+            PromptResult(
+                prompt,
+                hf_tokens,
+                gguf_tokens,
+                prefix / max(len(hf_tokens), len(gguf_tokens), 1),
+                None if same else prefix,
+                near_tie=not same and is_near_tie(model, ids, hf_tokens, gguf_tokens, prefix, tie_margin),
+            )
+        )
     total, count = gguf_nll(llm, val_sequences)
     ppl_gguf = math.exp(total / count)
     ppl_hf = hf_reference["ppl"]
@@ -162,15 +191,27 @@ def check_gguf(
     passed = all(r.first_divergence is None or r.near_tie for r in results) if quant == "f16" else None
     del llm
     return GgufParity(
-        quant, gguf_file.name, exact, len(results), sum(r.agreement for r in results) / len(results),
-        ppl_hf, ppl_gguf, 100.0 * (ppl_gguf - ppl_hf) / ppl_hf, passed, results,
+        quant,
+        gguf_file.name,
+        exact,
+        len(results),
+        sum(r.agreement for r in results) / len(results),
+        ppl_hf,
+        ppl_gguf,
+        100.0 * (ppl_gguf - ppl_hf) / ppl_hf,
+        passed,
+        results,
         decode_tok_s=generated / max(generating_s, 1e-9),
     )
 
 
 def run_parity(
-    merged_dir: Path, ggufs: dict[str, Path], val_sequences: list[list[int]] | None = None,
-    prompts: list[str] | None = None, max_new_tokens: int = 48, threads: int | None = None,
+    merged_dir: Path,
+    ggufs: dict[str, Path],
+    val_sequences: list[list[int]] | None = None,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 48,
+    threads: int | None = None,
     tie_margin: float = 0.05,
 ) -> dict:
     """Compare every GGUF with the merged fp32 HF model; raise ParityError when the f16 file disagrees."""
@@ -191,8 +232,12 @@ def run_parity(
         "tokens": [hf_greedy(model, ids, max_new_tokens, eos_ids) for ids in prompt_ids],
         "ppl": math.exp(total / count),
     }
-    rows = [check_gguf(model, tokenizer, path, quant, prompts, val_sequences, reference, max_new_tokens, threads,
-                       tie_margin) for quant, path in ggufs.items()]
+    rows = [
+        check_gguf(
+            model, tokenizer, path, quant, prompts, val_sequences, reference, max_new_tokens, threads, tie_margin
+        )
+        for quant, path in ggufs.items()
+    ]
     return {
         "merged": str(merged_dir),
         "max_new_tokens": max_new_tokens,

@@ -71,8 +71,9 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
     warnings = quantisation_warnings(report)
     for line in warnings:
         log(line)
-    recommended = recommend_quant([{"quant": g["quant"], "ppl": g["ppl_gguf"], "decode_tok_s": g["decode_tok_s"]}
-                                   for g in report["ggufs"]])
+    recommended = recommend_quant(
+        [{"quant": g["quant"], "ppl": g["ppl_gguf"], "decode_tok_s": g["decode_tok_s"]} for g in report["ggufs"]]
+    )
     if recommended:
         log(f">> recommended for a CPU Space: {recommended['reason']}")
 

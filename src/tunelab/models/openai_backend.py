@@ -40,7 +40,9 @@ class OpenAIBackend:
     # an in-process model runs one at a time. httpx.Client is thread-safe, so the app's threads share it.
     concurrency_limit = 8
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout_s: float = READ_TIMEOUT_S):
+    def __init__(
+        self, url: str, api_key: str | None = None, model: str | None = None, timeout_s: float = READ_TIMEOUT_S
+    ):
         self.base_url = api_base(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)

@@ -1,12 +1,12 @@
 """A run folder, as `tunelab train` writes it, and loading the tuned model back from it.
 
-    RUN/config.yaml          resolved config of the run
-    RUN/adapter/             PEFT adapter (adapter_config.json, adapter_model.safetensors)
-    RUN/tokenizer/           tokenizer with the chat template used in training
-    RUN/summary.json         steps, tokens, time, tokens/s, peak memory, final losses, base model path
-    RUN/metrics.jsonl        one JSON line per logged step / evaluation
-    RUN/checkpoints/step-N/  resumable checkpoints (see tunelab.train.checkpoint)
-    RUN/eval/                tunelab eval outputs
+RUN/config.yaml          resolved config of the run
+RUN/adapter/             PEFT adapter (adapter_config.json, adapter_model.safetensors)
+RUN/tokenizer/           tokenizer with the chat template used in training
+RUN/summary.json         steps, tokens, time, tokens/s, peak memory, final losses, base model path
+RUN/metrics.jsonl        one JSON line per logged step / evaluation
+RUN/checkpoints/step-N/  resumable checkpoints (see tunelab.train.checkpoint)
+RUN/eval/                tunelab eval outputs
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def is_run_dir(path: str | Path) -> bool:
 def run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
-        raise UserError(f"{run_dir}: not a finished tunelab run (needs adapter/ and config.yaml; run `tunelab train` first)")
+        raise UserError(
+            f"{run_dir}: not a finished tunelab run (needs adapter/ and config.yaml; run `tunelab train` first)"
+        )
     return load_config(run_dir / "config.yaml")
 
 

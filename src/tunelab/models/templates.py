@@ -23,8 +23,7 @@ def resolve_chat_template(choice: str | None, tokenizer) -> str:
     if choice is None:
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError(
-                "model.chat_template: the tokenizer has no chat template; set one of "
-                + ", ".join(NAMED_TEMPLATES)
+                "model.chat_template: the tokenizer has no chat template; set one of " + ", ".join(NAMED_TEMPLATES)
             )
         return tokenizer.chat_template
     if choice in NAMED_TEMPLATES:
@@ -44,5 +43,7 @@ def apply_turn_end(choice: str | None, tokenizer) -> None:
         return
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-        raise TemplateError(f"model.chat_template: `{choice}` ends turns with {token}, which is not one token of this tokenizer")
+        raise TemplateError(
+            f"model.chat_template: `{choice}` ends turns with {token}, which is not one token of this tokenizer"
+        )
     tokenizer.eos_token = token

@@ -75,7 +75,9 @@ def llama_cpp_app(gguf_path: Path, *, api_key: str | None, threads: int | None, 
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as exc:  # the [server] extra: fastapi, uvicorn, sse-starlette, starlette-context, ...
-        raise UserError(f"--api needs llama-cpp-python's server extras ({exc}); pip install 'llama-cpp-python[server]'") from None
+        raise UserError(
+            f"--api needs llama-cpp-python's server extras ({exc}); pip install 'llama-cpp-python[server]'"
+        ) from None
     from tunelab.models.inference import _plain_cpu_buffers, amx_build_needs_plain_buffers
 
     check_chat_template(gguf_path)
@@ -137,7 +139,9 @@ def transformers_app(backend, *, api_key: str | None = None):
             body = await request.json()
             messages, params, stream = parse_chat_request(body)
         except (ValueError, UserError) as exc:
-            return JSONResponse(status_code=400, content={"error": {"message": str(exc), "type": "invalid_request_error"}})
+            return JSONResponse(
+                status_code=400, content={"error": {"message": str(exc), "type": "invalid_request_error"}}
+            )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if stream:
             pieces = locked_stream(model_lock, backend, messages, params)
@@ -213,11 +217,13 @@ def completion_response(text: str, completion_id: str, model_id: str, backend, m
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_id,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish_reason(backend, text, params),
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason(backend, text, params),
+            }
+        ],
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -227,6 +233,6 @@ def completion_response(text: str, completion_id: str, model_id: str, backend, m
 
 
 def finish_reason(backend, text: str, params) -> str:
-    """"length" when the reply used the whole token budget (cut off), else "stop" (ended at the model's EOS)."""
+    """ "length" when the reply used the whole token budget (cut off), else "stop" (ended at the model's EOS)."""
     completion_tokens = len(backend.tokenizer(text, add_special_tokens=False)["input_ids"])
     return "length" if completion_tokens >= params.max_new_tokens else "stop"

@@ -71,7 +71,9 @@ def _feedback_panel(app: ChatApp, tab: str, answer_state: gr.State) -> tuple[gr.
     send.click(
         app.submit_feedback,
         inputs=[rating, reasons, comment, better, answer_state, submission_id],
-        outputs=list(FeedbackResult(status=status, rating=rating, reasons=reasons, comment=comment, better_answer=better)),
+        outputs=list(
+            FeedbackResult(status=status, rating=rating, reasons=reasons, comment=comment, better_answer=better)
+        ),
         api_name=f"{tab}_feedback",
         concurrency_limit=8,
     )
@@ -88,8 +90,12 @@ def _side_by_side_panel(sbs: SideBySide, tab: str, visible: bool) -> tuple[gr.Gr
         status = gr.Markdown(elem_id=f"{tab}-pair-status")
         with gr.Row():
             pick = gr.Radio(choices=list(PICKS), label="Which answer is better?", elem_id=f"{tab}-pick")
-            reasons = gr.CheckboxGroup(choices=list(REASONS), label="What was wrong with the other? (optional)", elem_id=f"{tab}-pick-reasons")
-        comment = gr.Textbox(label="Comment (optional)", max_length=MAX_COMMENT_CHARS, lines=2, elem_id=f"{tab}-pick-comment")
+            reasons = gr.CheckboxGroup(
+                choices=list(REASONS), label="What was wrong with the other? (optional)", elem_id=f"{tab}-pick-reasons"
+            )
+        comment = gr.Textbox(
+            label="Comment (optional)", max_length=MAX_COMMENT_CHARS, lines=2, elem_id=f"{tab}-pick-comment"
+        )
         send = gr.Button("Send pick", elem_id=f"{tab}-send-pick")
         pick_status = gr.Markdown(elem_id=f"{tab}-pick-status")
         submission_id = gr.Textbox(value="", visible=False, label="submission_id")
@@ -104,7 +110,9 @@ def _side_by_side_panel(sbs: SideBySide, tab: str, visible: bool) -> tuple[gr.Gr
 
 
 def _mode_switch(tab: str, on: bool, single: gr.Button, double: gr.Button, panel: gr.Group) -> gr.Checkbox:
-    switch = gr.Checkbox(value=on, label="Side by side: two answers, pick the better one", elem_id=f"{tab}-side-by-side")
+    switch = gr.Checkbox(
+        value=on, label="Side by side: two answers, pick the better one", elem_id=f"{tab}-side-by-side"
+    )
     switch.change(
         lambda enabled: (gr.update(visible=not enabled), gr.update(visible=enabled), gr.update(visible=enabled)),
         inputs=[switch], outputs=[single, double, panel], api_visibility="private",
@@ -132,15 +140,23 @@ def _chat_tab(app: ChatApp, sbs: SideBySide, system_prompt: str, side_by_side: b
     panel, pair_outputs = _side_by_side_panel(sbs, "chat", side_by_side)
     switch = _mode_switch("chat", side_by_side, send, compare, panel)
     with gr.Accordion("Settings", open=False):
-        system = gr.Textbox(label="System prompt", value=system_prompt, max_length=limits.max_system_prompt_chars, lines=2)
+        system = gr.Textbox(
+            label="System prompt", value=system_prompt, max_length=limits.max_system_prompt_chars, lines=2
+        )
         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="chat-temperature")
         top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
         max_new_tokens = gr.Slider(
-            1, limits.max_new_tokens, value=min(256, limits.max_new_tokens), step=1, label="Max new tokens",
+            1,
+            limits.max_new_tokens,
+            value=min(256, limits.max_new_tokens),
+            step=1,
+            label="Max new tokens",
             elem_id="chat-max-tokens",
         )
     chat_inputs = [message, system, temperature, top_p, max_new_tokens, turns, last_answer]
-    chat_outputs = list(ChatUpdate(chatbot=chatbot, turns=turns, last_answer=last_answer, message=message, status=status))
+    chat_outputs = list(
+        ChatUpdate(chatbot=chatbot, turns=turns, last_answer=last_answer, message=message, status=status)
+    )
     common = dict(concurrency_limit=model_concurrency(app.backend), concurrency_id=MODEL_QUEUE, time_limit=600)
     sent = send.click(app.chat, chat_inputs, chat_outputs, api_name="chat", **common)
     compared = compare.click(sbs.compare_chat, chat_inputs[:-1], pair_outputs, api_name="chat_compare", **common)
@@ -170,19 +186,30 @@ def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
     last_plan = gr.State(None)
     with gr.Row():
         city = gr.Textbox(label="City (required)", max_length=limits.max_city_chars, elem_id="planner-city")
-        days = gr.Number(value=3, precision=0, label=f"Days ({limits.min_days}–{limits.max_days})", elem_id="planner-days")
-        when = gr.Dropdown(choices=list(WHEN_CHOICES), value="any time", label="Month or season", elem_id="planner-when")
+        days = gr.Number(
+            value=3, precision=0, label=f"Days ({limits.min_days}–{limits.max_days})", elem_id="planner-days"
+        )
+        when = gr.Dropdown(
+            choices=list(WHEN_CHOICES), value="any time", label="Month or season", elem_id="planner-when"
+        )
     with gr.Row():
         budget = gr.Radio(choices=list(BUDGETS), value="mid-range", label="Budget")
         pace = gr.Radio(choices=list(PACES), value="balanced", label="Pace")
     interests = gr.CheckboxGroup(choices=list(INTERESTS), label="Interests", elem_id="planner-interests")
     preferences = gr.Textbox(
-        label="Other preferences (optional)", max_length=limits.max_preferences_chars, lines=2, elem_id="planner-preferences"
+        label="Other preferences (optional)",
+        max_length=limits.max_preferences_chars,
+        lines=2,
+        elem_id="planner-preferences",
     )
     with gr.Accordion("Settings", open=False):
         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="planner-temperature")
         max_new_tokens = gr.Slider(
-            16, limits.max_new_tokens, value=min(PLANNER_MAX_NEW_TOKENS, limits.max_new_tokens), step=1, label="Max new tokens",
+            16,
+            limits.max_new_tokens,
+            value=min(PLANNER_MAX_NEW_TOKENS, limits.max_new_tokens),
+            step=1,
+            label="Max new tokens",
             elem_id="planner-max-tokens",
         )
         day_format = gr.Checkbox(
@@ -230,7 +257,9 @@ def _overview_tab(app: ChatApp) -> list[gr.components.Component]:
         elem_id="feedback-recent",
     )
     refresh = gr.Button("Refresh", elem_id="feedback-refresh")
-    outputs = list(Overview(headline=headline, by_rating=by_rating, by_reason=by_reason, by_model=by_model, recent=recent))
+    outputs = list(
+        Overview(headline=headline, by_rating=by_rating, by_reason=by_reason, by_model=by_model, recent=recent)
+    )
     refresh.click(app.overview, outputs=outputs, api_name="feedback_overview", concurrency_limit=4)
     if app.share_feedback_data:
         with gr.Row():

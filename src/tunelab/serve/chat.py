@@ -29,8 +29,11 @@ def chat_cmd(
 
 
 def chat_loop(
-    backend: ChatBackend, params: GenerationParams, system: str | None = None,
-    read: Callable[[str], str] = input, out: TextIO = sys.stdout,
+    backend: ChatBackend,
+    params: GenerationParams,
+    system: str | None = None,
+    read: Callable[[str], str] = input,
+    out: TextIO = sys.stdout,
 ) -> list[dict[str, str]]:
     """Read user lines until EOF or /exit; stream each reply. Returns the conversation (for tests)."""
     start = [{"role": "system", "content": system}] if system else []

@@ -22,9 +22,11 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def serve_cmd(
     model: Annotated[
         Optional[Path],
-        typer.Argument(help="A .gguf file (llama.cpp, best on CPU), a run folder, a merged folder, or a serve folder whose "
-                            "current.json (written by `tunelab promote`) names the model. "
-                            "With --backend-url: the remote model's name (default: the first it lists)."),
+        typer.Argument(
+            help="A .gguf file (llama.cpp, best on CPU), a run folder, a merged folder, or a serve folder whose "
+            "current.json (written by `tunelab promote`) names the model. "
+            "With --backend-url: the remote model's name (default: the first it lists)."
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind. Keep 127.0.0.1 unless you add --auth.")] = "127.0.0.1",
     port: Annotated[Optional[int], typer.Option(help="TCP port (default 7860; 8000 with --api).")] = None,
@@ -42,14 +44,20 @@ def serve_cmd(
     side_by_side: Annotated[
         bool, typer.Option("--side-by-side", help="Start the chat in side-by-side mode (two answers, pick the better).")
     ] = False,
-    api: Annotated[bool, typer.Option(help="Serve an OpenAI-compatible API (/v1/chat/completions) instead of the app.")] = False,
+    api: Annotated[
+        bool, typer.Option(help="Serve an OpenAI-compatible API (/v1/chat/completions) instead of the app.")
+    ] = False,
     backend_url: Annotated[
-        Optional[str], typer.Option(help="Let the app use a remote OpenAI-compatible server (e.g. http://host:8000/v1).")
+        Optional[str],
+        typer.Option(help="Let the app use a remote OpenAI-compatible server (e.g. http://host:8000/v1)."),
     ] = None,
     api_key: Annotated[
         Optional[str],
-        typer.Option(envvar="TUNELAB_API_KEY", help="With --api: the key clients must send; with --backend-url: the key "
-                                                    "sent to the server (or env TUNELAB_API_KEY)."),
+        typer.Option(
+            envvar="TUNELAB_API_KEY",
+            help="With --api: the key clients must send; with --backend-url: the key "
+            "sent to the server (or env TUNELAB_API_KEY).",
+        ),
     ] = None,
 ) -> None:
     """Serve the Chat + Travel Planner app with feedback collection (or, with --api, an OpenAI-compatible API)."""
@@ -109,14 +117,19 @@ def feedback_export_cmd(
     fmt: Annotated[
         str,
         typer.Option(
-            "--format", "-f",
+            "--format",
+            "-f",
             help="sft | dpo (corrections + side-by-side picks) | kto (thumbs) | jsonl (raw rows) | "
             "evalset (freeze a held-out regression set of prompts next to the DB)",
         ),
     ] = "sft",
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="Output .jsonl (default: <db>.<format>.jsonl); for evalset: a folder (default: the DB's)."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output .jsonl (default: <db>.<format>.jsonl); for evalset: a folder (default: the DB's).",
+        ),
     ] = None,
     max_prompts: Annotated[int, typer.Option(help="evalset: at most this many prompts.")] = 100,
     min_rating: Annotated[
@@ -144,13 +157,17 @@ def feedback_export_cmd(
         if min_rating is not None:
             raise UserError("--min-rating: not used with --format evalset (it takes 👎 and corrected prompts first)")
         if output is not None and output.suffix:
-            raise UserError(f"--output {output}: with --format evalset give a folder (the file is named by its version)")
+            raise UserError(
+                f"--output {output}: with --format evalset give a folder (the file is named by its version)"
+            )
         output = export_evalset(db, output, max_prompts=max_prompts)
         count = sum(1 for line in output.read_text(encoding="utf-8").splitlines() if line.strip()) - 1
         typer.echo(f"froze {count} prompt(s) into {output} (held out from sft/dpo/kto exports of {db.name})")
     else:
         output = output or db.with_name(f"{db.stem}.{fmt}.jsonl")
-        count = export_feedback(db, output, fmt, min_rating=min_rating, log=lambda text: typer.echo(f"note: {text}", err=True))
+        count = export_feedback(
+            db, output, fmt, min_rating=min_rating, log=lambda text: typer.echo(f"note: {text}", err=True)
+        )
         typer.echo(f"wrote {count} {fmt} record(s) to {output}")
     if count == 0:
         typer.echo(
@@ -161,4 +178,3 @@ def feedback_export_cmd(
     if push_to_hub:
         url = push_feedback_to_hub(output, push_to_hub, private=private)
         typer.echo(f"pushed to {url}")
-

@@ -51,7 +51,11 @@ def _planner_fields(inputs: dict[str, Any]) -> dict[str, Any]:
     preferences = [str(i) for i in inputs.get("interests") or []]
     if str(inputs.get("preferences") or "").strip():
         preferences.append(str(inputs["preferences"]).strip())
-    fields: dict[str, Any] = {"city": inputs.get("city") or None, "days": inputs.get("days"), "preferences": preferences}
+    fields: dict[str, Any] = {
+        "city": inputs.get("city") or None,
+        "days": inputs.get("days"),
+        "preferences": preferences,
+    }
     return {k: v for k, v in fields.items() if v not in (None, [])}
 
 
@@ -119,7 +123,9 @@ def write_evalset(records: list[dict[str, Any]], out_dir: Path, source: str) -> 
     return path
 
 
-def export_evalset(db_path: str | Path, out_dir: str | Path | None = None, max_prompts: int = DEFAULT_MAX_PROMPTS) -> Path:
+def export_evalset(
+    db_path: str | Path, out_dir: str | Path | None = None, max_prompts: int = DEFAULT_MAX_PROMPTS
+) -> Path:
     from tunelab.serve.feedback import iter_pairwise_rows, iter_rows
 
     db_path = Path(db_path)

@@ -506,7 +506,11 @@ def export_records(
 
 
 def export_feedback(
-    db_path: str | Path, out_path: str | Path, fmt: str, min_rating: int | None = None, log: Callable[[str], None] | None = None
+    db_path: str | Path,
+    out_path: str | Path,
+    fmt: str,
+    min_rating: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> int:
     """`tunelab feedback export`: rows -> sft / dpo / kto / jsonl file. Returns the number of records written.
 
@@ -532,7 +536,9 @@ def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _csv_cell(json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS else v) for k, v in row.items()})
+        writer.writerow(
+            {k: _csv_cell(json.dumps(v, ensure_ascii=False) if k in JSON_COLUMNS else v) for k, v in row.items()}
+        )
     return buffer.getvalue()
 
 

@@ -28,7 +28,9 @@ def weights_files(model_path: str | Path) -> list[Path]:
     folder = path / "adapter" if (path / "adapter").is_dir() else path
     files = sorted({f for pattern in _WEIGHT_PATTERNS for f in folder.glob(pattern) if f.is_file()})
     if not files:
-        raise UserError(f"{path}: no weights files (.gguf, adapter/*.safetensors, *.safetensors or *.bin) to fingerprint")
+        raise UserError(
+            f"{path}: no weights files (.gguf, adapter/*.safetensors, *.safetensors or *.bin) to fingerprint"
+        )
     return files
 
 

@@ -27,8 +27,23 @@ from tunelab import __version__
 from tunelab.errors import UserError
 from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 from tunelab.models.inference import ChatBackend, GenerationParams, takes_grammar
-from tunelab.serve.feedback import MAX_BETTER_ANSWER_CHARS, MAX_COMMENT_CHARS, REASONS, FeedbackRecord, FeedbackStore, rows_to_csv
-from tunelab.serve.limits import InputError, Limits, check_length, clamp_params, clean_text, escape_for_display, fit_history
+from tunelab.serve.feedback import (
+    MAX_BETTER_ANSWER_CHARS,
+    MAX_COMMENT_CHARS,
+    REASONS,
+    FeedbackRecord,
+    FeedbackStore,
+    rows_to_csv,
+)
+from tunelab.serve.limits import (
+    InputError,
+    Limits,
+    check_length,
+    clamp_params,
+    clean_text,
+    escape_for_display,
+    fit_history,
+)
 from tunelab.serve.planner import PlannerPrompt, validate_planner_inputs
 
 log = logging.getLogger(__name__)
@@ -174,13 +189,18 @@ class ChatApp:
         self._download_dir: Path | None = None  # made on the first download (see _downloads)
 
     def _stream(
-        self, messages: list[dict[str, str]], params: GenerationParams, backend: ChatBackend | None = None,
+        self,
+        messages: list[dict[str, str]],
+        params: GenerationParams,
+        backend: ChatBackend | None = None,
         grammar: str | None = None,
     ) -> Iterator[str]:
         """Accumulated answer text; the backend's generator is closed even when the user presses Stop.
         `grammar` only for a backend that takes one (see `planner_decoding`)."""
         backend = backend or self.backend
-        pieces = backend.stream_chat(messages, params, grammar=grammar) if grammar else backend.stream_chat(messages, params)
+        pieces = (
+            backend.stream_chat(messages, params, grammar=grammar) if grammar else backend.stream_chat(messages, params)
+        )
         answer = ""
         try:
             for piece in pieces:
@@ -255,7 +275,17 @@ class ChatApp:
 
     # ---------------------------------------------------------------------------- planner tab
     def plan(
-        self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, last_plan,
+        self,
+        city,
+        days,
+        when,
+        budget,
+        pace,
+        interests,
+        preferences,
+        temperature,
+        max_new_tokens,
+        last_plan,
         day_format=False,
     ):
         """Stream a Markdown plan as PlanUpdates. `day_format`: decode under the day-plan grammar (`planner_decoding`)."""
@@ -300,7 +330,9 @@ class ChatApp:
             return FeedbackResult("⚠️ Pick 👍 or 👎 first.", *keep)
         try:
             comment = check_length("The comment", clean_text(comment).strip(), MAX_COMMENT_CHARS)
-            better_answer = check_length("The better answer", clean_text(better_answer).strip(), MAX_BETTER_ANSWER_CHARS)
+            better_answer = check_length(
+                "The better answer", clean_text(better_answer).strip(), MAX_BETTER_ANSWER_CHARS
+            )
             reasons = [r for r in REASONS if r in set(reasons or [])]  # canonical order, unknown values dropped
             record = FeedbackRecord(
                 tab=answer["tab"],

@@ -39,8 +39,15 @@ Uploader = Callable[[Path, str], None]  # (local file, path in the repo) -> uplo
 class FeedbackSync:
     """Export + upload on a timer. `sync_once()` is the unit of work; `start()`/`stop()` run it in a thread."""
 
-    def __init__(self, db_path: str | Path, upload: Uploader, *, every_s: float = DEFAULT_EVERY_S,
-                 folder: str | Path | None = None, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        db_path: str | Path,
+        upload: Uploader,
+        *,
+        every_s: float = DEFAULT_EVERY_S,
+        folder: str | Path | None = None,
+        say: Callable[[str], None] = print,
+    ):
         self.db_path = Path(db_path)
         self.upload = upload
         self.every_s = every_s
@@ -64,7 +71,11 @@ class FeedbackSync:
                 return False
             files = [
                 (export_feedback(self.db_path, self.local_file, fmt="jsonl"), self.local_file, self.path_in_repo),
-                (write_jsonl(self.pairwise_file, iter_pairwise_rows(self.db_path)), self.pairwise_file, self.pairwise_path_in_repo),
+                (
+                    write_jsonl(self.pairwise_file, iter_pairwise_rows(self.db_path)),
+                    self.pairwise_file,
+                    self.pairwise_path_in_repo,
+                ),
             ]
             uploaded = False
             for rows, local_file, path_in_repo in files:
@@ -129,8 +140,13 @@ def hub_dataset_uploader(repo_id: str, private: bool = True) -> Uploader:
         if not created:
             api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
             created = True
-        api.upload_file(path_or_fileobj=str(local_file), path_in_repo=path_in_repo, repo_id=repo_id,
-                        repo_type="dataset", commit_message=f"feedback: update {path_in_repo}")
+        api.upload_file(
+            path_or_fileobj=str(local_file),
+            path_in_repo=path_in_repo,
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message=f"feedback: update {path_in_repo}",
+        )
 
     return upload
 
@@ -160,12 +176,16 @@ def start_feedback_sync(
     env = os.environ if env is None else env
     repo_id = (env.get("FEEDBACK_REPO") or "").strip()
     if not repo_id:
-        say(f"feedback is stored in {db_path} only (a Space's disk is wiped when it restarts, unless it has "
-            "persistent storage); set FEEDBACK_REPO=user/name and the HF_TOKEN secret to copy it to a Hub dataset")
+        say(
+            f"feedback is stored in {db_path} only (a Space's disk is wiped when it restarts, unless it has "
+            "persistent storage); set FEEDBACK_REPO=user/name and the HF_TOKEN secret to copy it to a Hub dataset"
+        )
         return None
     if uploader is None and not token_available():
-        say(f"FEEDBACK_REPO={repo_id} but no Hugging Face token (add the HF_TOKEN secret): "
-            f"feedback is stored in {db_path} only")
+        say(
+            f"FEEDBACK_REPO={repo_id} but no Hugging Face token (add the HF_TOKEN secret): "
+            f"feedback is stored in {db_path} only"
+        )
         return None
     if every_s is None:
         every_s = 60.0 * float(env.get("FEEDBACK_SYNC_MINUTES") or DEFAULT_EVERY_S / 60)

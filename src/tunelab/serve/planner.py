@@ -14,7 +14,18 @@ from tunelab.serve.limits import InputError, Limits, check_length, clean_text
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
-INTERESTS = ("food", "museums", "nature", "nightlife", "family", "history", "art", "shopping", "architecture", "outdoor sports")
+INTERESTS = (
+    "food",
+    "museums",
+    "nature",
+    "nightlife",
+    "family",
+    "history",
+    "art",
+    "shopping",
+    "architecture",
+    "outdoor sports",
+)
 BUDGETS = ("budget", "mid-range", "luxury")
 PACES = ("relaxed", "balanced", "packed")
 WHEN_CHOICES = (
@@ -45,7 +56,9 @@ def validate_planner_inputs(
     try:
         days_number = float(days)
     except (TypeError, ValueError):
-        raise InputError(f"The number of days must be a whole number from {limits.min_days} to {limits.max_days}.") from None
+        raise InputError(
+            f"The number of days must be a whole number from {limits.min_days} to {limits.max_days}."
+        ) from None
     if not days_number.is_integer() or not limits.min_days <= days_number <= limits.max_days:
         raise InputError(
             f"Please choose between {limits.min_days} and {limits.max_days} days (got {days_number:g}). "

@@ -31,7 +31,9 @@ def has_pointer(path: str | Path) -> bool:
 def read_pointer(serve_dir: str | Path) -> dict[str, Any]:
     path = pointer_path(serve_dir)
     if not path.is_file():
-        raise UserError(f"{path}: no current model yet (run `tunelab promote CANDIDATE --over CURRENT --serve-dir {serve_dir}`)")
+        raise UserError(
+            f"{path}: no current model yet (run `tunelab promote CANDIDATE --over CURRENT --serve-dir {serve_dir}`)"
+        )
     try:
         pointer = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -57,7 +59,9 @@ def _write_pointer(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def point_to(serve_dir: str | Path, model: str | Path, model_hash: str | None, report: str | Path | None) -> dict[str, Any]:
+def point_to(
+    serve_dir: str | Path, model: str | Path, model_hash: str | None, report: str | Path | None
+) -> dict[str, Any]:
     """Make `model` current; the entry it replaces goes onto the history."""
     entry = {
         "model": str(Path(model).resolve()),
@@ -93,7 +97,9 @@ def refresh_space(serve_dir: str | Path, space_dir: str | Path) -> Path:
     read_pointer(serve_dir)  # a clear error when there is no pointer yet
     model = resolve_model(serve_dir)
     if model.name != GGUF_NAME:
-        raise UserError(f"--space: the current model {model} is not a {GGUF_NAME} export (run `tunelab export RUN` before promoting it)")
+        raise UserError(
+            f"--space: the current model {model} is not a {GGUF_NAME} export (run `tunelab export RUN` before promoting it)"
+        )
     if (model.parent / "export.json").is_file() and (model.parent.parent / "config.yaml").is_file():
         build_run_space(model.parent.parent, Path(space_dir), None)  # a run's export: its title and license
     else:

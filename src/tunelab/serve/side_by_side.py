@@ -66,7 +66,10 @@ class SideBySide:
         current = (self.app.backend, self.app.model_hash, GenerationParams(**{**asdict(params), "seed": seed}))
         if self.candidate is None:
             other_seed = (seed + 1 + self._rng.randrange(2**30)) % 2**31 or 1
-            return [current, (self.app.backend, self.app.model_hash, GenerationParams(**{**asdict(params), "seed": other_seed}))]
+            return [
+                current,
+                (self.app.backend, self.app.model_hash, GenerationParams(**{**asdict(params), "seed": other_seed})),
+            ]
         sides = [current, (self.candidate, self.candidate_hash, current[2])]
         self._rng.shuffle(sides)
         return sides
@@ -79,7 +82,13 @@ class SideBySide:
         return [self.app.backend] + ([self.candidate] if self.candidate is not None else [])
 
     def _generate_pair(
-        self, tab: str, messages, params: GenerationParams, inputs: dict, title: str = "", grammar: str | None = None,
+        self,
+        tab: str,
+        messages,
+        params: GenerationParams,
+        inputs: dict,
+        title: str = "",
+        grammar: str | None = None,
         notice: str = "",
     ) -> Iterator[PairUpdate]:
         pair = {"tab": tab, "messages": messages, "inputs": inputs, "answers": []}
@@ -131,7 +140,9 @@ class SideBySide:
         except InputError as exc:
             yield PairUpdate(gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}")
             return
-        grammar, params, notice = planner_decoding(bool(day_format), inputs.days, params, self.app.limits, self._backends())
+        grammar, params, notice = planner_decoding(
+            bool(day_format), inputs.days, params, self.app.limits, self._backends()
+        )
         messages = self.app.planner_prompt.messages(inputs)
         title = f"# {inputs.days}-day plan for {escape_for_display(inputs.city)}\n\n"
         yield from self._generate_pair("planner", messages, params, asdict(inputs), title, grammar, notice)
@@ -163,8 +174,9 @@ class SideBySide:
             return PickResult("⚠️ Your pick could not be saved. Please try again.", *keep)
         return PickResult(f"✅ Thank you! Pick #{pick_id} saved.", None, [], "")
 
-
-    def send_on_enter(self, side_by_side, message, system_prompt, temperature, top_p, max_new_tokens, turns, last_answer):
+    def send_on_enter(
+        self, side_by_side, message, system_prompt, temperature, top_p, max_new_tokens, turns, last_answer
+    ):
         """Enter in the chat box: one answer (ChatUpdate fields) or, in side-by-side mode, two (PairUpdate fields)."""
         from tunelab.serve.handlers import ChatUpdate
 

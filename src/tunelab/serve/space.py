@@ -40,7 +40,12 @@ def _top_level_imports(source: Path) -> set[str]:
     for node in ast.parse(source.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "tunelab"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tunelab" and not node.level:
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] == "tunelab"
+            and not node.level
+        ):
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}  # `from tunelab import errors`
     return found

@@ -73,7 +73,11 @@ def main() -> None:
     backend = load_backend(gguf, threads=threads)
     exposed = host not in LOOPBACK_HOSTS
     demo = build_app(
-        backend, db, share_feedback_data=auth is not None or not exposed, title=TITLE, model_hash=model_fingerprint(gguf)
+        backend,
+        db,
+        share_feedback_data=auth is not None or not exposed,
+        title=TITLE,
+        model_hash=model_fingerprint(gguf),
     )
     print(f"model: {backend.model_id} (llama.cpp, {threads} threads); feedback database: {db}", flush=True)
     if exposed and auth is None:

@@ -52,8 +52,10 @@ class Plan:
         if self.fast:
             attention = "packed attention" if packing else "padded rows (train.packing: false)"
             return f"architecture: {self.family} — tunelab's fast path ({attention}, assistant-only LM head): {self.reason}"
-        return (f"architecture: {self.family} — fallback to the model's own forward and loss, one padded row per "
-                f"conversation (no packing): {self.reason}")
+        return (
+            f"architecture: {self.family} — fallback to the model's own forward and loss, one padded row per "
+            f"conversation (no packing): {self.reason}"
+        )
 
 
 def causal_lm(model):
@@ -73,18 +75,26 @@ def plan_for(model) -> Plan:
     if family is None:
         return Plan(False, model_type, f"model_type `{model_type}` is not one whose maths tunelab reproduces")
     if not type(inner).__module__.startswith("transformers.models."):
-        return Plan(False, family, f"{type(inner).__name__} is remote code, not transformers' own {family} implementation")
+        return Plan(
+            False, family, f"{type(inner).__name__} is remote code, not transformers' own {family} implementation"
+        )
     if not (hasattr(inner, "model") and hasattr(inner, "lm_head")):
         return Plan(False, family, f"{type(inner).__name__} is not a decoder + lm_head causal LM")
     unknown_layers = set(getattr(config, "layer_types", None) or []) - KNOWN_LAYER_TYPES
     if unknown_layers:
-        return Plan(False, family, f"attention layer types {sorted(unknown_layers)} are not implemented by the packed attention")
+        return Plan(
+            False, family, f"attention layer types {sorted(unknown_layers)} are not implemented by the packed attention"
+        )
     if getattr(config, "use_bidirectional_attention", False):
         return Plan(False, family, "bidirectional attention is not causal")
     lm_head = inner.lm_head
     if type(lm_head) is not torch.nn.Linear:
-        return Plan(False, family, f"lm_head is wrapped ({type(lm_head).__name__}: an adapter or modules_to_save on it), "
-                                   "which the assistant-only head does not reproduce")
+        return Plan(
+            False,
+            family,
+            f"lm_head is wrapped ({type(lm_head).__name__}: an adapter or modules_to_save on it), "
+            "which the assistant-only head does not reproduce",
+        )
     head = head_of(model_type, config)
     return Plan(True, family, _settings(config, head, lm_head), head)
 

@@ -48,7 +48,9 @@ class Batch:
 
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask), self.segments)
+        return Batch(
+            move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask), self.segments
+        )
 
 
 def shifted_targets(labels: list[int]) -> list[int]:

@@ -49,8 +49,15 @@ class ModelShape:
         """(in, out) features of each linear in one decoder layer."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, f = self.hidden, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, f),
+            "up_proj": (h, f),
+            "down_proj": (f, h),
+        }
 
 
 def model_shape(config, lora_rank: int = 0, lora_targets="all-linear") -> ModelShape:
@@ -62,9 +69,15 @@ def model_shape(config, lora_rank: int = 0, lora_targets="all-linear") -> ModelS
     else:
         targets = tuple(name for name in LLAMA_LINEARS if name in set(lora_targets))
     return ModelShape(
-        hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers, heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim, vocab=config.vocab_size,
-        lora_rank=lora_rank, lora_targets=targets if lora_rank else (),
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        lora_rank=lora_rank,
+        lora_targets=targets if lora_rank else (),
     )
 
 

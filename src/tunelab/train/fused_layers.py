@@ -66,8 +66,14 @@ class LoraLinearFunction(torch.autograd.Function):
             shape, dtype = ctx.x_meta
             grad_x = (g @ weight).addmm_(grad_xa, lora_a).view(shape).to(dtype)
         a_dtype, b_dtype = ctx.param_dtypes
-        return (grad_x, None, None, grad_a if grad_a is None else grad_a.to(a_dtype),
-                grad_b if grad_b is None else grad_b.to(b_dtype), None)
+        return (
+            grad_x,
+            None,
+            None,
+            grad_a if grad_a is None else grad_a.to(a_dtype),
+            grad_b if grad_b is None else grad_b.to(b_dtype),
+            None,
+        )
 
 
 def fusable(layer) -> str | None:
@@ -99,8 +105,9 @@ def fuse_lora_linears(model) -> int:
         if name is None:
             return type(self).forward(self, x, *args, **kwargs)
         base = self.base_layer
-        return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                        self.scaling[name])
+        return LoraLinearFunction.apply(
+            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        )
 
     patched = 0
     for module in model.modules():
@@ -183,4 +190,8 @@ def lean_swiglu(model) -> int:
 
 def fuse_decoder_layers(model) -> dict[str, int]:
     """Route `model`'s LoRA linears, RMSNorms and SwiGLU MLPs through the functions above; how many of each."""
-    return {"lora_linears": fuse_lora_linears(model), "rmsnorms": fuse_rmsnorms(model), "swiglu_mlps": lean_swiglu(model)}
+    return {
+        "lora_linears": fuse_lora_linears(model),
+        "rmsnorms": fuse_rmsnorms(model),
+        "swiglu_mlps": lean_swiglu(model),
+    }

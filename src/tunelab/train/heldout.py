@@ -20,8 +20,14 @@ Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
 @torch.no_grad()
 def heldout_loss(
-    model, rows: list[Example], batch_size: int = 8, packing: bool = False, pad_id: int = 0,
-    precision: Precision | None = None, device: torch.device | None = None, chunk_tokens: int = 1024,
+    model,
+    rows: list[Example],
+    batch_size: int = 8,
+    packing: bool = False,
+    pad_id: int = 0,
+    precision: Precision | None = None,
+    device: torch.device | None = None,
+    chunk_tokens: int = 1024,
 ) -> float:
     """Mean cross-entropy per assistant token over `rows`, in a fixed order. `precision` None = no autocast."""
     if not rows:

@@ -22,14 +22,22 @@ from tunelab.errors import UserError
 from tunelab.train.batching import step_indices
 from tunelab.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import (
-    AdapterSaver, average_adapter_grads, check_split, fsdp_heldout_loss, is_fsdp, shard_base_only,
+    AdapterSaver,
+    average_adapter_grads,
+    check_split,
+    fsdp_heldout_loss,
+    is_fsdp,
+    shard_base_only,
 )
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.flops import mfu, shape_of
 from tunelab.train.fused_layers import fuse_decoder_layers
 from tunelab.train.heldout import perplexity
 from tunelab.train.memory import (
-    bound_onednn_primitive_cache, peak_rss_mib, release_free_heap, return_freed_tensors_to_the_os,
+    bound_onednn_primitive_cache,
+    peak_rss_mib,
+    release_free_heap,
+    return_freed_tensors_to_the_os,
 )
 from tunelab.train.objectives import make_objective
 from tunelab.train.precision import Precision
@@ -68,7 +76,9 @@ def build_scheduler(optimizer, train_cfg: TrainConfig):
     from transformers import get_scheduler
 
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[train_cfg.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=train_cfg.max_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=train_cfg.max_steps
+    )
 
 
 def train_lora(
@@ -92,7 +102,9 @@ def train_lora(
     check_split(train_cfg.batch_size, world)
     fsdp = is_fsdp(accelerator)
     if fsdp and train_cfg.objective != "sft":
-        raise UserError(f"train.objective: {train_cfg.objective} is not supported under FSDP yet (use DDP or one process)")
+        raise UserError(
+            f"train.objective: {train_cfg.objective} is not supported under FSDP yet (use DDP or one process)"
+        )
     per_step = train_cfg.batch_size * train_cfg.grad_accum
     objective = make_objective(train_rows, val_rows, train_cfg, eval_cfg, pad_id, precision)
     if train_cfg.release_memory:
@@ -134,7 +146,9 @@ def train_lora(
 
     def evaluate(step: int) -> dict:
         if fsdp:  # the base is sharded: only the wrapped module's forward gathers it
-            loss = fsdp_heldout_loss(loss_module, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device)
+            loss = fsdp_heldout_loss(
+                loss_module, val_rows, eval_cfg.batch_size, train_cfg.packing, pad_id, precision, device
+            )
             figures = {"val_loss": loss, "val_ppl": perplexity(loss)}
         else:
             figures = objective.evaluate(model, device)
@@ -155,7 +169,9 @@ def train_lora(
             step_flops = objective.step_flops(shape, indices, step_weight)
             # Every process takes its share of every micro-batch (rows rank, rank + world, ...): any batch size >= world
             # and any grad_accum give each process the same number of forward/backward passes.
-            micro_batches = [indices[i : i + train_cfg.batch_size][rank::world] for i in range(0, per_step, train_cfg.batch_size)]
+            micro_batches = [
+                indices[i : i + train_cfg.batch_size][rank::world] for i in range(0, per_step, train_cfg.batch_size)
+            ]
             loss_sum, step_tokens = torch.zeros((), device=device), 0
             for i, rows in enumerate(micro_batches):
                 inputs, tokens = objective.micro_batch(rows, device)
@@ -195,8 +211,15 @@ def train_lora(
             if done % train_cfg.logging_steps == 0 or done == train_cfg.max_steps:
                 window_s = max(time.perf_counter() - window_start, 1e-9)
                 rate = window_tokens / window_s
-                record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "tok_per_s": rate,
-                          "step_s": elapsed, "mfu": mfu(window_flops, window_s, peak_flops)}
+                record = {
+                    "step": done,
+                    "loss": last_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": tokens_seen,
+                    "tok_per_s": rate,
+                    "step_s": elapsed,
+                    "mfu": mfu(window_flops, window_s, peak_flops),
+                }
                 metrics.write(record)
                 maybe_inject_fault("metrics", done)  # step logged, no checkpoint yet
                 history.append(record)
@@ -209,9 +232,23 @@ def train_lora(
                 history.append({"step": done, **last_figures})
                 log(f"step {done}: val_loss {last_val:.4f}")
             if is_main and (done % train_cfg.save_steps == 0 or done == train_cfg.max_steps):
-                state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "val_loss": last_val, "train_loss": last_loss,
-                         "val_metrics": last_figures, "grad_scaler": scaler.state_dict()}
-                save_checkpoint(run_dir, done, AdapterSaver(model) if fsdp else model, optimizer, scheduler, state, train_cfg.save_total_limit)
+                state = {
+                    "tokens_seen": tokens_seen,
+                    "train_seconds": train_seconds,
+                    "val_loss": last_val,
+                    "train_loss": last_loss,
+                    "val_metrics": last_figures,
+                    "grad_scaler": scaler.state_dict(),
+                }
+                save_checkpoint(
+                    run_dir,
+                    done,
+                    AdapterSaver(model) if fsdp else model,
+                    optimizer,
+                    scheduler,
+                    state,
+                    train_cfg.save_total_limit,
+                )
             accelerator.wait_for_everyone()
 
         if last_val is None:  # resumed a finished run whose checkpoint predates storing val_loss

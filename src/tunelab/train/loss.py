@@ -30,12 +30,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                bias: torch.Tensor | None = None, scale: float = 1.0, softcap: float | None = None):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        bias: torch.Tensor | None = None,
+        scale: float = 1.0,
+        softcap: float | None = None,
+    ):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[4] else None
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[4] else None
+        )
         wants_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
         weight_in_dtype = weight.to(hidden.dtype)  # no-op when the frozen LM head is already in the compute dtype
         for start in range(0, hidden.shape[0], chunk):
@@ -76,8 +86,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scaled = lambda g, dtype: None if g is None else (g * grad_output.to(g.dtype)).to(dtype)  # noqa: E731
-        return (scaled(grad_hidden, None if grad_hidden is None else grad_hidden.dtype), scaled(grad_weight, ctx.dtypes[0]),
-                None, None, scaled(grad_bias, ctx.dtypes[1]), None, None)
+        return (
+            scaled(grad_hidden, None if grad_hidden is None else grad_hidden.dtype),
+            scaled(grad_weight, ctx.dtypes[0]),
+            None,
+            None,
+            scaled(grad_bias, ctx.dtypes[1]),
+            None,
+            None,
+        )
 
 
 def split_causal_lm(model):
@@ -99,7 +116,9 @@ def masked_lm_loss(model, batch: Batch, chunk_tokens: int = 1024) -> tuple[torch
     if targets.numel() == 0:
         return hidden.sum() * 0.0, 0
     head: Head = plan.head
-    loss = LinearCrossEntropy.apply(selected, lm_head.weight, targets, chunk_tokens, lm_head.bias, head.scale, head.softcap)
+    loss = LinearCrossEntropy.apply(
+        selected, lm_head.weight, targets, chunk_tokens, lm_head.bias, head.scale, head.softcap
+    )
     return loss, int(targets.numel())
 
 
@@ -128,4 +147,3 @@ class AssistantLoss(torch.nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return masked_lm_loss(self.model, batch, self.chunk_tokens)[0]
-

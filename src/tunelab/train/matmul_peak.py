@@ -60,8 +60,9 @@ def _key(dtype: torch.dtype, threads: int, device: torch.device) -> str:
     return f"{where}|{str(dtype).removeprefix('torch.')}|torch {torch.__version__}"
 
 
-def matmul_peak(dtype: torch.dtype, threads: int | None = None, refresh: bool = False,
-                device: str | torch.device = "cpu") -> dict:
+def matmul_peak(
+    dtype: torch.dtype, threads: int | None = None, refresh: bool = False, device: str | torch.device = "cpu"
+) -> dict:
     """The cached measurement for this machine (measured and stored on first use, or when `refresh`)."""
     threads = threads or torch.get_num_threads()
     device = torch.device(device)

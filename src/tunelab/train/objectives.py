@@ -65,7 +65,9 @@ def thumb_rows(dataset) -> list[ThumbRow]:
     rows = []
     for i, (row_ids, row_labels, n, thumb) in enumerate(zip(ids, labels, prompt_lens, thumbs)):
         other_ids, other_labels, m = ids[i - 1], labels[i - 1], prompt_lens[i - 1]  # row 0 takes the last row's
-        rows.append(ThumbRow((row_ids, row_labels), thumb, (row_ids[:n] + other_ids[m:], row_labels[:n] + other_labels[m:])))
+        rows.append(
+            ThumbRow((row_ids, row_labels), thumb, (row_ids[:n] + other_ids[m:], row_labels[:n] + other_labels[m:]))
+        )
     return rows
 
 
@@ -86,7 +88,11 @@ def heldout_examples(objective: str, dataset) -> list[Example]:
     if objective == "dpo":
         return list(zip(dataset["chosen_input_ids"], dataset["chosen_labels"]))
     if objective == "kto":
-        return [(ids, labels) for ids, labels, good in zip(dataset["input_ids"], dataset["labels"], dataset["label"]) if good]
+        return [
+            (ids, labels)
+            for ids, labels, good in zip(dataset["input_ids"], dataset["labels"], dataset["label"])
+            if good
+        ]
     return list(zip(dataset["input_ids"], dataset["labels"]))
 
 
@@ -113,8 +119,16 @@ class SftObjective:
         return batch, batch.num_tokens
 
     def evaluate(self, model, device) -> dict[str, float]:
-        loss = heldout_loss(model, self.val_rows, self.eval_cfg.batch_size, self.cfg.packing, self.pad_id, self.precision,
-                            device, self.cfg.loss_chunk_tokens)
+        loss = heldout_loss(
+            model,
+            self.val_rows,
+            self.eval_cfg.batch_size,
+            self.cfg.packing,
+            self.pad_id,
+            self.precision,
+            device,
+            self.cfg.loss_chunk_tokens,
+        )
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
 
@@ -148,20 +162,36 @@ class PreferenceLoss(torch.nn.Module):
         logps, counts = sequence_logps(self.model, inputs.batch, inputs.num_sequences, cfg.loss_chunk_tokens)
         if cfg.objective == "dpo":
             half = inputs.num_sequences // 2
-            losses, chosen, rejected = dpo_loss(logps[:half], logps[half:], inputs.ref[:half], inputs.ref[half:], cfg.beta,
-                                                cfg.dpo_loss, counts[:half], counts[half:])
+            losses, chosen, rejected = dpo_loss(
+                logps[:half],
+                logps[half:],
+                inputs.ref[:half],
+                inputs.ref[half:],
+                cfg.beta,
+                cfg.dpo_loss,
+                counts[:half],
+                counts[half:],
+            )
             return losses.sum(), chosen, rejected
         with torch.no_grad():
             mismatched, _ = sequence_logps(self.model, inputs.mismatched, inputs.num_sequences, cfg.loss_chunk_tokens)
         kl = kto_kl(mismatched, inputs.ref_mismatched)
-        losses, rewards = kto_loss(logps, inputs.ref, inputs.desirable, kl, cfg.beta, cfg.kto_desirable_weight,
-                                   cfg.kto_undesirable_weight)
+        losses, rewards = kto_loss(
+            logps, inputs.ref, inputs.desirable, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight
+        )
         return losses.sum(), rewards[inputs.desirable], rewards[~inputs.desirable]
 
 
 class PreferenceObjective:
-    def __init__(self, train_rows: list, val_rows: list, cfg: TrainConfig, eval_cfg: EvalConfig, pad_id: int,
-                 precision: Precision):
+    def __init__(
+        self,
+        train_rows: list,
+        val_rows: list,
+        cfg: TrainConfig,
+        eval_cfg: EvalConfig,
+        pad_id: int,
+        precision: Precision,
+    ):
         self.train_rows, self.val_rows, self.cfg, self.eval_cfg = train_rows, val_rows, cfg, eval_cfg
         self.pad_id, self.precision = pad_id, precision
 
@@ -183,10 +213,14 @@ class PreferenceObjective:
         if self.cfg.objective == "dpo":
             sequences = [r.chosen for r in rows] + [r.rejected for r in rows]
             ref = torch.tensor([r.ref_chosen for r in rows] + [r.ref_rejected for r in rows])
-            return PreferenceInputs(make_batch(sequences, self.cfg.packing, self.pad_id).to(device), len(sequences), ref.to(device))
+            return PreferenceInputs(
+                make_batch(sequences, self.cfg.packing, self.pad_id).to(device), len(sequences), ref.to(device)
+            )
         return PreferenceInputs(
-            make_batch([r.example for r in rows], self.cfg.packing, self.pad_id).to(device), len(rows),
-            torch.tensor([r.ref for r in rows], device=device), torch.tensor([r.desirable for r in rows], device=device),
+            make_batch([r.example for r in rows], self.cfg.packing, self.pad_id).to(device),
+            len(rows),
+            torch.tensor([r.ref for r in rows], device=device),
+            torch.tensor([r.desirable for r in rows], device=device),
             make_batch([r.mismatched for r in rows], self.cfg.packing, self.pad_id).to(device),
             torch.tensor([r.ref_mismatched for r in rows], device=device),
         )
@@ -216,12 +250,20 @@ class PreferenceObjective:
             margin = (chosen - rejected).mean().item()
         else:
             accuracy = (torch.cat([chosen > 0, rejected < 0])).float().mean().item()
-            margin = (chosen.mean() if len(chosen) else torch.tensor(0.0)).item() - (rejected.mean() if len(rejected) else torch.tensor(0.0)).item()
-        return {"val_loss": total / len(self.val_rows), "val_pref_accuracy": accuracy, "val_reward_margin": margin,
-                "val_chosen_reward": chosen.mean().item() if len(chosen) else 0.0,
-                "val_rejected_reward": rejected.mean().item() if len(rejected) else 0.0}
+            margin = (chosen.mean() if len(chosen) else torch.tensor(0.0)).item() - (
+                rejected.mean() if len(rejected) else torch.tensor(0.0)
+            ).item()
+        return {
+            "val_loss": total / len(self.val_rows),
+            "val_pref_accuracy": accuracy,
+            "val_reward_margin": margin,
+            "val_chosen_reward": chosen.mean().item() if len(chosen) else 0.0,
+            "val_rejected_reward": rejected.mean().item() if len(rejected) else 0.0,
+        }
 
 
-def make_objective(train_rows: list, val_rows: list, cfg: TrainConfig, eval_cfg: EvalConfig, pad_id: int, precision: Precision):
+def make_objective(
+    train_rows: list, val_rows: list, cfg: TrainConfig, eval_cfg: EvalConfig, pad_id: int, precision: Precision
+):
     kind = SftObjective if cfg.objective == "sft" else PreferenceObjective
     return kind(train_rows, val_rows, cfg, eval_cfg, pad_id, precision)

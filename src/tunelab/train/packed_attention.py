@@ -33,11 +33,15 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if segments is None:
         if softcap is not None:  # transformers' SDPA path would silently drop the soft-capping
-            raise ValueError("tunelab_packed: attention soft-capping needs packed_segments (restore the model's own attention for generation)")
+            raise ValueError(
+                "tunelab_packed: attention soft-capping needs packed_segments (restore the model's own attention for generation)"
+            )
         # Not a packed call (e.g. a padded batch): transformers' own SDPA path, the sliding window is in its mask.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError("packed attention expects a single packed row")
     groups = query.shape[1] // key.shape[1]
@@ -48,7 +52,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     return attn.transpose(1, 2).contiguous(), None
 
 
-def segment_attention(q, k, v, dropout: float, scaling: float | None, groups: int, window: int | None, softcap: float | None):
+def segment_attention(
+    q, k, v, dropout: float, scaling: float | None, groups: int, window: int | None, softcap: float | None
+):
     """Causal attention over one conversation ([1, heads, length, head_dim])."""
     length = q.shape[2]
     if softcap is None and (window is None or window >= length):
@@ -56,11 +62,15 @@ def segment_attention(q, k, v, dropout: float, scaling: float | None, groups: in
         padding = -length % CPU_REDUCED_PRECISION_LENGTH_MULTIPLE if reduced_on_cpu else 0
         if padding:
             q, k, v = (F.pad(t, (0, 0, 0, padding)) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1
+        )
         return out[:, :, :length] if padding else out
     allowed = causal_window_mask(length, window, q.device)
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
+        )
     # Soft-capping acts on the raw scores, which SDPA never exposes: the eager computation, as Gemma-2 does it.
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -86,7 +96,11 @@ def split_segments(t: torch.Tensor, segments) -> tuple[torch.Tensor, ...]:
     """Per-conversation views along the sequence axis. `split`, not slicing: the backward of a slice builds a
     zero tensor of the whole row per segment and adds them up; the backward of a split is one `cat`."""
     lengths = [end - start for start, end in segments]
-    if segments[0][0] == 0 and all(a[1] == b[0] for a, b in zip(segments, segments[1:])) and segments[-1][1] == t.shape[2]:
+    if (
+        segments[0][0] == 0
+        and all(a[1] == b[0] for a, b in zip(segments, segments[1:]))
+        and segments[-1][1] == t.shape[2]
+    ):
         return t.split(lengths, dim=2)
     return tuple(t[:, :, start:end] for start, end in segments)  # segments not tiling the row (not made by pack)
 

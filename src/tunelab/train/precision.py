@@ -59,8 +59,12 @@ class Precision:
                 module.cast_input_dtype_enabled = False
 
 
-def choose_precision(requested: str, cpu_flags: frozenset[str] | set[str], cuda_capability: tuple[int, int] | None,
-                     device_name: str | None = None) -> Precision:
+def choose_precision(
+    requested: str,
+    cpu_flags: frozenset[str] | set[str],
+    cuda_capability: tuple[int, int] | None,
+    device_name: str | None = None,
+) -> Precision:
     """The precision to train in. `cuda_capability` None means the CPU (its `cpu_flags` decide)."""
     if requested == "fp32":
         return Precision("fp32", "requested by train.precision")
@@ -68,7 +72,11 @@ def choose_precision(requested: str, cpu_flags: frozenset[str] | set[str], cuda_
         gpu = f"GPU {device_name or 'cuda'} (compute capability {cuda_capability[0]}.{cuda_capability[1]})"
         bf16_native = tuple(cuda_capability) >= CUDA_BF16_CAPABILITY
         if requested == "bf16":
-            note = "" if bf16_native else f" — warning: {gpu} has no native bf16 (needs >= 8.0); fp16 is the fast choice here"
+            note = (
+                ""
+                if bf16_native
+                else f" — warning: {gpu} has no native bf16 (needs >= 8.0); fp16 is the fast choice here"
+            )
             return Precision("bf16", f"requested by train.precision{note}")
         if requested == "fp16":
             return Precision("fp16", "requested by train.precision; dynamic loss scaling on")
@@ -77,11 +85,19 @@ def choose_precision(requested: str, cpu_flags: frozenset[str] | set[str], cuda_
         return Precision("fp16", f"auto: {gpu} lacks native bf16 (needs >= 8.0) -> fp16 with dynamic loss scaling")
     bf16_found = sorted(set(cpu_flags) & set(NATIVE_BF16_CPU_FLAGS))
     if requested == "bf16":
-        note = "" if bf16_found else " — warning: this CPU lacks avx512_bf16/amx_bf16, expect it to be much slower than fp32"
+        note = (
+            ""
+            if bf16_found
+            else " — warning: this CPU lacks avx512_bf16/amx_bf16, expect it to be much slower than fp32"
+        )
         return Precision("bf16", f"requested by train.precision{note}")
     if requested == "fp16":
         fp16_found = sorted(set(cpu_flags) & set(NATIVE_FP16_CPU_FLAGS))
-        note = "" if fp16_found else " — warning: this CPU lacks avx512_fp16/amx_fp16, expect it to be much slower than fp32"
+        note = (
+            ""
+            if fp16_found
+            else " — warning: this CPU lacks avx512_fp16/amx_fp16, expect it to be much slower than fp32"
+        )
         return Precision("fp16", f"requested by train.precision; dynamic loss scaling on{note}")
     if bf16_found:
         return Precision("bf16", f"auto: CPU has {', '.join(bf16_found)} -> native bf16")

@@ -73,7 +73,9 @@ def sequence_ids(batch: Batch) -> torch.Tensor:
     return ids.to(batch.input_ids.device)[None, :]
 
 
-def sequence_logps(model, batch: Batch, num_sequences: int, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model, batch: Batch, num_sequences: int, chunk_tokens: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of label-token log-probs, number of label tokens) per sequence of `batch`, each [num_sequences]."""
     decoder, lm_head = split_causal_lm(model)
     hidden = decoder(**batch.model_kwargs()).last_hidden_state
@@ -81,15 +83,23 @@ def sequence_logps(model, batch: Batch, num_sequences: int, chunk_tokens: int = 
     owner = sequence_ids(batch).expand_as(keep)[keep]
     token_logps = LinearTokenLogProbs.apply(hidden[keep], lm_head.weight, batch.targets[keep], chunk_tokens)
     sums = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device).index_add(0, owner, token_logps)
-    counts = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(0, owner, torch.ones_like(owner))
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
+        0, owner, torch.ones_like(owner)
+    )
     if token_logps.numel() == 0:
         sums = sums + hidden.sum() * 0.0  # keeps the graph connected so backward still runs
     return sums, counts
 
 
 def dpo_loss(
-    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-    beta: float, variant: str = "sigmoid", chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    variant: str = "sigmoid",
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards); `*_tokens` (completion lengths) are needed for ipo."""
     chosen_ratio = chosen_logps - ref_chosen_logps
@@ -114,8 +124,13 @@ def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
 
 
 def kto_loss(
-    logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
-    desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted loss per row, reward per row); `desirable` is the bool thumbs-up label of each row."""
     ratio = logps - ref_logps

@@ -17,7 +17,13 @@ from tunelab.train.distributed import AdapterSaver, describe_launch, is_fsdp
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.precision import Precision, precision_for_this_machine
 from tunelab.train.progress import ProgressBar
-from tunelab.train.run_folder import check_run_dir, check_same_data, data_fingerprint, prepare_run_dir, write_failures_reported
+from tunelab.train.run_folder import (
+    check_run_dir,
+    check_same_data,
+    data_fingerprint,
+    prepare_run_dir,
+    write_failures_reported,
+)
 
 
 def set_threads(threads: int | None) -> int:
@@ -65,7 +71,9 @@ def rows_of(dataset):
 
 def check_hardware(cfg: Config) -> None:
     if cfg.train.optimizer == "adamw_8bit" and not torch.cuda.is_available():
-        raise UserError("train.optimizer: adamw_8bit needs a CUDA GPU with bitsandbytes; this machine has none (use adamw)")
+        raise UserError(
+            "train.optimizer: adamw_8bit needs a CUDA GPU with bitsandbytes; this machine has none (use adamw)"
+        )
     from tunelab.models.loading import check_quantization_supported
 
     check_quantization_supported(cfg.model)
@@ -97,15 +105,21 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
     with accelerator.main_process_first():
         run_dir = prepare_run_dir(cfg, resume, overwrite, data_print, extend) if is_main else Path(cfg.train.output_dir)
     if extend:
-        log(f"--extend: continuing to step {cfg.train.max_steps}; the {cfg.train.scheduler} learning-rate schedule is "
-            f"recomputed over {cfg.train.max_steps} steps from the last checkpoint on")
+        log(
+            f"--extend: continuing to step {cfg.train.max_steps}; the {cfg.train.scheduler} learning-rate schedule is "
+            f"recomputed over {cfg.train.max_steps} steps from the last checkpoint on"
+        )
     precision = precision_for_this_machine(cfg.train.precision, accelerator.device.type)
-    log(f"{describe_launch(accelerator, cfg.train.batch_size, cfg.train.grad_accum)}; "
-        f"precision: {precision.name} ({precision.reason}); threads: {threads}")
+    log(
+        f"{describe_launch(accelerator, cfg.train.batch_size, cfg.train.grad_accum)}; "
+        f"precision: {precision.name} ({precision.reason}); threads: {threads}"
+    )
     objective = cfg.train.objective
     train_rows = objective_rows(objective, train_set)
     val_rows = objective_rows(objective, val_set)[: cfg.eval.max_val_rows or None]
-    log(f"data: {len(train_rows)} train / {len(val_rows)} val {'conversations' if objective == 'sft' else objective + ' rows'} from {data_dir}")
+    log(
+        f"data: {len(train_rows)} train / {len(val_rows)} val {'conversations' if objective == 'sft' else objective + ' rows'} from {data_dir}"
+    )
 
     # model (and, for dpo/kto, the reference log-probs of the base model: once, cached with the data)
     model = build_lora_model(cfg, precision, log)
@@ -115,8 +129,16 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
         from tunelab.train.reference import attach_reference_logps
 
         with accelerator.main_process_first():
-            attach_reference_logps(cfg, data_dir, model, {"train": train_rows, "val": val_rows}, precision,
-                                   tokenizer.pad_token_id, next(model.parameters()).device, log)
+            attach_reference_logps(
+                cfg,
+                data_dir,
+                model,
+                {"train": train_rows, "val": val_rows},
+                precision,
+                tokenizer.pad_token_id,
+                next(model.parameters()).device,
+                log,
+            )
     val_rows = val_rows[: cfg.eval.max_val_rows or None]
     started = time.time()
 
@@ -124,8 +146,18 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
         # loop
         with ProgressBar(cfg.train.max_steps, enabled=is_main) as progress:
             result = train_lora(
-                model, train_rows, val_rows, cfg.train, cfg.eval, run_dir, precision, tokenizer.pad_token_id,
-                accelerator, resume=resume, log=log, progress=progress,
+                model,
+                train_rows,
+                val_rows,
+                cfg.train,
+                cfg.eval,
+                run_dir,
+                precision,
+                tokenizer.pad_token_id,
+                accelerator,
+                resume=resume,
+                log=log,
+                progress=progress,
             )
         if not is_main:
             return {}

@@ -58,8 +58,16 @@ def cache_path(cfg: Config, data_dir: Path, model, precision: Precision) -> Path
 
 
 @torch.no_grad()
-def reference_logps(model, rows: list, batch_size: int, packing: bool, pad_id: int, precision: Precision,
-                    device: torch.device, chunk_tokens: int) -> torch.Tensor:
+def reference_logps(
+    model,
+    rows: list,
+    batch_size: int,
+    packing: bool,
+    pad_id: int,
+    precision: Precision,
+    device: torch.device,
+    chunk_tokens: int,
+) -> torch.Tensor:
     """[rows, 2] summed completion log-probs of each row's two sequences under the base model (adapter off)."""
     sequences = [s for row in rows for s in sequences_of(row)]
     out = torch.empty(len(sequences), dtype=torch.float32)
@@ -76,8 +84,16 @@ def reference_logps(model, rows: list, batch_size: int, packing: bool, pad_id: i
     return out.view(len(rows), 2)
 
 
-def attach_reference_logps(cfg: Config, data_dir: Path, model, splits: dict[str, list], precision: Precision, pad_id: int,
-                           device: torch.device, log=print) -> Path:
+def attach_reference_logps(
+    cfg: Config,
+    data_dir: Path,
+    model,
+    splits: dict[str, list],
+    precision: Precision,
+    pad_id: int,
+    device: torch.device,
+    log=print,
+) -> Path:
     """Fill the reference log-probs of every row of `splits` ({"train": rows, "val": rows}), from the cache or computed."""
     path = cache_path(cfg, data_dir, model, precision)
     cached = torch.load(path, weights_only=True) if path.is_file() else {}
@@ -86,8 +102,12 @@ def attach_reference_logps(cfg: Config, data_dir: Path, model, splits: dict[str,
     else:
         log(f"reference log-probs: computing for {sum(map(len, splits.values()))} rows (base model, adapter disabled)")
         batch = cfg.eval.batch_size * 2
-        cached = {name: reference_logps(model, rows, batch, cfg.train.packing, pad_id, precision, device, cfg.train.loss_chunk_tokens)
-                  for name, rows in splits.items()}
+        cached = {
+            name: reference_logps(
+                model, rows, batch, cfg.train.packing, pad_id, precision, device, cfg.train.loss_chunk_tokens
+            )
+            for name, rows in splits.items()
+        }
         with atomic_path(path) as tmp:
             torch.save(cached, tmp)
     for name, rows in splits.items():

@@ -33,7 +33,9 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, extend: bool = Fal
         raise UserError(f"train.output_dir: {run_dir} exists and is not a folder")
     existing = run_dir.is_dir() and any(run_dir.iterdir())
     if existing and not resume and not overwrite:
-        raise UserError(f"{run_dir}: run folder already exists; pass --overwrite to replace it, or drop --no-resume to resume it")
+        raise UserError(
+            f"{run_dir}: run folder already exists; pass --overwrite to replace it, or drop --no-resume to resume it"
+        )
     if existing and resume and (run_dir / "config.yaml").is_file():
         from tunelab.config import load_config
 
