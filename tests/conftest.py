@@ -18,9 +18,9 @@ os.environ["TMPDIR"] = str(TEST_TMP)
 os.environ.setdefault("GRADIO_TEMP_DIR", str(TEST_TMP / "gradio"))
 tempfile.tempdir = None  # recomputed from TMPDIR on next use
 
-import pytest
+import pytest  # noqa: E402  (after TMPDIR is set: imports may create temp folders)
 
-from tests.helpers import build_tiny_llama
+from tests.helpers import build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -472,7 +472,7 @@ def serve_process(
     host: str | None = "127.0.0.1",
     startup_timeout_s: float = 120,
     log_path: Path | None = None,
-) -> Iterator["Server"]:
+) -> Iterator[Server]:
     """Run the real CLI (`tunelab serve`) on a free port; always killed on exit. host=None: the CLI's default."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "tunelab.cli", "serve", str(model), "--port", str(port), "--feedback-db", str(db),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,7 +31,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(feedback_app, name="feedback")
 
 SetOption = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+    list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
 ]
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.")]
 
@@ -107,7 +107,7 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `tunelab train`.")],
     set_: SetOption = None,
     prompts: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Domain eval instead: `travel` (the shipped set) or a JSONL of {prompt, city?, days?, preferences?}."
         ),
@@ -115,7 +115,7 @@ def eval_(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="With --prompts: new tokens per answer (greedy).")] = 384,
     repetition_penalty: Annotated[float, typer.Option(min=0.01, help="With --prompts: 1.0 is plain greedy.")] = 1.0,
     limit: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             min=1, help="With --prompts: only the first N prompts; with --lm-eval: the first N documents of each task."
         ),
@@ -134,9 +134,9 @@ def eval_(
         ),
     ] = "q4_k_m",
     judge: Annotated[
-        Optional[Path], typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")
+        Path | None, typer.Option(help="With --prompts: a judge GGUF for pairwise verdicts (both orders).")
     ] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="With --prompts or --lm-eval: CPU threads.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="With --prompts or --lm-eval: CPU threads.")] = None,
     grammar: Annotated[
         bool,
         typer.Option(
@@ -144,7 +144,7 @@ def eval_(
         ),
     ] = False,
     lm_eval: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--lm-eval",
             help="Also: lm-eval harness tasks on base and tuned, side by side (comma-separated task names, "
@@ -193,19 +193,20 @@ def export_(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `tunelab train`.")],
     gguf: Annotated[str, typer.Option(help="GGUF files to write, comma separated: q4_k_m,q8_0,f16.")] = "q4_k_m",
     push_to_hub: Annotated[
-        Optional[str], typer.Option("--push-to-hub", help="Upload to this Hub repo (user/name).")
+        str | None, typer.Option("--push-to-hub", help="Upload to this Hub repo (user/name).")
     ] = None,
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create the repo private.")] = False,
-    space: Annotated[Optional[Path], typer.Option(help="Also write a Hugging Face Space folder here.")] = None,
+    space: Annotated[Path | None, typer.Option(help="Also write a Hugging Face Space folder here.")] = None,
     dry_run: Annotated[
         bool, typer.Option(help="With --push-to-hub: list what would be uploaded, upload nothing.")
     ] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for quantisation and the parity check.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for quantisation and the parity check.")] = None,
 ) -> None:
     """Merge the adapter, write GGUF files, check parity with llama.cpp, optionally build a Space / push to the Hub."""
     from tunelab.export.gguf import llama_cpp_source_dir
     from tunelab.export.pipeline import export_run, parse_quants
-    from tunelab.hub import check_repo_id, format_plan, push_to_hub as push, upload_plan
+    from tunelab.hub import check_repo_id, format_plan, upload_plan
+    from tunelab.hub import push_to_hub as push
     from tunelab.models.runs import run_config
     from tunelab.serve.space import build_run_space
 
@@ -247,9 +248,9 @@ def quickstart(
 def _register_stage_commands() -> None:
     """Commands owned by later stages live next to their code (serve/, bench/, experiments/)."""
     from tunelab.bench.commands import bench_data_cmd, bench_infer_cmd, bench_train_cmd
+    from tunelab.bench.serve_load import bench_serve_cmd
     from tunelab.experiments.commands import promote_cmd, report_cmd, sweep_cmd, travel_data_cmd
     from tunelab.serve.chat import chat_cmd
-    from tunelab.bench.serve_load import bench_serve_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
 
     app.command("chat")(chat_cmd)

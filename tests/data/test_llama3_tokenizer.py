@@ -7,8 +7,8 @@ Assistant headers are masked, every assistant turn ends with a labelled `<|eot_i
 from __future__ import annotations
 
 import pytest
-from tests.helpers import llama32_tokenizer_dir
 
+from tests.helpers import llama32_tokenizer_dir
 from tunelab.data.masking import IGNORE_INDEX, encode_conversations
 
 CONVERSATION = [

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import CONVERSATION
 from tunelab.data.masking import IGNORE_INDEX, Encoded, encode_conversations
 from tunelab.models.templates import TemplateError
-
-from tests.helpers import CONVERSATION
 
 END_TOKENS = {"chatml": "<|im_end|>", "llama": "<|eot_id|>"}
 

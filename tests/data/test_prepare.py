@@ -8,8 +8,8 @@ from tests.helpers import make_config, qa_rows, write_json
 from tunelab.config import config_from_dict
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.data.prepare import DataPipeline, load_prepared, output_folder, prepare_dataset
-from tunelab.data.readers import FileStats, ReadContext, embedded_files, iter_file
 from tunelab.data.problems import ProblemLog
+from tunelab.data.readers import FileStats, ReadContext, embedded_files, iter_file
 
 COLUMNS = ["id", "source", "messages", "input_ids", "labels", "num_tokens", "num_label_tokens"]
 

@@ -65,8 +65,8 @@ def test_train_eval_and_plain_peft_reload_agree(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.data.prepare import load_prepared
     from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.data.prepare import load_prepared
     from tunelab.train.batching import pad
 
     adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())

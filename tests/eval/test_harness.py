@@ -123,7 +123,6 @@ def test_cli_without_lm_eval_goes_on_with_the_rest_of_eval(monkeypatch, tmp_path
 
     import tunelab.eval.evaluate
     from tunelab.cli import app
-
     from tunelab.config import Config
 
     (tmp_path / "adapter").mkdir()

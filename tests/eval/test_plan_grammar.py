@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from tests.helpers import embedded_gguf
 
+from tests.helpers import embedded_gguf
 from tunelab.errors import UserError
 from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 

@@ -300,7 +300,6 @@ def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
 def load_space_app(space: Path, monkeypatch):
     """The bundle's app.py as a module, with the model, the server and the Hub replaced by recorders."""
     import importlib.util
-
     import sys
 
     monkeypatch.setattr(sys, "path", list(sys.path))  # app.py prepends the bundle dir; undone after the test

@@ -16,6 +16,7 @@ import json
 
 import pytest
 import yaml
+
 from tests.helpers import conversations_file, llama32_shaped_folder
 
 pytestmark = pytest.mark.slow

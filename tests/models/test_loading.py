@@ -95,8 +95,7 @@ def test_bf16_load_from_the_fp32_folder_reads_without_mmap_and_equals_from_pretr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models import load_model
-    from tunelab.models import loading
+    from tunelab.models import load_model, loading
 
     used = []
     real = loading._load_converting_without_mmap

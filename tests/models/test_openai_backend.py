@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from tunelab.errors import UserError
-from tunelab.models.openai_backend import OpenAIBackend, RemoteModelError, api_base
 from tunelab.models.inference import GenerationParams
+from tunelab.models.openai_backend import OpenAIBackend, RemoteModelError, api_base
 
 
 def sse(*events) -> bytes:

@@ -13,8 +13,8 @@ import importlib.metadata
 
 import pytest
 
-from tunelab.data.masking import IGNORE_INDEX, encode_conversations
 from tests.helpers import CONVERSATION, tiny_gemma_like_tokenizer
+from tunelab.data.masking import IGNORE_INDEX, encode_conversations
 from tunelab.models.templates import TemplateError, apply_turn_end
 
 EXPECTED = (

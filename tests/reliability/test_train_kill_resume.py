@@ -17,8 +17,8 @@ import pytest
 
 from tests.helpers import (
     MAX_STEPS,
-    assert_metrics_each_step_once,
     adapter_file,
+    assert_metrics_each_step_once,
     max_adapter_difference,
     newest_valid_step,
     train_cmd,

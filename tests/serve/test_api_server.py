@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tests.helpers import embedded_gguf, free_port, serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -152,6 +153,7 @@ def test_backend_url_with_wrong_key_is_a_user_error(api_server):
 def test_cli_app_on_backend_url_end_to_end(api_server, reference_llama, tmp_path):
     """`tunelab serve MODEL_NAME --backend-url URL --api-key KEY` (a second subprocess) through gradio_client."""
     from gradio_client import Client
+
     from tests.helpers import db_rows, last_assistant_text
 
     remote = ["--backend-url", api_server.base, "--api-key", API_KEY]

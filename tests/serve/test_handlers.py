@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from tests.helpers import GrammarBackend, ScriptedBackend
 
+from tests.helpers import GrammarBackend, ScriptedBackend
 from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 from tunelab.serve.feedback import FeedbackStore
 from tunelab.serve.handlers import ChatApp, chat_display, planner_decoding, turn_for_message

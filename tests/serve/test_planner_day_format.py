@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from tests.helpers import embedded_gguf, save_tiny_llama_with_embedded_tokenizer
 
+from tests.helpers import embedded_gguf, save_tiny_llama_with_embedded_tokenizer
 from tunelab.eval.plan_grammar import token_budget
 from tunelab.serve.feedback import FeedbackStore
 from tunelab.serve.handlers import ChatApp

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from tests.helpers import db_rows, embedded_gguf, last_assistant_text, listening_addresses, serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

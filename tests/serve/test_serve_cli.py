@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tests.helpers import ScriptedBackend
 from typer.testing import CliRunner
 
-import tunelab.serve.app as app_module
 import tunelab.models.inference as inference_module
+import tunelab.serve.app as app_module
+from tests.helpers import ScriptedBackend
 from tunelab.cli import app as cli_app
 from tunelab.errors import UserError
 

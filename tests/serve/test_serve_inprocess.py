@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-from tests.helpers import GrammarBackend, ScriptedBackend, free_port, listening_addresses
 
+from tests.helpers import GrammarBackend, ScriptedBackend, free_port, listening_addresses
 from tunelab.serve.app import build_app, launch
 
 pytestmark = pytest.mark.timeout(180)

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+
 from tests.helpers import db_rows, embedded_gguf, serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

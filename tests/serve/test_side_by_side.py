@@ -3,14 +3,15 @@ pairwise record naming the model behind each side; the events through the Gradio
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
-from tests.helpers import ScriptedBackend, free_port
 from typer.testing import CliRunner
 
 import tunelab.models.inference as backends_module
 import tunelab.serve.app as app_module
+from tests.helpers import ScriptedBackend, free_port
 from tunelab.cli import app as cli_app
 from tunelab.serve.app import build_app, launch
 from tunelab.serve.feedback import FeedbackStore
@@ -30,10 +31,8 @@ class SeededBackend(ScriptedBackend):
 
 
 def last(generator):
-    update = None
-    for update in generator:
-        pass
-    return update
+    tail = collections.deque(generator, maxlen=1)
+    return tail[0] if tail else None
 
 
 @pytest.fixture

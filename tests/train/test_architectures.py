@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.train.architectures import FAST_FAMILIES, plan_for, use_plan
 from tunelab.data.masking import IGNORE_INDEX as IGNORE
+from tunelab.train.architectures import FAST_FAMILIES, plan_for, use_plan
 from tunelab.train.batching import pack, pad
 from tunelab.train.loss import LinearCrossEntropy, masked_lm_loss
 

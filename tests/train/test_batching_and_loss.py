@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from tests.helpers import full_logits_loss
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.batching import epoch_order, pack, pad, step_indices
-from tests.helpers import full_logits_loss
 from tunelab.train.loss import masked_lm_loss
 from tunelab.train.packed_attention import register
 

@@ -8,8 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 
 FRAGMENT_THE_HEAP = """
 import ctypes, sys

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ def bench_data_cmd(
         ),
     ] = "1,2,4",
     rows: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="FineTome-sized inputs instead: comma-separated row counts, e.g. 10000,100000 (a single N also runs 10000 first)."
         ),
@@ -27,9 +27,7 @@ def bench_data_cmd(
     out: Annotated[Path, typer.Option(help="--rows: folder for the generated inputs, prepared data and logs.")] = Path(
         "runs/bench-data"
     ),
-    json_path: Annotated[
-        Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")
-    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
     """Time each data phase on the embedded ShareGPT file (--scales), or prepare FineTome-sized JSONL and Parquet
     inputs and report wall time, peak RSS and rows/s (--rows)."""
@@ -72,19 +70,19 @@ def bench_train_cmd(
         ),
     ] = 40,
     precision: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--precision", help="fp32 and/or bf16 (default: fp32, plus bf16 where the CPU has native bf16)."),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for both sides.")] = 2,
     config: Annotated[
-        Optional[Path], typer.Option(help="Config for data/model/LoRA/train settings (default: the quickstart config).")
+        Path | None, typer.Option(help="Config for data/model/LoRA/train settings (default: the quickstart config).")
     ] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")
+        list[str] | None, typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")
     ] = None,
     max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 32,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
     objective: Annotated[
         str,
         typer.Option(
@@ -93,9 +91,9 @@ def bench_train_cmd(
     ] = "sft",
 ) -> None:
     """tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out figures."""
-    from tunelab.config import load_config
     from tunelab.bench.machine import command_line
     from tunelab.bench.train import markdown_table, plot_throughput, print_table, run_bench
+    from tunelab.config import load_config
     from tunelab.experiments.quickstart import QUICKSTART_CONFIG
 
     if vs not in ("trl", "none"):
@@ -107,7 +105,8 @@ def bench_train_cmd(
         raise UserError(f"--objective {objective}: expected sft or dpo")
     cfg = load_config(config or QUICKSTART_CONFIG, set_ or [])
     if objective == "dpo":
-        from tunelab.bench.dpo import markdown_table as dpo_table, run_dpo_bench
+        from tunelab.bench.dpo import markdown_table as dpo_table
+        from tunelab.bench.dpo import run_dpo_bench
 
         doc = run_dpo_bench(
             cfg,
@@ -149,14 +148,14 @@ def bench_train_cmd(
 
 def bench_infer_cmd(
     models: Annotated[
-        Optional[list[Path]], typer.Argument(help="Models to compare: run/merged folders and .gguf files.")
+        list[Path] | None, typer.Argument(help="Models to compare: run/merged folders and .gguf files.")
     ] = None,
     quants: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Quantisation table instead: comma-separated llama.cpp types, e.g. q4_k_m,q4_0,q5_k_m,q8_0."),
     ] = None,
     run: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="With --quants: the run whose merged export is quantised (default: the quickstart's base model)."
         ),
@@ -164,7 +163,7 @@ def bench_infer_cmd(
     threads: Annotated[int, typer.Option(help="Threads, the same for every model.")] = 2,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     repeats: Annotated[int, typer.Option(help="Runs per prompt (the first is a warm-up).")] = 2,
-    output: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Time to first token, decode tokens/s, RSS and file size per model, on the same prompts and threads;
     with --quants, the quantisation table (adds held-out perplexity, the memory-bandwidth bound, a recommendation)."""

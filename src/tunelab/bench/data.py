@@ -25,12 +25,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tunelab.bench.machine import run_header
 from tunelab.config import Config, SourceConfig
 from tunelab.data import readers
 from tunelab.data.formats import record_to_pairs
 from tunelab.data.prepare import DataPipeline, SourceCounts
 from tunelab.data.problems import ProblemLog, RecordProblem
-from tunelab.bench.machine import run_header
 
 PHASES = ("recover", "normalize", "dedup_exact", "dedup_near", "encode")
 FLAT_RSS_RATIO = 1.5  # the bounded-memory rule: peak RSS at the largest N <= 1.5 x peak RSS at the smallest

@@ -53,12 +53,15 @@ def bench_pairs(cfg, folder: Path, pairs_needed: int, max_val_rows: int) -> tupl
     )
     pref = cfg.model_copy(update={"data": data, "train": cfg.train.model_copy(update={"objective": "dpo"})})
     train, val = load_prepared(prepare_dataset(pref))
-    as_pairs = lambda ds: [
-        [[c, cl], [r, rl]]
-        for c, cl, r, rl in zip(
-            ds["chosen_input_ids"], ds["chosen_labels"], ds["rejected_input_ids"], ds["rejected_labels"]
-        )
-    ]  # noqa: E731
+
+    def as_pairs(ds):
+        return [
+            [[c, cl], [r, rl]]
+            for c, cl, r, rl in zip(
+                ds["chosen_input_ids"], ds["chosen_labels"], ds["rejected_input_ids"], ds["rejected_labels"]
+            )
+        ]
+
     return as_pairs(train), as_pairs(val)[:max_val_rows]
 
 

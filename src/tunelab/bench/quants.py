@@ -31,8 +31,8 @@ def source_model(run: Path | None) -> tuple[Path, Path]:
         return merged, run / "export"
     from tunelab.config import load_config
     from tunelab.experiments.quickstart import QUICKSTART_CONFIG
-    from tunelab.models import resolve_model_path
     from tunelab.io import cache_dir
+    from tunelab.models import resolve_model_path
 
     folder = Path(resolve_model_path(load_config(QUICKSTART_CONFIG).model.name))
     return folder, cache_dir() / "bench-infer" / folder.name

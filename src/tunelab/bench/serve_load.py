@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -316,7 +315,7 @@ def bench_serve_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
     threads: Annotated[int, typer.Option(help="llama.cpp threads in the app.")] = 2,
     time_limit: Annotated[float, typer.Option(help="Seconds after which users start no new request.")] = 900,
-    output: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """N concurrent users (chat + planner) against the app: TTFT p50/p95, tokens/s, errors, feedback rows kept."""
     from tunelab.hardware import cpu_model

@@ -200,8 +200,8 @@ def run_trl(spec: dict, train_rows: list, val_rows: list, workdir: Path, config:
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.config import ModelConfig
-    from tunelab.models import load_tokenizer
     from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.models import load_tokenizer
     from tunelab.train.memory import release_free_heap
 
     rows = ordered_rows(train_rows, spec["steps"], spec["batch_size"], spec["seed"])

@@ -31,10 +31,10 @@ from typing import Any
 from tunelab.config import SourceConfig
 from tunelab.data.formats import openai as openai_pairs
 from tunelab.data.masking import IGNORE_INDEX, batch_token_ids, render
-from tunelab.data.normalize import ROLE_NAMES, Message, canonical_conversation, keyword_pattern
+from tunelab.data.normalize import ROLE_NAMES, Message, canonical_conversation
 from tunelab.data.prepare import DataPipeline
-from tunelab.data.readers import RawRecord
 from tunelab.data.problems import DataError, RecordProblem
+from tunelab.data.readers import RawRecord
 from tunelab.data.split import copies_for_weight, is_validation
 from tunelab.models.templates import TemplateError
 

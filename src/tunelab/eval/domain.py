@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from tunelab.eval.rubric import CRITERIA, Answer, Scored, TravelPrompt, compare, score_answer
 from tunelab.models.inference import llama_grammar, load_backend, open_llama

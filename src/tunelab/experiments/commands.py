@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
+from tunelab.errors import UserError
 
 
 def sweep_cmd(
@@ -14,17 +16,17 @@ def sweep_cmd(
         Path, typer.Argument(help="A sweep file (base + grid/runs + held-out sets), or a base config with --grid.")
     ],
     grid: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--grid", help="Shortcut: key.path=v1,v2,... on a base config (repeatable; the grid is their product)."
         ),
     ] = None,
     output: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Sweep folder (default: the sweep file's `output`, or <train.output_dir>-sweep)."),
     ] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="With --grid: override applied to every grid point.")
+        list[str] | None, typer.Option("--set", help="With --grid: override applied to every grid point.")
     ] = None,
 ) -> None:
     """Train, export and judge one run per sweep point on the same held-out sets; results.csv/.md and plots.
@@ -62,12 +64,12 @@ def travel_data_cmd(
         int, typer.Option(min=1, help="Sampled answers per synthetic prompt (rejection sampling keeps the best).")
     ] = 4,
     model: Annotated[
-        Optional[Path], typer.Option(help="GGUF to sample from (default: the embedded base SmolLM2-135M).")
+        Path | None, typer.Option(help="GGUF to sample from (default: the embedded base SmolLM2-135M).")
     ] = None,
     min_score: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Keep a best answer only at or above this rubric score.")
     ] = 1.0,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp threads.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompt mix.")] = 0,
     max_days: Annotated[int, typer.Option(min=1, max=7, help="Synthetic prompts ask for 1 to this many days.")] = 5,
     grammar: Annotated[
@@ -113,29 +115,29 @@ def travel_data_cmd(
 
 def promote_cmd(
     candidate: Annotated[
-        Optional[Path], typer.Argument(help="Run folder or .gguf to promote (not needed with --rollback).")
+        Path | None, typer.Argument(help="Run folder or .gguf to promote (not needed with --rollback).")
     ] = None,
     over: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--over", help="The model served now: run folder or .gguf (default: what --serve-dir serves)."),
     ] = None,
     serve_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Folder whose current.json `tunelab serve DIR` serves; updated only when the gates pass."),
     ] = None,
     evalset: Annotated[
-        Optional[Path], typer.Option(help="Feedback regression set (`tunelab feedback export DB --format evalset`).")
+        Path | None, typer.Option(help="Feedback regression set (`tunelab feedback export DB --format evalset`).")
     ] = None,
     rollback: Annotated[
         bool, typer.Option(help="Point --serve-dir back at the model served before the last promotion.")
     ] = False,
     space: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Also rebuild this Space bundle around the model --serve-dir now serves (a q4_k_m export)."),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Threads for the latency measurement.")] = 2,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Gate override, e.g. --set promote.min_regression_win_rate=0.6."),
     ] = None,
 ) -> None:

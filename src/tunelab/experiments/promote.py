@@ -21,10 +21,11 @@ Promotion writes the report, then points `SERVE_DIR/current.json` at the candida
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tunelab.config import PromoteConfig
 from tunelab.errors import UserError
@@ -301,7 +302,7 @@ def compare(
     ok, reason = decide(checks)
     return Decision(
         str(candidate), str(current), checks, ok, reason, gates.model_dump(mode="json"),
-        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        datetime.now(UTC).isoformat(timespec="seconds"),
     )  # fmt: skip
 
 

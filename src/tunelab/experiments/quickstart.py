@@ -87,8 +87,8 @@ def _share(value: float | None) -> str:
 def _export_and_serve(run_dir: Path, log) -> None:
     """`make demo` ends here: GGUF q4_k_m (llama.cpp, fastest on CPU) served by the app on 127.0.0.1."""
     from tunelab.export.pipeline import export_run
-    from tunelab.serve.app import build_app, launch
     from tunelab.models.inference import load_backend
+    from tunelab.serve.app import build_app, launch
 
     gguf = run_dir / "export" / "model-q4_k_m.gguf"
     if not gguf.is_file():

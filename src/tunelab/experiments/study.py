@@ -220,7 +220,7 @@ def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config
     for name, folder in heldout_sets(cfg, spec, base_cfg).items():
         rows = rows_of(load_prepared(folder)[1])[: spec.heldout.max_rows]
 
-        def score() -> float:
+        def score(rows=rows) -> float:
             return heldout_loss(
                 model,
                 rows,

@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-
 from tunelab.config import ConfigError, load_config, parse_value
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tunelab.eval.rubric import (
     SHIPPED_TRAVEL_PROMPTS,

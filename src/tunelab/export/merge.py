@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-
 from tunelab.io import atomic_folder
 from tunelab.models.inference import turn_end_ids
 from tunelab.models.runs import load_run_model, run_config

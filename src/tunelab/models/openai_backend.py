@@ -11,7 +11,7 @@ canonical messages and the sampling settings and reads the streamed `chat.comple
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 

@@ -23,8 +23,9 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request  # module level: FastAPI resolves annotations here
 from fastapi.responses import JSONResponse, StreamingResponse

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TextIO
+from typing import Annotated, TextIO
 
 import typer
 
@@ -13,12 +14,12 @@ from tunelab.models.inference import ChatBackend, GenerationParams
 
 def chat_cmd(
     model: Annotated[Path, typer.Argument(help="A run folder, a merged HF folder or a .gguf file.")],
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option()] = 0.9,
     max_new_tokens: Annotated[int, typer.Option()] = 256,
     repetition_penalty: Annotated[float, typer.Option()] = 1.1,
-    system: Annotated[Optional[str], typer.Option(help="A system message for the conversation.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message for the conversation.")] = None,
 ) -> None:
     """Chat with a model in the terminal (streaming). /reset clears the conversation, /exit quits."""
     from tunelab.models.inference import load_backend

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,7 +21,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def serve_cmd(
     model: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Argument(
             help="A .gguf file (llama.cpp, best on CPU), a run folder, a merged folder, or a serve folder whose "
             "current.json (written by `tunelab promote`) names the model. "
@@ -29,16 +29,16 @@ def serve_cmd(
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind. Keep 127.0.0.1 unless you add --auth.")] = "127.0.0.1",
-    port: Annotated[Optional[int], typer.Option(help="TCP port (default 7860; 8000 with --api).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 7860; 8000 with --api).")] = None,
     feedback_db: Annotated[Path, typer.Option(help="SQLite file that stores feedback.")] = Path("feedback.db"),
     auth: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(envvar="TUNELAB_AUTH", help="USER:PASS required to open the app (or env TUNELAB_AUTH)."),
     ] = None,
-    threads: Annotated[Optional[int], typer.Option(help="llama.cpp / torch threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="llama.cpp / torch threads (default: all cores).")] = None,
     share: Annotated[bool, typer.Option(help="Also create a public gradio.live link.")] = False,
     candidate: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="A second model (same kinds as MODEL) for side-by-side picks against MODEL."),
     ] = None,
     side_by_side: Annotated[
@@ -48,11 +48,11 @@ def serve_cmd(
         bool, typer.Option(help="Serve an OpenAI-compatible API (/v1/chat/completions) instead of the app.")
     ] = False,
     backend_url: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Let the app use a remote OpenAI-compatible server (e.g. http://host:8000/v1)."),
     ] = None,
     api_key: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             envvar="TUNELAB_API_KEY",
             help="With --api: the key clients must send; with --backend-url: the key "
@@ -124,7 +124,7 @@ def feedback_export_cmd(
         ),
     ] = "sft",
     output: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--output",
             "-o",
@@ -133,10 +133,10 @@ def feedback_export_cmd(
     ] = None,
     max_prompts: Annotated[int, typer.Option(help="evalset: at most this many prompts.")] = 100,
     min_rating: Annotated[
-        Optional[int], typer.Option(help="Keep rows rated at least this (1 = thumbs-up only, -1 = all).")
+        int | None, typer.Option(help="Keep rows rated at least this (1 = thumbs-up only, -1 = all).")
     ] = None,
     push_to_hub: Annotated[
-        Optional[str], typer.Option(help="Also upload the file to this Hugging Face dataset repo (user/name).")
+        str | None, typer.Option(help="Also upload the file to this Hugging Face dataset repo (user/name).")
     ] = None,
     private: Annotated[bool, typer.Option(help="With --push-to-hub: create the dataset repo as private.")] = True,
 ) -> None:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.io import write_jsonl
@@ -115,7 +116,7 @@ def write_evalset(records: list[dict[str, Any]], out_dir: Path, source: str) -> 
             "prompts": len(records),
             "with_reference": sum("reference" in r for r in records),
             "source": source,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "held_out": "never exported for training (tunelab feedback export skips these prompts)",
         }
     }

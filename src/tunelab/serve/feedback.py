@@ -31,14 +31,15 @@ import json
 import re
 import sqlite3
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 from tunelab.errors import UserError
-from tunelab.serve.evalset import frozen_prompt_keys, prompt_key
 from tunelab.io import write_jsonl
+from tunelab.serve.evalset import frozen_prompt_keys, prompt_key
 
 SCHEMA_VERSION = 2
 
@@ -203,7 +204,7 @@ class PairwiseRecord:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def connect(path: str | Path, *, timeout_s: float = 30.0) -> sqlite3.Connection:

@@ -17,9 +17,10 @@ import tempfile
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import gradio as gr
 

@@ -24,8 +24,8 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from tunelab.io import write_jsonl
 from tunelab.serve.feedback import export_feedback, iter_pairwise_rows

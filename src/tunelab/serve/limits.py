@@ -15,7 +15,6 @@ from typing import Any
 
 from tunelab.models.inference import GenerationParams
 
-
 PLANNER_MAX_NEW_TOKENS = 600  # the Travel Planner's default token budget (its slider starts here)
 
 

@@ -10,7 +10,7 @@ one) and pushes the replaced entry onto `history`, so `tunelab promote --rollbac
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def point_to(
     entry = {
         "model": str(Path(model).resolve()),
         "model_hash": model_hash,
-        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "report": str(Path(report).resolve()) if report else None,
     }
     history: list[dict[str, Any]] = []

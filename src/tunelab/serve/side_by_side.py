@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import gradio as gr
 

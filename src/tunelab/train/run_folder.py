@@ -7,8 +7,8 @@ import contextlib
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tunelab.config import Config, TrainConfig
 from tunelab.errors import UserError
