@@ -14,7 +14,7 @@ from tests.helpers import write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.data.prepare import load_prepared, prepare_dataset
 from tunelab.data.problems import DataError
-from tunelab.serve.feedback import dpo_record
+from tunelab.serve.feedback_export import dpo_record
 
 IGNORE = -100
 

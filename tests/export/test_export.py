@@ -290,9 +290,12 @@ def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     modules = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"tunelab.serve.app", "tunelab.models.inference", "tunelab.serve.feedback", "tunelab.serve.hub_sync"} <= set(
-        modules
-    )
+    assert {
+        "tunelab.serve.app",
+        "tunelab.models.inference",
+        "tunelab.serve.feedback_store",
+        "tunelab.serve.hub_sync",
+    } <= set(modules)
     for name, file in modules.items():
         assert file and Path(file).resolve().is_relative_to(space.resolve()), (name, file)
 

@@ -123,7 +123,7 @@ def test_streaming_reply_equals_llama_cpp(api_server, reference_llama):
 def test_app_on_backend_url_answers_and_stores_feedback(api_server, reference_llama, tmp_path, monkeypatch):
     from tunelab.models.openai_backend import OpenAIBackend
     from tunelab.serve.app import build_app
-    from tunelab.serve.feedback import FeedbackStore
+    from tunelab.serve.feedback_store import FeedbackStore
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's download folder goes under tmp_path
     backend = OpenAIBackend(api_server.base, api_key=API_KEY)

@@ -88,7 +88,7 @@ def read_jsonl(path):
 def test_feedback_round_trip_to_a_promoted_model(tmp_path):
     from gradio_client import Client
 
-    from tunelab.serve.feedback import FeedbackStore
+    from tunelab.serve.feedback_store import FeedbackStore
     from tunelab.serve.pointer import point_to
 
     base = small_llama_folder(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 
 import pytest
@@ -14,17 +15,60 @@ from typer.testing import CliRunner
 from tunelab.cli import app as cli_app
 from tunelab.errors import UserError
 from tunelab.serve.evalset import content_version, read_evalset
-from tunelab.serve.feedback import (
-    SCHEMA_V1,
-    SCHEMA_VERSION,
-    FeedbackRecord,
-    FeedbackStore,
-    PairwiseRecord,
-    export_feedback,
-)
+from tunelab.serve.feedback_export import export_feedback
+from tunelab.serve.feedback_store import SCHEMA_VERSION, FeedbackRecord, FeedbackStore, PairwiseRecord
 from tunelab.serve.fingerprint import model_fingerprint
 
 SYSTEM = {"role": "system", "content": "Be brief."}
+
+# The schema scripts as released (v1, then the v2 migration): databases made by them exist, so the schema that
+# feedback_store derives from its record fields must stay equal to them.
+HISTORICAL_V1 = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at    TEXT    NOT NULL,                       -- ISO 8601, UTC
+    session_id    TEXT    NOT NULL,                       -- anonymous, random per browser session
+    tab           TEXT    NOT NULL CHECK (tab IN ('chat', 'planner')),
+    rating        INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+    reasons       TEXT    NOT NULL DEFAULT '[]',          -- JSON list of REASONS
+    comment       TEXT    NOT NULL DEFAULT '',
+    better_answer TEXT    NOT NULL DEFAULT '',
+    messages      TEXT    NOT NULL,                       -- JSON: conversation sent to the model
+    inputs        TEXT    NOT NULL DEFAULT '{}',          -- JSON: chat prompt or planner form
+    response      TEXT    NOT NULL,                       -- the full answer that was rated
+    model_id      TEXT    NOT NULL,
+    params        TEXT    NOT NULL DEFAULT '{}',          -- JSON: generation parameters
+    app_version   TEXT    NOT NULL,
+    submission_id TEXT    UNIQUE                          -- optional client key: a retried submit is stored once
+);
+CREATE INDEX IF NOT EXISTS feedback_created_at ON feedback (created_at);
+"""
+
+HISTORICAL_V2 = """
+ALTER TABLE feedback ADD COLUMN model_hash TEXT;         -- sha256 of the weights (NULL: stored before v2)
+CREATE TABLE IF NOT EXISTS pairwise (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at    TEXT    NOT NULL,
+    session_id    TEXT    NOT NULL,
+    tab           TEXT    NOT NULL CHECK (tab IN ('chat', 'planner')),
+    messages      TEXT    NOT NULL,                       -- JSON: conversation both answers continue
+    inputs        TEXT    NOT NULL DEFAULT '{}',
+    answer_a      TEXT    NOT NULL,
+    answer_b      TEXT    NOT NULL,
+    model_a_id    TEXT    NOT NULL,
+    model_a_hash  TEXT,
+    model_b_id    TEXT    NOT NULL,
+    model_b_hash  TEXT,
+    params_a      TEXT    NOT NULL DEFAULT '{}',          -- JSON: generation parameters (seed included)
+    params_b      TEXT    NOT NULL DEFAULT '{}',
+    pick          TEXT    NOT NULL CHECK (pick IN ('a', 'b', 'both_bad')),
+    reasons       TEXT    NOT NULL DEFAULT '[]',
+    comment       TEXT    NOT NULL DEFAULT '',
+    app_version   TEXT    NOT NULL,
+    submission_id TEXT    UNIQUE
+);
+CREATE INDEX IF NOT EXISTS pairwise_created_at ON pairwise (created_at);
+"""
 
 
 def ask(text: str) -> list[dict[str, str]]:
@@ -54,7 +98,7 @@ def read_jsonl(path):
 def test_v1_database_is_migrated_and_old_rows_keep_a_null_hash(tmp_path):
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db)
-    conn.executescript(SCHEMA_V1)
+    conn.executescript(HISTORICAL_V1)
     conn.execute(
         "INSERT INTO feedback (created_at, session_id, tab, rating, messages, response, model_id, app_version)"
         " VALUES ('2026-01-01T00:00:00', 's', 'chat', 1, ?, 'old answer', 'old.gguf', 'v1')",
@@ -75,6 +119,40 @@ def test_v1_database_is_migrated_and_old_rows_keep_a_null_hash(tmp_path):
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.close()
+
+
+def schema_of(db) -> dict:
+    """Every table's and index's definition (SQL with comments and spacing normalised), columns and indexes."""
+    conn = sqlite3.connect(db)
+    schema = {}
+    for kind, name, sql in conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name"):
+        sql = " ".join(re.sub(r"--[^\n]*", "", sql or "").split())
+        sql = re.sub(r"\s*([(),])\s*", r"\1", sql)
+        columns = conn.execute(f"PRAGMA table_xinfo({name})").fetchall() if kind == "table" else None
+        indexes = conn.execute(f"PRAGMA index_list({name})").fetchall() if kind == "table" else None
+        schema[name] = (kind, sql, columns, indexes)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.close()
+    return {"user_version": version, **schema}
+
+
+def test_new_and_migrated_databases_have_the_released_schema(tmp_path):
+    released = sqlite3.connect(tmp_path / "released.db")
+    released.executescript(HISTORICAL_V1)
+    released.executescript(HISTORICAL_V2)
+    released.execute("PRAGMA user_version = 2")
+    released.close()
+    old = sqlite3.connect(tmp_path / "v1.db")
+    old.executescript(HISTORICAL_V1)
+    old.execute("PRAGMA user_version = 1")
+    old.close()
+    FeedbackStore(tmp_path / "new.db").close()
+    FeedbackStore(tmp_path / "v1.db").close()
+    expected = schema_of(tmp_path / "released.db")
+    assert set(expected) == {"user_version", "feedback", "feedback_created_at", "pairwise", "pairwise_created_at",
+                             "sqlite_autoindex_feedback_1", "sqlite_autoindex_pairwise_1", "sqlite_sequence"}  # fmt: skip
+    assert schema_of(tmp_path / "new.db") == expected
+    assert schema_of(tmp_path / "v1.db") == expected
 
 
 def test_pairwise_round_trip_idempotency_and_validation(tmp_path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.helpers import small_llama_folder
-from tunelab.serve.feedback import FeedbackRecord, FeedbackStore
+from tunelab.serve.feedback_store import FeedbackRecord, FeedbackStore
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import GrammarBackend, ScriptedBackend
 from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
-from tunelab.serve.feedback import FeedbackStore
+from tunelab.serve.feedback_store import FeedbackStore
 from tunelab.serve.handlers import ChatApp, chat_display, planner_decoding, turn_for_message
 from tunelab.serve.limits import Limits
 

@@ -6,7 +6,7 @@ import json
 import threading
 from pathlib import Path
 
-from tunelab.serve.feedback import FeedbackRecord, FeedbackStore
+from tunelab.serve.feedback_store import FeedbackRecord, FeedbackStore
 from tunelab.serve.hub_sync import FeedbackSync, start_feedback_sync
 
 FAKE_TOKEN = "hf_FakeTokenForHubSync0123456789abcdef"
@@ -139,7 +139,7 @@ def test_default_uploader_pushes_to_a_dataset_repo(tmp_path, monkeypatch):
 
 
 def test_side_by_side_picks_go_to_their_own_file(tmp_path):
-    from tunelab.serve.feedback import PairwiseRecord
+    from tunelab.serve.feedback_store import PairwiseRecord
 
     db = tmp_path / "feedback.db"
     store = FeedbackStore(db)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import embedded_gguf, save_tiny_llama_with_embedded_tokenizer
 from tunelab.eval.plan_grammar import token_budget
-from tunelab.serve.feedback import FeedbackStore
+from tunelab.serve.feedback_store import FeedbackStore
 from tunelab.serve.handlers import ChatApp
 
 pytestmark = pytest.mark.timeout(300)

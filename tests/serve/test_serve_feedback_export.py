@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tunelab.cli import app as cli_app
-from tunelab.serve.feedback import FeedbackRecord, FeedbackStore
+from tunelab.serve.feedback_store import FeedbackRecord, FeedbackStore
 
 CITIES = ["Lisbon", "Porto", "Madrid", "Seville", "Rome", "Florence", "Vienna", "Prague", "Krakow", "Berlin",
           "Hamburg", "Oslo", "Bergen", "Dublin", "Edinburgh", "Paris", "Lyon", "Nice", "Athens", "Istanbul"]  # fmt: skip

@@ -11,17 +11,8 @@ import threading
 import pytest
 
 from tunelab.errors import UserError
-from tunelab.serve.feedback import (
-    SCHEMA_VERSION,
-    FeedbackRecord,
-    FeedbackStore,
-    dpo_record,
-    export_feedback,
-    export_records,
-    iter_rows,
-    rows_to_csv,
-    sft_record,
-)
+from tunelab.serve.feedback_export import dpo_record, export_feedback, export_records, rows_to_csv, sft_record
+from tunelab.serve.feedback_store import SCHEMA_VERSION, FeedbackRecord, FeedbackStore, iter_rows
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Best museum in Lisbon?"}]
 

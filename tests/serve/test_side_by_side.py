@@ -14,7 +14,7 @@ import tunelab.serve.app as app_module
 from tests.helpers import ScriptedBackend, free_port
 from tunelab.cli import app as cli_app
 from tunelab.serve.app import build_app, launch
-from tunelab.serve.feedback import FeedbackStore
+from tunelab.serve.feedback_store import FeedbackStore
 from tunelab.serve.handlers import ChatApp
 from tunelab.serve.pointer import point_to
 from tunelab.serve.side_by_side import SideBySide

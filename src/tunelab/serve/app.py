@@ -23,7 +23,13 @@ import gradio as gr  # noqa: E402
 
 from tunelab.errors import UserError  # noqa: E402
 from tunelab.models.inference import ChatBackend  # noqa: E402
-from tunelab.serve.feedback import MAX_BETTER_ANSWER_CHARS, MAX_COMMENT_CHARS, REASONS, FeedbackStore  # noqa: E402
+from tunelab.serve.feedback_store import (  # noqa: E402
+    MAX_BETTER_ANSWER_CHARS,
+    MAX_COMMENT_CHARS,
+    PICKS,
+    REASONS,
+    FeedbackStore,
+)
 from tunelab.serve.handlers import (  # noqa: E402
     AnswerSelected,
     ChatApp,
@@ -34,7 +40,7 @@ from tunelab.serve.handlers import (  # noqa: E402
 )
 from tunelab.serve.limits import PLANNER_MAX_NEW_TOKENS, Limits, escape_for_display  # noqa: E402
 from tunelab.serve.planner import BUDGETS, INTERESTS, PACES, WHEN_CHOICES, PlannerPrompt  # noqa: E402
-from tunelab.serve.side_by_side import PICKS, PairUpdate, PickResult, SideBySide  # noqa: E402
+from tunelab.serve.side_by_side import PairUpdate, PickResult, SideBySide  # noqa: E402
 
 MODEL_QUEUE = "model"  # concurrency_id shared by every event that runs the model
 RATINGS = (("👍 Good", "up"), ("👎 Bad", "down"))
@@ -89,7 +95,11 @@ def _side_by_side_panel(sbs: SideBySide, tab: str, visible: bool) -> tuple[gr.Gr
             answer_b = gr.Markdown(label="Answer B", elem_id=f"{tab}-answer-b", sanitize_html=True, min_height=80)
         status = gr.Markdown(elem_id=f"{tab}-pair-status")
         with gr.Row():
-            pick = gr.Radio(choices=list(PICKS), label="Which answer is better?", elem_id=f"{tab}-pick")
+            pick = gr.Radio(
+                choices=[(label, value) for value, label in PICKS.items()],
+                label="Which answer is better?",
+                elem_id=f"{tab}-pick",
+            )
             reasons = gr.CheckboxGroup(
                 choices=list(REASONS), label="What was wrong with the other? (optional)", elem_id=f"{tab}-pick-reasons"
             )

@@ -145,7 +145,7 @@ def feedback_export_cmd(
     Training formats (sft/dpo/kto) leave out every prompt of a regression set (evalset-*.jsonl) next to the DB."""
     from tunelab.hub import check_repo_id, push_feedback_to_hub
     from tunelab.serve.evalset import export_evalset
-    from tunelab.serve.feedback import EXPORT_FORMATS, export_feedback
+    from tunelab.serve.feedback_export import EXPORT_FORMATS, export_feedback
 
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format: choose one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")

@@ -26,6 +26,7 @@ from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.io import write_jsonl
+from tunelab.serve.feedback_store import iter_pairwise_rows, iter_rows
 
 EVALSET_GLOB = "evalset-*.jsonl"
 DEFAULT_MAX_PROMPTS = 100
@@ -127,8 +128,6 @@ def write_evalset(records: list[dict[str, Any]], out_dir: Path, source: str) -> 
 def export_evalset(
     db_path: str | Path, out_dir: str | Path | None = None, max_prompts: int = DEFAULT_MAX_PROMPTS
 ) -> Path:
-    from tunelab.serve.feedback import iter_pairwise_rows, iter_rows
-
     db_path = Path(db_path)
     if max_prompts < 1:
         raise UserError(f"--max-prompts: must be >= 1 (got {max_prompts})")

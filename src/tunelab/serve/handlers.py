@@ -18,7 +18,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,13 +28,13 @@ from tunelab import __version__
 from tunelab.errors import UserError
 from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 from tunelab.models.inference import ChatBackend, GenerationParams, takes_grammar
-from tunelab.serve.feedback import (
+from tunelab.serve.feedback_export import rows_to_csv
+from tunelab.serve.feedback_store import (
     MAX_BETTER_ANSWER_CHARS,
     MAX_COMMENT_CHARS,
-    REASONS,
     FeedbackRecord,
     FeedbackStore,
-    rows_to_csv,
+    canonical_reasons,
 )
 from tunelab.serve.limits import (
     InputError,
@@ -50,6 +50,7 @@ from tunelab.serve.planner import PlannerPrompt, validate_planner_inputs
 log = logging.getLogger(__name__)
 
 APP_VERSION = f"tunelab {__version__}"
+PLANNER_TOP_P = 0.9  # the Travel Planner has no top-p slider
 
 
 class ChatUpdate(NamedTuple):
@@ -169,6 +170,67 @@ def recorded_params(params: GenerationParams, grammar: str | None) -> dict:
     return {**asdict(params), "day_grammar": True} if grammar else asdict(params)
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request, ready for a model: what it sees, how it decodes, and what feedback stores about it.
+    `title`: Markdown shown above the answer (the plan's heading); `notice`: a one-line note for the status."""
+
+    tab: str
+    messages: list[dict[str, str]]
+    inputs: dict[str, Any]
+    params: GenerationParams
+    grammar: str | None = None
+    title: str = ""
+    notice: str = ""
+
+    def shown(self, answer: str) -> str:
+        """The answer as the page shows it: under the title, escaped."""
+        return self.title + escape_for_display(answer)
+
+    def answer_record(self, response: str, model_id: str, model_hash: str | None) -> dict:
+        """The answer as session state keeps it for feedback (what the model saw, said, and which weights said it)."""
+        return {
+            "tab": self.tab,
+            "messages": self.messages,
+            "response": response,
+            "params": recorded_params(self.params, self.grammar),
+            "inputs": self.inputs,
+            "model_id": model_id,
+            "model_hash": model_hash,
+        }
+
+
+def stream_answer(backend: ChatBackend, request: GenerationRequest) -> Iterator[str]:
+    """Accumulated answer text; the backend's generator is closed even when the user presses Stop.
+    `request.grammar` only for a backend that takes one (see `planner_decoding`)."""
+    pieces = (
+        backend.stream_chat(request.messages, request.params, grammar=request.grammar)
+        if request.grammar
+        else backend.stream_chat(request.messages, request.params)
+    )
+    answer = ""
+    try:
+        for piece in pieces:
+            answer += piece
+            yield answer
+    finally:
+        close = getattr(pieces, "close", None)
+        if close:
+            close()
+
+
+def submission_fields(reasons: Any, comment: Any, submission_id: Any, request: gr.Request | None) -> dict[str, Any]:
+    """What every stored submission carries besides the answer(s): reasons in canonical order (unknown values
+    dropped), the comment (InputError when too long), app version, anonymous session and the client's id."""
+    return {
+        "reasons": canonical_reasons(reasons),
+        "comment": check_length("The comment", clean_text(comment).strip(), MAX_COMMENT_CHARS),
+        "app_version": APP_VERSION,
+        "session_id": session_id_for(request),
+        "submission_id": (submission_id or "").strip() or None,
+    }
+
+
 class ChatApp:
     """Event handlers; one instance per server, shared by all sessions (per-session data lives in gr.State)."""
 
@@ -189,65 +251,59 @@ class ChatApp:
         self.share_feedback_data = share_feedback_data
         self._download_dir: Path | None = None  # made on the first download (see _downloads)
 
-    def _stream(
-        self,
-        messages: list[dict[str, str]],
-        params: GenerationParams,
-        backend: ChatBackend | None = None,
-        grammar: str | None = None,
-    ) -> Iterator[str]:
-        """Accumulated answer text; the backend's generator is closed even when the user presses Stop.
-        `grammar` only for a backend that takes one (see `planner_decoding`)."""
-        backend = backend or self.backend
-        pieces = (
-            backend.stream_chat(messages, params, grammar=grammar) if grammar else backend.stream_chat(messages, params)
+    # ------------------------------------------------------------------------------- requests
+    def chat_request(self, message, system_prompt, temperature, top_p, max_new_tokens, turns) -> GenerationRequest:
+        """A chat message (after the conversation `turns`) as a request; InputError names what the user must fix."""
+        message = check_length("Your message", clean_text(message).strip(), self.limits.max_message_chars)
+        if not message:
+            raise InputError("Please type a message first.")
+        system_prompt = check_length(
+            "The system prompt", clean_text(system_prompt), self.limits.max_system_prompt_chars
         )
-        answer = ""
-        try:
-            for piece in pieces:
-                answer += piece
-                yield answer
-        finally:
-            close = getattr(pieces, "close", None)
-            if close:
-                close()
+        params = clamp_params(temperature, top_p, max_new_tokens, self.limits)
+        messages = build_chat_messages(system_prompt, list(turns or []), message, self.limits)
+        return GenerationRequest("chat", messages, {"message": message, "system_prompt": system_prompt}, params)
 
-    def _answer_record(
-        self, tab: str, messages, response: str, params: GenerationParams, inputs: dict, grammar: str | None = None
-    ) -> dict:
-        return {
-            "tab": tab,
-            "messages": messages,
-            "response": response,
-            "params": recorded_params(params, grammar),
-            "inputs": inputs,
-            "model_id": self.backend.model_id,
-            "model_hash": self.model_hash,
-        }
+    def plan_request(
+        self,
+        city,
+        days,
+        when,
+        budget,
+        pace,
+        interests,
+        preferences,
+        temperature,
+        max_new_tokens,
+        day_format=False,
+        backends: list[ChatBackend] | None = None,
+    ) -> GenerationRequest:
+        """A trip as a planner request; InputError names what the user must fix. `day_format`: decode under the
+        day-plan grammar if every one of `backends` (default: the served one) takes it (`planner_decoding`)."""
+        inputs = validate_planner_inputs(city, days, when, budget, pace, interests, preferences, self.limits)
+        params = clamp_params(temperature, PLANNER_TOP_P, max_new_tokens, self.limits)
+        grammar, params, notice = planner_decoding(
+            bool(day_format), inputs.days, params, self.limits, backends or [self.backend]
+        )
+        title = f"# {inputs.days}-day plan for {escape_for_display(inputs.city)}\n\n"
+        messages = self.planner_prompt.messages(inputs)
+        return GenerationRequest("planner", messages, asdict(inputs), params, grammar, title, notice)
 
     # ------------------------------------------------------------------------------- chat tab
     def chat(self, message, system_prompt, temperature, top_p, max_new_tokens, turns, last_answer):
         """Stream one reply as ChatUpdates."""
         turns = list(turns or [])
         try:
-            message = check_length("Your message", clean_text(message).strip(), self.limits.max_message_chars)
-            if not message:
-                raise InputError("Please type a message first.")
-            system_prompt = check_length(
-                "The system prompt", clean_text(system_prompt), self.limits.max_system_prompt_chars
-            )
-            params = clamp_params(temperature, top_p, max_new_tokens, self.limits)
+            request = self.chat_request(message, system_prompt, temperature, top_p, max_new_tokens, turns)
         except InputError as exc:
             yield ChatUpdate(chat_display(turns), turns, last_answer, gr.skip(), f"⚠️ {exc}")
             return
-        messages = build_chat_messages(system_prompt, turns, message, self.limits)
-        turn = {"user": message, "assistant": ""}
+        turn = {"user": request.inputs["message"], "assistant": ""}
         turns.append(turn)
-        inputs = {"message": message, "system_prompt": system_prompt}
-        record = self._answer_record("chat", messages, "", params, inputs)
+        record = request.answer_record("", self.backend.model_id, self.model_hash)
         yield ChatUpdate(chat_display(turns), turns, last_answer, "", "Generating…")
         try:
-            for answer in self._stream(messages, params):
+            for answer in stream_answer(self.backend, request):
                 turn["assistant"] = answer
                 record = {**record, "response": answer}
                 turn["record"] = record  # kept per turn: the 👍/👎 on an older message can select it later
@@ -291,32 +347,32 @@ class ChatApp:
     ):
         """Stream a Markdown plan as PlanUpdates. `day_format`: decode under the day-plan grammar (`planner_decoding`)."""
         try:
-            inputs = validate_planner_inputs(city, days, when, budget, pace, interests, preferences, self.limits)
-            params = clamp_params(temperature, 0.9, max_new_tokens, self.limits)
+            request = self.plan_request(
+                city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, day_format
+            )
         except InputError as exc:
             yield PlanUpdate(gr.skip(), last_plan, f"⚠️ {exc}")
             return
-        grammar, params, notice = planner_decoding(bool(day_format), inputs.days, params, self.limits, [self.backend])
-        messages = self.planner_prompt.messages(inputs)
-        title = f"# {inputs.days}-day plan for {escape_for_display(inputs.city)}\n\n"
-        record = self._answer_record("planner", messages, "", params, asdict(inputs), grammar)
-        planning = with_notice("Planning…", notice)
-        yield PlanUpdate(title, last_plan, planning)
+        record = request.answer_record("", self.backend.model_id, self.model_hash)
+        planning = with_notice("Planning…", request.notice)
+        yield PlanUpdate(request.title, last_plan, planning)
         answer = ""
         try:
-            for answer in self._stream(messages, params, grammar=grammar):
+            for answer in stream_answer(self.backend, request):
                 record = {**record, "response": answer}
-                yield PlanUpdate(title + escape_for_display(answer), record, planning)
+                yield PlanUpdate(request.shown(answer), record, planning)
         except Exception as exc:
             log.exception("planner generation failed")
             error = friendly_generation_error(exc)
-            shown = title + escape_for_display(answer) + f"\n\n⚠️ {error}"
-            yield PlanUpdate(shown, last_plan, with_notice(f"⚠️ {error}", notice))
+            yield PlanUpdate(
+                request.shown(answer) + f"\n\n⚠️ {error}", last_plan, with_notice(f"⚠️ {error}", request.notice)
+            )
             return
         if not answer:
-            yield PlanUpdate(title, last_plan, with_notice("⚠️ The model returned an empty plan. Try again.", notice))
+            empty = with_notice("⚠️ The model returned an empty plan. Try again.", request.notice)
+            yield PlanUpdate(request.title, last_plan, empty)
             return
-        yield PlanUpdate(title + escape_for_display(answer), record, with_notice("Done. Rate the plan below.", notice))
+        yield PlanUpdate(request.shown(answer), record, with_notice("Done. Rate the plan below.", request.notice))
 
     # ------------------------------------------------------------------------------ feedback
     def submit_feedback(
@@ -330,16 +386,13 @@ class ChatApp:
         if rating not in ("up", "down"):
             return FeedbackResult("⚠️ Pick 👍 or 👎 first.", *keep)
         try:
-            comment = check_length("The comment", clean_text(comment).strip(), MAX_COMMENT_CHARS)
+            common = submission_fields(reasons, comment, submission_id, request)
             better_answer = check_length(
                 "The better answer", clean_text(better_answer).strip(), MAX_BETTER_ANSWER_CHARS
             )
-            reasons = [r for r in REASONS if r in set(reasons or [])]  # canonical order, unknown values dropped
             record = FeedbackRecord(
                 tab=answer["tab"],
                 rating=1 if rating == "up" else -1,
-                reasons=reasons,
-                comment=comment,
                 better_answer=better_answer,
                 messages=answer["messages"],
                 inputs=answer["inputs"],
@@ -347,9 +400,7 @@ class ChatApp:
                 model_id=answer["model_id"],
                 model_hash=answer.get("model_hash"),
                 params=answer["params"],
-                app_version=APP_VERSION,
-                session_id=session_id_for(request),
-                submission_id=(submission_id or "").strip() or None,
+                **common,
             )
             feedback_id = self.store.add(record)  # returns after COMMIT: only then do we say "saved"
         except (InputError, UserError) as exc:

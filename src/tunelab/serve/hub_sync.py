@@ -28,7 +28,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tunelab.io import write_jsonl
-from tunelab.serve.feedback import export_feedback, iter_pairwise_rows
+from tunelab.serve.feedback_export import export_feedback
+from tunelab.serve.feedback_store import iter_pairwise_rows
 
 log = logging.getLogger(__name__)
 
