@@ -140,3 +140,29 @@ def test_embedded_travel_plans_are_day_by_day_plans_of_the_requested_length(tmp_
     assert sorted(len(re.findall(r"^Day \d+:", r.messages[1]["content"], re.M)) for r in rows) == sorted(
         r["days"] for r in records
     )
+
+
+def test_data_prepare_command_writes_the_config_folder_with_its_overrides(tmp_path, chatml_tokenizer):
+    """`tunelab data prepare CONFIG --set ...`: the folder the config names, split, and tokenised as plain
+    transformers renders the conversations with the tokenizer's chat template, under the overridden max_seq_len."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    path = write_json(tmp_path / "d.json", qa_rows(10))
+    data = {"sources": [{"path": str(path)}], "output_dir": str(tmp_path / "prepared"), "val_fraction": 0.2,
+            "dedup": {"near": False}}  # fmt: skip
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"data": data, "train": {"max_seq_len": 256}}), encoding="utf-8")
+
+    result = CliRunner().invoke(app, ["data", "prepare", str(config), "--set", "train.max_seq_len=200"])
+    assert result.exit_code == 0, result.output
+    assert f"prepared dataset: {tmp_path / 'prepared'}" in result.output
+    train, val = load_prepared(tmp_path / "prepared")
+    assert len(train) + len(val) == 10 and len(val) > 0
+    assert json.loads((tmp_path / "prepared" / "report.json").read_text())["truncation"]["max_seq_len"] == 200
+    for row in [*train, *val]:
+        # the template's text through the last reply; the whitespace after the turn end is not trained on
+        rendered = chatml_tokenizer.apply_chat_template(json.loads(row["messages"]), tokenize=False).rstrip()
+        assert row["input_ids"] == chatml_tokenizer(rendered, add_special_tokens=False)["input_ids"]

@@ -45,7 +45,7 @@ def run_cli(*args: str):
     return result
 
 
-def test_cli_writes_sft_dpo_and_jsonl(tmp_path):
+def test_cli_writes_sft_dpo_kto_and_jsonl(tmp_path):
     db = tmp_path / "feedback.db"
     fill(db)
     result = run_cli("feedback", "export", str(db), "--format", "sft")
@@ -58,6 +58,14 @@ def test_cli_writes_sft_dpo_and_jsonl(tmp_path):
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 6 and set(pairs[0]) == {"prompt", "chosen", "rejected"}
     assert pairs[0]["rejected"][0]["content"].startswith("Answer 12")
+
+    result = run_cli("feedback", "export", str(db), "--format", "kto")
+    assert result.exit_code == 0 and "wrote 21 kto record(s)" in result.output
+    kto = [json.loads(line) for line in (tmp_path / "feedback.kto.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in kto] == [True] * 12 + [False] * 9  # 12 thumbs up, then 9 down (6 corrected)
+    assert set(kto[0]) == {"prompt", "completion", "label"} and kto[12]["completion"][0]["content"].startswith(
+        "Answer 12"
+    )
 
     run_cli("feedback", "export", str(db), "-f", "sft", "--min-rating", "1", "-o", str(tmp_path / "up.jsonl"))
     assert len((tmp_path / "up.jsonl").read_text().splitlines()) == 12
