@@ -265,19 +265,9 @@ class ChatApp:
         return GenerationRequest("chat", messages, {"message": message, "system_prompt": system_prompt}, params)
 
     def plan_request(
-        self,
-        city,
-        days,
-        when,
-        budget,
-        pace,
-        interests,
-        preferences,
-        temperature,
-        max_new_tokens,
-        day_format=False,
+        self, city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, day_format=False,
         backends: list[ChatBackend] | None = None,
-    ) -> GenerationRequest:
+    ) -> GenerationRequest:  # fmt: skip
         """A trip as a planner request; InputError names what the user must fix. `day_format`: decode under the
         day-plan grammar if every one of `backends` (default: the served one) takes it (`planner_decoding`)."""
         inputs = validate_planner_inputs(city, days, when, budget, pace, interests, preferences, self.limits)
