@@ -121,6 +121,22 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
     return out_file
 
 
+def convert_lora_to_gguf(adapter_dir: Path, config_dir: Path, out_file: Path) -> Path:
+    """A PEFT adapter -> a GGUF LoRA (f16) with llama.cpp's own converter, for llama.cpp to apply at run time
+    (`llama-server --lora`, per request). `config_dir`: any HF folder with the base's config.json (the merged
+    export has it; no weights are read)."""
+    src = llama_cpp_source_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
+    with atomic_path(out_file) as tmp:
+        cmd = [sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", str(config_dir),
+               "--outfile", str(tmp), "--outtype", "f16", str(adapter_dir)]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not tmp.stat().st_size:
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise UserError(f"llama.cpp's convert_lora_to_gguf.py failed on {adapter_dir}:\n{tail}")
+    return out_file
+
+
 def user_defined_pieces(tokenizer_model: Path) -> dict[str, int]:
     """The USER_DEFINED pieces of a SentencePiece model (Gemma: "\\n", "\\n\\n", runs of spaces...): {piece: id}."""
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
