@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps $(EMBEDDED) $(TEST_ASSETS)
 	@echo ">> Fetching llama.cpp's GGUF converter (from the llama-cpp-python source distribution) once."
 	$(PY) -c "from tunelab.export.gguf import llama_cpp_source_dir; llama_cpp_source_dir()"
+	@echo ">> Building llama.cpp's batching server (llama-server) from the same source once (kept in ~/.cache/tunelab)."
+	$(PY) -c "from tunelab.serve.llama_server import llama_server_binary; llama_server_binary()"
 	@touch $@
 
 install: $(STAMP)

@@ -201,6 +201,13 @@ def export_(
         bool, typer.Option(help="With --push-to-hub: list what would be uploaded, upload nothing.")
     ] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for quantisation and the parity check.")] = None,
+    adapter_gguf: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the adapter as a GGUF LoRA (adapter-f16.gguf) and the unmerged base (base-<type>.gguf), "
+            "so one base in memory serves several adapters per request (llama-server)."
+        ),
+    ] = False,
 ) -> None:
     """Merge the adapter, write GGUF files, check parity with llama.cpp, optionally build a Space / push to the Hub."""
     from tunelab.export.gguf import llama_cpp_source_dir
@@ -217,7 +224,7 @@ def export_(
         check_repo_id(push_to_hub)
     run_config(run_dir)  # fail on a wrong folder before any work
     llama_cpp_source_dir()  # fetch the converter up front (prints what it does)
-    export_run(run_dir, quants, threads=threads)
+    export_run(run_dir, quants, threads=threads, adapter_gguf=adapter_gguf)
     if space is not None:
         build_run_space(run_dir, space, model_repo=push_to_hub)
     if push_to_hub:

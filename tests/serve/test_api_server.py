@@ -1,5 +1,6 @@
-"""`tunelab serve MODEL.gguf --api` (llama.cpp's OpenAI-compatible server) in a real subprocess on loopback,
-checked with plain httpx against llama_cpp.Llama called directly; and the app on `--backend-url` pointing at it."""
+"""`tunelab serve MODEL.gguf --api` in a real subprocess on loopback, on both engines (llama.cpp's own batching
+server and llama-cpp-python's), checked with plain httpx against llama_cpp.Llama called directly; and the app on
+`--backend-url` pointing at it."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ OPENAI_KIND = "openai-api"
 GREEDY = {"temperature": 0.0, "max_tokens": 24, "repeat_penalty": 1.0, "seed": 0}
 
 
-@pytest.fixture(scope="module")
-def api_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama-server", "llama-cpp-python"])
+def api_server(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("api-server")
     port = free_port()
-    args = ["--api", "--api-key", API_KEY]
+    args = ["--api", "--api-key", API_KEY, "--engine", request.param]
     # serve_process runs the real CLI in its own session and kills it (and its children) on exit
     with serve_process(embedded_gguf(), folder / "unused.db", extra_args=args, port=port,
                        env={"TMPDIR": str(folder)}) as srv:  # fmt: skip

@@ -71,6 +71,7 @@ class LoadResult:
     skipped_by_deadline: int = 0
     unit: str = "tok"  # "words" for a folder model (no GGUF vocabulary to count tokens with)
     load_average: tuple[float, float] = (0.0, 0.0)  # 1-min load at start and end: the machine may be shared
+    engine: str = "auto"  # `tunelab serve --engine` for a GGUF
 
     def summary(self) -> dict:
         ttft = sorted(a.ttft_s for a in self.answers)
@@ -102,9 +103,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------------------------- the server
-def start_app(model: Path, db: Path, port: int, threads: int, workdir: Path) -> subprocess.Popen:
+def start_app(model: Path, db: Path, port: int, threads: int, workdir: Path, engine: str = "auto") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tunelab.cli", "serve", str(model), "--port", str(port), "--feedback-db", str(db),
-           "--threads", str(threads)]  # fmt: skip
+           "--threads", str(threads), "--engine", engine]  # fmt: skip
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(workdir)}
     log = (workdir / "server.log").open("wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -226,7 +227,7 @@ def warm_up(url: str, max_new_tokens: int) -> None:
 # --------------------------------------------------------------------------------------- the run
 def run_serve_load(
     model: Path, *, users: int = 20, rounds: int = 1, max_new_tokens: int = 32, threads: int = 2, temperature: float = 0.7,
-    time_limit_s: float = 900, startup_timeout_s: float = 300, workdir: Path | None = None,
+    time_limit_s: float = 900, startup_timeout_s: float = 300, workdir: Path | None = None, engine: str = "auto",
 ) -> LoadResult:  # fmt: skip
     if not model.exists():
         raise UserError(f"{model}: model not found")
@@ -243,12 +244,12 @@ def run_serve_load(
     ):
         folder = Path(folder)
         db, port = folder / "feedback.db", free_port()
-        proc = start_app(model, db, port, threads, folder)
+        proc = start_app(model, db, port, threads, folder, engine)
         try:
             url = f"http://127.0.0.1:{port}/"
             wait_until_up(url, proc, startup_timeout_s)
             warm_up(url, max_new_tokens)
-            result = LoadResult(users, rounds, max_new_tokens, threads, wall_s=0.0)
+            result = LoadResult(users, rounds, max_new_tokens, threads, wall_s=0.0, engine=engine)
             lock = threading.Lock()
             load_start = os.getloadavg()[0]
             start = time.monotonic()
@@ -297,8 +298,9 @@ def check_feedback_rows(db: Path, result: LoadResult, model: Path) -> None:
 def report(result: LoadResult) -> str:
     s, unit = result.summary(), result.unit
     return "\n".join([
-        f"users {result.users} x rounds {result.rounds} x (chat + planner), max_new_tokens {result.max_new_tokens}, "
-        f"app threads {result.threads}; 1-min load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f}",
+        f"engine {result.engine}: users {result.users} x rounds {result.rounds} x (chat + planner), "
+        f"max_new_tokens {result.max_new_tokens}, app threads {result.threads}; "
+        f"1-min load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f}",
         f"| answers | errors | feedback submitted / stored | TTFT p50 s | TTFT p95 s | decode {unit}/s p50 "
         f"| decode {unit}/s p5 | aggregate {unit}/s | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -308,6 +310,17 @@ def report(result: LoadResult) -> str:
     ])  # fmt: skip
 
 
+def engine_ratios(runs: dict[str, dict[str, dict]], baseline: str, candidate: str) -> dict[str, float]:
+    """candidate / baseline for the crowd's aggregate rate and TTFT p95 and the lone user's decode rate."""
+    crowd_b, crowd_c = runs[baseline]["crowd"], runs[candidate]["crowd"]
+    alone_b, alone_c = runs[baseline]["single_user"], runs[candidate]["single_user"]
+    return {
+        "aggregate_tok_s": crowd_c["aggregate_tok_s"] / crowd_b["aggregate_tok_s"],
+        "ttft_p95_s": crowd_c["ttft_p95_s"] / crowd_b["ttft_p95_s"],
+        "single_user_decode_tok_s": alone_c["decode_tok_s_p50"] / alone_b["decode_tok_s_p50"],
+    }
+
+
 def bench_serve_cmd(
     model: Annotated[Path, typer.Argument(help="A .gguf file (or a run/merged folder: rates in words/s) for the app.")],
     users: Annotated[int, typer.Option(help="Concurrent users (each its own session).")] = 20,
@@ -315,19 +328,49 @@ def bench_serve_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
     threads: Annotated[int, typer.Option(help="llama.cpp threads in the app.")] = 2,
     time_limit: Annotated[float, typer.Option(help="Seconds after which users start no new request.")] = 900,
+    engines: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated `tunelab serve --engine` values, each measured with the crowd and with one "
+            "user, in this order (the first is the baseline of the ratios)."
+        ),
+    ] = "auto",
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """N concurrent users (chat + planner) against the app: TTFT p50/p95, tokens/s, errors, feedback rows kept."""
-    from tunelab.hardware import cpu_model
+    from tunelab.bench.machine import run_header
+    from tunelab.io import atomic_write
 
-    result = run_serve_load(model, users=users, rounds=rounds, max_new_tokens=max_new_tokens, threads=threads,
-                            time_limit_s=time_limit)  # fmt: skip
-    typer.echo(f"machine: {cpu_model()}, {os.cpu_count()} cores; model: {model.name}")
-    typer.echo(report(result))
-    for error in result.errors[:20]:
+    names = [e.strip() for e in engines.split(",") if e.strip()]
+    if not names:
+        raise UserError("--engines: name at least one engine")
+    results: list[LoadResult] = []
+    runs: dict[str, dict[str, dict]] = {}
+    for engine in names:
+        crowd = run_serve_load(model, users=users, rounds=rounds, max_new_tokens=max_new_tokens, threads=threads,
+                               time_limit_s=time_limit, engine=engine)  # fmt: skip
+        results.append(crowd)
+        runs[engine] = {"crowd": crowd.summary()}
+        if len(names) > 1:
+            alone = run_serve_load(model, users=1, rounds=rounds, max_new_tokens=max_new_tokens, threads=threads,
+                                   time_limit_s=time_limit, engine=engine)  # fmt: skip
+            results.append(alone)
+            runs[engine]["single_user"] = alone.summary()
+    ratios = {e: engine_ratios(runs, names[0], e) for e in names[1:]}
+    if output:  # written before anything is printed: a failing print cannot lose the measurements
+        payload = {**run_header(threads=threads), "model": str(model), "engines": runs, "ratios_vs_first": ratios,
+                   "results": [asdict(r) for r in results]}  # fmt: skip
+        atomic_write(output, json.dumps(payload, indent=2))
+    typer.echo(f"model: {model.name}")
+    for result in results:
+        typer.echo(report(result))
+    for engine, ratio in ratios.items():
+        typer.echo(
+            f"{engine} / {names[0]}: aggregate {ratio['aggregate_tok_s']:.2f}x, TTFT p95 {ratio['ttft_p95_s']:.2f}x, "
+            f"single-user decode {ratio['single_user_decode_tok_s']:.2f}x"
+        )
+    errors = [e for r in results for e in r.errors]
+    for error in errors[:20]:
         typer.echo(f"error: {error}", err=True)
-    if output:
-        payload = {"summary": result.summary(), **asdict(result), "cpu": cpu_model()}
-        output.write_text(json.dumps(payload, indent=2))
-    if result.errors or result.feedback_stored != result.feedback_submitted:
+    if errors or any(r.feedback_stored != r.feedback_submitted for r in results):
         raise typer.Exit(1)

@@ -24,7 +24,14 @@ from tunelab.errors import UserError
 from tunelab.io import atomic_folder, atomic_path
 
 # What the converter needs from the sdist (paths under vendor/llama.cpp/).
-CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/", "LICENSE")
+CONVERTER_FILES = (
+    "convert_hf_to_gguf.py",
+    "convert_lora_to_gguf.py",  # a PEFT adapter -> a GGUF LoRA that llama.cpp applies at run time
+    "conversion/",
+    "gguf-py/",
+    "models/templates/",
+    "LICENSE",
+)
 QUANT_TYPES = ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0")
 
 
@@ -47,41 +54,35 @@ def llama_cpp_source_dir() -> Path:
 
     version = importlib.metadata.version("llama-cpp-python")
     target = cache_dir() / "llama.cpp" / version
-    if not (target / "convert_hf_to_gguf.py").is_file():
+    if not all((target / name.rstrip("/")).exists() for name in CONVERTER_FILES):
         fetch_converter(version, target)
     return target
 
 
+def download_llama_cpp_sdist(version: str, into: Path) -> Path:
+    """The llama-cpp-python `version` source distribution, downloaded with pip into the folder `into`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(into)]
+    done = subprocess.run([*cmd, f"llama-cpp-python=={version}"], capture_output=True, text=True)
+    sdists = list(Path(into).glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not sdists:
+        last = (done.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
+        raise UserError(
+            f"cannot download the llama-cpp-python {version} source (needs PyPI access): {last}; "
+            "or set TUNELAB_LLAMA_CPP_SRC to a llama.cpp checkout"
+        )
+    return sdists[0]
+
+
 def fetch_converter(version: str, target: Path) -> None:
     _log(
-        f"Fetching llama.cpp's GGUF converter (once): the llama-cpp-python {version} source distribution "
-        f"from PyPI (~75 MB), keeping only the converter in {target}"
+        f"Fetching llama.cpp's GGUF converters (once): the llama-cpp-python {version} source distribution "
+        f"from PyPI (~75 MB), keeping only the converters in {target}"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-q",
-            "-d",
-            tmp,
-            f"llama-cpp-python=={version}",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            last = (done.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
-            raise UserError(
-                f"cannot download the llama-cpp-python {version} source (needs PyPI access): {last}; "
-                "or set TUNELAB_LLAMA_CPP_SRC to a llama.cpp checkout"
-            )
+        sdist = download_llama_cpp_sdist(version, Path(tmp))
         with atomic_folder(target) as staged:
-            _extract_converter(sdists[0], staged)
+            _extract_converter(sdist, staged)
 
 
 def _extract_converter(sdist: Path, out: Path) -> None:
@@ -117,6 +118,22 @@ def convert_hf_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Pa
         if done.returncode != 0 or not tmp.stat().st_size:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
             raise UserError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf_dir}:\n{tail}")
+    return out_file
+
+
+def convert_lora_to_gguf(adapter_dir: Path, config_dir: Path, out_file: Path) -> Path:
+    """A PEFT adapter -> a GGUF LoRA (f16) with llama.cpp's own converter, for llama.cpp to apply at run time
+    (`llama-server --lora`, per request). `config_dir`: any HF folder with the base's config.json (the merged
+    export has it; no weights are read)."""
+    src = llama_cpp_source_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
+    with atomic_path(out_file) as tmp:
+        cmd = [sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", str(config_dir),
+               "--outfile", str(tmp), "--outtype", "f16", str(adapter_dir)]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not tmp.stat().st_size:
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise UserError(f"llama.cpp's convert_lora_to_gguf.py failed on {adapter_dir}:\n{tail}")
     return out_file
 
 

@@ -56,6 +56,19 @@ def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16) -> dict:
     return losses
 
 
+def save_base(run_dir: Path, out_dir: Path) -> Path:
+    """Save the run's base model with the run's tokenizer and chat template (atomically), as the merge saves the
+    merged one: the base that a GGUF LoRA of the adapter is applied to at run time."""
+    model, tokenizer = load_run_model(run_dir, merge=False)
+    base = model.unload()  # the LoRA layers removed, not merged
+    fix_generation_config(base, tokenizer)
+    with atomic_folder(out_dir) as tmp:
+        base.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        copy_sentencepiece_model(Path(base.name_or_path), tmp)
+    return out_dir
+
+
 def copy_sentencepiece_model(base_dir: Path, out_dir: Path) -> bool:
     """Carry the base folder's SentencePiece `tokenizer.model` over: saving a fast tokenizer does not write it, and
     llama.cpp's converter needs it for SentencePiece families (Gemma-3 without it stops at an unknown BPE

@@ -3,6 +3,8 @@ push come after it: tunelab.serve.space, tunelab.hub).
 
     RUN/export/merged/          HF model (safetensors, tokenizer + chat template, generation_config, README.md)
     RUN/export/model-*.gguf     as asked with --gguf
+    RUN/export/adapter-f16.gguf the adapter as a GGUF LoRA, with RUN/export/base-*.gguf (--adapter-gguf): one base
+                                in memory serves several adapters, chosen per request (llama-server --lora)
     RUN/export/parity.json      the parity report (also printed as a table)
     RUN/export/export.json      what was written and how long each step took
 """
@@ -28,7 +30,7 @@ def parse_quants(text: str, option: str = "--gguf") -> list[str]:
     return list(dict.fromkeys(quants))
 
 
-def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> dict:
+def export_run(run_dir: Path, quants: list[str], threads: int | None = None, adapter_gguf: bool = False) -> dict:
     """Merge, GGUF files, parity, model card. Raises ParityError (a UserError) when the f16 GGUF is wrong."""
     from tunelab.export.card import model_card
     from tunelab.export.merge import merge_run, val_rows
@@ -80,6 +82,7 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
     if "f16" not in quants:
         f16.unlink()
         ggufs.pop("f16")
+    adapter_files = export_adapter_gguf(run_dir, export_dir, quants, threads) if adapter_gguf else {}
     gguf_names = [p.name for p in ggufs.values()]
     card = model_card(run_dir, cfg, losses, gguf_names, table)
     atomic_write(merged_dir / "README.md", card)
@@ -91,6 +94,7 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
         "merged": str(merged_dir),
         "ggufs": {q: str(p) for q, p in ggufs.items()},
         "val_loss": losses,
+        "adapter_gguf": {name: str(path) for name, path in adapter_files.items()},
         "recommended_quant": recommended,
         "warnings": warnings,
         "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -98,3 +102,23 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None) -> 
     atomic_write(export_dir / "export.json", json.dumps(summary, indent=2))
     log(f">> export done in {timings['total_s']:.1f} s (merge + f16 + q4_k_m: {timings['merge_f16_q4_k_m_s']:.1f} s)")
     return summary
+
+
+def export_adapter_gguf(run_dir: Path, export_dir: Path, quants: list[str], threads: int | None) -> dict[str, Path]:
+    """adapter-f16.gguf (the LoRA) and base-<quant>.gguf for each asked type (the unmerged base, same template)."""
+    from tunelab.export.gguf import convert_lora_to_gguf
+    from tunelab.export.merge import save_base
+
+    log(">> writing the adapter as a GGUF LoRA and the base it applies to")
+    written = {
+        "adapter": convert_lora_to_gguf(run_dir / "adapter", export_dir / "merged", export_dir / "adapter-f16.gguf")
+    }
+    base_dir = save_base(run_dir, export_dir / "base")
+    base_f16 = convert_hf_to_gguf(base_dir, export_dir / "base-f16.gguf", "f16")
+    for quant in [q for q in quants if q != "f16"]:
+        written[f"base-{quant}"] = quantize_gguf(base_f16, export_dir / f"base-{quant}.gguf", quant, threads)
+    if "f16" in quants:
+        written["base-f16"] = base_f16
+    else:
+        base_f16.unlink()
+    return written

@@ -64,7 +64,7 @@ class OpenAIBackend:
             raise UserError(f"--backend-url: {self.base_url}/models lists no model")
         return models[0]["id"]
 
-    def request_body(self, messages: Messages, params) -> dict:
+    def request_body(self, messages: Messages, params, grammar: str | None = None) -> dict:
         body = {
             "model": self.model_id,
             "messages": messages,
@@ -78,15 +78,19 @@ class OpenAIBackend:
         if params.repetition_penalty != 1.0:
             # not in OpenAI's API: vLLM and the tunelab server read `repetition_penalty`, llama.cpp `repeat_penalty`
             body["repetition_penalty"] = body["repeat_penalty"] = params.repetition_penalty
+        if grammar is not None:  # only sent where `takes_grammar` (llama.cpp's server reads `grammar`)
+            body["grammar"] = grammar
         return body
 
-    def stream_chat(self, messages: Messages, params=None) -> Iterator[str]:
+    def stream_chat(self, messages: Messages, params=None, grammar: str | None = None) -> Iterator[str]:
         if params is None:
             from tunelab.models.inference import GenerationParams
 
             params = GenerationParams()
         params.validate()
-        with self.client.stream("POST", "/chat/completions", json=self.request_body(messages, params)) as response:
+        with self.client.stream(
+            "POST", "/chat/completions", json=self.request_body(messages, params, grammar)
+        ) as response:
             if response.status_code != 200:
                 response.read()
                 raise RemoteModelError(f"HTTP {response.status_code} from {self.base_url}: {response.text[:300]}")

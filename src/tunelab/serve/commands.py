@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -59,11 +60,23 @@ def serve_cmd(
             "sent to the server (or env TUNELAB_API_KEY).",
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="For a .gguf: llama-server (llama.cpp's batching server, built by `make install`), "
+            "llama-cpp-python (one request at a time), or auto (llama-server when built)."
+        ),
+    ] = "auto",
+    parallel: Annotated[
+        int | None,
+        typer.Option(help="llama-server slots: requests decoded together (default: 4 per core, at most 16)."),
+    ] = None,
 ) -> None:
     """Serve the Chat + Travel Planner app with feedback collection (or, with --api, an OpenAI-compatible API)."""
     from tunelab.models.inference import load_backend
     from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
     from tunelab.serve.fingerprint import model_fingerprint
+    from tunelab.serve.llama_server import LlamaServer, LlamaServerBackend, server_for
     from tunelab.serve.pointer import resolve_model
 
     credentials = parse_auth(auth)
@@ -76,6 +89,20 @@ def serve_cmd(
         raise UserError(f"{model}: model not found (give a .gguf file, a run folder or a merged folder)")
     if backend_url is None:
         model = resolve_model(model)  # a serve folder -> the model its current.json names
+    if parallel is not None and parallel < 1:
+        raise UserError(f"--parallel: must be >= 1 (got {parallel})")
+    binary = server_for(engine) if backend_url is None and model.suffix == ".gguf" else None
+    if api and binary is not None:
+        if credentials or share:
+            raise UserError("--api: protect the API with --api-key (--auth and --share are for the app)")
+        if host not in LOOPBACK_HOSTS and api_key is None:
+            typer.echo(f"warning: the API is reachable beyond this machine ({host}) without --api-key.", err=True)
+        server = LlamaServer(binary, model, parallel=parallel, threads=threads, host=host, port=port, api_key=api_key)
+        with server:
+            typer.echo(
+                f"OpenAI-compatible API on {server.url} (llama-server, {server.parallel} slots; model: {model.name})"
+            )
+            raise typer.Exit(server.wait())
     if api:
         from tunelab.serve.api import run_api_server
 
@@ -94,22 +121,32 @@ def serve_cmd(
         )
     if candidate is not None and not candidate.exists():
         raise UserError(f"--candidate {candidate}: model not found")
-    if backend_url:
-        from tunelab.models.openai_backend import OpenAIBackend
+    with contextlib.ExitStack() as servers:  # llama-server children stop with the app, or on any error
 
-        backend, model_hash = OpenAIBackend(backend_url, api_key=api_key, model=str(model) if model else None), None
-    else:
-        backend, model_hash = load_backend(model, threads=threads), model_fingerprint(model)
-    second = load_backend(resolve_model(candidate), threads=threads) if candidate is not None else None
-    demo = build_app(
-        backend, feedback_db, share_feedback_data=credentials is not None or not exposed,
-        model_hash=model_hash, side_by_side=side_by_side,
-        candidate=second, candidate_hash=model_fingerprint(resolve_model(candidate)) if candidate is not None else None,
-    )  # fmt: skip
-    typer.echo(f"model: {backend.model_id} ({backend.kind}); feedback database: {feedback_db.resolve()}")
-    if second is not None:
-        typer.echo(f"candidate: {second.model_id} ({second.kind}) for side-by-side picks")
-    launch(demo, host=host, port=port, auth=credentials, share=share)
+        def gguf_backend(path: Path):
+            """A .gguf behind a llama-server child (stopped when the app stops), or in-process otherwise."""
+            if binary is None or path.suffix != ".gguf":
+                return load_backend(path, threads=threads)
+            server = servers.enter_context(LlamaServer(binary, path, parallel=parallel, threads=threads))
+            return LlamaServerBackend(server.url, slots=server.parallel, model=path.resolve().name)
+
+        if backend_url:
+            from tunelab.models.openai_backend import OpenAIBackend
+
+            backend, model_hash = OpenAIBackend(backend_url, api_key=api_key, model=str(model) if model else None), None
+        else:
+            backend, model_hash = gguf_backend(model), model_fingerprint(model)
+        second_path = resolve_model(candidate) if candidate is not None else None
+        second = gguf_backend(second_path) if second_path is not None else None
+        demo = build_app(
+            backend, feedback_db, share_feedback_data=credentials is not None or not exposed,
+            model_hash=model_hash, side_by_side=side_by_side,
+            candidate=second, candidate_hash=model_fingerprint(second_path) if second_path is not None else None,
+        )  # fmt: skip
+        typer.echo(f"model: {backend.model_id} ({backend.kind}); feedback database: {feedback_db.resolve()}")
+        if second is not None:
+            typer.echo(f"candidate: {second.model_id} ({second.kind}) for side-by-side picks")
+        launch(demo, host=host, port=port, auth=credentials, share=share)
 
 
 def feedback_export_cmd(

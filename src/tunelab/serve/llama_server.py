@@ -1,0 +1,282 @@
+"""llama.cpp's own HTTP server (`llama-server`) as the engine for a GGUF: continuous batching over parallel slots.
+
+    binary = llama_server_binary()                  # cached build, or None with the reason logged once
+    with LlamaServer(binary, "model-q4_k_m.gguf", parallel=4, threads=2) as server:
+        backend = LlamaServerBackend(server.url)    # a ChatBackend (OpenAI API + grammar + per-request LoRA)
+
+Why not llama-cpp-python's server: it answers one request at a time, so twenty users queue behind each other.
+`llama-server` decodes every active slot in one batch, which on a CPU costs little more than one sequence (decode
+is memory-bound), so aggregate throughput grows with the slot count. It is built once from the same pinned
+llama-cpp-python sdist the converter comes from (vendor/llama.cpp/tools/server), with the same flags as the
+wheel, and cached in `~/.cache/tunelab/llama-server/<version>/`. `TUNELAB_LLAMA_SERVER` points at another binary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.models.openai_backend import OpenAIBackend
+
+# llama.cpp's AMX kernels crash on VMs that advertise AMX without granting it (Makefile: NO_AMX, same reason).
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary to cache
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    # The web UI is either built with npm or downloaded from the Hub at build time; the API needs neither.
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_CURL=OFF",
+)
+START_TIMEOUT_S = 120.0
+CONTEXT_PER_SLOT = 2048  # the app's longest exchange (planner prompt + 1024 new tokens) fits with room to spare
+
+
+def _log(message: str) -> None:
+    print(f">> {message}", file=sys.stderr, flush=True)
+
+
+def default_parallel(cores: int | None = None) -> int:
+    """Slots for a CPU: 4 per core, at most 16. Decode on a CPU is bound by reading the weights once per step,
+    so a batch of a few sequences per core costs little more than one; past ~8 per core the attention over every
+    slot's context starts to dominate and each user's tokens slow down."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, min(16, 4 * cores))
+
+
+def binary_path(version: str | None = None) -> Path:
+    from tunelab.io import cache_dir
+
+    version = version or importlib.metadata.version("llama-cpp-python")
+    return cache_dir() / "llama-server" / version / "llama-server"
+
+
+def llama_server_binary(build: bool = True) -> Path | None:
+    """The llama-server binary: TUNELAB_LLAMA_SERVER, the cached build, or a fresh build when `build` is set.
+    None (with one line saying why) where it cannot be had; callers fall back to llama-cpp-python."""
+    override = os.environ.get("TUNELAB_LLAMA_SERVER")
+    if override:
+        path = Path(override).expanduser()
+        if not os.access(path, os.X_OK):
+            raise UserError(f"TUNELAB_LLAMA_SERVER={path}: not an executable file")
+        return path
+    path = binary_path()
+    if path.is_file():
+        return path
+    if not build:
+        return None
+    try:
+        return build_llama_server(path)
+    except UserError as exc:
+        _log(f"llama-server is not available ({exc}); falling back to llama-cpp-python's one-at-a-time server")
+        return None
+
+
+def build_llama_server(target: Path) -> Path:
+    """Build `llama-server` from the pinned llama-cpp-python sdist (5-10 minutes on 2 cores, once)."""
+    from tunelab.export.gguf import download_llama_cpp_sdist
+    from tunelab.io import atomic_path
+
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(f"building llama-server needs {' and '.join(missing)} (Debian: apt-get install cmake g++)")
+    version = target.parent.name
+    _log(f"Building llama.cpp's server from the llama-cpp-python {version} source: 5-10 minutes, once ({target})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
+        work = Path(tmp)
+        sdist = download_llama_cpp_sdist(version, work)
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work / "src", filter="data")
+        source = next((work / "src").glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        env = dict(os.environ, CFLAGS=NO_AMX_FLAGS, CXXFLAGS=NO_AMX_FLAGS)
+        jobs = str(len(os.sched_getaffinity(0)))
+        for cmd in (
+            ["cmake", "-S", str(source), "-B", str(work / "build"), *CMAKE_OPTIONS],
+            ["cmake", "--build", str(work / "build"), "--target", "llama-server", "-j", jobs],
+        ):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+                raise UserError(f"`{' '.join(cmd[:2])}` failed: {tail}")
+        built = work / "build" / "bin" / "llama-server"
+        with atomic_path(target) as staged:
+            shutil.copy2(built, staged)
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LlamaServer:
+    """A `llama-server` child process on loopback (or `host`), started and stopped with the `with` block.
+
+    The GGUF's own chat template renders prompts (`--jinja`) and generation stops at its end-of-generation
+    tokens, as in `tunelab chat`. `loras` are loaded but applied per request only (`--lora-init-without-apply`).
+    """
+
+    def __init__(
+        self,
+        binary: Path,
+        gguf: Path,
+        *,
+        parallel: int | None = None,
+        threads: int | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        api_key: str | None = None,
+        loras: list[Path] | tuple[Path, ...] = (),
+        context_per_slot: int = CONTEXT_PER_SLOT,
+    ):
+        from tunelab.serve.api import check_chat_template
+
+        gguf = Path(gguf)
+        if not gguf.is_file():
+            raise UserError(f"{gguf}: GGUF file not found")
+        check_chat_template(gguf)
+        self.parallel = parallel or default_parallel()
+        if self.parallel < 1:
+            raise UserError(f"--parallel: must be >= 1 (got {self.parallel})")
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self.host, self.port = host, port or free_port(host)
+        self.api_key = api_key
+        self.command = [
+            str(binary),
+            "--model", str(gguf),
+            "--alias", gguf.resolve().name,
+            "--host", host,
+            "--port", str(self.port),
+            "--parallel", str(self.parallel),
+            "--ctx-size", str(context_per_slot * self.parallel),  # split evenly between the slots
+            "--threads", str(self.threads),
+            "--threads-batch", str(self.threads),
+            "--jinja",
+            "--no-webui",
+        ]  # fmt: skip
+        if api_key:
+            self.command += ["--api-key", api_key]
+        for lora in loras:
+            self.command += ["--lora", str(lora)]
+        if loras:
+            self.command.append("--lora-init-without-apply")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> LlamaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = " | ".join((self.process.stderr.read() or "").strip().splitlines()[-3:])
+                raise UserError(f"llama-server exited with code {self.process.returncode} while loading: {tail}")
+            if self.healthy():
+                # from here on nobody reads the log pipe: let it go to the terminal instead of filling up
+                self.process.stderr.close()
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise UserError(f"llama-server did not become ready within {START_TIMEOUT_S:.0f} s")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait(self) -> int:
+        """Block until the server exits (Ctrl+C stops it), then return its exit code."""
+        assert self.process is not None
+        with contextlib.suppress(KeyboardInterrupt):
+            return self.process.wait()
+        return self.stop()
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return 0 if self.process is None else self.process.returncode
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+class LlamaServerBackend(OpenAIBackend):
+    """The OpenAI client plus what only llama.cpp's server takes: a GBNF grammar and per-request LoRA scales."""
+
+    kind = "llama-server"
+    takes_grammar = True
+
+    def __init__(self, url: str, *, slots: int = 1, lora_scales: dict[int, float] | None = None, **kwargs):
+        super().__init__(url, **kwargs)
+        self.concurrency_limit = slots  # the app sends as many requests at once as the server decodes together
+        self.lora_scales = lora_scales
+
+    def request_body(self, messages, params, grammar: str | None = None) -> dict:
+        body = super().request_body(messages, params, grammar)
+        if self.lora_scales is not None:
+            body["lora"] = [{"id": i, "scale": s} for i, s in self.lora_scales.items()]
+        return body
+
+    def with_lora(self, scales: dict[int, float], model_id: str) -> LlamaServerBackend:
+        """A second backend on the same server (same base in memory) whose requests apply other adapter scales."""
+        twin = object.__new__(LlamaServerBackend)
+        twin.__dict__.update(self.__dict__)
+        twin.lora_scales, twin.model_id = dict(scales), model_id
+        return twin
+
+
+ENGINES = ("auto", "llama-server", "llama-cpp-python")
+
+
+def server_for(engine: str) -> Path | None:
+    """The llama-server binary that `engine` asks for, or None for llama-cpp-python in-process.
+
+    auto: the binary `make install` built, else one line and llama-cpp-python (never a build at serve time);
+    llama-server: that binary, built now if missing, or one clear error."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine: choose one of {', '.join(ENGINES)} (got {engine!r})")
+    if engine == "llama-cpp-python":
+        return None
+    binary = llama_server_binary(build=engine == "llama-server")
+    if binary is None and engine == "llama-server":
+        raise UserError("--engine llama-server: no llama-server binary could be built (see the line above)")
+    if binary is None:
+        _log(
+            f"no llama-server build at {binary_path()} (`make install` builds it); "
+            "serving with llama-cpp-python, which answers one request at a time"
+        )
+    return binary
