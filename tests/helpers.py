@@ -446,7 +446,8 @@ def free_port() -> int:
 
 
 def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Until the server answers HTTP (any status: 401 with --auth still means it is up)."""
+    """Until the server answers HTTP (any status but 503: 401 with --auth still means it is up; llama-server
+    answers 503 while it loads the model)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -454,8 +455,10 @@ def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen | None = No
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
-        except urllib.error.HTTPError:
-            return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:
+                return
+            time.sleep(0.25)
         except OSError:
             time.sleep(0.25)
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -33,7 +34,8 @@ def api_server(tmp_path_factory, request):
     # serve_process runs the real CLI in its own session and kills it (and its children) on exit
     with serve_process(embedded_gguf(), folder / "unused.db", extra_args=args, port=port,
                        env={"TMPDIR": str(folder)}) as srv:  # fmt: skip
-        srv.base = f"http://127.0.0.1:{port}/v1"
+        srv.base, srv.engine = f"http://127.0.0.1:{port}/v1", request.param
+        wait_until_loaded(srv.base)
         yield srv
     assert not (folder / "unused.db").exists()  # --api never opens the app's feedback database
 
@@ -48,9 +50,30 @@ def reference_llama():
     llm.close()
 
 
+def wait_until_loaded(base: str, timeout_s: float = 120) -> None:
+    """llama-server listens while it loads the model and answers 503 until it is ready."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{base}/models", headers=auth()).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.25)
+
+
 def reference_reply(llm, messages=MESSAGES, **settings) -> str:
     out = llm.create_chat_completion(messages=messages, **{**GREEDY, **settings})
     return out["choices"][0]["message"]["content"]
+
+
+def app_reply(api_server, llm) -> str:
+    """The greedy answer the app should show: llama.cpp's own, with the app's repetition penalty and top_p.
+
+    The two engines apply a repetition penalty differently (llama-server counts the prompt's last tokens too,
+    llama-cpp-python only the generated ones), so under the penalty each engine is its own reference: llama.cpp
+    called in-process for llama-cpp-python, the same server queried directly for llama-server (whose
+    penalty-free answers the other tests check against llama.cpp in-process)."""
+    if api_server.engine == "llama-cpp-python":
+        return reference_reply(llm, repeat_penalty=1.1, top_p=0.9)
+    body = {"messages": MESSAGES, **GREEDY, "repeat_penalty": 1.1, "top_p": 0.9}
+    response = httpx.post(f"{api_server.base}/chat/completions", json=body, headers=auth(), timeout=300)
+    return response.json()["choices"][0]["message"]["content"]
 
 
 def auth(key: str = API_KEY) -> dict:
@@ -135,7 +158,7 @@ def test_app_on_backend_url_answers_and_stores_feedback(api_server, reference_ll
     _, turns, record, _, status = outputs[-1]
     assert status.startswith("Done"), status
     # the app's defaults (repetition penalty 1.1) travel to the server: same answer as llama.cpp with them
-    expected = reference_reply(reference_llama, repeat_penalty=1.1, top_p=0.9)
+    expected = app_reply(api_server, reference_llama)
     assert turns[-1]["assistant"] == expected
     saved = app.submit_feedback("up", ["helpful"], "", "", record)
     assert saved[0].startswith("✅"), saved[0]
@@ -164,7 +187,7 @@ def test_cli_app_on_backend_url_end_to_end(api_server, reference_llama, tmp_path
         chatbot, _, status = client.predict("What is the capital of France?", "Answer briefly.", 0.0, 0.9, 24,
                                             api_name="/chat")  # fmt: skip
         assert status.startswith("Done"), status
-        expected = reference_reply(reference_llama, repeat_penalty=1.1, top_p=0.9)
+        expected = app_reply(api_server, reference_llama)
         assert html.unescape(last_assistant_text(chatbot)) == expected
         saved = client.predict("up", [], "", "", api_name="/chat_feedback")[0]
         assert saved.startswith("✅"), saved

@@ -45,8 +45,19 @@ def test_default_slots_follow_the_core_count():
 
 
 def test_app_on_a_gguf_answers_through_llama_server(binary, reference_llama, tmp_path):
-    """`tunelab serve MODEL.gguf --engine llama-server`: the chat answer is llama.cpp's own, and feedback is kept."""
+    """`tunelab serve MODEL.gguf --engine llama-server`: the chat answer is the server's own for the app's settings
+    (tests/serve/test_api_server.py checks the server's greedy answers against llama.cpp in-process), and the
+    feedback on it is kept."""
     from gradio_client import Client
+
+    app_settings = {"temperature": 0.0, "top_p": 0.9, "max_tokens": 24, "repeat_penalty": 1.1, "seed": 0}
+    with LlamaServer(binary, embedded_gguf(), parallel=1, threads=1) as server:
+        body = {"messages": MESSAGES, **app_settings}
+        expected = httpx.post(f"{server.url}/chat/completions", json=body, timeout=300).json()
+        expected = expected["choices"][0]["message"]["content"]
+        greedy = httpx.post(f"{server.url}/chat/completions", json={**body, "repeat_penalty": 1.0}, timeout=300)
+    in_process = reference_llama.create_chat_completion(messages=MESSAGES, **{**app_settings, "repeat_penalty": 1.0})
+    assert greedy.json()["choices"][0]["message"]["content"] == in_process["choices"][0]["message"]["content"]
 
     db = tmp_path / "fb.db"
     with serve_process(embedded_gguf(), db, extra_args=["--engine", "llama-server", "--parallel", "2"],
@@ -55,9 +66,6 @@ def test_app_on_a_gguf_answers_through_llama_server(binary, reference_llama, tmp
         chatbot, _, status = client.predict("What is the capital of France?", "Answer briefly.", 0.0, 0.9, 24,
                                             api_name="/chat")  # fmt: skip
         assert status.startswith("Done"), status
-        expected = reference_llama.create_chat_completion(
-            messages=MESSAGES, temperature=0.0, top_p=0.9, max_tokens=24, repeat_penalty=1.1, seed=0
-        )["choices"][0]["message"]["content"]
         assert html.unescape(last_assistant_text(chatbot)) == expected
         saved = client.predict("up", [], "", "", api_name="/chat_feedback")[0]
         assert saved.startswith("✅"), saved

@@ -173,6 +173,9 @@ class LlamaServer:
             "--threads", str(self.threads),
             "--threads-batch", str(self.threads),
             "--jinja",
+            # llama-server turns flash attention on by default, llama-cpp-python (`tunelab chat`, the travel judge)
+            # leaves it off; the two differ in the last bits, enough to change a greedy answer at a near-tie
+            "--flash-attn", "off",
             "--no-webui",
         ]  # fmt: skip
         if api_key:
