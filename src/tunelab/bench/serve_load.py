@@ -17,7 +17,6 @@ Nothing already queued is dropped, and the user's typed input stays in the page.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -318,16 +317,15 @@ def bench_serve_cmd(
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """N concurrent users (chat + planner) against the app: TTFT p50/p95, tokens/s, errors, feedback rows kept."""
+    from tunelab.bench.commands import write_results
     from tunelab.hardware import cpu_model
 
     result = run_serve_load(model, users=users, rounds=rounds, max_new_tokens=max_new_tokens, threads=threads,
                             time_limit_s=time_limit)  # fmt: skip
+    write_results(output, {"summary": result.summary(), **asdict(result), "cpu": cpu_model()})
     typer.echo(f"machine: {cpu_model()}, {os.cpu_count()} cores; model: {model.name}")
     typer.echo(report(result))
     for error in result.errors[:20]:
         typer.echo(f"error: {error}", err=True)
-    if output:
-        payload = {"summary": result.summary(), **asdict(result), "cpu": cpu_model()}
-        output.write_text(json.dumps(payload, indent=2))
     if result.errors or result.feedback_stored != result.feedback_submitted:
         raise typer.Exit(1)
