@@ -14,6 +14,7 @@ import yaml
 
 from tests.helpers import conversations_file, embedded_gguf, save_tiny_llama_with_embedded_tokenizer
 
+pytestmark = pytest.mark.slow  # each runs the real CLI on the embedded tokenizer or model: 20-90 s on 2 busy cores
 STEPS, PER_STEP, SEED = 2, 2, 42
 
 
@@ -81,12 +82,12 @@ def test_bench_train_sft(tiny_job, tmp_path):
 def test_bench_train_dpo(tiny_job, tmp_path):
     """This command stopped with an ImportError before it had a test."""
     pytest.importorskip("trl")
+    out = tmp_path / "dpo.json"
+    tunelab(tmp_path, *train_args(tiny_job, out, "--objective", "dpo", "--vs", "trl"))
     from tunelab.bench.dpo import bench_pairs
     from tunelab.bench.worker import ordered_rows
     from tunelab.config import load_config
 
-    out = tmp_path / "dpo.json"
-    tunelab(tmp_path, *train_args(tiny_job, out, "--objective", "dpo", "--vs", "trl"))
     doc = json.loads(out.read_text())
     assert out.with_suffix(".md").is_file()
     assert (doc["objective"], doc["steps"], doc["pairs_per_step"]) == ("dpo", STEPS, PER_STEP)
@@ -104,14 +105,18 @@ def test_bench_train_dpo(tiny_job, tmp_path):
 
 def test_bench_data_scales(tmp_path):
     out = tmp_path / "data.json"
-    tunelab(tmp_path, "bench", "data", "--scales", "1", "--json", str(out))
+    tunelab(tmp_path, "bench", "data", "--scales", "1,2", "--max-records", "200", "--json", str(out))
     doc = json.loads(out.read_text())
-    (result,) = doc["results"]
-    assert result["scale"] == 1 and result["records"] > 0
-    # every valid row is either a duplicate of an earlier one or kept; kept rows are split into train and val
-    assert result["valid"] - result["exact_duplicates"] - result["near_duplicates"] == result["after_dedup"]
-    assert result["train"] + result["val"] <= result["after_dedup"] and result["train"] > 0
-    assert set(result["seconds"]) == {"recover", "normalize", "dedup_exact", "dedup_near", "encode"}
+    one, two = doc["results"]
+    assert (one["scale"], one["records"], two["scale"], two["records"]) == (1, 200, 2, 400)
+    for result in (one, two):
+        # every valid row is either a duplicate of an earlier one or kept; kept rows are split into train and val
+        assert result["valid"] - result["exact_duplicates"] - result["near_duplicates"] == result["after_dedup"]
+        assert 0 < result["train"] and result["train"] + result["val"] <= result["after_dedup"]
+        assert set(result["seconds"]) == {"recover", "normalize", "dedup_exact", "dedup_near", "encode"}
+    # the second copy differs from the first by a short suffix: exact dedup keeps it, near dedup drops it
+    assert two["valid"] == 2 * one["valid"] and two["exact_duplicates"] == one["exact_duplicates"] * 2
+    assert two["near_duplicates"] > one["near_duplicates"]
 
 
 def test_bench_data_rows(tmp_path):
@@ -146,7 +151,6 @@ def test_bench_infer(tmp_path):
     assert 0 < result["tokens_per_reply"] <= 8 and result["ttft_s"] > 0
 
 
-@pytest.mark.slow
 def test_bench_serve(tmp_path):
     out = tmp_path / "serve.json"
     tunelab(tmp_path, "bench", "serve", str(embedded_gguf()), "--users", "2", "--rounds", "1",

@@ -27,6 +27,10 @@ def bench_data_cmd(
     out: Annotated[Path, typer.Option(help="--rows: folder for the generated inputs, prepared data and logs.")] = Path(
         "runs/bench-data"
     ),
+    max_records: Annotated[
+        int | None,
+        typer.Option(min=1, help="--scales: read only the file's first N records per copy (a quick run; default all)."),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
     """Time each data phase on the embedded ShareGPT file (--scales), or prepare FineTome-sized JSONL and Parquet
@@ -41,7 +45,7 @@ def bench_data_cmd(
         write_results(json_path, figures)
         print_rows_bench(figures)
     else:
-        figures = run_bench(_sizes("--scales", scales, minimum=1))
+        figures = run_bench(_sizes("--scales", scales, minimum=1), max_records)
         write_results(json_path, figures)
         print_bench(figures)
 

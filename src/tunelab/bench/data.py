@@ -3,7 +3,8 @@
 Two benchmarks:
 - `--scales 1,2,4`: time each phase of preparing the embedded ShareGPT file, at 1x/2x/4x its size. Scale s reads
   and parses the file s times; copy c >= 1 of each record gets a small perturbation (a suffix on its first
-  message) so exact dedup keeps it and near-dedup has real work.
+  message) so exact dedup keeps it and near-dedup has real work. `--max-records N`: the file's first N records
+  only (a quick run).
 - `--rows 10000,100000`: FineTome-sized inputs. The embedded ShareGPT and chatterbot exchanges are resampled into
   N new conversations (1-3 exchanges each, seeded), written as a JSONL and a Parquet file under `--out`; then
   `tunelab data prepare` runs on each file in its own process, and its wall time, peak RSS (`wait4`'s ru_maxrss,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import os
 import random
@@ -74,8 +76,9 @@ def with_dedup(cfg: Config, **dedup) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def run_scale(scale: int, tokenizer) -> dict[str, Any]:
-    """Each phase of preparing `scale` copies of the embedded ShareGPT file, timed through the pipeline's public
+def run_scale(scale: int, tokenizer, max_records: int | None = None) -> dict[str, Any]:
+    """Each phase of preparing `scale` copies of the embedded ShareGPT file (its first `max_records` records when
+    given), timed through the pipeline's public
     steps: reading, normalising, exact dedup alone, near dedup alone (each kind a pipeline of its own that has the
     other kind off), then the split and encoding."""
     cfg = Config()
@@ -90,10 +93,11 @@ def run_scale(scale: int, tokenizer) -> dict[str, Any]:
             for path, label in readers.source_files(src).files:
                 stats = readers.FileStats(label)
                 ctx = readers.ReadContext(label, name, pipeline.log, cfg.data.max_record_chars, stats)
-                records += [
-                    readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where)
-                    for r in readers.iter_file(path, ctx)
-                ]
+                with contextlib.closing(readers.iter_file(path, ctx)) as file_records:
+                    records += [
+                        readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where)
+                        for r in itertools.islice(file_records, max_records)
+                    ]
                 counts.records_read += stats.records
                 counts.unparsed_bytes += stats.unparsed_bytes
     with timed("normalize"):
@@ -127,7 +131,7 @@ def run_scale(scale: int, tokenizer) -> dict[str, Any]:
     }
 
 
-def run_bench(scales: list[int]) -> dict[str, Any]:
+def run_bench(scales: list[int], max_records: int | None = None) -> dict[str, Any]:
     from tunelab.config import ModelConfig
     from tunelab.models import load_tokenizer
 
@@ -135,11 +139,16 @@ def run_bench(scales: list[int]) -> dict[str, Any]:
     tokenizer = load_tokenizer(ModelConfig())
     load_s = time.perf_counter() - start
     return {
-        **run_header("tunelab bench data --scales " + ",".join(map(str, scales))),
+        **run_header(
+            "tunelab bench data --scales "
+            + ",".join(map(str, scales))
+            + (f" --max-records {max_records}" if max_records else "")
+        ),
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "tokenizer_load_s": round(load_s, 2),
         "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
-        "results": [run_scale(s, tokenizer) for s in scales],
+        "max_records": max_records,
+        "results": [run_scale(s, tokenizer, max_records) for s in scales],
     }
 
 

@@ -128,17 +128,8 @@ def ensure_trl() -> None:
 
 # --------------------------------------------------------------------------------- running
 def run_side(side: str, spec_file: Path, out_file: Path, log) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "tunelab.bench.worker",
-        "--side",
-        side,
-        "--spec",
-        str(spec_file),
-        "--out",
-        str(out_file),
-    ]
+    args = ["--side", side, "--spec", str(spec_file), "--out", str(out_file)]
+    cmd = [sys.executable, "-m", "tunelab.bench.worker", *args]
     threads = str(json.loads(spec_file.read_text())["config"]["train"]["threads"])
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env = {**inherited, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, **ALLOCATOR_ENV[side]}
@@ -285,7 +276,7 @@ def run_bench(
         for precision in precisions:
             peak = matmul_peak_gflops(precision, threads)
             log(f"{precision}: matmul peak {peak['gflops']:.0f} GFLOP/s ({threads} threads)")
-            job = worker_config(cfg, model_path, steps, precision, threads)
+            job = worker_config(cfg, model_path, steps, precision, threads, objective="sft")
             results[precision] = summarise(run_repeats(sides, job, data_file, tmp, repeats, log), peak, flops)
 
     doc = dict(results.get("fp32", {}))
