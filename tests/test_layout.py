@@ -15,20 +15,11 @@ import tunelab
 
 PACKAGE = Path(tunelab.__file__).resolve().parent
 
-# Lowest first. Modules at the top of the package (errors.py, config.py, io.py, hub.py, ...) are the base.
+# Lowest first, one rank per stage (no two stages may import each other). Modules at the top of the package
+# (errors.py, config.py, io.py, hub.py, ...) are the base. experiments/ sits above bench/: a study or a promotion
+# gate measures with the bench's functions; the bench needs nothing from the experiments.
 STAGES = ["<base>", "models", "data", "train", "eval", "export", "serve", "bench", "experiments", "cli"]
-RANK = {
-    "<base>": 0,
-    "models": 1,
-    "data": 2,
-    "train": 3,
-    "eval": 4,
-    "export": 5,
-    "serve": 6,
-    "bench": 7,
-    "experiments": 7,
-    "cli": 8,
-}
+RANK = {stage: rank for rank, stage in enumerate(STAGES)}
 
 
 def stage_of(module: str) -> str:
@@ -84,6 +75,16 @@ def test_no_upward_import(path):
     own = stage_of(module_name(path))
     upward = upward_imports(path, own)
     assert not upward, f"{path.relative_to(PACKAGE)} ({own}) imports from a higher stage: " + "; ".join(upward)
+
+
+def test_bench_and_experiments_are_ordered(tmp_path):
+    """bench/ is below experiments/: an experiment may use the bench, the bench may not use an experiment."""
+    assert RANK["bench"] < RANK["experiments"]
+    module = tmp_path / "commands.py"
+    module.write_text("def bench():\n    from tunelab.experiments.quickstart import run_quickstart\n")
+    assert upward_imports(module, "bench") == ["line 2: tunelab.experiments.quickstart (experiments)"]
+    module.write_text("from tunelab.bench.infer import measure_model\n")
+    assert upward_imports(module, "experiments") == []
 
 
 def test_the_checker_sees_an_upward_import_even_inside_a_function(tmp_path):

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.errors import UserError
 
+# The shipped quickstart config (`tunelab quickstart`; the default job of `tunelab bench train` and `bench infer`).
+QUICKSTART_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+
 
 class ConfigError(UserError):
     """A user-facing configuration problem: one line, names the key path."""

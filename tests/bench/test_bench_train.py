@@ -42,8 +42,9 @@ def base_val_loss(model_dir, val_rows) -> float:
 
 @pytest.mark.slow
 def test_the_four_sides_train_the_same_tokens_with_the_same_allocator(tiny_model_dir, tmp_path, monkeypatch):
-    from tunelab.bench import train_worker
-    from tunelab.bench.train import ALLOCATOR_ENV, markdown_table, run_side, summarise
+    from tunelab.bench import worker
+    from tunelab.bench.train import ALLOCATOR_ENV, markdown_table, run_side, summarise, worker_config, write_spec
+    from tunelab.config import Config
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")  # the bench decides the allocator, not whoever started it
@@ -52,29 +53,20 @@ def test_the_four_sides_train_the_same_tokens_with_the_same_allocator(tiny_model
     # 64 rows, 8 steps x 4: enough rows for HF's length grouping to sort within megabatches of 16 (it needs
     # >= 8 batches' worth); on these rows it leaves 828-928 computed positions (30 sampler seeds) against 1024.
     data.write_text(json.dumps({"train": synthetic_rows(64, vocab, 0), "val": synthetic_rows(4, vocab, 1)}))
-    spec = {
-        "model_path": str(tiny_model_dir),
-        "data_file": str(data),
-        "steps": 8,
-        "batch_size": 4,
-        "lr": 5e-2,
-        "warmup_steps": 1,
-        "weight_decay": 0.01,
-        "max_grad_norm": 1.0,
-        "max_seq_len": 512,
-        "seed": 42,
-        "threads": 1,
-        "precision": "fp32",
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-    }
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(spec))
+    cfg = Config.model_validate(
+        {
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+            "train": {"batch_size": 4, "lr": 5e-2, "warmup_steps": 1, "weight_decay": 0.01, "max_grad_norm": 1.0,
+                      "max_seq_len": 512, "seed": 42},
+        }
+    )  # fmt: skip
+    spec_file = write_spec(worker_config(cfg, str(tiny_model_dir), 8, "fp32", 1), data, tmp_path)
     results = {
         side: run_side(side, spec_file, tmp_path / f"{side}.json", log=lambda *_: None)
         for side in ("tunelab", "tunelab_lean", "trl", "trl_lean")
     }
 
-    rows = train_worker.ordered_rows(json.loads(data.read_text())["train"], 8, 4, 42)
+    rows = worker.ordered_rows(json.loads(data.read_text())["train"], 8, 4, 42)
     expected = sum(len(ids) for ids, _ in rows)
     for side, r in results.items():
         assert r["tokens"] == expected, side  # the same conversations; padding not counted

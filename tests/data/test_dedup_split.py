@@ -18,7 +18,7 @@ def test_exact_duplicates_after_normalization(tmp_path):
     rows = [sharegpt("Hello there", "Hi!"), sharegpt("  Hello there \n", "Hi!"), sharegpt("Hello there", "Hi! ")]
     path = write_json(tmp_path / "d.json", rows + qa_rows(2))
     pipeline = DataPipeline(make_config(tmp_path, [{"path": str(path)}]))
-    kept = pipeline.dedup_exact(pipeline.read_all())
+    kept = list(pipeline.unique_rows(pipeline.read_all()))
     assert len(kept) == 3
     assert pipeline.duplicates["exact"].count == 2
     record_lines = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line == " {"]
@@ -43,7 +43,7 @@ def test_near_dedup_in_the_pipeline(tmp_path):
     ]
     path = write_json(tmp_path / "n.json", rows)
     pipeline = DataPipeline(make_config(tmp_path, [{"path": str(path)}], dedup={"near": True, "threshold": 0.7}))
-    kept = pipeline.dedup_near(pipeline.dedup_exact(pipeline.read_all()))
+    kept = list(pipeline.unique_rows(pipeline.read_all()))
     assert len(kept) == 4 and pipeline.duplicates["near"].count == 1
     assert kept[0].messages[1]["content"] == STORY  # the first occurrence wins
 

@@ -27,6 +27,10 @@ def bench_data_cmd(
     out: Annotated[Path, typer.Option(help="--rows: folder for the generated inputs, prepared data and logs.")] = Path(
         "runs/bench-data"
     ),
+    max_records: Annotated[
+        int | None,
+        typer.Option(min=1, help="--scales: read only the file's first N records per copy (a quick run; default all)."),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
     """Time each data phase on the embedded ShareGPT file (--scales), or prepare FineTome-sized JSONL and Parquet
@@ -38,14 +42,26 @@ def bench_data_cmd(
         if len(sizes) == 1 and sizes[0] != 10_000:
             sizes = sorted({10_000, sizes[0]})  # flat memory is a comparison: measure the 10k baseline too
         figures = run_rows_bench(sizes, out)
+        write_results(json_path, figures)
         print_rows_bench(figures)
     else:
-        figures = run_bench(_sizes("--scales", scales, minimum=1))
+        figures = run_bench(_sizes("--scales", scales, minimum=1), max_records)
+        write_results(json_path, figures)
         print_bench(figures)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-        typer.echo(f"figures written to {json_path}")
+
+
+def write_results(path: Path | None, figures: dict, markdown: str | None = None) -> None:
+    """The figures as JSON at `path` (and `markdown` beside it as .md), atomically, before anything is printed:
+    a printing error never costs the measurements."""
+    if path is None:
+        return
+    from tunelab.io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(figures, indent=2) + "\n")
+    if markdown is not None:
+        atomic_write(path.with_suffix(".md"), markdown)
+    typer.echo(f"figures written to {path}" + (f" and {path.with_suffix('.md')}" if markdown is not None else ""))
 
 
 def _sizes(option: str, text: str, minimum: int) -> list[int]:
@@ -93,8 +109,7 @@ def bench_train_cmd(
     """tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out figures."""
     from tunelab.bench.machine import command_line
     from tunelab.bench.train import markdown_table, plot_throughput, print_table, run_bench
-    from tunelab.config import load_config
-    from tunelab.experiments.quickstart import QUICKSTART_CONFIG
+    from tunelab.config import QUICKSTART_CONFIG, load_config
 
     if vs not in ("trl", "none"):
         raise UserError(f"--vs {vs}: only `trl` (or `none`) is supported")
@@ -118,12 +133,8 @@ def bench_train_cmd(
             max_val_rows=max_val_rows,
             command=command_line(),
         )
+        write_results(json_path, doc, dpo_table(doc))
         typer.echo(dpo_table(doc))
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(doc, indent=2))
-            json_path.with_suffix(".md").write_text(dpo_table(doc))
-            typer.echo(f"wrote {json_path} and {json_path.with_suffix('.md')}")
         return
     doc = run_bench(
         cfg,
@@ -135,12 +146,8 @@ def bench_train_cmd(
         max_val_rows=max_val_rows,
         command=command_line(),
     )
+    write_results(json_path, doc, markdown_table(doc))
     print_table(doc)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(doc, indent=2))
-        json_path.with_suffix(".md").write_text(markdown_table(doc))
-        typer.echo(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     if plot is not None:
         plot_throughput(doc, plot)
         typer.echo(f"wrote {plot}")
@@ -179,9 +186,8 @@ def bench_infer_cmd(
                 f"--quants: unknown type `{unknown[0]}` (known: {', '.join(q for q in QUANT_TYPES if q != 'f16')})"
             )
         report = {**run_header(threads=threads), **quant_table(run, chosen, threads, max_new_tokens, repeats)}
+        write_results(output, report)
         typer.echo(format_table(report))
-        if output is not None:
-            output.write_text(json.dumps(report, indent=2))
         return
     if not models:
         raise UserError("bench infer: give the models to compare, or --quants for the quantisation table")

@@ -3,7 +3,8 @@
 Two benchmarks:
 - `--scales 1,2,4`: time each phase of preparing the embedded ShareGPT file, at 1x/2x/4x its size. Scale s reads
   and parses the file s times; copy c >= 1 of each record gets a small perturbation (a suffix on its first
-  message) so exact dedup keeps it and near-dedup has real work.
+  message) so exact dedup keeps it and near-dedup has real work. `--max-records N`: the file's first N records
+  only (a quick run).
 - `--rows 10000,100000`: FineTome-sized inputs. The embedded ShareGPT and chatterbot exchanges are resampled into
   N new conversations (1-3 exchanges each, seeded), written as a JSONL and a Parquet file under `--out`; then
   `tunelab data prepare` runs on each file in its own process, and its wall time, peak RSS (`wait4`'s ru_maxrss,
@@ -14,14 +15,17 @@ Two benchmarks:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import os
 import random
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,54 +53,85 @@ def perturbed(record: Any, copy_index: int) -> Any:
     return record
 
 
-def run_scale(scale: int, tokenizer) -> dict[str, Any]:
+class PhaseTimer:
+    """Wall seconds and this process's CPU seconds per phase (CPU seconds vary much less on a shared machine)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[phase] += time.perf_counter() - start
+            self.cpu[phase] += time.process_time() - cpu_start
+
+
+def with_dedup(cfg: Config, **dedup) -> Config:
+    """`cfg` with some `data.dedup` settings changed (one dedup kind alone, to time it apart)."""
+    data = cfg.data.model_copy(update={"dedup": cfg.data.dedup.model_copy(update=dedup)})
+    return cfg.model_copy(update={"data": data})
+
+
+def run_scale(scale: int, tokenizer, max_records: int | None = None) -> dict[str, Any]:
+    """Each phase of preparing `scale` copies of the embedded ShareGPT file (its first `max_records` records when
+    given), timed through the pipeline's public
+    steps: reading, normalising, exact dedup alone, near dedup alone (each kind a pipeline of its own that has the
+    other kind off), then the split and encoding."""
     cfg = Config()
     src = SourceConfig(preset="embedded:sharegpt")
     pipeline = DataPipeline(cfg, tokenizer=tokenizer)
     name = pipeline.source_name(src)
     counts = pipeline.counts.setdefault(name, SourceCounts(name, src.preset, src.weight))
+    timed = PhaseTimer()
     records = []
-    with pipeline.timed("recover"):
+    with timed("recover"):
         for c in range(scale):
             for path, label in readers.source_files(src).files:
                 stats = readers.FileStats(label)
                 ctx = readers.ReadContext(label, name, pipeline.log, cfg.data.max_record_chars, stats)
-                records += [
-                    readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where)
-                    for r in readers.iter_file(path, ctx)
-                ]
+                with contextlib.closing(readers.iter_file(path, ctx)) as file_records:
+                    records += [
+                        readers.RawRecord(perturbed(r.value, c), f"{r.where}+{c}" if c else r.where)
+                        for r in itertools.islice(file_records, max_records)
+                    ]
                 counts.records_read += stats.records
                 counts.unparsed_bytes += stats.unparsed_bytes
-    with pipeline.timed("normalize"):
+    with timed("normalize"):
         rows = [
             row for r in records if (row := pipeline.normalize_record(r, src.format, None, name, Counter())) is not None
         ]
     del records
     valid = len(rows)
-    with pipeline.timed("dedup_exact"):
-        rows = pipeline.dedup_exact(rows)
-    with pipeline.timed("dedup_near"):
-        rows = pipeline.dedup_near(rows)
+    exact_only, near_only = DataPipeline(with_dedup(cfg, near=False)), DataPipeline(with_dedup(cfg, exact=False))
+    with timed("dedup_exact"):
+        rows = list(exact_only.unique_rows(rows))
+    with timed("dedup_near"):
+        rows = list(near_only.unique_rows(rows))
     unique = len(rows)
-    split = Counter("val" if is_val else "train" for _, is_val, _, _ in pipeline.encoded(rows))
+    with timed("encode"):
+        split = Counter("val" if is_val else "train" for _, is_val, _, _ in pipeline.encoded(rows))
     return {
         "scale": scale,
         "records": counts.records_read,
         "valid": valid,
-        "exact_duplicates": pipeline.duplicates["exact"].count,
-        "near_duplicates": pipeline.duplicates["near"].count,
+        "exact_duplicates": exact_only.duplicates["exact"].count,
+        "near_duplicates": near_only.duplicates["near"].count,
         "after_dedup": unique,
         "train": split["train"],
         "val": split["val"],
         "unparsed_bytes": counts.unparsed_bytes,
-        "seconds": {phase: round(pipeline.timings.get(phase, 0.0), 2) for phase in PHASES},
-        "total_s": round(sum(pipeline.timings.get(p, 0.0) for p in PHASES), 2),
-        "cpu_seconds": {phase: round(pipeline.cpu_timings.get(phase, 0.0), 2) for phase in PHASES},
-        "cpu_total_s": round(sum(pipeline.cpu_timings.get(p, 0.0) for p in PHASES), 2),
+        "seconds": {phase: round(timed.wall[phase], 2) for phase in PHASES},
+        "total_s": round(sum(timed.wall[p] for p in PHASES), 2),
+        "cpu_seconds": {phase: round(timed.cpu[phase], 2) for phase in PHASES},
+        "cpu_total_s": round(sum(timed.cpu[p] for p in PHASES), 2),
     }
 
 
-def run_bench(scales: list[int]) -> dict[str, Any]:
+def run_bench(scales: list[int], max_records: int | None = None) -> dict[str, Any]:
     from tunelab.config import ModelConfig
     from tunelab.models import load_tokenizer
 
@@ -104,11 +139,16 @@ def run_bench(scales: list[int]) -> dict[str, Any]:
     tokenizer = load_tokenizer(ModelConfig())
     load_s = time.perf_counter() - start
     return {
-        **run_header("tunelab bench data --scales " + ",".join(map(str, scales))),
+        **run_header(
+            "tunelab bench data --scales "
+            + ",".join(map(str, scales))
+            + (f" --max-records {max_records}" if max_records else "")
+        ),
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "tokenizer_load_s": round(load_s, 2),
         "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
-        "results": [run_scale(s, tokenizer) for s in scales],
+        "max_records": max_records,
+        "results": [run_scale(s, tokenizer, max_records) for s in scales],
     }
 
 
@@ -265,7 +305,7 @@ def print_rows_bench(figures: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"tunelab bench data --rows - {figures['machine']} ({figures['cores']} cores)")
+    table = Table(title=f"tunelab bench data --rows - {figures['machine']}")
     for column in (
         "input",
         "rows",

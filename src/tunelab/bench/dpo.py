@@ -3,7 +3,7 @@
 Pairs: the first exchange of the config's prepared conversations; `chosen` is the conversation's own answer and
 `rejected` the answer of the next conversation (a real reply, to another question), so preferring the chosen one
 is learnable and held-out preference accuracy means something. They go through `tunelab data prepare` as
-preference data, then each side (tunelab.bench.dpo_worker) trains on the same ids in the same order and is
+preference data, then each side (tunelab.bench.worker, as for sft) trains on the same ids in the same order and is
 scored by the same held-out evaluator. Reported: real tokens/s (chosen + rejected, no padding), s/step, peak RSS,
 held-out DPO loss, preference accuracy and reward margin; medians over `repeats` alternating runs.
 """
@@ -16,7 +16,18 @@ import tempfile
 from pathlib import Path
 
 from tunelab.bench.machine import run_header
-from tunelab.bench.train import SIDES, _fmt, ensure_trl, matmul_peak_gflops, precision_blocks, run_side, summarise
+from tunelab.bench.train import (
+    SIDES,
+    _fmt,
+    ensure_trl,
+    job_flops,
+    matmul_peak_gflops,
+    precision_blocks,
+    run_repeats,
+    summarise,
+    worker_config,
+)
+from tunelab.bench.worker import ordered_rows
 
 PREFERENCE_KEYS = ("val_pref_accuracy", "val_reward_margin", "reference_seconds")
 
@@ -76,7 +87,6 @@ def run_dpo_bench(
     command: str | None = None,
     log=print,
 ) -> dict:
-    from tunelab.bench.train import _count_params
     from tunelab.models import resolve_model_path
     from tunelab.train.precision import precision_for_this_machine
 
@@ -86,53 +96,29 @@ def run_dpo_bench(
     precisions = precisions or ["fp32"] + (["bf16"] if precision_for_this_machine("auto", "cpu").name == "bf16" else [])
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     model_path = resolve_model_path(cfg.model.name)
-    flops_per_token = 4 * _count_params(model_path)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-dpo-") as tmp:
         tmp = Path(tmp)
         train_rows, val_rows = bench_pairs(cfg, tmp, int(steps * per_step * 1.5) + 2 * max_val_rows, max_val_rows)
+        trained = ordered_rows(train_rows, steps, per_step, cfg.train.seed)
+        flops = job_flops(model_path, cfg.lora, [sequence for pair in trained for sequence in pair])
         log(f"bench train --objective dpo: {len(train_rows)} train / {len(val_rows)} val pairs, model {model_path}")
         log(
-            f"  {steps} optimizer steps x {per_step} pairs, beta {cfg.train.beta}, {threads} threads, {repeats} repeats, {precisions}"
+            f"  {steps} optimizer steps x {per_step} pairs, beta {cfg.train.beta}, {threads} threads, "
+            f"{repeats} repeats, {precisions}"
         )
         data_file = tmp / "data.json"
         data_file.write_text(json.dumps({"train": train_rows, "val": val_rows}))
         for precision in precisions:
-            spec = {
-                "model_path": model_path,
-                "data_file": str(data_file),
-                "steps": steps,
-                "batch_size": per_step,
-                "lr": cfg.train.lr,
-                "warmup_steps": cfg.train.warmup_steps,
-                "weight_decay": cfg.train.weight_decay,
-                "max_grad_norm": cfg.train.max_grad_norm,
-                "max_seq_len": cfg.train.max_seq_len,
-                "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
-                "seed": cfg.train.seed,
-                "threads": threads,
-                "precision": precision,
-                "lora": cfg.lora.model_dump(mode="json"),
-                "beta": cfg.train.beta,
-            }
-            spec_file = tmp / f"spec-{precision}.json"
-            spec_file.write_text(json.dumps(spec))
+            job = worker_config(cfg, model_path, steps, precision, threads, objective="dpo", dpo_loss="sigmoid")
             peak = matmul_peak_gflops(precision, threads)
-            runs: dict[str, list[dict]] = {s: [] for s in SIDES}
-            for repeat in range(repeats):
-                for side in sides if repeat % 2 == 0 else sides[::-1]:
-                    result = run_side(
-                        side,
-                        spec_file,
-                        tmp / f"{side}-{precision}-{repeat}.json",
-                        log,
-                        worker="tunelab.bench.dpo_worker",
-                    )
-                    log(
-                        f"    held-out preference accuracy {result['val_pref_accuracy']:.3f}, reward margin {result['val_reward_margin']:+.4f}"
-                    )
-                    runs[side].append(result)
-            block = summarise(runs, peak, flops_per_token)
+            runs = run_repeats(sides, job, data_file, tmp, repeats, log)
+            for result in (r for side_runs in runs.values() for r in side_runs):
+                log(
+                    f"    {result['side']}: held-out preference accuracy {result['val_pref_accuracy']:.3f}, "
+                    f"reward margin {result['val_reward_margin']:+.4f}"
+                )
+            block = summarise(runs, peak, flops)
             for side in sides:
                 for key in PREFERENCE_KEYS:
                     block[side][key] = statistics.median(r[key] for r in runs[side])

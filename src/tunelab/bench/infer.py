@@ -15,6 +15,7 @@ from pathlib import Path
 from tunelab.bench.machine import run_header
 from tunelab.config import DEMO_PROMPTS
 from tunelab.errors import UserError
+from tunelab.io import atomic_write
 
 
 def model_size_mib(path: Path) -> float:
@@ -121,7 +122,7 @@ def run_bench(
         "prompts": DEMO_PROMPTS,
         "results": results,
     }
+    if output:  # written before the table is printed: a printing error never costs the measurements
+        atomic_write(output, json.dumps(report, indent=2) + "\n")
     print(format_results(results, threads))
-    if output:
-        output.write_text(json.dumps(report, indent=2))
     return report

@@ -29,8 +29,7 @@ def source_model(run: Path | None) -> tuple[Path, Path]:
         if not (merged / "config.json").is_file():
             raise UserError(f"{run}: no merged export in {merged}; run `tunelab export {run}` first")
         return merged, run / "export"
-    from tunelab.config import load_config
-    from tunelab.experiments.quickstart import QUICKSTART_CONFIG
+    from tunelab.config import QUICKSTART_CONFIG, load_config
     from tunelab.io import cache_dir
     from tunelab.models import resolve_model_path
 
@@ -45,9 +44,8 @@ def val_sequences(run: Path | None, limit: int, max_tokens: int = 256) -> list[l
 
         rows = [r["input_ids"] for r in val_rows(run, limit)]
     else:
-        from tunelab.config import load_config
+        from tunelab.config import QUICKSTART_CONFIG, load_config
         from tunelab.data.prepare import load_prepared, prepare_dataset
-        from tunelab.experiments.quickstart import QUICKSTART_CONFIG
 
         _, val = load_prepared(prepare_dataset(load_config(QUICKSTART_CONFIG), verbose=False))
         rows = [val[i]["input_ids"] for i in range(min(limit, len(val)))]

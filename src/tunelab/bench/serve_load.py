@@ -17,7 +17,6 @@ Nothing already queued is dropped, and the user's typed input stays in the page.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -338,8 +337,8 @@ def bench_serve_cmd(
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """N concurrent users (chat + planner) against the app: TTFT p50/p95, tokens/s, errors, feedback rows kept."""
+    from tunelab.bench.commands import write_results
     from tunelab.bench.machine import run_header
-    from tunelab.io import atomic_write
 
     names = [e.strip() for e in engines.split(",") if e.strip()]
     if not names:
@@ -357,10 +356,9 @@ def bench_serve_cmd(
             results.append(alone)
             runs[engine]["single_user"] = alone.summary()
     ratios = {e: engine_ratios(runs, names[0], e) for e in names[1:]}
-    if output:  # written before anything is printed: a failing print cannot lose the measurements
-        payload = {**run_header(threads=threads), "model": str(model), "engines": runs, "ratios_vs_first": ratios,
-                   "results": [asdict(r) for r in results]}  # fmt: skip
-        atomic_write(output, json.dumps(payload, indent=2))
+    payload = {**run_header(threads=threads), "model": str(model), "engines": runs, "ratios_vs_first": ratios,
+               "results": [asdict(r) for r in results]}  # fmt: skip
+    write_results(output, payload)
     typer.echo(f"model: {model.name}")
     for result in results:
         typer.echo(report(result))

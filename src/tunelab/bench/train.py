@@ -6,7 +6,8 @@ optimizer steps, threads, precision and allocator setting. Each tool runs twice.
 and in its memory-lean default (checkpointing on, tunelab's order) for the memory goal and the held-out loss
 check; tunelab in its default loop and with `train.gradient_checkpointing` on (`tunelab_lean`), so speed is
 fastest vs fastest and memory leanest vs leanest.
-Each side runs in its own process (tunelab.bench.train_worker), alternating, `repeats` times; medians are reported.
+Each side runs in its own process (tunelab.bench.worker, given the job's Config), alternating, `repeats` times;
+medians are reported.
 The fraction of the matmul peak is the job's model FLOPs (tunelab.train.flops) over the matmul peak measured on
 this machine (tunelab.train.matmul_peak).
 """
@@ -25,16 +26,17 @@ from pathlib import Path
 import torch
 
 from tunelab.bench.machine import run_header
+from tunelab.bench.worker import SIDES, ordered_rows
+from tunelab.config import Config, EvalConfig, LoraConfig
 from tunelab.errors import UserError
 from tunelab.train.memory import MMAP_THRESHOLD, ONEDNN_PRIMITIVE_CACHE
 
-# Each tool in its fastest configuration and in its memory-lean one (gradient checkpointing on): tunelab/trl are
-# the fastest, tunelab_lean/trl_lean the leanest (see train_worker.TUNELAB_CONFIGS and TRL_CONFIGS).
-SIDES = ("tunelab", "tunelab_lean", "trl", "trl_lean")
+# SIDES: each tool in its fastest configuration and in its memory-lean one (gradient checkpointing on): tunelab/trl
+# are the fastest, tunelab_lean/trl_lean the leanest (see worker.TUNELAB_CONFIGS and TRL_CONFIGS).
 # The same allocator settings for both tools in each configuration. Fastest: glibc's defaults (freed memory is kept
 # and reused; oneDNN keeps at most 64 primitives, which costs no speed). Leanest: also allocations >= 1 MiB mmapped,
 # so freed ones go back to the OS, and the heap trimmed after every optimizer step (tunelab: `train.release_memory`;
-# TRL: a callback, see train_worker). inherited MALLOC_* variables are dropped so that the bench decides.
+# TRL: a callback, see worker). inherited MALLOC_* variables are dropped so that the bench decides.
 FAST_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_PRIMITIVE_CACHE)}
 LEAN_ENV = {**FAST_ENV, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
 ALLOCATOR_ENV = {"tunelab": FAST_ENV, "trl": FAST_ENV, "tunelab_lean": LEAN_ENV, "trl_lean": LEAN_ENV}
@@ -49,17 +51,61 @@ def matmul_peak_gflops(precision: str, threads: int) -> dict:
     return matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, threads)
 
 
-def job_flops(model_path: str, lora: dict, rows: list) -> float:
-    """Model FLOPs of training once on `rows` (tunelab.train.flops: the same count for every side, since every side
-    trains on the same conversations; logits counted on assistant targets only, as the job needs)."""
+def job_flops(model_path: str, lora: LoraConfig, sequences: list) -> float:
+    """Model FLOPs of training once on `sequences`, (ids, labels) pairs (tunelab.train.flops: the same count for every
+    side, since every side trains on the same sequences; logits counted on labelled targets only, as the job needs).
+    A dpo pair is two sequences, chosen and rejected; its reference log-probs are computed before the timed part."""
     from transformers import AutoConfig
 
     from tunelab.data.masking import IGNORE_INDEX
     from tunelab.train.flops import model_shape, training_flops
 
-    shape = model_shape(AutoConfig.from_pretrained(model_path), lora["r"], lora["target_modules"])
-    targets = sum(1 for _, labels in rows for x in labels[1:] if x != IGNORE_INDEX)
-    return training_flops(shape, [len(ids) for ids, _ in rows], targets)
+    shape = model_shape(AutoConfig.from_pretrained(model_path), lora.r, lora.target_modules)
+    targets = sum(1 for _, labels in sequences for x in labels[1:] if x != IGNORE_INDEX)
+    return training_flops(shape, [len(ids) for ids, _ in sequences], targets)
+
+
+def worker_config(cfg: Config, model_path: str, steps: int, precision: str, threads: int, **train) -> Config:
+    """The Config every side of one precision trains with: the user's config with the bench's steps, precision and
+    threads, the effective batch in one micro-batch, a step mark after every step and no checkpoint before the end.
+    `train`: more train settings (the objective's)."""
+    return cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"name": model_path}),
+            "train": cfg.train.model_copy(
+                update={
+                    "max_steps": steps,
+                    "batch_size": cfg.train.batch_size * cfg.train.grad_accum,
+                    "grad_accum": 1,
+                    "precision": precision,
+                    "threads": threads,
+                    "save_steps": steps,
+                    "eval_steps": steps,
+                    "logging_steps": 1,
+                    **train,
+                }
+            ),
+            "eval": EvalConfig(batch_size=8),
+        }
+    )
+
+
+def write_spec(cfg: Config, data_file: Path, folder: Path) -> Path:
+    """The worker's SPEC.json: the job's whole Config and the file of prepared rows."""
+    spec_file = folder / f"spec-{cfg.train.precision}.json"
+    spec_file.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "data_file": str(data_file)}))
+    return spec_file
+
+
+def run_repeats(sides: list[str], cfg: Config, data_file: Path, folder: Path, repeats: int, log) -> dict[str, list]:
+    """Every side `repeats` times, alternating who goes first; {side: [result of each run]}."""
+    spec_file = write_spec(cfg, data_file, folder)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for repeat in range(repeats):
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+            out_file = folder / f"{side}-{cfg.train.precision}-{repeat}.json"
+            runs[side].append(run_side(side, spec_file, out_file, log))
+    return runs
 
 
 # ----------------------------------------------------------------------------------- data
@@ -81,9 +127,10 @@ def ensure_trl() -> None:
 
 
 # --------------------------------------------------------------------------------- running
-def run_side(side: str, spec_file: Path, out_file: Path, log, worker: str = "tunelab.bench.train_worker") -> dict:
-    cmd = [sys.executable, "-m", worker, "--side", side, "--spec", str(spec_file), "--out", str(out_file)]
-    threads = str(json.loads(spec_file.read_text())["threads"])
+def run_side(side: str, spec_file: Path, out_file: Path, log) -> dict:
+    args = ["--side", side, "--spec", str(spec_file), "--out", str(out_file)]
+    cmd = [sys.executable, "-m", "tunelab.bench.worker", *args]
+    threads = str(json.loads(spec_file.read_text())["config"]["train"]["threads"])
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env = {**inherited, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, **ALLOCATOR_ENV[side]}
     load_before = os.getloadavg()[0]
@@ -210,18 +257,15 @@ def run_bench(
         precisions = ["fp32"] + (["bf16"] if precision_for_this_machine("auto").name == "bf16" else [])
     train_rows, val_rows = bench_data(cfg, max_val_rows)
     model_path = resolve_model_path(cfg.model.name)
-    from tunelab.bench.train_worker import ordered_rows
-
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    flops = job_flops(
-        model_path, cfg.lora.model_dump(mode="json"), ordered_rows(train_rows, steps, per_step, cfg.train.seed)
-    )
+    flops = job_flops(model_path, cfg.lora, ordered_rows(train_rows, steps, per_step, cfg.train.seed))
     log(
         f"bench train: {len(train_rows)} train / {len(val_rows)} val conversations, model {model_path}; "
         f"allocator: fastest sides {FAST_ENV}, lean sides {LEAN_ENV} + heap trimmed every step"
     )
     log(
-        f"  {steps} optimizer steps x {cfg.train.batch_size} conversations, {threads} threads, {repeats} repeats, precisions {precisions}"
+        f"  {steps} optimizer steps x {per_step} conversations, {threads} threads, {repeats} repeats, "
+        f"precisions {precisions}"
     )
 
     results: dict = {}
@@ -230,33 +274,10 @@ def run_bench(
         data_file = tmp / "data.json"
         data_file.write_text(json.dumps({"train": train_rows, "val": val_rows}))
         for precision in precisions:
-            spec = {
-                "model_path": model_path,
-                "data_file": str(data_file),
-                "steps": steps,
-                "batch_size": cfg.train.batch_size * cfg.train.grad_accum,
-                "lr": cfg.train.lr,
-                "warmup_steps": cfg.train.warmup_steps,
-                "weight_decay": cfg.train.weight_decay,
-                "max_grad_norm": cfg.train.max_grad_norm,
-                "max_seq_len": cfg.train.max_seq_len,
-                "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
-                "compile": cfg.train.compile,
-                "seed": cfg.train.seed,
-                "threads": threads,
-                "precision": precision,
-                "lora": cfg.lora.model_dump(mode="json"),
-            }
-            spec_file = tmp / f"spec-{precision}.json"
-            spec_file.write_text(json.dumps(spec))
             peak = matmul_peak_gflops(precision, threads)
             log(f"{precision}: matmul peak {peak['gflops']:.0f} GFLOP/s ({threads} threads)")
-            runs: dict[str, list[dict]] = {s: [] for s in SIDES}
-            for repeat in range(repeats):
-                order = sides if repeat % 2 == 0 else sides[::-1]  # alternate who goes first
-                for side in order:
-                    runs[side].append(run_side(side, spec_file, tmp / f"{side}-{precision}-{repeat}.json", log))
-            results[precision] = summarise(runs, peak, flops)
+            job = worker_config(cfg, model_path, steps, precision, threads, objective="sft")
+            results[precision] = summarise(run_repeats(sides, job, data_file, tmp, repeats, log), peak, flops)
 
     doc = dict(results.get("fp32", {}))
     if "bf16" in results:

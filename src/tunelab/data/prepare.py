@@ -86,8 +86,7 @@ class DataPipeline:
         self.data: DataConfig = cfg.data
         self.log = ProblemLog(self.data.on_error)
         self.counts: dict[str, SourceCounts] = {}
-        self.timings: dict[str, float] = defaultdict(float)
-        self.cpu_timings: dict[str, float] = defaultdict(float)
+        self.timings: dict[str, float] = defaultdict(float)  # wall seconds per phase, for report.json
         self.duplicates = {"exact": _LocatedCount(), "near": _LocatedCount()}
         self._tokenizer = tokenizer
         self.encode_stats = EncodeStats()
@@ -96,13 +95,11 @@ class DataPipeline:
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         try:
             yield
         finally:
             self.timings[phase] += time.perf_counter() - start
-            # CPU seconds of this process: on a shared machine they vary much less than wall time
-            self.cpu_timings[phase] += time.process_time() - cpu_start
 
     @property
     def tokenizer(self):
@@ -207,20 +204,6 @@ class DataPipeline:
                 # the report names the first few duplicates' originals; once those are found, no location is kept
                 kept_where.append(row.where if self.duplicates["near"].count < FIRST_LOCATIONS else "")
             yield row
-
-    def dedup_exact(self, rows: list[Row]) -> list[Row]:
-        near, self.data.dedup.near = self.data.dedup.near, False
-        try:
-            return list(self.unique_rows(rows))
-        finally:
-            self.data.dedup.near = near
-
-    def dedup_near(self, rows: list[Row]) -> list[Row]:
-        exact, self.data.dedup.exact = self.data.dedup.exact, False
-        try:
-            return list(self.unique_rows(rows))
-        finally:
-            self.data.dedup.exact = exact
 
     # ------------------------------------------------------------------ mix, split, encode, write
     def planned(self, rows: Iterable[Row]) -> Iterator[tuple[Row, bool, int]]:

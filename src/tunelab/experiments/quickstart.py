@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunelab.config import load_config
-
-QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+from tunelab.config import QUICKSTART_CONFIG, load_config
 
 
 def run_quickstart(

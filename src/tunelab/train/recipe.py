@@ -34,10 +34,23 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def peft_lora_config(cfg: Config):
+    """PEFT's LoraConfig for the config's `lora` section (causal LM)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
 def build_lora_model(cfg: Config, precision: Precision, log=lambda *_: None):
     """Base model (frozen weights in the compute dtype) wrapped with fresh LoRA adapters (fp32), switched to the
     packed attention when its architecture takes tunelab's fast path (see tunelab.train.architectures)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from tunelab.models import load_model
     from tunelab.train.architectures import use_plan
@@ -47,14 +60,7 @@ def build_lora_model(cfg: Config, precision: Precision, log=lambda *_: None):
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     torch.manual_seed(cfg.train.seed)  # LoRA init is part of what the seed fixes
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)  # PEFT keeps adapter weights in fp32 over a bf16 base
+    model = get_peft_model(model, peft_lora_config(cfg))  # PEFT keeps adapter weights in fp32 over a bf16 base
     use_plan(model, cfg.train.packing, log)  # after PEFT: an adapter on lm_head rules the fast path out
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
