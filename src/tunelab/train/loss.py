@@ -7,8 +7,8 @@ Every objective is built on it: the sft loss (`masked_lm_loss`) is the negated s
 (tunelab.train.preference) sum them per sequence, for the policy and for the cached reference alike.
 
 The head reproduces the model's own (tunelab.train.architectures.Head): lm_head bias, logit scaling,
-final soft-capping. Models whose head tunelab does not reproduce (see `plan_for`: unknown families, an adapter
-on lm_head) take `model_forward_logps`: the model's own forward and logits, on padded rows.
+final soft-capping. Models on the fallback (`plan_for`: an unknown family, an attention kind tunelab does not
+implement, an adapter on lm_head) take `model_forward_logps`: the model's own forward and logits, on padded rows.
 """
 
 from __future__ import annotations
