@@ -1,5 +1,5 @@
 """Every claimed architecture family: tunelab's packed attention + assistant-only head give the model's own
-loss and LoRA gradients; anything else falls back to the model's own forward and loss.
+loss, sequence log-probs (dpo/kto) and LoRA gradients; anything else falls back to the model's own forward.
 
 The reference is plain transformers: `model(input_ids, attention_mask, labels=...)` on padded rows (one
 conversation per row, eager attention). Sliding windows (6 tokens) are shorter than the test conversations
@@ -15,7 +15,8 @@ import torch
 from tunelab.data.masking import IGNORE_INDEX as IGNORE
 from tunelab.train.architectures import FAST_FAMILIES, plan_for, use_plan
 from tunelab.train.batching import pack, pad
-from tunelab.train.loss import LinearCrossEntropy, masked_lm_loss
+from tunelab.train.loss import LinearTokenLogProbs, masked_lm_loss
+from tunelab.train.preference import sequence_logps
 
 VOCAB = 256
 SMALL = dict(
@@ -83,16 +84,25 @@ def examples(seed=0, lengths=(9, 17, 12)):
     return out
 
 
-def lora_model(config, target_modules="all-linear"):
-    from peft import LoraConfig, get_peft_model
+def base_model(config):
+    """A random-init model of `config` (the same weights on every call), in eager attention."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     config._attn_implementation = "eager"  # the most literal form of the model's own attention
     base = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    # init_lora_weights=False: B is non-zero too, so the adapter changes the outputs and every LoRA weight has a gradient.
+    if base.lm_head.bias is not None:  # initialised to zero, which would hide a head that leaves the bias out
+        torch.nn.init.normal_(base.lm_head.bias, std=1.0)
+    return base
+
+
+def lora_model(config, target_modules="all-linear"):
+    from peft import LoraConfig, get_peft_model
+
+    # init_lora_weights=False: B is non-zero too, so the adapter changes the outputs and every LoRA weight has a
+    # gradient.
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
-    return get_peft_model(base, lora).train()
+    return get_peft_model(base_model(config), lora).train()
 
 
 def reference_loss_and_grads(model, rows):
@@ -158,40 +168,102 @@ def test_ignoring_the_sliding_window_would_be_caught():
 
 
 def test_head_maths_matches_autograd_with_bias_scale_and_softcap():
-    """LinearCrossEntropy's hand-written gradient, against autograd on the plain formula."""
+    """LinearTokenLogProbs' hand-written gradients, against autograd on the plain formula, with a different
+    incoming gradient for every token (as dpo/kto give) and with the summed sft loss's."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(11, 16, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(40, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 40, (11,), generator=g)
-    for scale, softcap in [(1.0, None), (0.25, None), (3.0, 2.0), (1.0, 0.5)]:
-        logits = torch.nn.functional.linear(hidden, weight, bias) * scale
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        expected_grads = torch.autograd.grad(expected, (hidden, weight, bias))
-        got = LinearCrossEntropy.apply(hidden, weight, targets, 4, bias, scale, softcap)
-        got_grads = torch.autograd.grad(got, (hidden, weight, bias))
-        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
-        for got_grad, expected_grad in zip(got_grads, expected_grads):
-            torch.testing.assert_close(got_grad, expected_grad, rtol=1e-6, atol=1e-6)
+    for token_weights in (torch.randn(11, generator=g, dtype=torch.float64), -torch.ones(11, dtype=torch.float64)):
+        for scale, softcap in [(1.0, None), (0.25, None), (3.0, 2.0), (1.0, 0.5)]:
+            logits = torch.nn.functional.linear(hidden, weight, bias) * scale
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            expected = torch.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+            expected_grads = torch.autograd.grad((expected * token_weights).sum(), (hidden, weight, bias))
+            got = LinearTokenLogProbs.apply(hidden, weight, targets, 4, bias, scale, softcap)
+            got_grads = torch.autograd.grad((got * token_weights).sum(), (hidden, weight, bias))
+            torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+            for got_grad, expected_grad in zip(got_grads, expected_grads):
+                torch.testing.assert_close(got_grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- sequence log-probs
+SEQUENCE_WEIGHTS = torch.tensor([0.5, -1.0, 2.0])  # a different incoming gradient per sequence, as dpo/kto give
+
+
+def plain_sequence_logps(model, rows):
+    """Plain transformers (+ PEFT): log_softmax of the model's own logits on padded rows, gathered at the labels
+    and summed per sequence."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])[:, 1:]
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
+    return (logps * (labels != IGNORE)).sum(1)
+
+
+def phi2_config():
+    """Phi-2 (not claimed): lm_head bias, partial rotary, parallel blocks."""
+    from transformers import PhiConfig
+
+    return PhiConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"})
+
+
+SEQUENCE_CASES = {
+    **{name: (name, "all-linear") for name in family_configs()},
+    "phi2-fallback": ("phi2", "all-linear"),
+    "lora-on-lm_head": ("mistral-sliding", ["q_proj", "v_proj", "lm_head"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQUENCE_CASES))
+def test_sequence_logps_equal_the_models_own_logits_and_gradients(case):
+    """dpo/kto's sequence log-probs (policy and reference) go through the model's own head: its bias, logit scale
+    and soft-cap on the fast path, the model's own forward on the fallback (Phi-2, an adapter on lm_head)."""
+    name, targets = SEQUENCE_CASES[case]
+    model = lora_model(phi2_config() if name == "phi2" else family_configs()[name], target_modules=targets)
+    rows = examples()
+    model.zero_grad()
+    expected = plain_sequence_logps(model, rows)
+    (expected * SEQUENCE_WEIGHTS).sum().backward()
+    expected_grads = lora_grads(model)
+    assert (case == "lora-on-lm_head") == any("lm_head" in n for n in expected_grads)
+
+    packing = use_plan(model, packing=True, log=lambda *_: None)
+    assert packing == (case in family_configs())
+    model.zero_grad()
+    logps, counts = sequence_logps(model, pack(rows) if packing else pad(rows, pad_id=0), len(rows), chunk_tokens=7)
+    (logps * SEQUENCE_WEIGHTS).sum().backward()
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == [sum(label != IGNORE for label in labels[1:]) for _, labels in rows]
+    assert_same(logps.sum(), lora_grads(model), expected.sum(), expected_grads)
+
+
+@pytest.mark.parametrize("case", ["gemma2-softcaps", "cohere-logit-scale", "phi2-fallback", "lora-on-lm_head"])
+def test_cached_reference_logps_equal_the_plain_base_models(case):
+    """dpo's reference (train/reference.py: the LoRA model with its adapter disabled) scores like plain
+    transformers' base model, head included."""
+    from tunelab.train.objectives import PairRow
+    from tunelab.train.reference import reference_logps
+
+    name, targets = SEQUENCE_CASES[case]
+    config = lambda: phi2_config() if name == "phi2" else family_configs()[name]  # noqa: E731
+    model = lora_model(config(), target_modules=targets)
+    sequences = examples(seed=1, lengths=(9, 17, 12, 14))
+    with torch.no_grad():
+        expected = plain_sequence_logps(base_model(config()), sequences)
+    packing = use_plan(model, packing=True, log=lambda *_: None)
+    pairs = [PairRow(sequences[0], sequences[1]), PairRow(sequences[2], sequences[3])]
+    got = reference_logps(model, pairs, 3, packing, 0, None, torch.device("cpu"), chunk_tokens=7)
+    torch.testing.assert_close(got.flatten(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- fallback
 def test_unknown_family_falls_back_to_the_models_own_forward_on_padded_rows():
-    from transformers import PhiConfig  # Phi-2: lm_head bias, partial rotary, parallel blocks; not claimed
-
-    model = lora_model(
-        PhiConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            pad_token_id=0,
-        )
-    )
+    model = lora_model(phi2_config())
     plan = plan_for(model)
     assert not plan.fast and "phi" in plan.reason
     lines = []
@@ -245,13 +317,12 @@ def test_tunelab_train_cli_step(tmp_path, name, expected):
     import json
 
     import yaml
-    from transformers import PhiConfig
     from typer.testing import CliRunner
 
     from tests.helpers import conversations_file
     from tunelab.cli import app
 
-    configs = {**family_configs(), "phi2": PhiConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"})}
+    configs = {**family_configs(), "phi2": phi2_config()}
     cfg = {
         "data": {
             "sources": [{"path": str(conversations_file(tmp_path, n=24))}],

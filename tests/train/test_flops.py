@@ -130,3 +130,15 @@ def test_a_cached_peak_without_its_load_average_is_measured_again(tmp_path, monk
     monkeypatch.setattr(peak, "_load_average", lambda: 3.0)
     assert peak.matmul_peak(torch.float32, threads=2) == {"gflops": 150.0, "shapes": {}, "load_avg": 3.0}
     assert json.loads((tmp_path / "matmul_peak.json").read_text())[key]["load_avg"] == 3.0
+
+
+def test_matmul_peak_measurement_leaves_out_shapes_that_would_overrun_its_budget():
+    """A precision without native kernels (fp16 on a CPU without avx512_fp16 runs at ~0.6 GFLOP/s) must not spend
+    minutes on 2048^3 products before training starts: after the probe shape, a shape whose single run would take
+    longer than the whole budget at the rate seen so far is not run. With a budget of a microsecond only the probe
+    runs (the next shape is 1.4 GFLOP)."""
+    from tunelab.train.matmul_peak import SHAPES, measure
+
+    result = measure(torch.float32, threads=1, seconds=1e-6)
+    m, k, n = SHAPES[0]
+    assert list(result["shapes"]) == [f"{m}x{k}x{n}"] and result["gflops"] == result["shapes"][f"{m}x{k}x{n}"] > 0

@@ -97,21 +97,61 @@ def test_unfusable_layers_and_disabled_adapters_keep_peft_forward():
 
 
 def test_frozen_input_gets_no_gradient_work():
-    """The first layer reads the frozen embedding: no input gradient is asked for, and none is computed."""
-    x = torch.randn(4, 5)
-    a, b = torch.randn(2, 5, requires_grad=True), torch.randn(3, 2, requires_grad=True)
-    LoraLinearFunction.apply(x, torch.randn(3, 5), None, a, b, 2.0).sum().backward()
+    """The first layer reads the frozen embedding: no input gradient is asked for, and none is computed. The backward
+    does the adapter's three thin matmuls and nothing with the [out, in] base weight: counted by torch's FLOP
+    counter against the hand count (2 FLOPs per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokens, d_in, d_out, r = 4, 5, 3, 2
+    x = torch.randn(tokens, d_in)
+    a, b = torch.randn(r, d_in, requires_grad=True), torch.randn(d_out, r, requires_grad=True)
+    loss = LoraLinearFunction.apply(x, torch.randn(d_out, d_in), None, a, b, 2.0).sum()
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    grad_xa, grad_a, grad_b = tokens * d_out * r, r * tokens * d_in, d_out * tokens * r
+    assert counter.get_total_flops() == 2 * (grad_xa + grad_a + grad_b)
     assert a.grad is not None and b.grad is not None and x.grad is None
 
 
 @pytest.mark.parametrize("patched", [False, True])
-def test_lora_layers_stay_peft_modules(patched):
-    """Saving, merging and loading see PEFT's own modules and parameters either way."""
-    model = lora_model()
+def test_lora_layers_stay_peft_modules(patched, tmp_path):
+    """Saving, merging and loading see PEFT's own modules and parameters either way: after a training step the
+    fused model saves the adapter plain PEFT saves, that adapter loads into plain PEFT with the same outputs, and
+    merging (in place, and into a plain transformers model) gives plain PEFT's outputs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    reference, model = lora_model(), lora_model()
     if patched:
-        fuse_lora_linears(model)
+        assert fuse_lora_linears(model) == 2 * 7
     names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert names == sorted(n for n, p in lora_model().named_parameters() if p.requires_grad)
+    assert names == sorted(n for n, p in reference.named_parameters() if p.requires_grad)
+    for m in (reference, model):  # one step, so what is saved is what the (fused) backward trained
+        loss_and_adapter_grads(m, ids)
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5).step()
+        m.eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        assert not torch.allclose(expected, build_tiny_llama()(input_ids=ids).logits, atol=1e-3)
+
+        reference.save_pretrained(tmp_path / "plain")
+        model.save_pretrained(tmp_path / "fused")
+        plain, fused = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "fused"))
+        assert plain.keys() == fused.keys() and len(plain) == 2 * 2 * 7
+        for key in plain:
+            torch.testing.assert_close(fused[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
+
+        loaded = PeftModel.from_pretrained(build_tiny_llama(), tmp_path / "fused")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        merged = model.merge_and_unload()
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_swiglu_matches_autograd():

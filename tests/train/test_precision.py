@@ -80,8 +80,9 @@ def test_precision_field_accepts_fp16():
     assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
 
 
-def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False):
-    """The real loop in fp16 (GradScaler on; CPU autocast supports fp16) on a tiny Llama with LoRA."""
+def _fp16_run(run_dir, max_steps=6, save_steps=6, resume=False):
+    """The real loop in fp16 (GradScaler on; CPU autocast supports fp16) on a one-layer Llama with LoRA, small
+    enough that a CPU without native fp16 kernels (~0.6 GFLOP/s) runs a step in a fraction of a second."""
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -93,36 +94,36 @@ def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
     )
     model = LlamaForCausalLM(config).to(torch.float16)  # frozen base stored in the compute dtype, as the recipe does
     model.config._attn_implementation = register()
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     g = torch.Generator().manual_seed(0)
     rows = []
-    for _ in range(16):
-        prompt = torch.randint(3, 128, (8,), generator=g).tolist()
-        answer = [(t * 7) % 120 + 130 for t in prompt]
-        rows.append((prompt + answer, [IGNORE] * 8 + answer))
+    for _ in range(10):
+        prompt = torch.randint(3, 32, (6,), generator=g).tolist()
+        answer = [(t * 7) % 30 + 33 for t in prompt]
+        rows.append((prompt + answer, [IGNORE] * 6 + answer))
     cfg = TrainConfig(
         output_dir=str(run_dir),
         max_steps=max_steps,
         batch_size=4,
-        lr=1e-2,
+        lr=2e-2,
         warmup_steps=0,
         save_steps=save_steps,
         eval_steps=max_steps,
     )
     result = train_lora(
         model,
-        rows[:12],
-        rows[12:],
+        rows[:8],
+        rows[8:],
         cfg,
         EvalConfig(batch_size=4),
         run_dir,
@@ -155,11 +156,11 @@ def test_fp16_resume_continues_the_loss_scale(tmp_path):
     def final_state(run_dir):
         return json.loads((list_checkpoints(run_dir)[0] / "state.json").read_text())
 
-    _, straight = _fp16_run(tmp_path / "straight", max_steps=8, save_steps=4)
-    _fp16_run(tmp_path / "resumed", max_steps=8, save_steps=4)
-    shutil.rmtree(list_checkpoints(tmp_path / "resumed")[0])  # killed after step 4: step 8 was never written
-    result, resumed = _fp16_run(tmp_path / "resumed", max_steps=8, save_steps=4, resume=True)
-    assert result.resumed_from == 4
+    _, straight = _fp16_run(tmp_path / "straight", max_steps=4, save_steps=2)
+    _fp16_run(tmp_path / "resumed", max_steps=4, save_steps=2)
+    shutil.rmtree(list_checkpoints(tmp_path / "resumed")[0])  # killed after step 2: step 4 was never written
+    result, resumed = _fp16_run(tmp_path / "resumed", max_steps=4, save_steps=2, resume=True)
+    assert result.resumed_from == 2
     scale = final_state(tmp_path / "straight")["grad_scaler"]
     assert scale["scale"] > 1 and scale["_growth_tracker"] > 0  # a real fp16 scaler state, not the disabled {}
     assert final_state(tmp_path / "resumed")["grad_scaler"] == scale

@@ -151,7 +151,7 @@ def test_sequence_logps_gradient_equals_autograd_through_full_logits(tiny_model)
     hidden_ours = tiny_model.model(**batch.model_kwargs()).last_hidden_state.detach().requires_grad_()
     hidden_ref = hidden_ours.detach().clone().requires_grad_()
 
-    from tunelab.train.preference import LinearTokenLogProbs
+    from tunelab.train.loss import LinearTokenLogProbs
 
     keep = batch.targets != IGNORE_INDEX
     owner = torch.arange(3)[:, None].expand_as(keep)[keep]

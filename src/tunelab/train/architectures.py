@@ -8,7 +8,7 @@ and soft-capping to the packed attention, and `Head` carries what the model's ow
 logits after `lm_head` (Gemma-2/3 final soft-capping, Cohere/Granite logit scaling; an `lm_head` bias is
 read from the module itself). Everything else — an unknown `model_type`, an attention kind tunelab does
 not implement, an `lm_head` wrapped by PEFT (a LoRA adapter or modules_to_save on it) — takes the
-fallback: the model's own forward and loss with `labels`, one padded row per conversation (no packing).
+fallback: the model's own forward and logits, one padded row per conversation (no packing).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Assistant-only loss without full-vocabulary logits.
+"""Log-probabilities of the labelled tokens under the model's own head, without full-vocabulary logits.
 
-The LM head (49k x 576 for SmolLM2) makes logits the largest tensor in the step, yet only assistant
-positions carry labels. `masked_lm_loss` runs the decoder, keeps the hidden states at labelled positions,
-and `LinearCrossEntropy` computes the LM head + cross-entropy for them chunk by chunk. The LM head is
-frozen in LoRA training, so the backward pass needs only d(loss)/d(hidden): it is computed in the same
-chunked forward pass and stored ([n, hidden], tiny), so no logits are kept and none are recomputed.
+The LM head (49k x 576 for SmolLM2) makes logits the largest tensor in the step, yet only labelled positions
+(assistant tokens for sft, completions for dpo/kto) are scored. `label_logps` runs the decoder, keeps the hidden
+states at labelled positions, and `LinearTokenLogProbs` computes the LM head + log-softmax for them chunk by chunk.
+Every objective is built on it: the sft loss (`masked_lm_loss`) is the negated sum of these log-probs, dpo/kto
+(tunelab.train.preference) sum them per sequence, for the policy and for the cached reference alike.
 
 The head reproduces the model's own (tunelab.train.architectures.Head): lm_head bias, logit scaling,
-final soft-capping. Models tunelab does not reproduce take `model_forward_loss`: the model's own forward
-and loss with `labels`, on padded rows.
+final soft-capping. Models on the fallback (`plan_for`: an unknown family, an attention kind tunelab does not
+implement, an adapter on lm_head) take `model_forward_logps`: the model's own forward and logits, on padded rows.
 """
 
 from __future__ import annotations
@@ -16,17 +16,54 @@ from __future__ import annotations
 import torch
 
 from tunelab.data.masking import IGNORE_INDEX
-from tunelab.train.architectures import Head, causal_lm, plan_for
+from tunelab.train.architectures import causal_lm, plan_for
 from tunelab.train.batching import Batch
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(head(hidden_i), target_i), chunked; gradients computed in the forward pass.
+def head_chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+    with_gradient: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-prob of each target [c] fp32, d(log-prob)/d(hidden @ weight.T + bias) [c, vocab] fp32 or None) for
+    one chunk of rows. One fp32 [c, vocab] buffer, reused in place: logits -> exp -> softmax -> gradient."""
+    logits = (hidden @ weight.T).float()
+    if bias is not None:
+        logits += bias.float()
+    if scale != 1.0:
+        logits *= scale
+    if softcap is not None:
+        capped = logits.div_(softcap).tanh_()  # kept: d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
+        logits = capped * softcap
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    top = logits.amax(dim=1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    norm = probs.sum(dim=1, keepdim=True)
+    logps = target_logit - top.squeeze(1) - norm.log().squeeze(1)
+    if not with_gradient:
+        return logps, None
+    grad = probs.div_(norm).neg_()
+    grad[torch.arange(targets.shape[0], device=targets.device), targets] += 1.0
+    if softcap is not None:
+        grad.mul_(1.0 - capped.square_())
+    if scale != 1.0:
+        grad.mul_(scale)
+    return logps, grad
+
+
+class LinearTokenLogProbs(torch.autograd.Function):
+    """log softmax(head(hidden_i))[target_i] for every row i: [n] fp32, computed chunk by chunk.
 
     head(h) = softcap * tanh(z / softcap) with z = scale * (h @ weight.T + bias) (no tanh when softcap is None),
-    which is what the supported families' forwards compute (tunelab.train.architectures.Head). The LM head is
-    frozen in LoRA training, so usually only d(loss)/d(hidden) is needed; d/d(weight) and d/d(bias) are
-    accumulated only when they require grad (a model trained with its lm_head).
+    which is what the supported families' forwards compute (tunelab.train.architectures.Head). Each output depends
+    on its own hidden row only, so d(out_i)/d(hidden_i) is computed in the same chunked pass and kept ([n, hidden],
+    small): no logits are kept, and none are recomputed for the decoder's gradient. The LM head is frozen in LoRA
+    training; when it is not (a model trained with its lm_head), d/d(weight) and d/d(bias), which mix every row's
+    incoming gradient, are computed in the backward by recomputing each chunk's logits.
     """
 
     @staticmethod
@@ -40,61 +77,45 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale: float = 1.0,
         softcap: float | None = None,
     ):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = (
-            torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[4] else None
-        )
-        wants_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        jacobian = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         weight_in_dtype = weight.to(hidden.dtype)  # no-op when the frozen LM head is already in the compute dtype
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
-            t = targets[start : start + chunk]
-            # One fp32 [chunk, vocab] buffer, reused in place: logits -> exp -> softmax -> d(loss)/d(logits).
-            logits = (h @ weight_in_dtype.T).float()
-            if bias is not None:
-                logits += bias.float()
-            if scale != 1.0:
-                logits *= scale
-            if softcap is not None:
-                capped = logits.div_(softcap).tanh_()  # kept: d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
-                logits = capped * softcap
-            target_logit = logits.gather(1, t[:, None])
-            top = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(top).exp_()
-            norm = probs.sum(dim=1, keepdim=True)
-            total += (norm.log() + top - target_logit).sum()
-            if wants_grad:
-                probs.div_(norm)
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                if softcap is not None:
-                    probs.mul_(1.0 - capped.square_())
-                if scale != 1.0:
-                    probs.mul_(scale)  # now d(loss)/d(h @ weight.T + bias)
-                if grad_hidden is not None:
-                    grad_hidden[start : start + chunk] = probs.to(h.dtype) @ weight_in_dtype
-                if grad_weight is not None:
-                    grad_weight += probs.T @ h.float()
-                if grad_bias is not None:
-                    grad_bias += probs.sum(dim=0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total
+            logps, grad = head_chunk(
+                h, weight_in_dtype, targets[start : start + chunk], bias, scale, softcap, jacobian is not None
+            )
+            out[start : start + chunk] = logps
+            if jacobian is not None:
+                jacobian[start : start + chunk] = grad.to(h.dtype) @ weight_in_dtype
+        head_grads = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[4])
+        ctx.save_for_backward(jacobian, *((hidden, weight, targets, bias) if head_grads else ()))
+        ctx.head = (chunk, scale, softcap)
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scaled = lambda g, dtype: None if g is None else (g * grad_output.to(g.dtype)).to(dtype)  # noqa: E731
-        return (
-            scaled(grad_hidden, None if grad_hidden is None else grad_hidden.dtype),
-            scaled(grad_weight, ctx.dtypes[0]),
-            None,
-            None,
-            scaled(grad_bias, ctx.dtypes[1]),
-            None,
-            None,
-        )
+        jacobian, *head_inputs = ctx.saved_tensors
+        grad_hidden = None if jacobian is None else jacobian * grad_output[:, None].to(jacobian.dtype)
+        grad_weight = grad_bias = None
+        if head_inputs:
+            hidden, weight, targets, bias = head_inputs
+            chunk, scale, softcap = ctx.head
+            weight_in_dtype = weight.to(hidden.dtype)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk]
+                _, grad = head_chunk(
+                    h, weight_in_dtype, targets[start : start + chunk], bias, scale, softcap, with_gradient=True
+                )
+                grad.mul_(grad_output[start : start + chunk, None].float())
+                grad_weight += grad.T @ h.float()
+                if grad_bias is not None:
+                    grad_bias += grad.sum(dim=0)
+            grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None and ctx.needs_input_grad[4] else None
+        return grad_hidden, grad_weight, None, None, grad_bias, None, None
 
 
 def split_causal_lm(model):
@@ -103,37 +124,36 @@ def split_causal_lm(model):
     return inner.model, inner.lm_head
 
 
-def masked_lm_loss(model, batch: Batch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
-    """(sum of assistant-token cross-entropies, number of assistant tokens) for one micro-batch."""
+def label_logps(model, batch: Batch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of every labelled target [n] fp32, the [rows, T] mask of where they are) for one micro-batch,
+    under the model's own head: tunelab's chunked head on the fast path, the model's own forward otherwise."""
+    keep = batch.targets != IGNORE_INDEX
     plan = plan_for(model)
     if not plan.fast:
-        return model_forward_loss(model, batch)
+        return model_forward_logps(model, batch, keep), keep
     decoder, lm_head = split_causal_lm(model)
     hidden = decoder(**batch.model_kwargs()).last_hidden_state
-    keep = batch.targets != IGNORE_INDEX
-    selected = hidden[keep]
-    targets = batch.targets[keep]
-    if targets.numel() == 0:
-        return hidden.sum() * 0.0, 0
-    head: Head = plan.head
-    loss = LinearCrossEntropy.apply(
-        selected, lm_head.weight, targets, chunk_tokens, lm_head.bias, head.scale, head.softcap
+    head = plan.head
+    logps = LinearTokenLogProbs.apply(
+        hidden[keep], lm_head.weight, batch.targets[keep], chunk_tokens, lm_head.bias, head.scale, head.softcap
     )
-    return loss, int(targets.numel())
+    return logps, keep
 
 
-def model_forward_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
-    """The fallback: the model's own forward and loss with `labels` (one padded row per conversation)."""
+def model_forward_logps(model, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
+    """The fallback: log-softmax of the model's own logits at the labelled positions (one padded row per
+    conversation). The model's forward materialises its full logits; only the labelled rows go further."""
     if batch.segments is not None:
         raise ValueError("a packed batch for a model on the fallback path (see tunelab.train.architectures)")
-    n = batch.num_targets
-    # HF shifts labels left by one inside its loss; our targets are already shifted (and end in IGNORE_INDEX).
-    labels = torch.cat([torch.full_like(batch.targets[:, :1], IGNORE_INDEX), batch.targets[:, :-1]], dim=1)
-    if n == 0:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return logits.sum() * 0.0, 0
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels)
-    return out.loss.float() * n, n  # the model's loss is the mean over labelled tokens
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    selected = logits[keep].float()
+    return selected.gather(1, batch.targets[keep][:, None]).squeeze(1) - selected.logsumexp(dim=1)
+
+
+def masked_lm_loss(model, batch: Batch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
+    """(sum of assistant-token cross-entropies, number of assistant tokens) for one micro-batch."""
+    logps, _ = label_logps(model, batch, chunk_tokens)
+    return (-logps).sum(), int(logps.numel())
 
 
 class AssistantLoss(torch.nn.Module):

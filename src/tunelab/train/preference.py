@@ -11,9 +11,9 @@ tests/train/test_preference.py on the same inputs:
   kl = max(0, mean over the batch of log pi(y'|x) - log ref(y'|x)) on *mismatched* pairs (each prompt with
   another row's completion), without gradient.
 
-Sequence log-probabilities are summed over label positions only: the decoder runs once, its hidden states
-are kept at the labelled positions and the LM head + log-softmax run over them chunk by chunk (as
-train/loss.py does for SFT), so full-vocabulary logits never exist for the whole batch.
+Sequence log-probabilities are the per-token log-probs of tunelab.train.loss.label_logps (the same kernel and
+the same model head as the sft loss: bias, logit scaling, soft-capping, the model's own forward on the fallback)
+summed over each sequence's label positions, so full-vocabulary logits never exist for the whole batch.
 """
 
 from __future__ import annotations
@@ -21,45 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.batching import Batch
-from tunelab.train.loss import split_causal_lm
+from tunelab.train.loss import label_logps
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-
-
-class LinearTokenLogProbs(torch.autograd.Function):
-    """log softmax(hidden_i @ weight.T)[target_i] for every row i, chunked; gradient only w.r.t. hidden.
-
-    Each output depends on its own hidden row only, so d(out_i)/d(hidden_i) = weight[target_i] - softmax_i @ weight
-    is computed in the same chunked pass and kept ([n, hidden], small): no logits are stored or recomputed.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        jacobian = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        weight = weight.to(hidden.dtype)
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]
-            t = targets[start : start + chunk]
-            logits = (h @ weight.T).float()
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            top = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(top).exp_()
-            norm = probs.sum(dim=1, keepdim=True)
-            out[start : start + chunk] = target_logit - top.squeeze(1) - norm.log().squeeze(1)
-            if jacobian is not None:
-                probs.div_(norm).neg_()
-                probs[torch.arange(t.shape[0], device=t.device), t] += 1.0
-                jacobian[start : start + chunk] = probs.to(h.dtype) @ weight
-        ctx.save_for_backward(jacobian)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (jacobian,) = ctx.saved_tensors
-        return jacobian * grad_output[:, None].to(jacobian.dtype), None, None, None
 
 
 def sequence_ids(batch: Batch) -> torch.Tensor:
@@ -77,17 +42,12 @@ def sequence_logps(
     model, batch: Batch, num_sequences: int, chunk_tokens: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of label-token log-probs, number of label tokens) per sequence of `batch`, each [num_sequences]."""
-    decoder, lm_head = split_causal_lm(model)
-    hidden = decoder(**batch.model_kwargs()).last_hidden_state
-    keep = batch.targets != IGNORE_INDEX
+    logps, keep = label_logps(model, batch, chunk_tokens)
     owner = sequence_ids(batch).expand_as(keep)[keep]
-    token_logps = LinearTokenLogProbs.apply(hidden[keep], lm_head.weight, batch.targets[keep], chunk_tokens)
-    sums = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device).index_add(0, owner, token_logps)
-    counts = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
+    sums = torch.zeros(num_sequences, dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=logps.device).index_add(
         0, owner, torch.ones_like(owner)
     )
-    if token_logps.numel() == 0:
-        sums = sums + hidden.sum() * 0.0  # keeps the graph connected so backward still runs
     return sums, counts
 
 

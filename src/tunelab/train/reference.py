@@ -23,7 +23,7 @@ from tunelab.train.objectives import PairRow, ThumbRow
 from tunelab.train.precision import Precision
 from tunelab.train.preference import sequence_logps
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # raised whenever the way log-probs are computed changes, so older caches are recomputed
 
 
 def sequences_of(row: PairRow | ThumbRow) -> list:
