@@ -90,6 +90,7 @@ def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False):
     from tunelab.data.masking import IGNORE_INDEX as IGNORE
     from tunelab.train.loop import train_lora
     from tunelab.train.packed_attention import register
+    from tunelab.train.recipe import layer_surgery
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -119,6 +120,7 @@ def _fp16_run(run_dir, max_steps=10, save_steps=10, resume=False):
         save_steps=save_steps,
         eval_steps=max_steps,
     )
+    layer_surgery(model, cfg)  # as the recipe prepares the model
     result = train_lora(
         model,
         rows[:12],

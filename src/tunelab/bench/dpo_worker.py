@@ -89,7 +89,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
     from tunelab.models import load_tokenizer
     from tunelab.train.loop import train_lora
     from tunelab.train.precision import Precision
-    from tunelab.train.recipe import build_lora_model
+    from tunelab.train.recipe import build_lora_model, layer_surgery
     from tunelab.train.reference import reference_logps, store
 
     cfg = train_config(spec, workdir / "run")
@@ -116,6 +116,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path) -> 
         cpu_marks.append(time.process_time())
         token_marks.append(record["tokens"])
 
+    layer_surgery(model, cfg.train)  # as the recipe does: fused or compiled layers
     result = train_lora(
         model,
         train_rows,

@@ -74,7 +74,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, sid
     from tunelab.models import load_tokenizer
     from tunelab.train.loop import train_lora
     from tunelab.train.precision import Precision
-    from tunelab.train.recipe import build_lora_model
+    from tunelab.train.recipe import build_lora_model, layer_surgery
 
     cfg = Config.model_validate(
         {
@@ -110,6 +110,7 @@ def run_tunelab(spec: dict, train_rows: list, val_rows: list, workdir: Path, sid
         cpu_marks.append(time.process_time())
         token_marks.append(record["tokens"])
 
+    layer_surgery(model, cfg.train)  # as the recipe does: fused or compiled layers
     result = train_lora(
         model,
         train_rows,
