@@ -108,12 +108,12 @@ def starting_progress(
     else:
         log(f"resuming from {ckpt} (step {step} of {max_steps})")
     return RunProgress(
-        step,
-        state["tokens_seen"],
-        state["train_seconds"],
-        state.get("train_loss"),
-        state.get("val_loss"),
-        state.get("val_metrics", {}),
+        step=step,
+        tokens_seen=state["tokens_seen"],
+        train_seconds=state["train_seconds"],
+        train_loss=state.get("train_loss"),
+        val_loss=state.get("val_loss"),
+        val_metrics=state.get("val_metrics", {}),
         resumed_from=step,
     )
 
