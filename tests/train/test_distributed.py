@@ -146,5 +146,8 @@ def test_fsdp_matches_single_process_writes_checkpoints_once_and_resumes(inputs,
     assert steps == sorted(set(steps)) and steps[-1] == 4  # one line per step, none doubled by a second writer
 
     assert_same_adapter(adapter(one), adapter(two))
+    # the held-out loss under FSDP runs through the wrapped loss module (the one heldout_loss), on every process
+    val_one, val_two = (json.loads((run / "summary.json").read_text())["final_val_loss"] for run in (one, two))
+    assert abs(val_one - val_two) <= 1e-4 * abs(val_one)
     checkpoint = load_file(str(root / "step-000004" / "adapter" / "adapter_model.safetensors"))
     assert_same_adapter(checkpoint, adapter(two))

@@ -46,8 +46,8 @@ def test_export_and_eval_share_the_function():
 
     from tunelab.eval import evaluate
     from tunelab.export import merge
-    from tunelab.train import loop
+    from tunelab.train import objectives
 
-    for module in (evaluate, merge, loop):
+    for module in (evaluate, merge, objectives):
         assert "heldout_loss(" in inspect.getsource(module), module.__name__
         assert "cross_entropy" not in inspect.getsource(module), module.__name__

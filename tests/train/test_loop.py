@@ -17,6 +17,7 @@ from tunelab.train.checkpoint import latest_valid_checkpoint, list_checkpoints
 from tunelab.train.loop import train_lora
 from tunelab.train.packed_attention import register
 from tunelab.train.precision import Precision
+from tunelab.train.recipe import layer_surgery
 
 FP32 = Precision("fp32", "test")
 
@@ -41,12 +42,15 @@ def tiny_lora_model(packing=True):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
 
 
-def run(tmp_path, max_steps, resume=True, packing=True, **overrides):
+def run(tmp_path, max_steps, resume=True, packing=True, model=None, **overrides):
+    """The loop on a model prepared as the recipe prepares it (`layer_surgery`: fused layers by default)."""
     settings = dict(batch_size=2, grad_accum=2, lr=5e-3, warmup_steps=1, save_steps=2, save_total_limit=2, eval_steps=4)
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=max_steps, packing=packing, **{**settings, **overrides})
     rows = make_rows()
+    model = model if model is not None else tiny_lora_model(packing)
+    layer_surgery(model, cfg)
     return train_lora(
-        tiny_lora_model(packing),
+        model,
         rows[:20],
         rows[20:],
         cfg,
@@ -180,14 +184,35 @@ def test_releasing_memory_changes_no_numbers(tmp_path):
     assert file(tmp_path / "kept") == file(tmp_path / "released")
 
 
-def test_fused_layers_train_as_peft_and_transformers_layers(tmp_path, monkeypatch):
-    """Four optimizer steps through the fused layers (LoRA, RMSNorm, SwiGLU) end where the modules' own end."""
-    import tunelab.train.loop as loop
+def lora_forwards_patched(model) -> list[bool]:
+    """For each PEFT LoRA Linear: whether its forward was replaced on the instance (fused_layers.fuse_lora_linears)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
-    run(tmp_path / "fused", max_steps=4)
-    monkeypatch.setattr(loop, "fuse_decoder_layers", lambda model: {})
-    run(tmp_path / "peft", max_steps=4)
+    return [("forward" in vars(m)) for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def test_fused_layers_off_keeps_peft_modules_and_trains_to_the_same_losses(tmp_path):
+    """`train.fused_layers: false` leaves PEFT's LoRA modules (and transformers' norms and MLPs) as built, and four
+    optimizer steps end where the fused layers (LoRA, RMSNorm, SwiGLU) end: the same losses and adapter."""
+    fused_model, plain_model = tiny_lora_model(), tiny_lora_model()
+    fused, _ = run(tmp_path / "fused", max_steps=4, model=fused_model)
+    plain, _ = run(tmp_path / "peft", max_steps=4, model=plain_model, fused_layers=False)
+    assert set(lora_forwards_patched(fused_model)) == {True} and len(lora_forwards_patched(fused_model)) == 14
+    assert set(lora_forwards_patched(plain_model)) == {False}
+    norms_and_mlps = [m for m in plain_model.modules() if type(m).__name__ in ("LlamaRMSNorm", "LlamaMLP")]
+    assert norms_and_mlps and not any("forward" in vars(m) for m in norms_and_mlps)
+    losses = lambda result: [h["loss"] for h in result.history if "loss" in h]  # noqa: E731
+    assert len(losses(fused)) == 4
+    torch.testing.assert_close(losses(fused), losses(plain), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.final_val_loss, plain.final_val_loss, rtol=1e-5, atol=1e-6)
     a, b = adapter_weights(tmp_path / "fused"), adapter_weights(tmp_path / "peft")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_takes_precedence_over_fused_layers():
+    """`train.compile` leaves the fused functions out: inductor fuses the compiled layers itself."""
+    model = tiny_lora_model()
+    assert layer_surgery(model, TrainConfig(compile=True, fused_layers=True)) == "compiled"
+    assert set(lora_forwards_patched(model)) == {False}

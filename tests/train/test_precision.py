@@ -91,6 +91,7 @@ def _fp16_run(run_dir, max_steps=6, save_steps=6, resume=False):
     from tunelab.data.masking import IGNORE_INDEX as IGNORE
     from tunelab.train.loop import train_lora
     from tunelab.train.packed_attention import register
+    from tunelab.train.recipe import layer_surgery
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -120,6 +121,7 @@ def _fp16_run(run_dir, max_steps=6, save_steps=6, resume=False):
         save_steps=save_steps,
         eval_steps=max_steps,
     )
+    layer_surgery(model, cfg)  # as the recipe prepares the model
     result = train_lora(
         model,
         rows[:8],

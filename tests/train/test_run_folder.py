@@ -23,7 +23,9 @@ def test_resume_safe_keys_come_from_the_fields():
     assert not {"lr", "batch_size", "seed", "grad_accum", "max_steps"} & marked  # these change the maths
 
 
-@pytest.mark.parametrize("override", ["train.save_steps=7", "train.threads=1", "train.loss_chunk_tokens=64"])
+@pytest.mark.parametrize(
+    "override", ["train.save_steps=7", "train.threads=1", "train.loss_chunk_tokens=64", "train.fused_layers=false"]
+)
 def test_a_resume_safe_change_is_accepted(tmp_path, override):
     assert resumed_with(tmp_path, override) == tmp_path / "run"
 

@@ -148,7 +148,7 @@ def run_tunelab(cfg: Config, train_rows: list, val_rows: list, workdir: Path, si
     from tunelab.models import load_tokenizer
     from tunelab.train.loop import train_lora
     from tunelab.train.precision import Precision
-    from tunelab.train.recipe import build_lora_model
+    from tunelab.train.recipe import build_lora_model, layer_surgery
 
     run_dir = workdir / "run"
     train_cfg = cfg.train.model_copy(update={"output_dir": str(run_dir), **TUNELAB_CONFIGS[side]})
@@ -166,6 +166,7 @@ def run_tunelab(cfg: Config, train_rows: list, val_rows: list, workdir: Path, si
         for row, row_values in zip(train_rows, values.tolist()):
             store(row, row_values)
         extra["reference_seconds"] = time.perf_counter() - started
+    layer_surgery(model, train_cfg)  # as the recipe does: fused or compiled layers, after the reference pass
     timer = StepTimer()
     result = train_lora(
         model,

@@ -1,16 +1,24 @@
-"""Training on several processes (accelerate): DDP, and FSDP with the base sharded and the LoRA weights trained.
+"""Training on several processes (accelerate): the loop's distribution strategy, for one process, DDP or FSDP.
 
-Under FSDP the frozen base weights are sharded across processes (what makes a 3B+ model fit), while the LoRA
-modules are left out of FSDP (`ignored_modules`): every process holds the full, tiny adapter, so the optimizer,
-checkpoints and the final save work exactly as in one process. Their gradients are averaged here, once per
-optimizer step, as DDP would. Two things must not run through FSDP's own hooks:
-- evaluation calls the FSDP-wrapped loss module (the root gathers the shards it needs), not the bare model;
-- saving takes the adapter from the LoRA parameters alone: `state_dict()` through FSDP wrappers gathers across
-  processes, and only the main process saves.
+`distribution_for(accelerator)` gives the loop one object that knows how the processes share the work: which
+rows of a micro-batch this process takes, when gradients are synchronised, how they are completed and clipped,
+how per-step figures are summed, how held-out figures are computed and what a checkpoint saves. The loop itself
+has no branch on the kind of run.
+
+- `DataParallel` (one process, or DDP): every process holds the whole model; accelerate's DDP wrapper all-reduces
+  the gradients in the backward of the step's last micro-batch (`no_sync` before).
+- `ShardedBase` (FSDP): the frozen base weights are sharded across processes (what makes a 3B+ model fit), while
+  the LoRA modules are left out of FSDP (`ignored_modules`): every process holds the full, tiny adapter, so the
+  optimizer, checkpoints and the final save work exactly as in one process. Their gradients are averaged here,
+  once per optimizer step, as DDP would. Two things must not run through FSDP's own hooks:
+  - evaluation calls the FSDP-wrapped loss module (the root gathers the shards it needs), not the bare model;
+  - saving takes the adapter from the LoRA parameters alone: `state_dict()` through FSDP wrappers gathers across
+    processes, and only the main process saves.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -60,22 +68,6 @@ def average_adapter_grads(params, world: int) -> None:
             p.grad.div_(world)
 
 
-@torch.no_grad()
-def fsdp_heldout_loss(loss_module, rows, batch_size: int, packing: bool, pad_id: int, precision, device) -> float:
-    """Mean assistant-token loss over `rows` through the FSDP-wrapped loss module (every process runs it)."""
-    from tunelab.train.batching import make_batch
-
-    loss_module.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = make_batch(rows[start : start + batch_size], packing, pad_id).to(device)
-        with precision.autocast(device.type):
-            total += float(loss_module(batch))
-        count += batch.num_targets
-    loss_module.train()
-    return total / max(count, 1)
-
-
 class AdapterSaver:
     """`save_pretrained(folder)` of a PEFT model whose layers are FSDP-wrapped: PEFT selects the adapter tensors
     from the LoRA parameters alone (no `state_dict()` call through FSDP, which gathers across processes) and
@@ -97,3 +89,98 @@ def _plain_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+class DataParallel:
+    """One process or DDP: the strategy object `train_lora` calls (see the module docstring)."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.loss_module = None
+
+    def check(self, train_cfg) -> None:
+        check_split(train_cfg.batch_size, self.world)
+
+    def prepare(self, loss_module, optimizer):
+        """(wrapped loss module, optimizer, the bare model on the device): the wrapper's hooks run around the loss
+        module's forward."""
+        self.loss_module, optimizer = self.accelerator.prepare(loss_module, optimizer)
+        return self.loss_module, optimizer, self.accelerator.unwrap_model(self.loss_module).model
+
+    def micro_batches(self, indices: list[int], batch_size: int) -> list[list[int]]:
+        """This process's share of each micro-batch of the step (rows rank, rank + world, ...): any batch size >=
+        world and any grad_accum give each process the same number of forward/backward passes."""
+        return [indices[i : i + batch_size][self.rank :: self.world] for i in range(0, len(indices), batch_size)]
+
+    def accumulating(self, last: bool):
+        """Around a micro-batch's forward: gradients are all-reduced once per optimizer step, with the last one."""
+        return nullcontext() if last else self.accelerator.no_sync(self.loss_module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def finish_gradients(self, optimizer, scaler, max_grad_norm: float | None) -> None:
+        """After the step's last backward: clip the gradient norm (fp16: of the unscaled gradients)."""
+        if max_grad_norm:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            self.accelerator.clip_grad_norm_(self.loss_module.parameters(), max_grad_norm)
+
+    def reduce(self, loss_sum: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+        """The step's summed loss and token count over all processes."""
+        if self.world == 1:
+            return loss_sum, tokens
+        packed = torch.stack([loss_sum.float(), torch.tensor(float(tokens), device=loss_sum.device)])
+        packed = self.accelerator.reduce(packed, reduction="sum")
+        return packed[0], int(packed[1].item())
+
+    def evaluate(self, objective, model, device) -> dict[str, float]:
+        """Held-out figures of the objective; every process holds the whole model."""
+        return objective.evaluate(model, device)
+
+    def saveable(self, model):
+        """What `save_checkpoint` and the final save call `save_pretrained` on."""
+        return model
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+class ShardedBase(DataParallel):
+    """FSDP with the base sharded and the LoRA modules whole on every process (see the module docstring)."""
+
+    def check(self, train_cfg) -> None:
+        super().check(train_cfg)
+        if train_cfg.objective != "sft":
+            raise UserError(
+                f"train.objective: {train_cfg.objective} is not supported under FSDP yet (use DDP or one process)"
+            )
+
+    def prepare(self, loss_module, optimizer):
+        shard_base_only(self.accelerator, loss_module, loss_module.model)
+        loss_module, optimizer, model = super().prepare(loss_module, optimizer)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        return loss_module, optimizer, model
+
+    def finish_gradients(self, optimizer, scaler, max_grad_norm: float | None) -> None:
+        average_adapter_grads(self.trainable, self.world)
+        if max_grad_norm:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)  # the adapter is whole (and equal) everywhere
+
+    def evaluate(self, objective, model, device) -> dict[str, float]:
+        """Through the wrapped loss module: only the root's forward gathers the sharded base."""
+        figures = objective.evaluate(model, device, loss_module=self.loss_module)
+        self.loss_module.train()
+        return figures
+
+    def saveable(self, model):
+        return AdapterSaver(model)
+
+
+def distribution_for(accelerator, train_cfg) -> DataParallel:
+    """The strategy for how this run was launched (accelerate decides: one process, DDP or FSDP), once it has
+    checked that `train_cfg` can run that way."""
+    strategy = ShardedBase(accelerator) if is_fsdp(accelerator) else DataParallel(accelerator)
+    strategy.check(train_cfg)
+    return strategy

@@ -3,10 +3,11 @@
 On a CPU the element-wise work around the matmuls is a large part of a LoRA step, and autograd runs it as many
 small nodes that each read and write a whole activation and keep one for the backward. Each function here computes
 what the module computes, keeps less, and writes its backward by hand; `fuse_decoder_layers` routes a model's
-modules through them. The loop uses them unless `train.compile` is on (inductor fuses on its own). Every function
-is tested equal to the module it replaces (tests/train/test_fused_layers.py). What they buy on SmolLM2-135M, 2-core
-AVX-512 CPU (docs/benchmarks.md, round four): ~12 % (fp32) / ~10 % (bf16) lower peak RSS; speed within +-2-3 %
-of the unfused step: in isolation each is 20-50 % faster than the modules' own, but the step is the matmuls'.
+modules through them. Training uses them when `train.fused_layers` is on (the default) and `train.compile` is off
+(inductor fuses on its own): the recipe decides (`recipe.layer_surgery`). Every function is tested equal to the
+module it replaces (tests/train/test_fused_layers.py). What they buy on SmolLM2-135M, 2-core AVX-512 CPU
+(docs/benchmarks.md, round four): ~12 % (fp32) / ~10 % (bf16) lower peak RSS; speed within +-2-3 % of the unfused
+step: in isolation each is 20-50 % faster than the modules' own, but the step is the matmuls'.
 
 - LoRA linear (`LoraLinearFunction`). PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate
   nodes: besides the base matmul and the two thin adapter matmuls it multiplies the adapter output by `scaling`

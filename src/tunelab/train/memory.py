@@ -68,3 +68,11 @@ def bound_onednn_primitive_cache(capacity: int = ONEDNN_PRIMITIVE_CACHE) -> None
     variable when it first builds a primitive, so this runs before training; a value the user set is kept.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
+def configure_allocator(release_memory: bool) -> None:
+    """The training loop's allocator settings, made before its first step: oneDNN's primitive cache bounded and,
+    with `train.release_memory`, freed tensors handed back to the OS."""
+    if release_memory:
+        return_freed_tensors_to_the_os()
+    bound_onednn_primitive_cache()

@@ -1,8 +1,11 @@
-"""What one training step optimises (`train.objective`): the loop asks its objective for three things.
+"""What one training step optimises (`train.objective`): the loop asks its objective for five things.
 
-    micro_batch(rows)  -> (inputs for the loss module, tokens in them)
-    step_weight(rows)  -> what the summed micro-batch losses of a step are divided by
-    evaluate(model)    -> held-out figures ({"val_loss": ..., ...}) for metrics.jsonl and summary.json
+    loss_module(model)                   -> the module whose forward gives a micro-batch's summed loss (DDP/FSDP
+                                            wrap it, so their hooks run around the forward)
+    step_weight(indices)                 -> what the summed micro-batch losses of a step are divided by
+    step_flops(shape, indices, weight)   -> the step's model FLOPs (train/flops.py), for MFU
+    micro_batch(indices, device)         -> (inputs for the loss module, tokens in them)
+    evaluate(model, device)              -> held-out figures ({"val_loss": ..., ...}) for metrics.jsonl and summary.json
 
 - sft: summed assistant-token cross-entropy / assistant tokens of the step (train/loss.py).
 - dpo: summed per-pair DPO loss / pairs in the step; a micro-batch of B pairs is one batch of 2B sequences
@@ -118,7 +121,8 @@ class SftObjective:
         batch = make_batch(rows, self.cfg.packing, self.pad_id).to(device)
         return batch, batch.num_tokens
 
-    def evaluate(self, model, device) -> dict[str, float]:
+    def evaluate(self, model, device, loss_module: torch.nn.Module | None = None) -> dict[str, float]:
+        """Held-out loss and perplexity; `loss_module`: the wrapped one under FSDP (see heldout_loss)."""
         loss = heldout_loss(
             model,
             self.val_rows,
@@ -128,6 +132,7 @@ class SftObjective:
             self.precision,
             device,
             self.cfg.loss_chunk_tokens,
+            loss_module,
         )
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 

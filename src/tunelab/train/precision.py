@@ -45,19 +45,6 @@ class Precision:
         """Dynamic loss scaling for fp16; a pass-through (scale/unscale/step do nothing extra) otherwise."""
         return torch.amp.GradScaler(device_type, enabled=self.needs_loss_scaling)
 
-    def skip_adapter_input_casts(self, model) -> None:
-        """bf16/fp16: stop PEFT casting each LoRA layer's half-precision input to fp32 (the adapter weights' dtype).
-
-        Under autocast that cast is undone at once (the LoRA matmul runs in half precision anyway), but it costs
-        a copy per adapted layer per step, and autograd keeps that copy: 7 extra activations per decoder layer.
-        Call only for models that always run under `self.autocast` (the training loop and its evaluation do).
-        """
-        if self.name == "fp32":
-            return
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = False
-
 
 def choose_precision(
     requested: str,

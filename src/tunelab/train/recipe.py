@@ -1,4 +1,7 @@
-"""`tunelab train CONFIG`, read top to bottom: check -> data -> model -> loop -> save. A recipe is a plain function."""
+"""`tunelab train CONFIG`, read top to bottom: check -> data -> model -> loop -> save. A recipe is a plain function.
+
+The model step ends with the layer surgery (`layer_surgery`: compiled, fused or as built), so the loop trains
+whatever model it is given."""
 
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import Config
+from tunelab.config import Config, TrainConfig
 from tunelab.errors import UserError
 from tunelab.io import atomic_folder, atomic_write
 from tunelab.train.architectures import plan_for
-from tunelab.train.distributed import AdapterSaver, describe_launch, is_fsdp
+from tunelab.train.distributed import describe_launch, distribution_for
 from tunelab.train.faults import maybe_inject_fault
 from tunelab.train.precision import Precision, precision_for_this_machine
 from tunelab.train.progress import ProgressBar
@@ -66,6 +69,24 @@ def build_lora_model(cfg: Config, precision: Precision, log=lambda *_: None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def layer_surgery(model, train_cfg: TrainConfig) -> str:
+    """How the decoder layers run in training, decided once, before the loop: "compiled" (`train.compile`:
+    torch.compile of each layer's norms and MLP, inductor fuses and picks what the backward keeps), "fused"
+    (`train.fused_layers`: LoRA linears, RMSNorms and SwiGLU through hand-written autograd functions, the same
+    numbers in fewer passes, see fused_layers.py) or "modules" (PEFT's and transformers' own forwards)."""
+    if train_cfg.compile:
+        from tunelab.train.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)
+        return "compiled"
+    if train_cfg.fused_layers:
+        from tunelab.train.fused_layers import fuse_decoder_layers
+
+        fuse_decoder_layers(model)
+        return "fused"
+    return "modules"
 
 
 def rows_of(dataset):
@@ -146,6 +167,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
                 log,
             )
     val_rows = val_rows[: cfg.eval.max_val_rows or None]
+    layer_surgery(model, cfg.train)  # after the reference log-probs: the base model ran as loaded for those
     started = time.time()
 
     with write_failures_reported(run_dir):
@@ -171,7 +193,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
         # save: adapter, tokenizer, summary.json, each atomically
         model = accelerator.unwrap_model(model)
         with atomic_folder(run_dir / "adapter") as folder:
-            (AdapterSaver(model) if is_fsdp(accelerator) else model).save_pretrained(folder)
+            distribution_for(accelerator, cfg.train).saveable(model).save_pretrained(folder)
         maybe_inject_fault("final_save", result.steps)  # adapter written, tokenizer and summary not yet
         with atomic_folder(run_dir / "tokenizer") as folder:
             tokenizer.save_pretrained(folder)
