@@ -198,15 +198,17 @@ class LlamaServer:
         self.stop()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # The log goes to an unnamed temp file (gone when closed): read back only if loading fails. A pipe
+        # nobody reads would fill up and stall the server.
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = " | ".join((self.process.stderr.read() or "").strip().splitlines()[-3:])
+                self.log.seek(0)
+                tail = " | ".join(self.log.read().decode(errors="replace").strip().splitlines()[-3:])
                 raise UserError(f"llama-server exited with code {self.process.returncode} while loading: {tail}")
             if self.healthy():
-                # from here on nobody reads the log pipe: let it go to the terminal instead of filling up
-                self.process.stderr.close()
                 return
             time.sleep(0.2)
         self.stop()
@@ -227,14 +229,17 @@ class LlamaServer:
         return self.stop()
 
     def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return 0 if self.process is None else self.process.returncode
-        self.process.terminate()
-        try:
-            return self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
 
 
 class LlamaServerBackend(OpenAIBackend):
