@@ -13,13 +13,14 @@ import pytest
 import yaml
 
 from tests.helpers import conversations_file, embedded_gguf, save_tiny_llama_with_embedded_tokenizer
+from tunelab.serve.llama_server import llama_server_binary
 
 pytestmark = pytest.mark.slow  # each runs the real CLI on the embedded tokenizer or model: 20-90 s on 2 busy cores
 STEPS, PER_STEP, SEED = 2, 2, 42
 
 
-def tunelab(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+def tunelab(tmp_path: Path, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -155,7 +156,7 @@ def test_bench_serve(tmp_path):
     out = tmp_path / "serve.json"
     tunelab(tmp_path, "bench", "serve", str(embedded_gguf()), "--users", "2", "--rounds", "1",
             "--max-new-tokens", "16", "--threads", "1", "--engines", "llama-cpp-python,llama-server",
-            "--output", str(out))  # fmt: skip
+            "--output", str(out), env={"TUNELAB_LLAMA_SERVER": str(llama_server_binary(build=False))})  # fmt: skip
     doc = json.loads(out.read_text())
     crowd = doc["results"][0]  # the first engine with the crowd, then with one user; then the second engine
     assert [(r["engine"], r["users"]) for r in doc["results"]] == [
