@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tunelab.eval.rubric import (
+    SHARE_CRITERIA,
     SHIPPED_TRAVEL_PROMPTS,
     Answer,
     TravelPrompt,
@@ -249,7 +250,7 @@ def rejection_sample(
         for seed in range(samples_per_prompt):
             answer = sample(prompt, seed)
             result = score_answer(answer, prompt)
-            failed = any(value == 0.0 for name, value in result.criteria.items() if name != "preferences")
+            failed = any(value == 0.0 for name, value in result.criteria.items() if name not in SHARE_CRITERIA)
             scored.append((result.score, seed, answer, failed))
             counts["samples"] += 1
         scored.sort(key=lambda item: (item[3], -item[0], item[1]))  # passing every pass/fail check first, then by score
