@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.eval.gazetteer import far_cities, fold, locate
+from tunelab.eval.stats import outcome
 
 SHIPPED_TRAVEL_PROMPTS = Path(__file__).resolve().parent / "travel_prompts.jsonl"
 
@@ -286,9 +287,7 @@ def score_answer(answer: Answer, prompt: TravelPrompt) -> Scored:
 
 def compare(base: Scored, tuned: Scored) -> str:
     """ "win" when the tuned answer scores higher than the base answer, "loss" when lower, else "tie"."""
-    if abs(tuned.score - base.score) < 1e-9:
-        return "tie"
-    return "win" if tuned.score > base.score else "loss"
+    return outcome(base.score, tuned.score)
 
 
 # --------------------------------------------------------------------------------- prompt files
