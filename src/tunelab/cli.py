@@ -148,7 +148,7 @@ def eval_(
         typer.Option(
             min=0,
             help="With --prompts: k sampled answers per prompt and side besides the greedy one, at --temperature with "
-            "seeds --seed..seed+k-1; a prompt scores the mean of its answers (a verdict less at the mercy of one path).",
+            "seeds --seed..seed+k-1; a prompt scores the mean of its answers (less at the mercy of one greedy path).",
         ),
     ] = 0,
     temperature: Annotated[

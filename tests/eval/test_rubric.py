@@ -182,8 +182,8 @@ def test_prompt_files_with_optional_fields_and_bad_records(tmp_path):
 
 def test_preferences_as_one_comma_separated_string_and_places(tmp_path):
     path = tmp_path / "p.jsonl"
-    record = {"prompt": "Porto?", "city": "Porto", "country": "pt", "preferences": "wine and river views, moderate budget",
-              "places": ["Ribeira", "Livraria Lello"]}  # fmt: skip
+    record = {"prompt": "Porto?", "city": "Porto", "country": "pt", "places": ["Ribeira", "Livraria Lello"],
+              "preferences": "wine and river views, moderate budget"}  # fmt: skip
     path.write_text(json.dumps(record) + "\n")
     assert load_travel_prompts(path) == [
         TravelPrompt("Porto?", city="Porto", preferences=("wine and river views", "moderate budget"), country="PT",

@@ -179,9 +179,15 @@ def test_data_travel_command_writes_every_file_and_the_counts(tmp_path, monkeypa
     monkeypatch.setattr(travel_data, "gguf_sampler", fake_sampler)
     out = tmp_path / "travel"
     earlier = tmp_path / "earlier.jsonl"
-    earlier_rows = [{"messages": [{"role": "user", "content": "Plan a 2-day trip to Porto please"},
-                                  {"role": "assistant", "content": f"Porto{where}.\n{plan(2)}"}], "city": "Porto", "days": 2}
-                    for where in ("", " and then Madrid")]  # fmt: skip
+    request = {"role": "user", "content": "Plan a 2-day trip to Porto please"}
+    earlier_rows = [
+        {
+            "messages": [request, {"role": "assistant", "content": f"Porto{where}.\n{plan(2)}"}],
+            "city": "Porto",
+            "days": 2,
+        }
+        for where in ("", " and then Madrid")
+    ]
     earlier.write_text("".join(json.dumps(r) + "\n" for r in earlier_rows))
     result = CliRunner().invoke(app, [
         "data", "travel", str(out), "--prompts", "10", "--samples", "2", "--grammar", "--min-score", "0.5",

@@ -303,7 +303,8 @@ def _decodes(decoding: Decoding) -> str:
     if decoding.samples:
         text += (
             f" + {decoding.samples} sampled answer(s) per prompt (temperature {decoding.temperature}, top_p "
-            f"{decoding.top_p}, seeds {decoding.seed}..{decoding.seed + decoding.samples - 1}); a prompt scores the mean"
+            f"{decoding.top_p}, seeds {decoding.seed}..{decoding.seed + decoding.samples - 1}); "
+            "a prompt scores the mean"
         )
     return text
 
@@ -350,7 +351,8 @@ def domain_markdown(report: dict) -> str:
             judge = pair["judge"]
             lines.append(
                 f"| {label}, judge {Path(judge['model']).name} | | | {judge['wins']} | {judge['ties']} | {judge['losses']} | "
-                f"{_fmt(judge['win_rate_non_tied'])} | | | | {_fmt(judge.get('sign_test_p'), 3)} | {judge.get('verdict', '—')} |"
+                f"{_fmt(judge['win_rate_non_tied'])} | | | | {_fmt(judge.get('sign_test_p'), 3)} | "
+                f"{judge.get('verdict', '—')} |"
             )
     for label, pair in report["pairs"].items():
         lines += ["", f"## Mean score per criterion ({label})", "", "| criterion | base | tuned |", "|---|---|---|"]
@@ -361,14 +363,13 @@ def domain_markdown(report: dict) -> str:
             for side in ("base", "tuned"):
                 answer = row[side]
                 ending = {True: "end-of-turn", False: "length limit", None: "?"}[answer["finished"]]
-                over = (
-                    f"mean {answer['score']:.2f} over {1 + len(answer.get('samples', []))} answers, "
-                    if answer.get("samples")
-                    else ""
-                )
-                lines += [f"**{side}** ({over}greedy answer: score {answer.get('greedy_score', answer['score']):.2f}, "
-                          f"{ending}; sampled answers in the .json):" if over else
-                          f"**{side}** (score {answer['score']:.2f}, {ending}):", "", _quoted(answer["text"]), ""]  # fmt: skip
+                heading = f"**{side}** (score {answer['score']:.2f}, {ending}):"
+                if answer.get("samples"):
+                    heading = (
+                        f"**{side}** (mean score {answer['score']:.2f} over {1 + len(answer['samples'])} answers; "
+                        f"the greedy one, {answer['greedy_score']:.2f}, {ending}, below; the sampled ones in the .json):"
+                    )
+                lines += [heading, "", _quoted(answer["text"]), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -224,7 +224,8 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
     prompts = load_travel_prompts("travel")[: gates.rubric_prompts]
     decoding = Decoding(max_new_tokens=gates.rubric_max_new_tokens, samples=gates.rubric_samples)
     log(
-        f"rubric: {len(prompts)} travel prompts, current vs candidate ({SHIPPED_QUANT}, greedy + {decoding.samples} sampled)"
+        f"rubric: {len(prompts)} travel prompts, current vs candidate ({SHIPPED_QUANT}, greedy + "
+        f"{decoding.samples} sampled)"
     )
     summary = compare_pair(
         prompts, gguf_generator(files["current"], decoding, threads), gguf_generator(files["candidate"], decoding, threads),
@@ -237,7 +238,8 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
         means["tuned"],
         f"lower end of the candidate's 95 % win-rate interval >= {gates.min_rubric_win_rate:g}",
         rubric_passes(summary, gates.min_rubric_win_rate),
-        f"{describe(summary)}; over {len(prompts)} shipped travel prompts, {threads} thread(s); columns = mean rubric score",
+        f"{describe(summary)}; over {len(prompts)} shipped travel prompts, {threads} thread(s); "
+        "columns = mean rubric score",
     )
 
 
