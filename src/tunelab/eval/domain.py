@@ -367,7 +367,7 @@ def domain_markdown(report: dict) -> str:
                 if answer.get("samples"):
                     heading = (
                         f"**{side}** (mean score {answer['score']:.2f} over {1 + len(answer['samples'])} answers; "
-                        f"the greedy one, {answer['greedy_score']:.2f}, {ending}, below; the sampled ones in the .json):"
+                        f"below the greedy one, {answer['greedy_score']:.2f}, {ending}; the others in the .json):"
                     )
                 lines += [heading, "", _quoted(answer["text"]), ""]
     return "\n".join(lines) + "\n"
