@@ -146,24 +146,22 @@ def test_domain_eval_of_another_gguf_type_uses_that_type_on_both_sides(tmp_path)
 def test_the_verdict_is_the_same_on_one_and_two_threads(tmp_path):
     """The real judge path (llama.cpp GGUFs, greedy + 2 sampled answers per prompt and side, the statistics) run
     on 1 and on 2 threads: every prompt has the same outcome and the comparison the same verdict, and each run's
-    mean score difference lies in the other's 95 % interval. Threads, k and the seeds are in the report."""
+    mean score difference lies in the other's 95 % interval; the same thread count again samples the same answers.
+    Threads, k and the seeds are in the report."""
     from tunelab.experiments.travel_eval import run_domain_eval
     from tunelab.export.pipeline import export_run
 
     run_dir, _, prompts = _small_run(tmp_path)
     export_run(run_dir, ["q8_0"], threads=1)
-    reports = {}
-    for threads in (1, 2):
+    reports = []
+    for threads in (1, 2, 1):
         report = run_domain_eval(run_dir, str(prompts), max_new_tokens=16, adapter=False, threads=threads,
                                  quant="q8_0", samples=2, seed=5, log=lambda *a: None)  # fmt: skip
         assert report["threads"] == threads
-        assert (report["decoding"]["samples"], report["decoding"]["seed"], report["decoding"]["temperature"]) == (
-            2,
-            5,
-            0.7,
-        )
-        reports[threads] = report["pairs"]["gguf"]
-    one, two = reports[1], reports[2]
+        decoding = report["decoding"]
+        assert (decoding["samples"], decoding["seed"], decoding["temperature"]) == (2, 5, 0.7)
+        reports.append(report["pairs"]["gguf"])
+    one, two, again = reports
     assert [row["outcome"] for row in one["answers"]] == [row["outcome"] for row in two["answers"]]
     assert one["verdict"] == two["verdict"] and one["sign_test_p"] == two["sign_test_p"]
     for a, b in ((one, two), (two, one)):
@@ -174,3 +172,8 @@ def test_the_verdict_is_the_same_on_one_and_two_threads(tmp_path):
     assert [s["seed"] for s in answer["samples"]] == [5, 6]
     assert any(s["text"] != answer["text"] for s in answer["samples"])
     assert answer["score"] == pytest.approx((answer["greedy_score"] + sum(s["score"] for s in answer["samples"])) / 3)
+    # Fixed seeds: the same thread count samples the same answers again.
+    texts = [[[s["text"] for s in row[side]["samples"]] for side in ("base", "tuned")] for row in one["answers"]]
+    assert texts == [
+        [[s["text"] for s in row[side]["samples"]] for side in ("base", "tuned")] for row in again["answers"]
+    ]
