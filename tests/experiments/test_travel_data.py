@@ -118,6 +118,8 @@ def test_rejection_sampling_keeps_the_best_sample_that_passes():
     assert counts["passes_days_honoured"] == 1 and counts["passes_stays_in_city"] == counts["passes_min_score"] == 1
     assert rows[0]["messages"][0]["content"] == prompts[0].prompt and rows[0]["score"] == 1.0
     assert "\nDay 1: " in pairs[0]["chosen"] and pairs[0]["rejected"] == "Have fun!"
+    assert pairs[0]["chosen_failed"] == [] and "days_honoured" in pairs[0]["rejected_failed"]
+    assert counts["pairs_chosen_passes_rejected_fails"] == 1  # prompts 2 and 3: both sides fail checks
     # Prompts 2 and 3: "Have fun!" ending at end-of-turn (seeds 0, 2) beats the same text cut at the length limit.
     assert len(pairs) == 3 and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
 

@@ -258,6 +258,11 @@ def rejection_sample(
     and every pass/fail criterion it was judged on passed (a plan with the wrong city or a loop is never training
     data, whatever its mean; `preferences` is a share, so it only counts through the score).
 
+    Preference pairs (DPO records: prompt, chosen, rejected) are the best vs the worst sample of a prompt whenever
+    their scores differ, with the pass/fail checks each failed (`chosen_failed`, `rejected_failed`): the pairs
+    whose chosen answer passes every check and whose rejected one fails some (wanders, loops, misses days) are
+    the clean preferences, counted as `pairs_chosen_passes_rejected_fails`.
+
     `sample(prompt, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts); the
     counts say how many prompts' best sample passed each pass/fail check in turn (`passes_<criterion>`), then the
     score threshold (`passes_min_score`, = `kept`).
@@ -276,6 +281,8 @@ def rejection_sample(
         counts["prompts"] += 1
         log(f"  [{i}/{len(prompts)}] best {best[0]:.2f} worst {worst[0]:.2f}  {prompt.prompt[:70]}")
         if best[0] > worst[0]:
+            chosen_failed, rejected_failed = _failed_checks(best[4]), _failed_checks(worst[4])
+            counts["pairs_chosen_passes_rejected_fails"] += not chosen_failed and bool(rejected_failed)
             pairs.append(
                 {
                     "prompt": prompt.prompt,
@@ -283,6 +290,8 @@ def rejection_sample(
                     "rejected": worst[2].text,
                     "chosen_score": best[0],
                     "rejected_score": worst[0],
+                    "chosen_failed": chosen_failed,
+                    "rejected_failed": rejected_failed,
                 }
             )
         _count_filters(counts, best[4], best[0] >= min_score)
@@ -300,6 +309,11 @@ def rejection_sample(
                 }
             )
     return kept, pairs, counts
+
+
+def _failed_checks(criteria: dict[str, float | None]) -> list[str]:
+    """The pass/fail checks an answer failed, e.g. ["stays_in_city", "no_repetition"]."""
+    return [name for name, value in criteria.items() if name not in SHARE_CRITERIA and value == 0.0]
 
 
 def _count_filters(counts: Counter, criteria: dict[str, float | None], above_min_score: bool | None) -> bool:
