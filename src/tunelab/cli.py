@@ -109,7 +109,8 @@ def eval_(
     prompts: Annotated[
         str | None,
         typer.Option(
-            help="Domain eval instead: `travel` (the shipped set) or a JSONL of {prompt, city?, days?, preferences?}."
+            help="Domain eval instead: `travel` (the shipped set) or a JSONL of "
+            "{prompt, city?, days?, preferences?, country?, places?}."
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="With --prompts: new tokens per answer (greedy).")] = 384,
