@@ -210,7 +210,8 @@ def _regression_check(
 
 
 def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:
-    """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate q4_k_m, greedy."""
+    """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate q4_k_m: the greedy
+    answer and promote.rubric_samples sampled ones per prompt, with the statistics of eval/stats.py."""
     from tunelab.eval.domain import Decoding, compare_pair, gguf_generator
     from tunelab.eval.rubric import load_travel_prompts
     from tunelab.eval.stats import describe
