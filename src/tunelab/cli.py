@@ -109,7 +109,8 @@ def eval_(
     prompts: Annotated[
         str | None,
         typer.Option(
-            help="Domain eval instead: `travel` (the shipped set) or a JSONL of {prompt, city?, days?, preferences?}."
+            help="Domain eval instead: `travel` (the shipped set) or a JSONL of "
+            "{prompt, city?, days?, preferences?, country?, places?}."
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="With --prompts: new tokens per answer (greedy).")] = 384,
@@ -143,6 +144,18 @@ def eval_(
             help="With --prompts: GGUFs answer under a grammar allowing exactly the prompt's days (a decoding lever)."
         ),
     ] = False,
+    samples: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="With --prompts: k sampled answers per prompt and side besides the greedy one, at --temperature with "
+            "seeds --seed..seed+k-1; a prompt scores the mean of its answers (less at the mercy of one greedy path).",
+        ),
+    ] = 0,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="With --prompts --samples K: temperature of the sampled answers (the app's).")
+    ] = 0.7,
+    seed: Annotated[int, typer.Option(help="With --prompts --samples K: seed of the first sampled answer.")] = 0,
     lm_eval: Annotated[
         str | None,
         typer.Option(
@@ -178,6 +191,9 @@ def eval_(
             threads=threads,
             day_grammar=grammar,
             quant=parse_quants(quant, "--quant")[0],
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
         )
     else:
         from tunelab.eval.evaluate import evaluate_run
@@ -245,11 +261,23 @@ def quickstart(
         int,
         typer.Option(min=0, help="Shipped travel prompts to judge base vs tuned on, from the q4_k_m GGUFs (0: skip)."),
     ] = 48,
+    travel_samples: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Sampled answers per travel prompt and side besides the greedy one (the app's temperature)."
+        ),
+    ] = 2,
+    threads: Annotated[
+        int, typer.Option(min=1, help="llama.cpp threads of the travel check (recorded with its results).")
+    ] = 2,
 ) -> None:
     """Prepare embedded data, fine-tune the embedded SmolLM2-135M on this CPU, evaluate base vs tuned."""
     from tunelab.experiments.quickstart import run_quickstart
 
-    run_quickstart(output, overrides=set_ or [], serve=serve, travel_prompts=travel_prompts)
+    run_quickstart(
+        output, overrides=set_ or [], serve=serve, travel_prompts=travel_prompts, travel_samples=travel_samples,
+        threads=threads,
+    )  # fmt: skip
 
 
 def _register_stage_commands() -> None:

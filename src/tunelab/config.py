@@ -300,7 +300,9 @@ class PromoteConfig(_Section):
         0.5,
         ge=0.0,
         le=1.0,
-        description="Smallest travel-rubric win rate of the candidate over the current model (when the rubric is available).",
+        description="Smallest lower end of the 95 % bootstrap interval of the candidate's travel-rubric win rate over "
+        "the current model, among non-tied prompts (when the rubric is available): 0.5 asks for a detectable "
+        "improvement, not a lucky point estimate.",
     )
     max_latency_regression: float = Field(
         0.25,
@@ -309,9 +311,18 @@ class PromoteConfig(_Section):
     )
     max_val_rows: int | None = Field(64, gt=0, description="Held-out rows scored for the val-loss gate (None: all).")
     rubric_prompts: int = Field(
-        12, gt=0, description="Shipped travel prompts answered by both q4_k_m exports for the rubric gate."
+        48,
+        gt=0,
+        description="Shipped travel prompts answered by both q4_k_m exports for the rubric gate (an interval from "
+        "fewer prompts is wide: 12 prompts can hardly show any difference).",
     )
-    rubric_max_new_tokens: int = Field(256, gt=0, description="Longest answer in tokens for the rubric gate (greedy).")
+    rubric_max_new_tokens: int = Field(256, gt=0, description="Longest answer in tokens for the rubric gate.")
+    rubric_samples: int = Field(
+        2,
+        ge=0,
+        description="Sampled answers per prompt and model for the rubric gate besides the greedy one (the app's "
+        "temperature, fixed seeds); a prompt scores the mean of its answers.",
+    )
     latency_max_new_tokens: int = Field(
         32, gt=0, description="Tokens generated per prompt when timing the q4_k_m exports."
     )

@@ -123,7 +123,7 @@ def test_embedded_travel_plans_are_day_by_day_plans_of_the_requested_length(tmp_
     from tunelab.data.readers import TRAVEL_PLANS
 
     records = [json.loads(line) for line in TRAVEL_PLANS.read_text(encoding="utf-8").splitlines()]
-    assert len(records) >= 60
+    assert len(records) >= 40  # the plans that stay in their city (tunelab data travel --recheck)
     words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}
     for record in records:
         [user, assistant] = record["messages"]

@@ -44,7 +44,9 @@ def test_the_domain_eval_decodes_under_the_grammar_only_when_asked_and_only_with
 
     two_days = TravelPrompt(prompt="Plan 2 days in Lisbon for someone who loves food.", city="Lisbon", days=2)
     constrained = gguf_generator(embedded_gguf(), Decoding(max_new_tokens=8, day_grammar=True), threads=1)
-    answer = constrained(two_days)  # the grammar's own budget, not max_new_tokens=8, so the plan can finish
+    answer = constrained(
+        two_days, None
+    )  # greedy; the grammar's own budget, not max_new_tokens=8, so the plan can finish
     assert re.findall(r"^Day (\d+):", answer.text, re.M) == ["1", "2"] and answer.finished, answer.text
-    free = constrained(TravelPrompt(prompt=two_days.prompt))  # no day count: no grammar, max_new_tokens applies
+    free = constrained(TravelPrompt(prompt=two_days.prompt), None)  # no day count: no grammar, max_new_tokens applies
     assert not free.finished and len(free.text.split()) <= 8

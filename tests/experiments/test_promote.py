@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tests.helpers import small_llama_folder
 from tunelab.cli import app as cli_app
 from tunelab.errors import UserError
-from tunelab.experiments.promote import Check, decide, gates_for, promote
+from tunelab.experiments.promote import Check, decide, gates_for, promote, rubric_passes
 from tunelab.serve.pointer import point_to, read_pointer, resolve_model, rollback
 
 pytestmark = pytest.mark.slow  # trains a small model (about a minute on 2 cores)
@@ -139,6 +139,22 @@ def test_decide_and_gate_overrides(tmp_path):
         promote(tmp_path, gguf, None, log=lambda *a: None)
 
 
+def test_the_rubric_gate_decides_on_the_lower_end_of_the_win_rate_interval():
+    from tunelab.eval.stats import paired_comparison
+
+    def comparison(wins, losses, ties=0):
+        return paired_comparison([0.5] * (wins + losses + ties), [0.8] * wins + [0.2] * losses + [0.5] * ties)
+
+    # 7 of 12 is a 58 % point estimate, above 0.5, but its interval reaches far below: refused.
+    seven_of_twelve = comparison(7, 5)
+    assert seven_of_twelve["win_rate_non_tied"] > 0.5 and seven_of_twelve["win_rate_interval"][0] < 0.5
+    assert not rubric_passes(seven_of_twelve, 0.5)
+    # 29 wins / 12 losses (the sign test's p = 0.0115): the interval clears 0.5.
+    assert comparison(29, 12)["win_rate_interval"][0] > 0.5 and rubric_passes(comparison(29, 12), 0.5)
+    assert not rubric_passes(comparison(0, 0, ties=12), 0.0)  # nothing decided shows nothing
+    assert rubric_passes(seven_of_twelve, 0.2)
+
+
 def test_the_space_bundle_follows_the_pointer(tmp_path):
     from tunelab.serve.pointer import refresh_space
 
@@ -180,16 +196,16 @@ def test_over_defaults_to_the_run_behind_what_the_serve_dir_serves(tmp_path):
 
 
 def test_rubric_gate_on_two_q4_k_m_files(tmp_path):
-    """The same GGUF on both sides: greedy answers tie on every prompt, so the win rate is exactly 0.5."""
+    """The same GGUF on both sides, greedy plus one sampled answer from the same seed: every prompt ties, so nothing
+    shows the candidate better and the gate (on the interval, not the point) refuses it."""
     from tests.helpers import embedded_gguf
     from tunelab.config import PromoteConfig
     from tunelab.experiments.promote import rubric_check
 
     gguf = embedded_gguf()
-    gates = PromoteConfig(rubric_prompts=2, rubric_max_new_tokens=12)
+    gates = PromoteConfig(rubric_prompts=2, rubric_max_new_tokens=12, rubric_samples=1)
     check = rubric_check(gguf, gguf, gates, 1, log=lambda *a: None)
-    assert check.passed is True and check.current == check.candidate and "2 ties" in check.note
-    stricter = rubric_check(gguf, gguf, gates.model_copy(update={"min_rubric_win_rate": 0.6}), 1, log=lambda *a: None)
-    assert stricter.passed is False
+    assert check.passed is False and check.current == check.candidate
+    assert "0 wins / 2 ties / 0 losses" in check.note and "no detectable difference" in check.note
     run_without_export = tmp_path / "run"
     assert rubric_check(run_without_export, gguf, gates, 1, log=lambda *a: None).passed is None

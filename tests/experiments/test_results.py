@@ -1,6 +1,8 @@
 """The sweep report's plot axes: numeric x at its value (log for learning rates), one line per other setting,
 keys that move together (alpha = 2 x rank) not split into series."""
 
+import pytest
+
 from tunelab.experiments.results import _base_value, _series_by_other_keys, _tied, _x_axis, swept_keys
 
 
@@ -53,3 +55,46 @@ def test_a_swept_source_list_is_shown_by_its_source_names():
     ]
     assert _fmt(sources) == "sharegpt-general + chatterbot"
     assert _fmt([1, 2]) == "[1, 2]"
+
+
+def _judged(name, wins, losses, ties=0):
+    """A sweep result whose travel comparison is `wins` prompts scoring +0.2 and `losses` scoring -0.2 over a base
+    of 0.5, with its statistics from eval/stats.py."""
+    from tunelab.eval.stats import paired_comparison
+
+    n = wins + losses + ties
+    stats = paired_comparison([0.5] * n, [0.7] * wins + [0.3] * losses + [0.5] * ties)
+    return {
+        "name": name, "overrides": {"lora.r": wins}, "curves": {"train": [(1, 2.0)], "val": []},
+        "travel_score_base": 0.5, "travel_score_tuned": 0.5 + stats["mean_difference"],
+        "travel_wins": wins, "travel_ties": ties, "travel_losses": losses,
+        "travel_win_rate": stats["win_rate_non_tied"], "travel_win_rate_interval": stats["win_rate_interval"],
+        "travel_score_difference_interval": stats["mean_difference_interval"],
+        "travel_sign_test_p": stats["sign_test_p"], "travel_verdict": stats["verdict"],
+    }  # fmt: skip
+
+
+def test_tables_show_the_interval_p_value_and_verdict_and_plots_draw_them_as_error_bars(tmp_path):
+    import csv
+
+    from tunelab.experiments.results import _error_bar, with_derived, write_report
+
+    runs = [_judged("small", 23, 15, 10), _judged("large", 29, 12, 7)]
+    write_report(tmp_path, runs)
+    table = (tmp_path / "results.md").read_text()
+    low, high = runs[1]["travel_win_rate_interval"]
+    assert f"| 29/7/12 | 0.71 [{low:.2f}, {high:.2f}] | 0.012: better |" in table
+    assert "| 23/10/15 | 0.61 [" in table and "| 0.256: no detectable difference at this size |" in table
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert float(rows[1]["travel_win_rate_low"]) == low and rows[0]["travel_verdict"].startswith("no detectable")
+    assert (tmp_path / "metrics_vs_lora_r.png").is_file()
+    # Error bars: the win rate's own interval; the tuned score's from base + the score-difference interval.
+    row = with_derived(runs[1])
+    below, above = _error_bar(row, "travel_win_rate")
+    assert (row["travel_win_rate"] - below, row["travel_win_rate"] + above) == pytest.approx((low, high))
+    d_low, d_high = runs[1]["travel_score_difference_interval"]
+    below, above = _error_bar(row, "travel_score_tuned")
+    assert (row["travel_score_tuned"] - below, row["travel_score_tuned"] + above) == pytest.approx(
+        (0.5 + d_low, 0.5 + d_high)
+    )
+    assert _error_bar(row, "general_val_loss_tuned") is None

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from tunelab.eval.rubric import Answer, TravelPrompt, load_travel_prompts
-from tunelab.experiments.travel_data import rejection_sample, requested_days, select_itineraries, synthetic_prompts
+from tunelab.experiments.travel_data import (
+    recheck_plans,
+    rejection_sample,
+    requested_city,
+    requested_days,
+    select_itineraries,
+    synthetic_prompts,
+)
 
 TWO_DAYS = (
     "Day 1: the castle and the old town in the morning, then lunch by the river, a long walk through the markets "
@@ -30,6 +37,7 @@ def test_select_itineraries_counts_every_filter():
         ("Plan a 2-day trip to Lisbon.", "Visit the castle, then the museum and the river."),  # not day by day
         ("Plan a 3-day trip to Lisbon.", TWO_DAYS),  # 2 days for 3
         ("Plan a 2-day trip to Lisbon.", "Day 1: go.\nDay 2: go."),  # too short
+        ("Plan a 2-day trip to Lisbon.", TWO_DAYS.replace("the main museum", "the main museum in Madrid")),  # 500 km
         ("Plan a 2-day trip to Lisbon.", TWO_DAYS),  # kept
         ("Plan a 2-day  trip to Lisbon.", TWO_DAYS),  # the same request again (whitespace aside)
     ]
@@ -37,15 +45,40 @@ def test_select_itineraries_counts_every_filter():
     assert [row["days"] for row in kept] == [2]
     assert kept[0]["messages"][1]["content"] == TWO_DAYS
     assert dict(counts) == {
-        "records": 8,
-        "user_then_assistant": 7,
-        "asks_for_a_trip": 6,
-        "names_a_day_count": 5,
-        "answers_day_by_day": 4,
-        "honours_the_day_count": 3,
-        "length_ok_no_loops": 2,
+        "records": 9,
+        "user_then_assistant": 8,
+        "asks_for_a_trip": 7,
+        "names_a_day_count": 6,
+        "answers_day_by_day": 5,
+        "honours_the_day_count": 4,
+        "length_ok_no_loops": 3,
+        "stays_in_city": 2,
         "after_exact_dedup": 1,
     }
+
+
+def test_requested_city_is_the_first_city_a_request_names():
+    assert requested_city("Plan a 3-day trip to Lisbon and Porto") == "Lisbon"
+    assert requested_city("A week in Japan, please") is None  # a country, not a city
+    assert requested_city("Two weeks in Asia") is None  # a continent (and a town in Peru)
+
+
+def test_recheck_plans_drops_wandering_plans_and_counts_each_check():
+    def row(city: str, text: str) -> dict:
+        messages = [
+            {"role": "user", "content": f"Plan a 2-day trip to {city}."},
+            {"role": "assistant", "content": text},
+        ]
+        return {"messages": messages, "city": city, "days": 2}
+
+    in_lisbon = row("Lisbon", "Lisbon in two days.\n" + TWO_DAYS)
+    in_mumbai = row("Lisbon", "Lisbon, or rather Mumbai.\n" + TWO_DAYS)
+    one_day = row("Lisbon", "Lisbon.\n" + TWO_DAYS.split("\n")[0])
+    kept, counts = recheck_plans([in_lisbon, in_mumbai, one_day])
+    assert kept == [in_lisbon]
+    assert counts["plans"] == 3 and counts["kept"] == 1
+    assert counts["passes_days_honoured"] == 2  # the one-day plan stops at the first check
+    assert counts["passes_length_ok"] == 2 and counts["passes_stays_in_city"] == 1
 
 
 def test_synthetic_prompts_never_use_an_eval_city_or_prompt():
@@ -81,8 +114,12 @@ def test_rejection_sampling_keeps_the_best_sample_that_passes():
 
     rows, pairs, counts = rejection_sample(prompts, sample, samples_per_prompt=3, log=lambda *_: None)
     assert counts["samples"] == 9 and counts["prompts"] == 3 and counts["kept"] == 1
+    # "Have fun!" has no Day sections: prompts 2 and 3 stop at the first check; prompt 1's plan passes them all.
+    assert counts["passes_days_honoured"] == 1 and counts["passes_stays_in_city"] == counts["passes_min_score"] == 1
     assert rows[0]["messages"][0]["content"] == prompts[0].prompt and rows[0]["score"] == 1.0
     assert "\nDay 1: " in pairs[0]["chosen"] and pairs[0]["rejected"] == "Have fun!"
+    assert pairs[0]["chosen_failed"] == [] and "days_honoured" in pairs[0]["rejected_failed"]
+    assert counts["pairs_chosen_passes_rejected_fails"] == 1  # prompts 2 and 3: both sides fail checks
     # Prompts 2 and 3: "Have fun!" ending at end-of-turn (seeds 0, 2) beats the same text cut at the length limit.
     assert len(pairs) == 3 and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
 
@@ -143,9 +180,21 @@ def test_data_travel_command_writes_every_file_and_the_counts(tmp_path, monkeypa
 
     monkeypatch.setattr(travel_data, "gguf_sampler", fake_sampler)
     out = tmp_path / "travel"
-    result = CliRunner().invoke(
-        app, ["data", "travel", str(out), "--prompts", "10", "--samples", "2", "--grammar", "--min-score", "0.5"]
-    )
+    earlier = tmp_path / "earlier.jsonl"
+    request = {"role": "user", "content": "Plan a 2-day trip to Porto please"}
+    earlier_rows = [
+        {
+            "messages": [request, {"role": "assistant", "content": f"Porto{where}.\n{plan(2)}"}],
+            "city": "Porto",
+            "days": 2,
+        }
+        for where in ("", " and then Madrid")
+    ]
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in earlier_rows))
+    result = CliRunner().invoke(app, [
+        "data", "travel", str(out), "--prompts", "10", "--samples", "2", "--grammar", "--min-score", "0.5",
+        "--recheck", str(earlier),
+    ])  # fmt: skip
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "counts.json").read_text())
     assert counts["itineraries"]["records"] == 3 and counts["itineraries"]["after_exact_dedup"] == 1
@@ -154,3 +203,5 @@ def test_data_travel_command_writes_every_file_and_the_counts(tmp_path, monkeypa
     assert counts["self_generated"]["day_grammar"] is True and seen == {"day_grammar": True}
     assert len((out / "self-generated.jsonl").read_text().splitlines()) == short
     assert len((out / "itineraries.jsonl").read_text().splitlines()) == 1
+    assert counts["rechecked"]["plans"] == 2 and counts["rechecked"]["kept"] == 1
+    assert [json.loads(line) for line in (out / "rechecked.jsonl").read_text().splitlines()] == earlier_rows[:1]

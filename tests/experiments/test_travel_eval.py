@@ -140,3 +140,40 @@ def test_domain_eval_of_another_gguf_type_uses_that_type_on_both_sides(tmp_path)
     assert bad.returncode == 2 and "--quant: unknown type `q9_9`" in bad.stderr + bad.stdout
     missing = subprocess.run([*args, "q5_k_m"], capture_output=True, text=True, timeout=600, env=env)
     assert missing.returncode == 2 and "nothing to compare" in missing.stderr + missing.stdout
+
+
+@pytest.mark.slow
+def test_the_verdict_is_the_same_on_one_and_two_threads(tmp_path):
+    """The real judge path (llama.cpp GGUFs, greedy + 2 sampled answers per prompt and side, the statistics) run
+    on 1 and on 2 threads: every prompt has the same outcome and the comparison the same verdict, and each run's
+    mean score difference lies in the other's 95 % interval; the same thread count again samples the same answers.
+    Threads, k and the seeds are in the report."""
+    from tunelab.experiments.travel_eval import run_domain_eval
+    from tunelab.export.pipeline import export_run
+
+    run_dir, _, prompts = _small_run(tmp_path)
+    export_run(run_dir, ["q8_0"], threads=1)
+    reports = []
+    for threads in (1, 2, 1):
+        report = run_domain_eval(run_dir, str(prompts), max_new_tokens=16, adapter=False, threads=threads,
+                                 quant="q8_0", samples=2, seed=5, log=lambda *a: None)  # fmt: skip
+        assert report["threads"] == threads
+        decoding = report["decoding"]
+        assert (decoding["samples"], decoding["seed"], decoding["temperature"]) == (2, 5, 0.7)
+        reports.append(report["pairs"]["gguf"])
+    one, two, again = reports
+    assert [row["outcome"] for row in one["answers"]] == [row["outcome"] for row in two["answers"]]
+    assert one["verdict"] == two["verdict"] and one["sign_test_p"] == two["sign_test_p"]
+    for a, b in ((one, two), (two, one)):
+        low, high = a["mean_difference_interval"]
+        assert low <= b["mean_difference"] <= high
+    # Each side answered greedily and with seeds 5 and 6; sampling at temperature 0.7 changes the text.
+    answer = one["answers"][0]["tuned"]
+    assert [s["seed"] for s in answer["samples"]] == [5, 6]
+    assert any(s["text"] != answer["text"] for s in answer["samples"])
+    assert answer["score"] == pytest.approx((answer["greedy_score"] + sum(s["score"] for s in answer["samples"])) / 3)
+    # Fixed seeds: the same thread count samples the same answers again.
+    texts = [[[s["text"] for s in row[side]["samples"]] for side in ("base", "tuned")] for row in one["answers"]]
+    assert texts == [
+        [[s["text"] for s in row[side]["samples"]] for side in ("base", "tuned")] for row in again["answers"]
+    ]

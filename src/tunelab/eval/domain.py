@@ -1,12 +1,16 @@
 """`tunelab eval RUN --prompts travel|FILE.jsonl`: base vs tuned on travel-planning prompts, judged by the rubric.
 
-Each pair of generators answers every prompt with greedy decoding:
+Each pair of generators answers every prompt with greedy decoding and, with `Decoding.samples` = k > 0, k more
+sampled answers at the app's temperature from fixed seeds (seed, seed + 1, ...):
 - "adapter": the run's base model with the LoRA adapter off (base) and on (tuned), in transformers;
 - "gguf-q4_k_m": the base exported to q4_k_m GGUF vs the tuned q4_k_m GGUF the app serves, in llama.cpp
   (only when both files are given: RUN/export/model-q4_k_m.gguf and RUN/export/base-q4_k_m.gguf).
-Per prompt the tuned answer wins, ties or loses on its rubric score (tunelab.eval.rubric); per pair the
-report has win/tie/loss counts, the win rate over non-tied prompts and the mean score of each criterion.
-Everything, answers included, goes to RUN/eval/<name>.json and RUN/eval/<name>.md.
+A prompt's score on each side is the mean rubric score (tunelab.eval.rubric) of its answers, so one greedy path
+that a thread count or a CPU kernel tips one way does not decide the prompt alone. Per prompt the tuned side wins,
+ties or loses on that score; per pair the report has the counts, the win rate over non-tied prompts, the mean
+score of each criterion, and how sure the comparison is (eval/stats.py: sign test p-value, bootstrap intervals
+of the win rate and of the mean score difference, verdict). The thread count, k, the temperature and the seeds
+are recorded with it. Everything, answers included, goes to RUN/eval/<name>.json and RUN/eval/<name>.md.
 """
 
 from __future__ import annotations
@@ -17,21 +21,31 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tunelab.eval.rubric import CRITERIA, Answer, Scored, TravelPrompt, compare, score_answer
-from tunelab.models.inference import llama_grammar, load_backend, open_llama
+from tunelab.eval.rubric import CRITERIA, Answer, TravelPrompt, score_answer
+from tunelab.eval.stats import describe, outcome, paired_comparison, sign_test_p, verdict
+from tunelab.models.inference import GenerationParams, llama_grammar, load_backend, open_llama
 
-Generate = Callable[[TravelPrompt], Answer]
+# generate(prompt, seed): the greedy answer for seed None, else one sampled at Decoding.temperature with that seed.
+Generate = Callable[[TravelPrompt, "int | None"], Answer]
 
 
 @dataclass(frozen=True)
 class Decoding:
-    """Greedy decoding settings for the domain eval (the same for base and tuned)."""
+    """Decoding settings for the domain eval (the same for base and tuned)."""
 
     max_new_tokens: int = 384
     repetition_penalty: float = 1.0  # 1.0: plain greedy; the app's default is 1.1 (a decoding lever, reported apart)
     # GGUFs only: constrain prompts with a day count to exactly that many "Day n" sections (`plan_grammar`), with
     # the budget of the longest plan it allows. A decoding lever: it fixes structure, not content.
     day_grammar: bool = False
+    samples: int = 0  # k sampled answers per prompt and side besides the greedy one (0: greedy only)
+    temperature: float = GenerationParams.temperature  # of the sampled answers: the app's
+    top_p: float = GenerationParams.top_p
+    seed: int = 0  # sampled answer i uses seed + i, on both sides
+
+    def seeds(self) -> list[int | None]:
+        """None (the greedy answer), then one seed per sampled answer."""
+        return [None, *range(self.seed, self.seed + self.samples)]
 
 
 # ------------------------------------------------------------------------------------ generators
@@ -40,15 +54,19 @@ def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = 
     backend = load_backend(run_dir, threads=threads)
     model, tokenizer, eos_ids = backend.model, backend.tokenizer, backend.eos_ids
 
-    def generate(prompt: TravelPrompt, adapter: bool) -> Answer:
+    def generate(prompt: TravelPrompt, seed: int | None, adapter: bool) -> Answer:
         import torch
 
         inputs = backend.prompt_ids([{"role": "user", "content": prompt.prompt}])
         adapter_off = contextlib.nullcontext() if adapter else model.disable_adapter()
+        sampling = {"do_sample": False}
+        if seed is not None:
+            torch.manual_seed(seed)
+            sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p}
         with torch.inference_mode(), adapter_off:
             output = model.generate(
                 **inputs,
-                do_sample=False,
+                **sampling,
                 max_new_tokens=decoding.max_new_tokens,
                 repetition_penalty=decoding.repetition_penalty,
                 eos_token_id=eos_ids,
@@ -58,7 +76,9 @@ def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = 
         finished = bool(new) and new[-1] in eos_ids
         return Answer(tokenizer.decode(new, skip_special_tokens=True).strip(), finished=finished)
 
-    return (lambda prompt: generate(prompt, adapter=False)), (lambda prompt: generate(prompt, adapter=True))
+    return (lambda prompt, seed: generate(prompt, seed, adapter=False)), (
+        lambda prompt, seed: generate(prompt, seed, adapter=True)
+    )
 
 
 def answer_in_llama_cpp(llm, prompt: TravelPrompt, day_grammar: bool, max_new_tokens: int, **sampling) -> Answer:
@@ -82,26 +102,41 @@ def answer_in_llama_cpp(llm, prompt: TravelPrompt, day_grammar: bool, max_new_to
 
 
 def gguf_generator(gguf: Path, decoding: Decoding, threads: int | None = None) -> Generate:
-    """Greedy answers from a GGUF in llama.cpp."""
+    """Greedy (seed None) or sampled answers from a GGUF in llama.cpp."""
     llm = load_backend(gguf, threads=threads).llm
 
-    def generate(prompt: TravelPrompt) -> Answer:
-        return answer_in_llama_cpp(llm, prompt, decoding.day_grammar, decoding.max_new_tokens, temperature=0.0, seed=0,
-                                   repeat_penalty=decoding.repetition_penalty)  # fmt: skip
+    def generate(prompt: TravelPrompt, seed: int | None) -> Answer:
+        sampling = (
+            {"temperature": 0.0, "seed": 0}
+            if seed is None
+            else {"temperature": decoding.temperature, "top_p": decoding.top_p, "seed": seed}
+        )
+        return answer_in_llama_cpp(llm, prompt, decoding.day_grammar, decoding.max_new_tokens,
+                                   repeat_penalty=decoding.repetition_penalty, **sampling)  # fmt: skip
 
     return generate
 
 
 # -------------------------------------------------------------------------------------- compare
-def compare_pair(prompts: list[TravelPrompt], base: Generate, tuned: Generate, log=print, label: str = "") -> dict:
-    """Answer every prompt with both generators and score them; per-prompt outcome and per-criterion means."""
+def compare_pair(
+    prompts: list[TravelPrompt],
+    base: Generate,
+    tuned: Generate,
+    log=print,
+    label: str = "",
+    decoding: Decoding = Decoding(),
+) -> dict:
+    """Answer every prompt on both sides (the greedy answer, then one per sampled seed) and score the answers; a
+    prompt's score per side is the mean over its answers. Per-prompt outcome, per-criterion means, statistics."""
     rows = []
     for i, prompt in enumerate(prompts, 1):
-        answers = {"base": base(prompt), "tuned": tuned(prompt)}
-        scored = {side: score_answer(answer, prompt) for side, answer in answers.items()}
-        outcome = compare(scored["base"], scored["tuned"])
+        sides = {
+            side: _answer_record(prompt, generate, decoding) for side, generate in (("base", base), ("tuned", tuned))
+        }
+        result = outcome(sides["base"]["score"], sides["tuned"]["score"])
         log(
-            f"  [{label} {i}/{len(prompts)}] {outcome:4s} base {scored['base'].score:.2f} tuned {scored['tuned'].score:.2f}  {prompt.prompt[:60]}"
+            f"  [{label} {i}/{len(prompts)}] {result:4s} base {sides['base']['score']:.2f} "
+            f"tuned {sides['tuned']['score']:.2f}  {prompt.prompt[:60]}"
         )
         rows.append(
             {
@@ -109,25 +144,36 @@ def compare_pair(prompts: list[TravelPrompt], base: Generate, tuned: Generate, l
                 "city": prompt.city,
                 "days": prompt.days,
                 "preferences": list(prompt.preferences),
-                "outcome": outcome,
-                **{side: _answer_record(answers[side], scored[side]) for side in ("base", "tuned")},
+                "outcome": result,
+                **sides,
             }
         )
     return summarise(rows)
 
 
-def _answer_record(answer: Answer, scored: Scored) -> dict:
-    return {"text": answer.text, "finished": answer.finished, "score": scored.score, "criteria": scored.criteria}
+def _answer_record(prompt: TravelPrompt, generate: Generate, decoding: Decoding) -> dict:
+    """The greedy answer (text, finished, its own score) and the sampled ones; `score` and `criteria` are the
+    means over all of them (a criterion's mean over the answers it judged)."""
+    answers = [(seed, generate(prompt, seed)) for seed in decoding.seeds()]
+    scored = [score_answer(answer, prompt) for _, answer in answers]
+    greedy, greedy_scored = answers[0][1], scored[0]
+    return {
+        "text": greedy.text,
+        "finished": greedy.finished,
+        "greedy_score": greedy_scored.score,
+        "score": sum(s.score for s in scored) / len(scored),
+        "criteria": {name: _mean(s.criteria[name] for s in scored) for name in CRITERIA},
+        "samples": [
+            {"seed": seed, "text": answer.text, "finished": answer.finished, "score": result.score}
+            for (seed, answer), result in zip(answers[1:], scored[1:])
+        ],
+    }
 
 
 def summarise(rows: list[dict]) -> dict:
-    counts = {outcome: sum(r["outcome"] == outcome for r in rows) for outcome in ("win", "tie", "loss")}
-    decided = counts["win"] + counts["loss"]
+    stats = paired_comparison([r["base"]["score"] for r in rows], [r["tuned"]["score"] for r in rows])
     return {
-        "wins": counts["win"],
-        "ties": counts["tie"],
-        "losses": counts["loss"],
-        "win_rate_non_tied": counts["win"] / decided if decided else None,
+        **{key: value for key, value in stats.items() if key != "prompts"},
         "mean_score": {side: _mean(r[side]["score"] for r in rows) for side in ("base", "tuned")},
         "criteria": {
             name: {side: _mean(r[side]["criteria"][name] for r in rows) for side in ("base", "tuned")}
@@ -182,7 +228,13 @@ def judge_pairs(judge_gguf: Path, rows: list[dict], threads: int | None = None) 
             row["judge"] = "tie"
         counts[{"win": "wins", "tie": "ties", "loss": "losses"}[row["judge"]]] += 1
     decided = counts["wins"] + counts["losses"]
-    return {"model": str(judge_gguf), **counts, "win_rate_non_tied": counts["wins"] / decided if decided else None}
+    return {
+        "model": str(judge_gguf),
+        **counts,
+        "win_rate_non_tied": counts["wins"] / decided if decided else None,
+        "sign_test_p": sign_test_p(counts["wins"], counts["losses"]),
+        "verdict": verdict(counts["wins"], counts["losses"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -203,18 +255,16 @@ def evaluate_domain(
     run_dir = Path(run_dir)
     pairs: dict[str, dict] = {}
     if adapter:
-        log(
-            f"domain eval ({name}, {len(prompts)} prompts): adapter on vs off, greedy, max {decoding.max_new_tokens} new tokens"
-        )
+        log(f"domain eval ({name}, {len(prompts)} prompts): adapter on vs off, {_decodes(decoding)}")
         base, tuned = adapter_generators(run_dir, decoding, threads)
         pairs["adapter"] = {
             "base": "adapter off",
             "tuned": "adapter on",
-            **compare_pair(prompts, base, tuned, log, "adapter"),
+            **compare_pair(prompts, base, tuned, log, "adapter", decoding),
         }
     if ggufs is not None:
         base_gguf, tuned_gguf = ggufs
-        log(f"domain eval ({name}): {base_gguf.name} vs {tuned_gguf.name} in llama.cpp")
+        log(f"domain eval ({name}): {base_gguf.name} vs {tuned_gguf.name} in llama.cpp, {_decodes(decoding)}")
         pairs["gguf"] = {
             "base": str(base_gguf),
             "tuned": str(tuned_gguf),
@@ -224,6 +274,7 @@ def evaluate_domain(
                 gguf_generator(tuned_gguf, decoding, threads),
                 log,
                 "gguf",
+                decoding,
             ),
         }
     if judge is not None:
@@ -232,7 +283,13 @@ def evaluate_domain(
         else:
             for pair in pairs.values():
                 pair["judge"] = judge_pairs(Path(judge), pair["answers"], threads)
-    report = {"run_dir": str(run_dir), "prompts": name, "decoding": asdict(decoding), "pairs": pairs}
+    report = {
+        "run_dir": str(run_dir),
+        "prompts": name,
+        "decoding": asdict(decoding),
+        "threads": threads,  # None: every core llama.cpp / torch chose to use
+        "pairs": pairs,
+    }
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     atomic_write(out / f"{name}.json", json.dumps(report, indent=2, ensure_ascii=False))
@@ -241,43 +298,61 @@ def evaluate_domain(
     return report
 
 
+def _decodes(decoding: Decoding) -> str:
+    text = f"greedy, max {decoding.max_new_tokens} new tokens"
+    if decoding.samples:
+        text += (
+            f" + {decoding.samples} sampled answer(s) per prompt (temperature {decoding.temperature}, top_p "
+            f"{decoding.top_p}, seeds {decoding.seed}..{decoding.seed + decoding.samples - 1}); "
+            "a prompt scores the mean"
+        )
+    return text
+
+
 def summary_lines(report: dict) -> str:
     lines = []
     for label, pair in report["pairs"].items():
-        rate = pair["win_rate_non_tied"]
         lines.append(
-            f"{label}: tuned wins {pair['wins']}, ties {pair['ties']}, loses {pair['losses']} "
-            f"(win rate of non-tied {'n/a' if rate is None else f'{rate:.0%}'}); mean rubric score "
+            f"{label}: tuned vs base: {describe(pair)}; mean rubric score "
             f"base {pair['mean_score']['base']:.3f} -> tuned {pair['mean_score']['tuned']:.3f}"
         )
     return "\n".join(lines)
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(interval: list[float] | None) -> str:
+    return "" if not interval else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def domain_markdown(report: dict) -> str:
     lines = [
         f"# Domain evaluation: {report['prompts']} prompts on {report['run_dir']}",
         "",
-        f"Greedy decoding, max {report['decoding']['max_new_tokens']} new tokens, repetition penalty "
-        f"{report['decoding']['repetition_penalty']}. Rubric: tunelab.eval.rubric (form, not facts).",
+        f"Decoding: {_decodes(Decoding(**report['decoding']))}, repetition penalty "
+        f"{report['decoding']['repetition_penalty']}; threads {report.get('threads') or 'default'}. "
+        "Rubric: tunelab.eval.rubric. Intervals: 95 % bootstrap over prompts (eval/stats.py).",
         "",
-        "| pair | base | tuned | wins | ties | losses | win rate (non-tied) | mean score base | mean score tuned |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| pair | base | tuned | wins | ties | losses | win rate (non-tied) [95 % CI] | mean score base | "
+        "mean score tuned | difference [95 % CI] | sign test p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, pair in report["pairs"].items():
         lines.append(
             f"| {label} | {Path(pair['base']).name} | {Path(pair['tuned']).name} | {pair['wins']} | {pair['ties']} | "
-            f"{pair['losses']} | {_fmt(pair['win_rate_non_tied'])} | {_fmt(pair['mean_score']['base'])} | "
-            f"{_fmt(pair['mean_score']['tuned'])} |"
+            f"{pair['losses']} | {_fmt(pair['win_rate_non_tied'])} {_interval(pair.get('win_rate_interval'))} | "
+            f"{_fmt(pair['mean_score']['base'])} | {_fmt(pair['mean_score']['tuned'])} | "
+            f"{_fmt(pair.get('mean_difference'))} {_interval(pair.get('mean_difference_interval'))} | "
+            f"{_fmt(pair.get('sign_test_p'), 3)} | {pair.get('verdict', '—')} |"
         )
         if "judge" in pair:
             judge = pair["judge"]
             lines.append(
                 f"| {label}, judge {Path(judge['model']).name} | | | {judge['wins']} | {judge['ties']} | {judge['losses']} | "
-                f"{_fmt(judge['win_rate_non_tied'])} | | |"
+                f"{_fmt(judge['win_rate_non_tied'])} | | | | {_fmt(judge.get('sign_test_p'), 3)} | "
+                f"{judge.get('verdict', '—')} |"
             )
     for label, pair in report["pairs"].items():
         lines += ["", f"## Mean score per criterion ({label})", "", "| criterion | base | tuned |", "|---|---|---|"]
@@ -288,7 +363,13 @@ def domain_markdown(report: dict) -> str:
             for side in ("base", "tuned"):
                 answer = row[side]
                 ending = {True: "end-of-turn", False: "length limit", None: "?"}[answer["finished"]]
-                lines += [f"**{side}** (score {answer['score']:.2f}, {ending}):", "", _quoted(answer["text"]), ""]
+                heading = f"**{side}** (score {answer['score']:.2f}, {ending}):"
+                if answer.get("samples"):
+                    heading = (
+                        f"**{side}** (mean score {answer['score']:.2f} over {1 + len(answer['samples'])} answers; "
+                        f"below the greedy one, {answer['greedy_score']:.2f}, {ending}; the others in the .json):"
+                    )
+                lines += [heading, "", _quoted(answer["text"]), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -75,6 +75,13 @@ def travel_data_cmd(
     grammar: Annotated[
         bool, typer.Option(help="Sample under a grammar that allows exactly the prompt's number of 'Day n' sections.")
     ] = False,
+    recheck: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also put a plans file made earlier (e.g. src/tunelab/data/travel_plans.jsonl) through today's "
+            "pass/fail checks (stays_in_city included) into OUTPUT/rechecked.jsonl."
+        ),
+    ] = None,
 ) -> None:
     """Travel training data: real day-by-day itineraries from the embedded ShareGPT, plus base-model answers to
     synthetic prompts kept by rejection sampling under the travel rubric (never the shipped eval prompts)."""
@@ -110,6 +117,16 @@ def travel_data_cmd(
         typer.echo(
             f"self-generated: kept {sampled['kept']} of {sampled['prompts']} prompts from {sampled['samples']} samples"
         )
+    if recheck is not None:
+        from tunelab.experiments.travel_data import recheck_plans
+
+        if not recheck.is_file():
+            raise UserError(f"--recheck {recheck}: file not found")
+        rows = [json.loads(line) for line in recheck.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rechecked, recounted = recheck_plans(rows)
+        write_jsonl(output / "rechecked.jsonl", rechecked)
+        report["rechecked"] = {"source": str(recheck), **dict(recounted)}
+        typer.echo(f"rechecked {recheck}: kept {recounted['kept']} of {recounted['plans']}; filters: {dict(recounted)}")
     (output / "counts.json").write_text(json.dumps(report, indent=2))
 
 

@@ -7,9 +7,10 @@ Checks (each is a row of the report; one that cannot be measured says why and is
 - regression: the feedback regression set (`tunelab feedback export DB --format evalset`): for every prompt with a
               reference answer (a better answer or a side-by-side winner), which model gives the reference the
               higher log-probability per token. Win rate = (wins + ties/2) / prompts. Gate: >= min_regression_win_rate.
-- rubric:     the travel rubric (eval/rubric.py + eval/domain.py, issue 15) on the first promote.rubric_prompts
-              shipped travel prompts, current vs candidate q4_k_m exports, greedy; per prompt win/tie/loss on the
-              rubric score. Gate: (wins + ties/2) / prompts >= min_rubric_win_rate.
+- rubric:     the travel rubric (eval/rubric.py + eval/domain.py) on the first promote.rubric_prompts shipped
+              travel prompts, current vs candidate q4_k_m exports, the greedy answer and promote.rubric_samples
+              sampled ones per prompt; per prompt win/tie/loss on the mean rubric score. Gate: the lower end of the
+              95 % bootstrap interval of the win rate among non-tied prompts >= min_rubric_win_rate (eval/stats.py).
 - latency:    decode tokens/s of both q4_k_m exports (RUN/export/model-q4_k_m.gguf, or the .gguf given), measured by
               the inference benchmark's function in child processes. Gate: drop <= max_latency_regression.
 Run folders must share the base model for val_loss / regression (one base in memory, two adapters on it).
@@ -209,9 +210,11 @@ def _regression_check(
 
 
 def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:
-    """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate q4_k_m, greedy."""
+    """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate q4_k_m: the greedy
+    answer and promote.rubric_samples sampled ones per prompt, with the statistics of eval/stats.py."""
     from tunelab.eval.domain import Decoding, compare_pair, gguf_generator
     from tunelab.eval.rubric import load_travel_prompts
+    from tunelab.eval.stats import describe
 
     files = {"current": shipped_gguf(current), "candidate": shipped_gguf(candidate)}
     missing = [name for name, path in files.items() if path is None]
@@ -220,23 +223,33 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
             "rubric", f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)"
         )
     prompts = load_travel_prompts("travel")[: gates.rubric_prompts]
-    log(f"rubric: {len(prompts)} travel prompts, current vs candidate ({SHIPPED_QUANT}, greedy)")
-    decoding = Decoding(max_new_tokens=gates.rubric_max_new_tokens)
+    decoding = Decoding(max_new_tokens=gates.rubric_max_new_tokens, samples=gates.rubric_samples)
+    log(
+        f"rubric: {len(prompts)} travel prompts, current vs candidate ({SHIPPED_QUANT}, greedy + "
+        f"{decoding.samples} sampled)"
+    )
     summary = compare_pair(
         prompts, gguf_generator(files["current"], decoding, threads), gguf_generator(files["candidate"], decoding, threads),
-        log=log, label="rubric",
+        log=log, label="rubric", decoding=decoding,
     )  # fmt: skip
-    win_rate = (summary["wins"] + summary["ties"] / 2) / len(prompts)
     means = summary["mean_score"]
     return Check(
         "rubric",
         means["base"],
         means["tuned"],
-        f"candidate win rate >= {gates.min_rubric_win_rate:g}",
-        win_rate >= gates.min_rubric_win_rate,
-        f"win rate {win_rate:.2f} ({summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses over "
-        f"{len(prompts)} shipped travel prompts); columns = mean rubric score",
+        f"lower end of the candidate's 95 % win-rate interval >= {gates.min_rubric_win_rate:g}",
+        rubric_passes(summary, gates.min_rubric_win_rate),
+        f"{describe(summary)}; over {len(prompts)} shipped travel prompts, {threads} thread(s); "
+        "columns = mean rubric score",
     )
+
+
+def rubric_passes(comparison: dict, min_win_rate: float) -> bool:
+    """Whether the lower end of the 95 % interval of the candidate's win rate among non-tied prompts reaches
+    `min_win_rate` (eval/stats.paired_comparison): the decision rests on what the prompts can show, not on the
+    point estimate. No decided prompt at all shows nothing: not passed."""
+    interval = comparison.get("win_rate_interval")
+    return interval is not None and interval[0] >= min_win_rate
 
 
 def latency_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:

@@ -8,10 +8,17 @@ from tunelab.config import QUICKSTART_CONFIG, load_config
 
 
 def run_quickstart(
-    output: Path, overrides: list[str] | None = None, serve: bool = False, travel_prompts: int = 48, log=print
+    output: Path,
+    overrides: list[str] | None = None,
+    serve: bool = False,
+    travel_prompts: int = 48,
+    log=print,
+    travel_samples: int = 2,
+    threads: int = 2,
 ) -> dict:
     """Train, then judge where the user lives: held-out loss, and (travel_prompts > 0) the travel rubric on that
-    many shipped prompts, base vs tuned, both from the q4_k_m GGUF the app serves."""
+    many shipped prompts, base vs tuned, both from the q4_k_m GGUF the app serves: per prompt the greedy answer
+    and `travel_samples` sampled ones, on `threads` llama.cpp threads, with the comparison's statistics."""
     from tunelab.eval.evaluate import evaluate_run
     from tunelab.train.recipe import run_training
 
@@ -21,7 +28,7 @@ def run_quickstart(
     report = evaluate_run(output, verbose=True)
     verdict = "lower" if report["improved"] else "NOT lower"
     if travel_prompts:
-        report["travel"] = _travel_check(output, travel_prompts, log)
+        report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads)
     log(
         f"\ntuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base {report['base']['val_loss']:.4f}"
         f" ({summary['tokens_per_second']:.0f} train tok/s, {summary['precision']})\n"
@@ -40,8 +47,9 @@ def run_quickstart(
     return report
 
 
-def _travel_check(run_dir: Path, prompts: int, log) -> dict:
-    """Base vs tuned q4_k_m GGUF on the shipped travel prompts (greedy): win rate of non-tied and per-criterion means."""
+def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: int = 2) -> dict:
+    """Base vs tuned q4_k_m GGUF on the shipped travel prompts: win rate of non-tied with its interval, sign test,
+    verdict and per-criterion means."""
     from tunelab.experiments.travel_eval import run_domain_eval, tuned_gguf_path
     from tunelab.export.pipeline import export_run
     from tunelab.models.inference import GenerationParams
@@ -49,28 +57,37 @@ def _travel_check(run_dir: Path, prompts: int, log) -> dict:
 
     if not tuned_gguf_path(run_dir).is_file():
         export_run(run_dir, ["q4_k_m"])
-    # Decoded as the app's planner decodes (its token budget and repetition penalty), greedily so that the figure
-    # is reproducible: judged as the user gets it. `tunelab eval RUN --prompts travel` varies these settings.
+    # Decoded as the app's planner decodes (its token budget, repetition penalty and temperature): the greedy
+    # answer plus `samples` sampled ones from fixed seeds, so that one greedy path tipped by the thread count does
+    # not decide a prompt. `tunelab eval RUN --prompts travel` varies these settings.
+    params = GenerationParams()
     domain = run_domain_eval(
         run_dir,
         "travel",
         max_new_tokens=PLANNER_MAX_NEW_TOKENS,
-        repetition_penalty=GenerationParams().repetition_penalty,
+        repetition_penalty=params.repetition_penalty,
         limit=prompts,
         adapter=False,
+        threads=threads,
         log=log,
+        samples=samples,
+        temperature=params.temperature,
     )
     pair = domain["pairs"]["gguf"]
-    return {key: pair[key] for key in ("wins", "ties", "losses", "win_rate_non_tied", "mean_score", "criteria")}
+    return {
+        **{key: value for key, value in pair.items() if key != "answers"},
+        "threads": threads,
+        "decoding": domain["decoding"],
+    }
 
 
 def _travel_line(travel: dict | None) -> str:
+    from tunelab.eval.stats import describe
+
     if not travel:
         return ""
-    rate = travel["win_rate_non_tied"]
     return (
-        f"travel planner, q4_k_m GGUFs: tuned wins {travel['wins']}, ties {travel['ties']}, loses {travel['losses']}"
-        f" (win rate of non-tied {'n/a' if rate is None else f'{rate:.0%}'}); mean rubric score"
+        f"travel planner, q4_k_m GGUFs, tuned vs base: {describe(travel)}; mean rubric score"
         f" {travel['mean_score']['base']:.3f} -> {travel['mean_score']['tuned']:.3f}\n"
         "  per criterion, base -> tuned: "
         + ", ".join(f"{name} {_share(v['base'])} -> {_share(v['tuned'])}" for name, v in travel["criteria"].items())

@@ -29,6 +29,12 @@ COLUMNS = [
     "travel_ties",
     "travel_losses",
     "travel_win_rate",
+    "travel_win_rate_low",
+    "travel_win_rate_high",
+    "travel_score_difference_low",
+    "travel_score_difference_high",
+    "travel_sign_test_p",
+    "travel_verdict",
     "travel_days_honoured_tuned",
     "travel_source",
     "train_seconds",
@@ -74,6 +80,17 @@ def training_loss_winner(results: list[dict]) -> dict | None:
     return min(with_loss, key=train_loss_tail) if with_loss else None
 
 
+def with_derived(result: dict) -> dict:
+    """A result with the columns computed from it: the last-10-steps train loss and the interval bounds."""
+    row = {**result, "train_loss_last10": train_loss_tail(result)}
+    for key, interval in (
+        ("travel_win_rate", result.get("travel_win_rate_interval")),
+        ("travel_score_difference", result.get("travel_score_difference_interval")),
+    ):
+        row[f"{key}_low"], row[f"{key}_high"] = interval or (None, None)
+    return row
+
+
 def write_report(output: Path, results: list[dict]) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     keys = swept_keys(results)
@@ -81,7 +98,7 @@ def write_report(output: Path, results: list[dict]) -> list[Path]:
     written[0].write_text(results_csv(results, keys))
     written[1].write_text(results_markdown(results, keys))
     if results:
-        written += write_plots(output, [{**r, "train_loss_last10": train_loss_tail(r)} for r in results], keys)
+        written += write_plots(output, [with_derived(r) for r in results], keys)
     return written
 
 
@@ -90,7 +107,7 @@ def results_csv(results: list[dict], keys: list[str]) -> str:
     writer = csv.writer(buffer)
     writer.writerow([*keys, *COLUMNS])
     for r in results:
-        row = {**r, "train_loss_last10": train_loss_tail(r)}
+        row = with_derived(r)
         writer.writerow([*(r["overrides"].get(k) for k in keys), *(row.get(c) for c in COLUMNS)])
     return buffer.getvalue()
 
@@ -126,6 +143,8 @@ def results_markdown(results: list[dict], keys: list[str]) -> str:
         "travel val base → tuned",
         "travel score base → tuned",
         "win/tie/loss",
+        "win rate [95 % CI]",
+        "sign test p: verdict",
         "days ok",
         "train s",
         "tok/s",
@@ -148,6 +167,8 @@ def results_markdown(results: list[dict], keys: list[str]) -> str:
             f"{_fmt(r.get('travel_val_loss_base'))} → {_fmt(r.get('travel_val_loss_tuned'))}",
             f"{_fmt(r.get('travel_score_base'), 3)} → {_fmt(r.get('travel_score_tuned'), 3)}",
             wtl,
+            _rate_with_interval(r),
+            "—" if r.get("travel_sign_test_p") is None else f"{r['travel_sign_test_p']:.3f}: {r['travel_verdict']}",
             _fmt(r.get("travel_days_honoured_tuned"), 2),
             _fmt(r.get("train_seconds"), 0),
             _fmt(r.get("train_tok_per_s"), 0),
@@ -164,6 +185,32 @@ def results_markdown(results: list[dict], keys: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _rate_with_interval(result: dict) -> str:
+    rate, interval = result.get("travel_win_rate"), result.get("travel_win_rate_interval")
+    if rate is None:
+        return "—"
+    return f"{rate:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def _error_bar(result: dict, metric: str) -> tuple[float, float] | None:
+    """(below, above) the plotted value from its 95 % interval: the win rate's own, or for the tuned rubric score
+    the base score plus the interval of the paired score difference (the base is the same for every run)."""
+    value = result.get(metric)
+    if metric == "travel_win_rate":
+        low, high = result.get("travel_win_rate_low"), result.get("travel_win_rate_high")
+    elif metric == "travel_score_tuned" and result.get("travel_score_base") is not None:
+        low, high = (
+            None if result.get(f"travel_score_difference_{side}") is None
+            else result["travel_score_base"] + result[f"travel_score_difference_{side}"]
+            for side in ("low", "high")
+        )  # fmt: skip
+    else:
+        return None
+    if value is None or low is None or high is None:
+        return None
+    return max(0.0, value - low), max(0.0, high - value)
 
 
 def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path]:
@@ -191,7 +238,8 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
         ("general_val_loss_tuned", "general held-out loss"),
         ("travel_val_loss_tuned", "travel held-out loss"),
         ("train_loss_last10", f"train loss (last {TAIL_STEPS} steps)"),
-        ("travel_score_tuned", "travel rubric score"),
+        ("travel_score_tuned", "travel rubric score (95 % CI)"),
+        ("travel_win_rate", "travel win rate, non-tied (95 % CI)"),
     ]
     for i, key in enumerate(keys):
         if any(_tied(results, earlier, key) for earlier in keys[:i]):
@@ -203,11 +251,16 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
         for ax, (metric, title) in zip(axes, metrics):
             for label, runs in series.items():
                 points = sorted(
-                    (positions[repr(r["overrides"].get(key))], r.get(metric)) for r in runs if r.get(metric) is not None
-                )
-                ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=label or None)
-            base = _base_value(results, metric)
-            if base is not None:  # where the untrained model stands: a run below it got worse
+                    ((positions[repr(r["overrides"].get(key))], r.get(metric), _error_bar(r, metric))
+                     for r in runs if r.get(metric) is not None),
+                    key=lambda point: point[:2],
+                )  # fmt: skip
+                bars = [e for _, _, e in points]
+                errors = None if any(e is None for e in bars) else [[e[0] for e in bars], [e[1] for e in bars]]
+                ax.errorbar([x for x, _, _ in points], [y for _, y, _ in points], yerr=errors, fmt="o-", capsize=3,
+                            label=label or None)  # fmt: skip
+            base = 0.5 if metric == "travel_win_rate" else _base_value(results, metric)
+            if base is not None:  # where the untrained model stands (a win rate of 0.5): a run below it got worse
                 ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base")
             if log_x:
                 ax.set_xscale("log")

@@ -181,6 +181,7 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
         log=log,
         base_gguf=output / "base-models" / f"{slug}-{spec.quant}.gguf",
         quant=spec.quant,
+        samples=spec.travel_eval.samples,
     )
 
 
@@ -314,6 +315,10 @@ def collect(
                 "travel_ties": pair["ties"],
                 "travel_losses": pair["losses"],
                 "travel_win_rate": pair["win_rate_non_tied"],
+                "travel_win_rate_interval": pair.get("win_rate_interval"),
+                "travel_score_difference_interval": pair.get("mean_difference_interval"),
+                "travel_sign_test_p": pair.get("sign_test_p"),
+                "travel_verdict": pair.get("verdict"),
                 "travel_days_honoured_tuned": pair["criteria"]["days_honoured"]["tuned"],
             }
         )

@@ -49,6 +49,12 @@ class TravelEvalSpec(_Spec):
     )
     limit: int | None = Field(12, gt=0, description="Only the first N prompts (None: all); bounds CPU time per run.")
     max_new_tokens: int = Field(256, gt=0, description="New tokens per answer (greedy).")
+    samples: int = Field(
+        0,
+        ge=0,
+        description="Sampled answers per prompt and side besides the greedy one (the app's temperature, fixed "
+        "seeds); a prompt scores the mean of its answers.",
+    )
     enabled: bool = Field(True, description="Score the travel rubric (base vs tuned) for every run.")
 
 

@@ -6,7 +6,9 @@ Two levers the study measures separately:
 - `rejection_sample`: several sampled answers per synthetic travel prompt from the base model, the best one
   under the rubric kept as training data when it passes every judged criterion (the best-vs-worst pairs are
   written too, as preference pairs). Synthetic prompts never use a city of the shipped eval set.
-Both write plain `{"messages": [...]}` JSONL files that a config lists as `data.sources: [{path: ...}]`.
+Both write plain `{"messages": [...]}` JSONL files that a config lists as `data.sources: [{path: ...}]`. Neither
+keeps a plan that names a big city far from the one asked about (`stays_in_city`), and `recheck_plans` puts a file of
+plans made earlier through today's pass/fail checks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tunelab.eval.rubric import (
+    SHARE_CRITERIA,
     SHIPPED_TRAVEL_PROMPTS,
     Answer,
     TravelPrompt,
@@ -27,6 +30,7 @@ from tunelab.eval.rubric import (
     load_travel_prompts,
     no_degenerate_repetition,
     score_answer,
+    stays_in_city,
 )
 
 TRIP_WORDS = re.compile(r"\b(?:travel|trip|itinerary|vacation|holiday|tour|visit|sightseeing|things to do in)\b", re.I)
@@ -58,6 +62,14 @@ def requested_days(request: str) -> int | None:
     return None
 
 
+def requested_city(request: str) -> str | None:
+    """The first city a request names, by the gazetteer (None when it names none, e.g. a country)."""
+    from tunelab.eval.gazetteer import city_mentions
+
+    mentions = city_mentions(request)
+    return mentions[0].name if mentions else None
+
+
 # ------------------------------------------------------------------------- real itineraries
 def sharegpt_first_exchanges() -> Iterator[tuple[str, str] | None]:
     """(user, assistant) of each embedded ShareGPT conversation's first exchange; None for unusable records."""
@@ -83,7 +95,8 @@ def sharegpt_first_exchanges() -> Iterator[tuple[str, str] | None]:
 
 
 def select_itineraries(exchanges, max_request_chars: int = 1500) -> tuple[list[dict], Counter]:
-    """Keep first exchanges that ask for an N-day trip and answer with exactly Day 1..N; count each filter."""
+    """Keep first exchanges that ask for an N-day trip and answer with exactly Day 1..N, staying in the city the
+    request names (when it names one); count what each filter kept."""
     counts: Counter = Counter()
     kept, seen = [], set()
     for exchange in exchanges:
@@ -109,6 +122,10 @@ def select_itineraries(exchanges, max_request_chars: int = 1500) -> tuple[list[d
         if not (length_within_bounds(answer, prompt) and no_degenerate_repetition(answer, prompt)):
             continue
         counts["length_ok_no_loops"] += 1
+        city = requested_city(user)
+        if city is not None and stays_in_city(answer, TravelPrompt(prompt=user, city=city)) == 0.0:
+            continue
+        counts["stays_in_city"] += 1
         key = " ".join(user.lower().split())
         if key in seen:
             continue
@@ -241,7 +258,14 @@ def rejection_sample(
     and every pass/fail criterion it was judged on passed (a plan with the wrong city or a loop is never training
     data, whatever its mean; `preferences` is a share, so it only counts through the score).
 
-    `sample(prompt, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts).
+    Preference pairs (DPO records: prompt, chosen, rejected) are the best vs the worst sample of a prompt whenever
+    their scores differ, with the pass/fail checks each failed (`chosen_failed`, `rejected_failed`): the pairs
+    whose chosen answer passes every check and whose rejected one fails some (wanders, loops, misses days) are
+    the clean preferences, counted as `pairs_chosen_passes_rejected_fails`.
+
+    `sample(prompt, seed)` returns one sampled answer. Returns (training rows, preference pairs, counts); the
+    counts say how many prompts' best sample passed each pass/fail check in turn (`passes_<criterion>`), then the
+    score threshold (`passes_min_score`, = `kept`).
     """
     kept, pairs, counts = [], [], Counter()
     for i, prompt in enumerate(prompts, 1):
@@ -249,14 +273,16 @@ def rejection_sample(
         for seed in range(samples_per_prompt):
             answer = sample(prompt, seed)
             result = score_answer(answer, prompt)
-            failed = any(value == 0.0 for name, value in result.criteria.items() if name != "preferences")
-            scored.append((result.score, seed, answer, failed))
+            failed = any(value == 0.0 for name, value in result.criteria.items() if name not in SHARE_CRITERIA)
+            scored.append((result.score, seed, answer, failed, result.criteria))
             counts["samples"] += 1
         scored.sort(key=lambda item: (item[3], -item[0], item[1]))  # passing every pass/fail check first, then by score
         best, worst = scored[0], scored[-1]
         counts["prompts"] += 1
         log(f"  [{i}/{len(prompts)}] best {best[0]:.2f} worst {worst[0]:.2f}  {prompt.prompt[:70]}")
         if best[0] > worst[0]:
+            chosen_failed, rejected_failed = _failed_checks(best[4]), _failed_checks(worst[4])
+            counts["pairs_chosen_passes_rejected_fails"] += not chosen_failed and bool(rejected_failed)
             pairs.append(
                 {
                     "prompt": prompt.prompt,
@@ -264,8 +290,11 @@ def rejection_sample(
                     "rejected": worst[2].text,
                     "chosen_score": best[0],
                     "rejected_score": worst[0],
+                    "chosen_failed": chosen_failed,
+                    "rejected_failed": rejected_failed,
                 }
             )
+        _count_filters(counts, best[4], best[0] >= min_score)
         if best[0] >= min_score and not best[3]:
             counts["kept"] += 1
             kept.append(
@@ -280,6 +309,41 @@ def rejection_sample(
                 }
             )
     return kept, pairs, counts
+
+
+def _failed_checks(criteria: dict[str, float | None]) -> list[str]:
+    """The pass/fail checks an answer failed, e.g. ["stays_in_city", "no_repetition"]."""
+    return [name for name, value in criteria.items() if name not in SHARE_CRITERIA and value == 0.0]
+
+
+def _count_filters(counts: Counter, criteria: dict[str, float | None], above_min_score: bool | None) -> bool:
+    """Count the pass/fail checks an answer passes, in CRITERIA order, up to the first it fails (a check that was
+    not judged passes); then the score threshold when one is given. True when it passed them all."""
+    for name, value in criteria.items():
+        if name in SHARE_CRITERIA:
+            continue
+        if value == 0.0:
+            return False
+        counts[f"passes_{name}"] += 1
+    if above_min_score is None:
+        return True
+    if above_min_score:
+        counts["passes_min_score"] += 1
+    return above_min_score
+
+
+def recheck_plans(rows: list[dict]) -> tuple[list[dict], Counter]:
+    """Plans made earlier ({"messages", "city", "days"} rows, e.g. embedded:travel-plans) put through today's
+    pass/fail checks, whether generation ended cleanly aside (not recorded with them); what each check kept."""
+    kept, counts = [], Counter()
+    for row in rows:
+        counts["plans"] += 1
+        user, assistant = row["messages"][0]["content"], row["messages"][-1]["content"]
+        prompt = TravelPrompt(prompt=user, city=row.get("city"), days=row.get("days"))
+        if _count_filters(counts, score_answer(Answer(assistant), prompt).criteria, None):
+            counts["kept"] += 1
+            kept.append(row)
+    return kept, counts
 
 
 def gguf_sampler(

@@ -81,6 +81,9 @@ def run_domain_eval(
     base_gguf: Path | None = None,
     day_grammar: bool = False,
     quant: str = SHIPPED_QUANT,
+    samples: int = 0,
+    temperature: float = Decoding.temperature,
+    seed: int = Decoding.seed,
 ) -> dict:
     from tunelab.models.runs import run_config
 
@@ -109,7 +112,14 @@ def run_domain_eval(
             f"{run_dir}: nothing to compare — no {tuned_gguf_path(run_dir, quant).name} in RUN/export and the "
             "adapter comparison is off (drop --no-adapter, or export first)"
         )
-    decoding = Decoding(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, day_grammar=day_grammar)
+    decoding = Decoding(
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        day_grammar=day_grammar,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+    )
     return evaluate_domain(
         run_dir, prompts, name, decoding, ggufs=ggufs, judge=judge, adapter=adapter, threads=threads, log=log
     )
