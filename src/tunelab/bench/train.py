@@ -40,7 +40,7 @@ from tunelab.train.memory import MMAP_THRESHOLD, ONEDNN_PRIMITIVE_CACHE
 FAST_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_PRIMITIVE_CACHE)}
 LEAN_ENV = {**FAST_ENV, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
 ALLOCATOR_ENV = {"tunelab": FAST_ENV, "trl": FAST_ENV, "tunelab_lean": LEAN_ENV, "trl_lean": LEAN_ENV}
-# Goals per precision (issue 13): speed vs TRL's fastest, memory vs TRL's leanest, quality vs the same-order run.
+# Goals per precision: speed vs TRL's fastest, memory vs TRL's leanest, quality vs the same-order run.
 GOALS = {"tok_per_s_vs_trl_fastest": 2.0, "peak_rss_vs_trl_leanest": 0.6, "val_loss_rel_vs_same_order": 0.005}
 
 
