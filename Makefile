@@ -15,7 +15,7 @@ WHEELHOUSE ?= $(HOME)/.cache/tunelab/wheels
 # CMake takes CFLAGS/CXXFLAGS as its initial compiler flags; explicit -mno-* flags win over -march=native.
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
-.PHONY: install demo test test-fast browser clean
+.PHONY: install demo test test-fast lint browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -48,9 +48,14 @@ browser:
 demo: install
 	$(VENV)/bin/tunelab quickstart --output $(DEMO_DIR) --serve
 
-test: install browser
+test: install browser lint
 	rm -rf .test-tmp
 	$(VENV)/bin/python -m pytest -q --durations=25
+
+# The formatter and linter (configured in pyproject.toml): a change that is not formatted, or that ruff flags, fails.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow and not browser"
