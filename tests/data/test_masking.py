@@ -84,6 +84,9 @@ def test_template_that_is_not_prefix_stable_is_rejected(chatml_tokenizer, tmp_pa
 
     tokenizer = copy.deepcopy(chatml_tokenizer)
     # Renders only the last message: a k-message prefix is never a prefix of the (k+1)-message rendering.
-    tokenizer.chat_template = "{{ messages[-1]['role'] }}: {{ messages[-1]['content'] }}\n{% if add_generation_prompt %}assistant: {% endif %}"
+    tokenizer.chat_template = (
+        "{{ messages[-1]['role'] }}: {{ messages[-1]['content'] }}\n"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(TemplateError, match="not prefix-stable at t#0"):
         encode_conversations(tokenizer, [CONVERSATION], ["t#0"], 512, "truncate")

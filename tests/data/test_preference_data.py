@@ -163,7 +163,8 @@ def test_sft_data_given_to_dpo_is_a_one_line_error(tmp_path):
     )
     with pytest.raises(
         DataError,
-        match=r"sft.jsonl: not dpo preference data \(expected prompt/messages \+ chosen \+ rejected; first record has: messages\)",
+        match=r"sft.jsonl: not dpo preference data "
+        r"\(expected prompt/messages \+ chosen \+ rejected; first record has: messages\)",
     ):
         prepare_dataset(pref_config(tmp_path, path))
 

@@ -55,7 +55,8 @@ def write_task(folder, name="tunelab_tiny_mc", rows=ROWS):
 
 
 def hand_accuracy(model, tokenizer, rows) -> tuple[float, float]:
-    """acc and acc_norm by hand: sum of the log-probs of " choice" after the question; argmax (acc_norm: per character)."""
+    """acc and acc_norm by hand: sum of the log-probs of " choice" after the question;
+    argmax (acc_norm: per character)."""
     acc = acc_norm = 0
     with torch.no_grad():
         for row in rows:

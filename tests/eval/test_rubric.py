@@ -61,7 +61,10 @@ Visit the Livraria Lello bookshop, the São Bento station tiles and a food marke
 
 
 def test_day_numbers_reads_section_headings_only():
-    text = "## Day 1\nOn day 3 of your trip you will be tired.\n- Day 2 - beach\n**Day 3:** museums\n1. Day 4\nday 5 morning"
+    text = (
+        "## Day 1\nOn day 3 of your trip you will be tired.\n- Day 2 - beach\n"
+        "**Day 3:** museums\n1. Day 4\nday 5 morning"
+    )
     assert day_numbers(text) == [1, 2, 3, 4, 5]
     assert day_numbers("You could spend a day 2 hours away.") == []
 

@@ -150,7 +150,8 @@ def test_new_and_migrated_databases_have_the_released_schema(tmp_path):
     FeedbackStore(tmp_path / "v1.db").close()
     expected = schema_of(tmp_path / "released.db")
     assert set(expected) == {"user_version", "feedback", "feedback_created_at", "pairwise", "pairwise_created_at",
-                             "sqlite_autoindex_feedback_1", "sqlite_autoindex_pairwise_1", "sqlite_sequence"}  # fmt: skip
+                             "sqlite_autoindex_feedback_1", "sqlite_autoindex_pairwise_1",
+                             "sqlite_sequence"}  # fmt: skip
     assert schema_of(tmp_path / "new.db") == expected
     assert schema_of(tmp_path / "v1.db") == expected
 

@@ -49,7 +49,8 @@ def test_exported_feedback_trains_the_next_round(tmp_path):
     config.write_text(f"""
 model: {{name: {small_llama_folder(tmp_path)}}}
 data: {{sources: [{{path: {sft}}}], val_fraction: 0.2, dedup: {{near: false}}, output_dir: {tmp_path / "prepared"}}}
-train: {{output_dir: {tmp_path / "run"}, max_steps: 2, batch_size: 2, max_seq_len: 128, precision: fp32, save_steps: 2, eval_steps: 2}}
+train: {{output_dir: {tmp_path / "run"}, max_steps: 2, batch_size: 2, max_seq_len: 128, precision: fp32, \
+save_steps: 2, eval_steps: 2}}
 """)
     trained = subprocess.run([*cli, "train", str(config)], capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]

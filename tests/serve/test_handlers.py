@@ -63,13 +63,13 @@ def test_plan_with_zero_days_shows_message_and_never_calls_the_model(app):
 def test_plan_with_the_day_format_sends_the_grammar_and_its_budget_to_a_backend_that_takes_one(tmp_path):
     backend = GrammarBackend()
     app = ChatApp(backend, FeedbackStore(tmp_path / "fb.db"))
-    *_, (plan, record, status) = run(app.plan(**planner_args(days=2), temperature=0.0, max_new_tokens=16, last_plan=None,
-                                              day_format=True))  # fmt: skip
+    *_, (plan, record, status) = run(app.plan(**planner_args(days=2), temperature=0.0, max_new_tokens=16,
+                                              last_plan=None, day_format=True))  # fmt: skip
     assert backend.grammars == [day_plan_grammar(2)] and status == "Done. Rate the plan below."
     assert backend.calls[0][1].max_new_tokens == token_budget(2)  # the format's budget, not the slider's 16
     assert record["params"] == {**record["params"], "max_new_tokens": token_budget(2), "day_grammar": True}
-    *_, (plan, record, status) = run(app.plan(**planner_args(days=14), temperature=0.0, max_new_tokens=16, last_plan=None,
-                                              day_format=True))  # fmt: skip
+    *_, (plan, record, status) = run(app.plan(**planner_args(days=14), temperature=0.0, max_new_tokens=16,
+                                              last_plan=None, day_format=True))  # fmt: skip
     assert backend.calls[-1][1].max_new_tokens == Limits().max_new_tokens  # never past the server's limit
     *_, (plan, record, status) = run(
         app.plan(**planner_args(days=2), temperature=0.0, max_new_tokens=16, last_plan=None)

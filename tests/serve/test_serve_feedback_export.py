@@ -13,7 +13,8 @@ from tunelab.cli import app as cli_app
 from tunelab.serve.feedback_store import FeedbackRecord, FeedbackStore
 
 CITIES = ["Lisbon", "Porto", "Madrid", "Seville", "Rome", "Florence", "Vienna", "Prague", "Krakow", "Berlin",
-          "Hamburg", "Oslo", "Bergen", "Dublin", "Edinburgh", "Paris", "Lyon", "Nice", "Athens", "Istanbul"]  # fmt: skip
+          "Hamburg", "Oslo", "Bergen", "Dublin", "Edinburgh", "Paris", "Lyon", "Nice", "Athens",
+          "Istanbul"]  # fmt: skip
 
 
 def fill(db, n_up: int = 12, n_down_corrected: int = 6, n_down: int = 3) -> None:

@@ -7,7 +7,8 @@ worker restores what a GPU machine gets — the FSDP plugin built from that envi
 and then runs the real CLI, so `accelerator.prepare` wraps tunelab's loss module with torch's FSDP exactly as it
 would on GPUs (device_id = the CPU, named `cpu` rather than accelerate's `cpu:0`, which torch's FSDP refuses).
 
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 tests/train/fsdp_cpu_worker.py train CONFIG
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \\
+        tests/train/fsdp_cpu_worker.py train CONFIG
 """
 
 from __future__ import annotations

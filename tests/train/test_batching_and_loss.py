@@ -82,6 +82,9 @@ def test_step_indices_are_the_same_in_a_fresh_process():
     epoch_order.cache_clear()
     torch.manual_seed(123)  # the global RNG must not matter
     assert [step_indices(step, 4, 10, seed=3) for step in range(8)] == expected
-    code = "import json; from tunelab.train.batching import step_indices; print(json.dumps([step_indices(s, 4, 10, seed=3) for s in range(8)]))"
+    code = (
+        "import json; from tunelab.train.batching import step_indices; "
+        "print(json.dumps([step_indices(s, 4, 10, seed=3) for s in range(8)]))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(done.stdout) == expected

@@ -21,7 +21,10 @@ def bench_data_cmd(
     rows: Annotated[
         str | None,
         typer.Option(
-            help="FineTome-sized inputs instead: comma-separated row counts, e.g. 10000,100000 (a single N also runs 10000 first)."
+            help=(
+                "FineTome-sized inputs instead: comma-separated row counts, e.g. 10000,100000 "
+                "(a single N also runs 10000 first)."
+            )
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="--rows: folder for the generated inputs, prepared data and logs.")] = Path(
@@ -106,7 +109,7 @@ def bench_train_cmd(
         ),
     ] = "sft",
 ) -> None:
-    """tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out figures."""
+    "tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out figures."
     from tunelab.bench.machine import command_line
     from tunelab.bench.train import markdown_table, plot_throughput, print_table, run_bench
     from tunelab.config import QUICKSTART_CONFIG, load_config

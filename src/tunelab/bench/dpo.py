@@ -144,7 +144,8 @@ def run_dpo_bench(
 
 def markdown_table(doc: dict) -> str:
     lines = [
-        "| precision | side | real tok/s | tok/CPU-s (steps 2+) | s/step | peak RSS MiB | held-out DPO loss | preference accuracy | reward margin |",
+        "| precision | side | real tok/s | tok/CPU-s (steps 2+) | s/step | peak RSS MiB "
+        "| held-out DPO loss | preference accuracy | reward margin |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for precision, block in precision_blocks(doc):
@@ -152,13 +153,15 @@ def markdown_table(doc: dict) -> str:
             if side in block:
                 s = block[side]
                 lines.append(
-                    f"| {precision} | {side} | {s['tok_per_s']:.1f} | {_fmt(s.get('tok_per_cpu_s'))} | {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
+                    f"| {precision} | {side} | {s['tok_per_s']:.1f} | {_fmt(s.get('tok_per_cpu_s'))} "
+                    f"| {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
                     f"{s['val_loss']:.4f} | {s['val_pref_accuracy']:.3f} | {s['val_reward_margin']:+.4f} |"
                 )
         if "ratio" in block:
             r = block["ratio"]
             lines.append(
-                f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {_fmt(r.get('tok_per_cpu_s'), 'x')} | {r['s_per_step']:.2f}x | "
+                f"| {precision} | **tunelab/TRL** | **{r['tok_per_s']:.2f}x** | {_fmt(r.get('tok_per_cpu_s'), 'x')} "
+                f"| {r['s_per_step']:.2f}x | "
                 f"**{r['peak_rss_mib']:.2f}x** | {r['val_loss_delta']:+.4f} | | |"
             )
     lines += [

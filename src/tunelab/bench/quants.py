@@ -150,14 +150,18 @@ def _build_has_repack() -> bool:
     return b"REPACK = 1" in llama_cpp.llama_print_system_info()
 
 
-HEADER = f"{'quant':<8} {'size MiB':>9} {'decode tok/s':>12} {'bound tok/s':>11} {'of bound':>8} {'TTFT s':>7} {'ppl':>8} {'vs q8_0':>8}"
+HEADER = (
+    f"{'quant':<8} {'size MiB':>9} {'decode tok/s':>12} {'bound tok/s':>11} "
+    f"{'of bound':>8} {'TTFT s':>7} {'ppl':>8} {'vs q8_0':>8}"
+)
 
 
 def format_row(row: dict) -> str:
     vs = f"{row['ppl_vs_q8_0_pct']:+.2f}%" if row.get("ppl_vs_q8_0_pct") is not None else "-"
     of_bound = f"{100 * row['fraction_of_bound']:.0f}%" if row.get("fraction_of_bound") else "-"
     return (
-        f"{row['quant']:<8} {row['size_mib']:>9.1f} {row['decode_tok_s'] or 0:>12.1f} {row['bandwidth_bound_tok_s']:>11.1f} "
+        f"{row['quant']:<8} {row['size_mib']:>9.1f} {row['decode_tok_s'] or 0:>12.1f} "
+        f"{row['bandwidth_bound_tok_s']:>11.1f} "
         f"{of_bound:>8} {row['ttft_s']:>7.3f} {row['ppl']:>8.3f} {vs:>8}"
     )
 
@@ -165,7 +169,8 @@ def format_row(row: dict) -> str:
 def format_table(report: dict) -> str:
     lines = [HEADER, *(format_row(r) for r in report["quants"])]
     lines.append(
-        f"copy bandwidth {report['copy_bandwidth_gb_s']} GB/s; q4_0 runtime repacking: {'on' if report['repack'] else 'off'}; "
+        f"copy bandwidth {report['copy_bandwidth_gb_s']} GB/s; "
+        f"q4_0 runtime repacking: {'on' if report['repack'] else 'off'}; "
         f"perplexity on {report['val_sequences']} val sequences ({report['val_tokens']} tokens)"
     )
     choice = report["recommended"]

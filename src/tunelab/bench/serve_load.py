@@ -225,8 +225,9 @@ def warm_up(url: str, max_new_tokens: int) -> None:
 
 # --------------------------------------------------------------------------------------- the run
 def run_serve_load(
-    model: Path, *, users: int = 20, rounds: int = 1, max_new_tokens: int = 32, threads: int = 2, temperature: float = 0.7,
-    time_limit_s: float = 900, startup_timeout_s: float = 300, workdir: Path | None = None, engine: str = "auto",
+    model: Path, *, users: int = 20, rounds: int = 1, max_new_tokens: int = 32, threads: int = 2,
+    temperature: float = 0.7, time_limit_s: float = 900, startup_timeout_s: float = 300, workdir: Path | None = None,
+    engine: str = "auto",
 ) -> LoadResult:  # fmt: skip
     if not model.exists():
         raise UserError(f"{model}: model not found")
@@ -303,9 +304,9 @@ def report(result: LoadResult) -> str:
         f"| answers | errors | feedback submitted / stored | TTFT p50 s | TTFT p95 s | decode {unit}/s p50 "
         f"| decode {unit}/s p5 | aggregate {unit}/s | wall s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {s['answers']} | {s['errors']} | {s['feedback_submitted']} / {s['feedback_stored']} | {s['ttft_p50_s']:.2f} "
-        f"| {s['ttft_p95_s']:.2f} | {s['decode_tok_s_p50']:.1f} | {s['decode_tok_s_p5']:.1f} | {s['aggregate_tok_s']:.1f} "
-        f"| {s['wall_s']:.1f} |",
+        f"| {s['answers']} | {s['errors']} | {s['feedback_submitted']} / {s['feedback_stored']} "
+        f"| {s['ttft_p50_s']:.2f} | {s['ttft_p95_s']:.2f} | {s['decode_tok_s_p50']:.1f} | {s['decode_tok_s_p5']:.1f} "
+        f"| {s['aggregate_tok_s']:.1f} | {s['wall_s']:.1f} |",
     ])  # fmt: skip
 
 

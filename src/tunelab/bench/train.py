@@ -308,7 +308,10 @@ def print_table(doc: dict, log=print) -> None:
     console = Console()
     for precision, block in precision_blocks(doc):
         table = Table(
-            title=f"bench train, {precision}: {doc['steps']} steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']}"
+            title=(
+                f"bench train, {precision}: {doc['steps']} steps x {doc['conversations_per_step']} conversations, "
+                f"median of {doc['repeats']}"
+            )
         )
         for column in (
             "side",
@@ -380,7 +383,8 @@ def precision_blocks(doc: dict):
 def markdown_table(doc: dict) -> str:
     """The figures as a Markdown table (pasted into docs/benchmarks.md)."""
     lines = [
-        "| precision | side | real tok/s | s/step | peak RSS MiB | val loss | % of matmul peak | tok/CPU-s (steps 2+) |",
+        "| precision | side | real tok/s | s/step | peak RSS MiB | val loss | % of matmul peak "
+        "| tok/CPU-s (steps 2+) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for precision, block in precision_blocks(doc):
@@ -388,15 +392,17 @@ def markdown_table(doc: dict) -> str:
             if side in block:
                 s = block[side]
                 lines.append(
-                    f"| {precision} | {side} | {s['tok_per_s']:.1f} | {s['s_per_step']:.2f} | {s['peak_rss_mib']:.0f} | "
-                    f"{s['val_loss']:.4f} | {100 * s['fraction_of_matmul_peak']:.0f}% of {block['matmul_peak']['gflops']:.0f} GFLOP/s | "
+                    f"| {precision} | {side} | {s['tok_per_s']:.1f} | {s['s_per_step']:.2f} "
+                    f"| {s['peak_rss_mib']:.0f} | {s['val_loss']:.4f} | {100 * s['fraction_of_matmul_peak']:.0f}% "
+                    f"of {block['matmul_peak']['gflops']:.0f} GFLOP/s | "
                     f"{_fmt(s.get('tok_per_cpu_s'))} |"
                 )
         for key, label in RATIO_ROWS:
             if key in block:
                 r = block[key]
                 lines.append(
-                    f"| {precision} | **{label}** | **{r['tok_per_s']:.2f}x** | {r['s_per_step']:.2f}x | **{r['peak_rss_mib']:.2f}x** | "
+                    f"| {precision} | **{label}** | **{r['tok_per_s']:.2f}x** | {r['s_per_step']:.2f}x "
+                    f"| **{r['peak_rss_mib']:.2f}x** | "
                     f"{100 * r['val_loss_rel']:+.2f}% | | {_fmt(r.get('tok_per_cpu_s'), 'x')} |"
                 )
     for precision, block in precision_blocks(doc):
@@ -405,13 +411,15 @@ def markdown_table(doc: dict) -> str:
     lines += [
         "",
         f"Command: `{doc['command']}`; machine: {doc['machine']}; date: {doc['date']}; "
-        f"{doc['steps']} optimizer steps x {doc['conversations_per_step']} conversations, median of {doc['repeats']} runs per side.",
+        f"{doc['steps']} optimizer steps x {doc['conversations_per_step']} conversations, "
+        f"median of {doc['repeats']} runs per side.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot_throughput(doc: dict, path: Path) -> None:
-    """Bar chart: real tokens/s per side and precision, with each precision's ceiling (matmul peak / FLOPs per token)."""
+    """Bar chart: real tokens/s per side and precision, with each precision's ceiling
+    (matmul peak / FLOPs per token)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -215,7 +215,8 @@ class PreferencePipeline(DataPipeline):
         if not train:
             dropped = ", ".join(f"{k} {v}" for k, v in self.log.dropped.counts.most_common(4))
             raise DataError(
-                f"data.sources: no preference rows left for training after filtering and tokenising (dropped: {dropped})"
+                "data.sources: no preference rows left for training after filtering and tokenising "
+                f"(dropped: {dropped})"
             )
         if self.objective == "kto" and len({r["label"] for r in train}) < 2:
             raise DataError(

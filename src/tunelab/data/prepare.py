@@ -47,7 +47,9 @@ from tunelab.io import atomic_folder
 FORMAT_VERSION = 1  # bump when the prepared output changes for the same config
 ENCODE_CHUNK = 1024  # rows tokenised (and held) at a time: the tokenizer's batch, and the memory bound
 TRUNCATION_POLICIES = {
-    "truncate": "keep the longest run of whole user/assistant exchanges that fits; drop rows whose first exchange does not fit",
+    "truncate": (
+        "keep the longest run of whole user/assistant exchanges that fits; drop rows whose first exchange does not fit"
+    ),
     "drop": "drop rows that do not fit whole",
 }
 
@@ -154,7 +156,8 @@ class DataPipeline:
                     break
         if not counts.valid:
             raise DataError(
-                f"{src.path or src.preset}: all {counts.records_read} rows were filtered out ({self.log.top_reasons(name)})"
+                f"{src.path or src.preset}: all {counts.records_read} rows were filtered out "
+                f"({self.log.top_reasons(name)})"
             )
 
     def normalize_record(
@@ -207,7 +210,8 @@ class DataPipeline:
 
     # ------------------------------------------------------------------ mix, split, encode, write
     def planned(self, rows: Iterable[Row]) -> Iterator[tuple[Row, bool, int]]:
-        """(row, is_val, copies) for every row the mix keeps: val iff hash(id) < val_fraction, copies from the weight."""
+        """(row, is_val, copies) for every row the mix keeps: val iff hash(id) < val_fraction,
+        copies from the weight."""
         weights = {name: c.weight for name, c in self.counts.items()}
         for r in rows:
             self.counts[r.source].unique += 1
@@ -295,7 +299,10 @@ class DataPipeline:
             "tokenization": {
                 "template_checked_rows": stats.verified,
                 "segment_boundary_mismatches": stats.boundary_mismatch,
-                "note": f"segments are tokenised separately; the first {VERIFY_ROWS} rows are compared with whole-text tokenisation",
+                "note": (
+                    f"segments are tokenised separately; the first {VERIFY_ROWS} rows are compared "
+                    "with whole-text tokenisation"
+                ),
             },
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }

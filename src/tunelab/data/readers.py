@@ -104,7 +104,8 @@ def embedded_files(preset: str) -> list[tuple[Path, str]]:
     }.get(key, (None, None))
     if dist_name is None:
         raise DataError(
-            f"data.sources: unknown embedded dataset `{preset}` (known: embedded:sharegpt, embedded:chatterbot, embedded:travel-plans)"
+            f"data.sources: unknown embedded dataset `{preset}` "
+            "(known: embedded:sharegpt, embedded:chatterbot, embedded:travel-plans)"
         )
     try:
         dist = importlib.metadata.distribution(dist_name)

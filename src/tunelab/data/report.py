@@ -63,8 +63,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Prepared dataset",
         "",
-        f"- train rows: **{splits['train']}**, val rows: **{splits['val']}** (val_fraction {splits['val_fraction']}, by content hash)",
-        f"- duplicates removed: {report['duplicates']['exact']['count']} exact, {report['duplicates']['near']['count']} near",
+        f"- train rows: **{splits['train']}**, val rows: **{splits['val']}** "
+        f"(val_fraction {splits['val_fraction']}, by content hash)",
+        f"- duplicates removed: {report['duplicates']['exact']['count']} exact, "
+        f"{report['duplicates']['near']['count']} near",
         f"- unparsed bytes (truncated/malformed file tails): {report['unparsed_bytes']:,}",
         f"- truncation: `{report['truncation']['policy']}` at {report['truncation']['max_seq_len']} tokens - "
         f"{report['truncation']['description']} ({report['truncation']['truncated_rows']} rows truncated)",
@@ -76,7 +78,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
     ]
     for s in report["sources"]:
         lines.append(
-            f"| {s['name']} | {s['records_read']} | {s['valid']} | {s['unique']} | {s['train_rows']} | {s['val_rows']} | {s['unparsed_bytes']:,} |"
+            f"| {s['name']} | {s['records_read']} | {s['valid']} | {s['unique']} | {s['train_rows']} "
+            f"| {s['val_rows']} | {s['unparsed_bytes']:,} |"
         )
     lines += ["", "## Dropped records", ""]
     if report["dropped"]:
@@ -99,7 +102,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
     for split, st in report["tokens"].items():
         if st.get("rows"):
             lines.append(
-                f"| {split} | {st['rows']} | {st['total']} | {st['min']} | {st['mean']} | {st['p50']} | {st['p95']} | {st['max']} |"
+                f"| {split} | {st['rows']} | {st['total']} | {st['min']} | {st['mean']} | {st['p50']} "
+                f"| {st['p95']} | {st['max']} |"
             )
     lines += ["", "![token lengths](token_lengths.png)", ""]
     return "\n".join(lines)

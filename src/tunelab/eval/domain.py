@@ -191,7 +191,8 @@ def _mean(values) -> float | None:
 # ------------------------------------------------------------------------------------------ judge
 JUDGE_QUESTION = (
     "A traveller asked:\n{request}\n\nPlan A:\n{a}\n\nPlan B:\n{b}\n\n"
-    "Which plan answers the request better (right city, right number of days, their interests)? Reply with one letter: A or B."
+    "Which plan answers the request better (right city, right number of days, their interests)? "
+    "Reply with one letter: A or B."
 )
 
 
@@ -350,7 +351,8 @@ def domain_markdown(report: dict) -> str:
         if "judge" in pair:
             judge = pair["judge"]
             lines.append(
-                f"| {label}, judge {Path(judge['model']).name} | | | {judge['wins']} | {judge['ties']} | {judge['losses']} | "
+                f"| {label}, judge {Path(judge['model']).name} | | | {judge['wins']} | {judge['ties']} "
+                f"| {judge['losses']} | "
                 f"{_fmt(judge['win_rate_non_tied'])} | | | | {_fmt(judge.get('sign_test_p'), 3)} | "
                 f"{judge.get('verdict', '—')} |"
             )

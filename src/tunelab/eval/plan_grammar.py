@@ -43,8 +43,8 @@ def day_plan_grammar(days: int) -> str:
                 f'items ::= item{{{fewest},{most}}} "\\n"',
                 'item ::= "- " text "\\n"',
                 f"line ::= [^\\n]{{{low},{high}}}",
-                # Any other line must not read as a day heading ("Day 4", "- Day 4", "## Day 4" count as sections), so it
-                # starts with neither "d" nor a Markdown marker.
+                # Any other line must not read as a day heading ("Day 4", "- Day 4", "## Day 4" count as sections),
+                # so it starts with neither "d" nor a Markdown marker.
                 f"text ::= [^Dd#*>_+\\- \\t\\n0-9] [^\\n]{{{low - 1},{high - 1}}}",
                 "closing ::= text",
             ]

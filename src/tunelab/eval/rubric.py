@@ -55,7 +55,8 @@ class TravelPrompt:
 
 @dataclass(frozen=True)
 class Answer:
-    """A generated reply; `finished` is True when it ended with end-of-turn, False at the length limit, None if unknown."""
+    """A generated reply; `finished` is True when it ended with end-of-turn, False at the length limit,
+    None if unknown."""
 
     text: str
     finished: bool | None = None

@@ -5,10 +5,12 @@
     url = launch(demo, host="127.0.0.1", port=7860, auth=None)
 
 This module is the page layout only: the handlers are in handlers.py (side-by-side ones in side_by_side.py),
-input limits in limits.py, the Travel Planner's choices and prompt in planner.py. One backend (one model load) is shared by all sessions.
+input limits in limits.py, the Travel Planner's choices and prompt in planner.py. One backend (one model load) is
+shared by all sessions.
 llama.cpp is not thread-safe, so every generating event shares one Gradio concurrency group of size 1
 (`MODEL_QUEUE`); other users wait in Gradio's queue.
-A remote backend (`--backend-url`) sets its own size: the server batches concurrent requests. Feedback and overview events run in parallel with it.
+A remote backend (`--backend-url`) sets its own size: the server batches concurrent requests. Feedback and overview
+events run in parallel with it.
 """
 
 from __future__ import annotations
@@ -224,8 +226,8 @@ def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
         )
         day_format = gr.Checkbox(
             value=False, label="Follow the day-by-day format (grammar)", elem_id="planner-day-format",
-            info="Exactly one \"Day n:\" section per day, 2–3 items each, under a llama.cpp grammar (.gguf models only; "
-                 "the plan then gets the tokens the format needs, whatever Max new tokens says).",
+            info="Exactly one \"Day n:\" section per day, 2–3 items each, under a llama.cpp grammar "
+                 "(.gguf models only; the plan then gets the tokens the format needs, whatever Max new tokens says).",
         )  # fmt: skip
     with gr.Row():
         go = gr.Button("Plan my trip", variant="primary", elem_id="planner-go", visible=not side_by_side)

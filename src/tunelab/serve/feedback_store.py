@@ -251,7 +251,8 @@ class FeedbackStore:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise UserError(
-                f"{self.path}: feedback schema v{version} is newer than this tunelab (v{SCHEMA_VERSION}); upgrade tunelab"
+                f"{self.path}: feedback schema v{version} is newer than this tunelab (v{SCHEMA_VERSION}); "
+                "upgrade tunelab"
             )
         if version < SCHEMA_VERSION:
             self._conn.execute("BEGIN IMMEDIATE")

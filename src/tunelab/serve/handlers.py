@@ -155,8 +155,8 @@ def planner_decoding(
         return None, params, ""
     unable = next((backend for backend in backends if not takes_grammar(backend)), None)
     if unable is not None:
-        return None, params, (f"ℹ️ Planned without the day-by-day format: the {unable.kind} backend cannot take a grammar "
-                              "(llama.cpp .gguf models only).")  # fmt: skip
+        return None, params, (f"ℹ️ Planned without the day-by-day format: the {unable.kind} backend "
+                              "cannot take a grammar (llama.cpp .gguf models only).")  # fmt: skip
     budget = min(token_budget(days), limits.max_new_tokens)
     return day_plan_grammar(days), replace(params, max_new_tokens=budget), ""
 
@@ -335,7 +335,8 @@ class ChatApp:
         last_plan,
         day_format=False,
     ):
-        """Stream a Markdown plan as PlanUpdates. `day_format`: decode under the day-plan grammar (`planner_decoding`)."""
+        """Stream a Markdown plan as PlanUpdates. `day_format`: decode under the day-plan grammar
+        (`planner_decoding`)."""
         try:
             request = self.plan_request(
                 city, days, when, budget, pace, interests, preferences, temperature, max_new_tokens, day_format

@@ -98,7 +98,8 @@ def refresh_space(serve_dir: str | Path, space_dir: str | Path) -> Path:
     model = resolve_model(serve_dir)
     if model.name != GGUF_NAME:
         raise UserError(
-            f"--space: the current model {model} is not a {GGUF_NAME} export (run `tunelab export RUN` before promoting it)"
+            f"--space: the current model {model} is not a {GGUF_NAME} export "
+            "(run `tunelab export RUN` before promoting it)"
         )
     if (model.parent / "export.json").is_file() and (model.parent.parent / "config.yaml").is_file():
         build_run_space(model.parent.parent, Path(space_dir), None)  # a run's export: its title and license

@@ -1,4 +1,5 @@
-"""A tunelab Space's app.py (copied from tunelab/serve/space_app.py by `tunelab export --space`): tunelab's app (Chat, Travel Planner, Feedback, Overview) on llama.cpp, CPU only.
+"""A tunelab Space's app.py (copied from tunelab/serve/space_app.py by `tunelab export --space`): tunelab's app
+(Chat, Travel Planner, Feedback, Overview) on llama.cpp, CPU only.
 
 Locally: `pip install -r requirements.txt && python app.py` (http://127.0.0.1:7860). On a Hugging Face Space
 (env SPACE_ID is set) it listens on 0.0.0.0. Settings, all optional (env vars / Space secrets):

@@ -51,7 +51,10 @@ class Plan:
         """The one line a run prints about it."""
         if self.fast:
             attention = "packed attention" if packing else "padded rows (train.packing: false)"
-            return f"architecture: {self.family} — tunelab's fast path ({attention}, assistant-only LM head): {self.reason}"
+            return (
+                f"architecture: {self.family} — tunelab's fast path ({attention}, assistant-only LM head): "
+                f"{self.reason}"
+            )
         return (
             f"architecture: {self.family} — fallback to the model's own forward and loss, one padded row per "
             f"conversation (no packing): {self.reason}"

@@ -3,8 +3,8 @@
 A checkpoint is `RUN/checkpoints/step-NNNNNN/` holding the adapter (PEFT format), optimizer and scheduler
 state, RNG states and `state.json` (step, tokens seen, the fp16 loss scale, ...). It is written into a
 temporary sibling folder, every file is fsynced, `manifest.json` (size + sha256 of every file) is written
-last, then the folder is renamed into place. A folder without a valid manifest is never trusted: on resume we take the newest
-checkpoint whose manifest matches its files and warn about the ones skipped. Old checkpoints are deleted
+last, then the folder is renamed into place. A folder without a valid manifest is never trusted: on resume we take
+the newest checkpoint whose manifest matches its files and warn about the ones skipped. Old checkpoints are deleted
 only after the new one is complete.
 """
 

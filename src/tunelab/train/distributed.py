@@ -39,7 +39,8 @@ def describe_launch(accelerator, batch_size: int, grad_accum: int) -> str:
     kind = str(accelerator.distributed_type).split(".")[-1]
     return (
         f"processes: {world} ({kind}); global batch: {batch_size * grad_accum} conversations per optimizer step "
-        f"(batch_size {batch_size} x grad_accum {grad_accum}, each micro-batch split over {world} process{'es' * (world > 1)})"
+        f"(batch_size {batch_size} x grad_accum {grad_accum}, "
+        f"each micro-batch split over {world} process{'es' * (world > 1)})"
     )
 
 

@@ -34,7 +34,8 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     if segments is None:
         if softcap is not None:  # transformers' SDPA path would silently drop the soft-capping
             raise ValueError(
-                "tunelab_packed: attention soft-capping needs packed_segments (restore the model's own attention for generation)"
+                "tunelab_packed: attention soft-capping needs packed_segments "
+                "(restore the model's own attention for generation)"
             )
         # Not a packed call (e.g. a padded batch): transformers' own SDPA path, the sliding window is in its mask.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

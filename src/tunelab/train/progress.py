@@ -127,7 +127,10 @@ class ProgressBar:
         return self.update
 
     def update(self, step: int, record: dict) -> None:
-        info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tok_per_s']:.0f} tok/s MFU {100 * record['mfu']:.0f}%"
+        info = (
+            f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tok_per_s']:.0f} tok/s "
+            f"MFU {100 * record['mfu']:.0f}%"
+        )
         self.bar.update(self.task, completed=step, info=info)
 
     def __exit__(self, *exc):

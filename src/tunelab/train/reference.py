@@ -94,7 +94,8 @@ def attach_reference_logps(
     device: torch.device,
     log=print,
 ) -> Path:
-    """Fill the reference log-probs of every row of `splits` ({"train": rows, "val": rows}), from the cache or computed."""
+    """Fill the reference log-probs of every row of `splits` ({"train": rows, "val": rows}), from the cache or
+    computed."""
     path = cache_path(cfg, data_dir, model, precision)
     cached = torch.load(path, weights_only=True) if path.is_file() else {}
     if all(name in cached and cached[name].shape[0] == len(rows) for name, rows in splits.items()):

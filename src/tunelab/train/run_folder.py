@@ -49,7 +49,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, extend: bool = Fal
             )
         if extend and cfg.train.max_steps <= old.train.max_steps:
             raise UserError(
-                f"train.max_steps: --extend needs more steps than the run's {old.train.max_steps} (got {cfg.train.max_steps})"
+                f"train.max_steps: --extend needs more steps than the run's {old.train.max_steps} "
+                f"(got {cfg.train.max_steps})"
             )
     if existing and resume:
         _check_some_checkpoint_is_valid(run_dir)
