@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tunelab.eval.rubric import CRITERIA, Answer, Scored, TravelPrompt, compare, score_answer
-from tunelab.models.inference import llama_grammar, load_backend, open_llama
+from tunelab.models.inference import greedy_reply, llama_grammar, load_backend, open_llama
 
 Generate = Callable[[TravelPrompt], Answer]
 
@@ -38,25 +38,15 @@ class Decoding:
 def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = None) -> tuple[Generate, Generate]:
     """(base, tuned) from one transformers load of the run: the base is the same model with its adapter off."""
     backend = load_backend(run_dir, threads=threads)
-    model, tokenizer, eos_ids = backend.model, backend.tokenizer, backend.eos_ids
+    model, tokenizer = backend.model, backend.tokenizer
 
     def generate(prompt: TravelPrompt, adapter: bool) -> Answer:
-        import torch
-
-        inputs = backend.prompt_ids([{"role": "user", "content": prompt.prompt}])
-        adapter_off = contextlib.nullcontext() if adapter else model.disable_adapter()
-        with torch.inference_mode(), adapter_off:
-            output = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=decoding.max_new_tokens,
-                repetition_penalty=decoding.repetition_penalty,
-                eos_token_id=eos_ids,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
-            )
-        new = output[0, inputs["input_ids"].shape[1] :].tolist()
-        finished = bool(new) and new[-1] in eos_ids
-        return Answer(tokenizer.decode(new, skip_special_tokens=True).strip(), finished=finished)
+        with contextlib.nullcontext() if adapter else model.disable_adapter():
+            text, finished = greedy_reply(
+                model, tokenizer, [{"role": "user", "content": prompt.prompt}], decoding.max_new_tokens,
+                decoding.repetition_penalty,
+            )  # fmt: skip
+        return Answer(text, finished=finished)
 
     return (lambda prompt: generate(prompt, adapter=False)), (lambda prompt: generate(prompt, adapter=True))
 

@@ -62,18 +62,16 @@ def average_adapter_grads(params, world: int) -> None:
 
 @torch.no_grad()
 def fsdp_heldout_loss(loss_module, rows, batch_size: int, packing: bool, pad_id: int, precision, device) -> float:
-    """Mean assistant-token loss over `rows` through the FSDP-wrapped loss module (every process runs it)."""
-    from tunelab.train.batching import make_batch
+    """`heldout_loss` through the FSDP-wrapped loss module, whose forward gathers the sharded base (every process
+    runs it)."""
+    from tunelab.train.heldout import heldout_loss
 
-    loss_module.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = make_batch(rows[start : start + batch_size], packing, pad_id).to(device)
-        with precision.autocast(device.type):
-            total += float(loss_module(batch))
-        count += batch.num_targets
+    loss = heldout_loss(
+        loss_module, rows, batch_size, packing, pad_id, precision, device,
+        batch_loss=lambda batch: (loss_module(batch), batch.num_targets),
+    )  # fmt: skip
     loss_module.train()
-    return total / max(count, 1)
+    return loss
 
 
 class AdapterSaver:
