@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tunelab.config import Config, ConfigError, load_config
-from tunelab.experiments.sweep_file import PlannedRun, SweepSpec, as_set_items, load_sweep, planned_runs
+from tunelab.experiments.sweep_file import PlannedRun, SweepSpec, as_set_items, grid_sweep, load_sweep, planned_runs
 
 RESULT_FILE = "sweep-result.json"
 
@@ -60,9 +60,24 @@ def check_requirements(spec: SweepSpec) -> None:
 
 
 def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> list[dict]:
+    """`tunelab sweep SWEEP.yaml`."""
+    spec, spec_dir = load_sweep(sweep_file)
+    return run_sweep(spec, spec_dir, output, log)
+
+
+def run_grid(
+    config: str | Path, grid_items: list[str], overrides: list[str] | None = None, output: Path | None = None, log=print
+) -> list[dict]:
+    """`tunelab sweep CONFIG --grid key=v1,v2 ...`: the sweep `grid_sweep` builds, run like a sweep file."""
+    spec, spec_dir = grid_sweep(config, grid_items, overrides)
+    return run_sweep(spec, spec_dir, output, log)
+
+
+def run_sweep(spec: SweepSpec, spec_dir: Path, output: Path | None = None, log=print) -> list[dict]:
+    """Every planned run of `spec` (relative paths in it are resolved against `spec_dir`), each skipped when
+    finished earlier; writes OUTPUT/sweep.yaml (the spec run), the run folders and the report."""
     from tunelab.experiments.results import write_report
 
-    spec, spec_dir = load_sweep(sweep_file)
     check_requirements(spec)
     runs = planned_runs(spec)
     output = Path(output or sweep_output(spec, spec_dir))
@@ -194,6 +209,8 @@ def heldout_sets(cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict[str, Pa
 
     folders = {}
     for name, sources in (("general", spec.heldout.general), ("travel", spec.heldout.travel)):
+        if not sources:
+            continue
         raw = cfg.model_dump(mode="json")
         raw["data"] = base_cfg.data.model_dump(mode="json")
         raw["train"]["max_seq_len"] = base_cfg.train.max_seq_len
@@ -205,12 +222,13 @@ def heldout_sets(cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict[str, Pa
 
 
 def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict:
-    """Assistant-token loss of base and tuned on each fixed held-out set (the trainer's own loss)."""
+    """Assistant-token loss of base and tuned on each fixed held-out set (the trainer's own loss), with the number
+    and a digest of the rows scored (equal digests: the same tokenised conversations)."""
     import torch
 
     from tunelab.data.prepare import load_prepared
     from tunelab.models.runs import load_run_model
-    from tunelab.train.heldout import heldout_loss
+    from tunelab.train.heldout import heldout_loss_per_adapter
     from tunelab.train.precision import precision_for_this_machine
     from tunelab.train.recipe import rows_of
 
@@ -219,24 +237,32 @@ def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config
     losses = {}
     for name, folder in heldout_sets(cfg, spec, base_cfg).items():
         rows = rows_of(load_prepared(folder)[1])[: spec.heldout.max_rows]
-
-        def score(rows=rows) -> float:
-            return heldout_loss(
-                model,
-                rows,
-                cfg.eval.batch_size,
-                False,
-                tokenizer.pad_token_id,
-                precision,
-                torch.device("cpu"),
-                cfg.train.loss_chunk_tokens,
-            )
-
-        tuned = score()
-        with model.disable_adapter():
-            base = score()
-        losses[name] = {"rows": len(rows), "base": base, "tuned": tuned}
+        scored = heldout_loss_per_adapter(
+            model,
+            rows,
+            batch_size=cfg.eval.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            precision=precision,
+            device=torch.device("cpu"),
+            chunk_tokens=cfg.train.loss_chunk_tokens,
+        )
+        losses[name] = {
+            "rows": len(rows),
+            "rows_sha256": rows_digest(rows),
+            "base": scored["base"],
+            "tuned": scored["tuned"],
+        }
     return losses
+
+
+def rows_digest(rows) -> str:
+    """SHA-256 of (input_ids, labels) rows in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for input_ids, labels in rows:
+        digest.update(json.dumps([list(input_ids), list(labels)]).encode())
+    return digest.hexdigest()
 
 
 def cpu_latency(gguf: Path, spec: SweepSpec) -> dict:
