@@ -1,9 +1,10 @@
-"""`tunelab sweep SWEEP.yaml`: train, export and judge every run of a sweep file on the same held-out sets.
+"""`tunelab sweep SWEEP.yaml` (and `tunelab sweep CONFIG --grid ...`, a sweep spec built from a config by
+`sweep_file.grid_sweep`): train, export and judge every run of a sweep on the same held-out sets.
 
 Per run, in its own folder (each step is skipped when its output is already there, so re-running the
 command skips finished runs and resumes an interrupted one where it stopped):
   train (tunelab.train.recipe, resumes from checkpoints) -> held-out loss on the sweep's fixed general and
-  travel sets (eval/heldout.json) -> GGUF export (`quant`, q4_k_m by default) -> travel rubric base vs tuned
+  travel sets (eval/heldout.json; no travel set when `heldout.travel` is empty) -> GGUF export (`quant`, q4_k_m by default) -> travel rubric base vs tuned
   (eval/travel.json; eval/travel-<quant>.json for another type) -> CPU latency of that GGUF (eval/latency.json,
   likewise) -> sweep-result.json.
 The held-out sets are the validation split of the sweep's `heldout` sources. The split is decided by each
