@@ -342,6 +342,24 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, *needles: str) -
     return lines[0]
 
 
+def run_tunelab(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`tunelab ARGS` in this process through the console entry point (`tunelab.cli.main`, which turns a UserError
+    into one `error:` line and exit code 2), as a CompletedProcess for `assert_one_clear_error`."""
+    from unittest.mock import patch
+
+    from tunelab.cli import main
+
+    capsys.readouterr()
+    code = 0
+    with patch.object(sys, "argv", ["tunelab", *args]):
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["tunelab", *args], code, captured.out, captured.err)
+
+
 def adapter_file(run_dir: Path) -> Path:
     return Path(run_dir) / "adapter" / "adapter_model.safetensors"
 

@@ -130,12 +130,12 @@ def test_config_show_explain_on_the_command_line(tmp_path):
     ],
 )
 def test_set_and_grid_read_values_through_one_parser(text, value, tmp_path):
-    from tunelab.experiments.sweep import parse_grid
+    from tunelab.experiments.sweep_file import parse_grid
 
     _, parsed = parse_override(f"train.lr={text}")
     assert parsed == value and type(parsed) is type(value)
     if text and "," not in text:
-        assert parse_grid([f"train.lr={text}"]) == [("train.lr", [value])]
+        assert parse_grid([f"train.lr={text}"]) == {"train.lr": [value]}
 
 
 def test_removed_keys_are_unknown():

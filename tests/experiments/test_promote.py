@@ -81,7 +81,7 @@ def runs(tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     noised = {k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
     save_file(noised, weights)
-    return {"root": root, "good": good, "current": current, "worse": worse}
+    return {"root": root, "base": base, "good": good, "current": current, "worse": worse}
 
 
 def test_gate_accepts_the_better_adapter_refuses_the_worse_and_rolls_back(runs):
@@ -117,13 +117,50 @@ def test_gate_accepts_the_better_adapter_refuses_the_worse_and_rolls_back(runs):
         rollback(serve)
 
 
+def base_greedy_answers(base_dir, questions, max_new_tokens=16) -> list[str]:
+    """What the base model (= the current run: its LoRA B is 0) answers itself, greedily, in plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    answers = []
+    for question in questions:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
 def test_a_stricter_gate_from_set_refuses_the_same_better_adapter(runs):
-    evalset = evalset_file(runs["root"] / "evalset-strict.jsonl", range(60, 72))
-    strict = ["promote.max_val_loss_regression=0", "promote.min_regression_win_rate=1.0"]
-    decision = promote(runs["good"], runs["current"], None, strict, evalset=evalset, log=lambda *a: None)
-    regression = {c.name: c for c in decision.checks}["regression"]
-    assert decision.promote == (regression.candidate == 1.0)
-    assert (runs["good"] / "promote").is_dir()  # no serve dir: the report goes next to the candidate
+    """A regression set the trained adapter wins only in part: unseen sums (it gives their references a higher
+    log-prob than the base) and four questions whose references are the base model's own greedy answers (which the
+    current model, i.e. the base, prefers). The default gates promote it; `--set promote.min_regression_win_rate=1.0`
+    refuses it, on the regression gate alone."""
+    questions = [f"Tell me about the number {i}." for i in (3, 5, 7, 9)]
+    own = [
+        {"prompt": q, "messages": [{"role": "user", "content": q}], "reference": a}
+        for q, a in zip(questions, base_greedy_answers(runs["base"], questions))
+    ]
+    evalset = evalset_file(runs["root"] / "evalset-mixed.jsonl", range(60, 72))
+    evalset.write_text(evalset.read_text() + "".join(json.dumps(r) + "\n" for r in own))
+
+    default = promote(runs["good"], runs["current"], None, evalset=evalset, log=lambda *a: None)
+    regression = {c.name: c for c in default.checks}["regression"]
+    assert default.promote, default.reason
+    assert 0.5 < regression.candidate < 1.0 and "16 references" in regression.note
+
+    result = CliRunner().invoke(cli_app, [
+        "promote", str(runs["good"]), "--over", str(runs["current"]), "--evalset", str(evalset),
+        "--set", "promote.min_regression_win_rate=1.0",
+    ])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "KEEP CURRENT" in result.output and "reason: gate(s) failed: regression" in result.output
+    decisions = sorted((runs["good"] / "promote").glob("decision-*.json"))  # no serve dir: next to the candidate
+    assert json.loads(decisions[-1].read_text())["gates"]["min_regression_win_rate"] == 1.0
 
 
 def test_decide_and_gate_overrides(tmp_path):

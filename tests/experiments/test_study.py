@@ -96,7 +96,7 @@ def test_sweep_file_table_plots_skip_and_resume(sweep_file, tmp_path, monkeypatc
     # Every run is judged on the same fixed held-out sets: same rows, and the same base loss (same base model).
     heldout = [json.loads((out / r["name"] / "eval" / "heldout.json").read_text()) for r in results]
     for name in ("general", "travel"):
-        assert len({h[name]["rows"] for h in heldout}) == 1 and heldout[0][name]["rows"] > 0
+        assert len({h[name]["rows_sha256"] for h in heldout}) == 1 and heldout[0][name]["rows"] > 0
         assert max(h[name]["base"] for h in heldout) - min(h[name]["base"] for h in heldout) < 1e-5
     assert heldout[0]["general"]["tuned"] != heldout[1]["general"]["tuned"]  # different lr, different adapter
 

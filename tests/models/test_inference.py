@@ -92,3 +92,35 @@ def test_llama_cpp_backend_max_tokens_and_seed(base_f16_gguf):
     second = "".join(backend.stream_chat([{"role": "user", "content": "Tell me a story."}], params))
     assert first == second
     assert len(backend.llm.tokenize(first.encode(), add_bos=False)) <= 6
+
+
+@pytest.mark.slow
+def test_greedy_reply_is_argmax_decoding_and_the_backends_greedy_answer(base_hf_dir):
+    """`greedy_reply` (tunelab eval's samples, the domain eval, via `greedy_tokens` the parity check) picks the argmax
+    token step by step, as a hand-written loop over plain forwards does, stops at the turn end, and answers what
+    the transformers ChatBackend streams at temperature 0."""
+    import torch
+
+    from tunelab.models.inference import chat_prompt, greedy_reply, turn_end_ids
+
+    torch.manual_seed(0)
+    backend = load_backend(base_hf_dir, threads=1)
+    model, tokenizer = backend.model, backend.tokenizer
+    text, finished = greedy_reply(model, tokenizer, QUESTION, max_new_tokens=40)
+
+    ids = chat_prompt(tokenizer, QUESTION)["input_ids"]
+    eos = turn_end_ids(model, tokenizer)
+    new: list[int] = []
+    with torch.no_grad():
+        while len(new) < 40:
+            token = int(
+                model(input_ids=torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], dim=1)).logits[0, -1].argmax()
+            )
+            if token in eos:
+                break
+            new.append(token)
+    assert (text, finished) == (tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) < 40)
+    assert finished and "Paris" in text
+    assert text == "".join(backend.stream_chat(QUESTION, GREEDY)).strip()
+    cut, cut_finished = greedy_reply(model, tokenizer, QUESTION, max_new_tokens=3)
+    assert not cut_finished and cut == tokenizer.decode(new[:3], skip_special_tokens=True).strip()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tunelab.eval.rubric import CRITERIA, Answer, TravelPrompt, score_answer
 from tunelab.eval.stats import describe, outcome, paired_comparison, sign_test_p, verdict
-from tunelab.models.inference import GenerationParams, llama_grammar, load_backend, open_llama
+from tunelab.models.inference import GenerationParams, greedy_reply, llama_grammar, load_backend, open_llama
 
 # generate(prompt, seed): the greedy answer for seed None, else one sampled at Decoding.temperature with that seed.
 Generate = Callable[[TravelPrompt, "int | None"], Answer]
@@ -52,29 +52,16 @@ class Decoding:
 def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = None) -> tuple[Generate, Generate]:
     """(base, tuned) from one transformers load of the run: the base is the same model with its adapter off."""
     backend = load_backend(run_dir, threads=threads)
-    model, tokenizer, eos_ids = backend.model, backend.tokenizer, backend.eos_ids
+    model, tokenizer = backend.model, backend.tokenizer
 
     def generate(prompt: TravelPrompt, seed: int | None, adapter: bool) -> Answer:
-        import torch
-
-        inputs = backend.prompt_ids([{"role": "user", "content": prompt.prompt}])
-        adapter_off = contextlib.nullcontext() if adapter else model.disable_adapter()
-        sampling = {"do_sample": False}
-        if seed is not None:
-            torch.manual_seed(seed)
-            sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p}
-        with torch.inference_mode(), adapter_off:
-            output = model.generate(
-                **inputs,
-                **sampling,
-                max_new_tokens=decoding.max_new_tokens,
-                repetition_penalty=decoding.repetition_penalty,
-                eos_token_id=eos_ids,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
-            )
-        new = output[0, inputs["input_ids"].shape[1] :].tolist()
-        finished = bool(new) and new[-1] in eos_ids
-        return Answer(tokenizer.decode(new, skip_special_tokens=True).strip(), finished=finished)
+        sampling = {} if seed is None else {"seed": seed, "temperature": decoding.temperature, "top_p": decoding.top_p}
+        with contextlib.nullcontext() if adapter else model.disable_adapter():
+            text, finished = greedy_reply(
+                model, tokenizer, [{"role": "user", "content": prompt.prompt}], decoding.max_new_tokens,
+                decoding.repetition_penalty, **sampling,
+            )  # fmt: skip
+        return Answer(text, finished=finished)
 
     return (lambda prompt, seed: generate(prompt, seed, adapter=False)), (
         lambda prompt, seed: generate(prompt, seed, adapter=True)

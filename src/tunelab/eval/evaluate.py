@@ -13,26 +13,8 @@ from pathlib import Path
 import torch
 
 from tunelab.io import atomic_write
-from tunelab.models.inference import turn_end_ids
-from tunelab.train.heldout import heldout_loss, perplexity
-
-
-def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    messages = [{"role": "user", "content": prompt}]
-    input_ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    input_ids = input_ids.to(model.device)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=turn_end_ids(model, tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+from tunelab.models.inference import greedy_reply
+from tunelab.train.heldout import base_and_tuned, heldout_loss_per_adapter, per_adapter, perplexity
 
 
 def evaluate_run(
@@ -62,19 +44,17 @@ def evaluate_run(
     model, tokenizer = load_run_model(run_dir, dtype=precision.dtype, device=device, cfg=cfg)
     own_attention = model.config._attn_implementation
     packing = use_plan(model, cfg.train.packing, log=print if verbose else lambda *_: None)
-    score = lambda: heldout_loss(  # noqa: E731
+    losses = heldout_loss_per_adapter(
         model,
         val_rows,
-        cfg.eval.batch_size,
-        packing,
-        tokenizer.pad_token_id,
-        precision,
-        device,
-        cfg.train.loss_chunk_tokens,
+        batch_size=cfg.eval.batch_size,
+        packing=packing,
+        pad_id=tokenizer.pad_token_id,
+        precision=precision,
+        device=device,
+        chunk_tokens=cfg.train.loss_chunk_tokens,
     )
-    tuned_loss = score()
-    with model.disable_adapter():
-        base_loss = score()
+    tuned_loss, base_loss = losses["tuned"], losses["base"]
     model.config._attn_implementation = own_attention  # generation runs on the model's own attention
     report = {
         "run_dir": str(run_dir),
@@ -88,10 +68,13 @@ def evaluate_run(
     }
     if samples:
         for prompt in cfg.eval.prompts:
-            tuned = generate_greedy(model, tokenizer, prompt, cfg.eval.max_new_tokens)
-            with model.disable_adapter():
-                base = generate_greedy(model, tokenizer, prompt, cfg.eval.max_new_tokens)
-            report["samples"].append({"prompt": prompt, "base": base, "tuned": tuned})
+            messages = [{"role": "user", "content": prompt}]
+            answers = per_adapter(
+                model,
+                base_and_tuned(model),
+                lambda messages=messages: greedy_reply(model, tokenizer, messages, cfg.eval.max_new_tokens)[0],
+            )
+            report["samples"].append({"prompt": prompt, "base": answers["base"], "tuned": answers["tuned"]})
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     atomic_write(out / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))

@@ -18,7 +18,9 @@ def sweep_cmd(
     grid: Annotated[
         list[str] | None,
         typer.Option(
-            "--grid", help="Shortcut: key.path=v1,v2,... on a base config (repeatable; the grid is their product)."
+            "--grid",
+            help="Shortcut: key.path=v1,v2,... on a base config (repeatable; the grid is their product); every run is "
+            "judged on the base config's own validation split.",
         ),
     ] = None,
     output: Annotated[
@@ -32,15 +34,13 @@ def sweep_cmd(
     """Train, export and judge one run per sweep point on the same held-out sets; results.csv/.md and plots.
 
     Re-running skips finished runs and resumes an interrupted one."""
-    if grid:
-        from tunelab.experiments.sweep import run_sweep
+    from tunelab.experiments.study import run_grid, run_study
 
-        run_sweep(config, grid, output=output, overrides=set_ or [])
+    if grid:
+        run_grid(config, grid, set_ or [], output=output)
         return
     if set_:
         raise UserError("--set: only with --grid (put overrides for every run in the sweep file's `set`)")
-    from tunelab.experiments.study import run_study
-
     run_study(config, output=output)
 
 

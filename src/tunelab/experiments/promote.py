@@ -129,7 +129,7 @@ def adapter_checks(candidate: Path, current: Path, gates: PromoteConfig, evalset
     from tunelab.data.prepare import load_prepared, prepare_dataset
     from tunelab.models.runs import load_run_model, run_config
     from tunelab.serve.evalset import read_evalset
-    from tunelab.train.heldout import heldout_loss
+    from tunelab.train.heldout import heldout_loss_per_adapter, per_adapter
     from tunelab.train.precision import Precision, precision_for_this_machine
     from tunelab.train.recipe import rows_of
 
@@ -145,19 +145,16 @@ def adapter_checks(candidate: Path, current: Path, gates: PromoteConfig, evalset
     model.load_adapter(str(candidate / "adapter"), adapter_name="candidate")
     model.eval()
     pad_id = tokenizer.pad_token_id
+    adapters = {"current": "default", "candidate": "candidate"}
 
-    def each_adapter(score: Callable[[], Any]) -> dict[str, Any]:
-        results = {}
-        for name, adapter in (("current", "default"), ("candidate", "candidate")):
-            model.set_adapter(adapter)
-            results[name] = score()
-        return results
+    def each_adapter(measure: Callable[[], Any]) -> dict[str, Any]:
+        return per_adapter(model, adapters, measure)
 
     log(f"val loss: scoring both adapters on {current}'s held-out split")
     _, val_set = load_prepared(prepare_dataset(cur_cfg))
     val_rows = rows_of(val_set)[: gates.max_val_rows or None]
-    losses = each_adapter(
-        lambda: heldout_loss(model, val_rows, cur_cfg.eval.batch_size, False, pad_id, precision, _cpu())
+    losses = heldout_loss_per_adapter(
+        model, val_rows, adapters, batch_size=cur_cfg.eval.batch_size, pad_id=pad_id, precision=precision, device=_cpu()
     )
     limit = losses["current"] * (1 + gates.max_val_loss_regression)
     checks = [Check(

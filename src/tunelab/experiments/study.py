@@ -1,9 +1,10 @@
-"""`tunelab sweep SWEEP.yaml`: train, export and judge every run of a sweep file on the same held-out sets.
+"""`tunelab sweep SWEEP.yaml` (and `tunelab sweep CONFIG --grid ...`, a sweep spec built from a config by
+`sweep_file.grid_sweep`): train, export and judge every run of a sweep on the same held-out sets.
 
 Per run, in its own folder (each step is skipped when its output is already there, so re-running the
 command skips finished runs and resumes an interrupted one where it stopped):
   train (tunelab.train.recipe, resumes from checkpoints) -> held-out loss on the sweep's fixed general and
-  travel sets (eval/heldout.json) -> GGUF export (`quant`, q4_k_m by default) -> travel rubric base vs tuned
+  travel sets (eval/heldout.json; no travel set when `heldout.travel` is empty) -> GGUF export (`quant`, q4_k_m by default) -> travel rubric base vs tuned
   (eval/travel.json; eval/travel-<quant>.json for another type) -> CPU latency of that GGUF (eval/latency.json,
   likewise) -> sweep-result.json.
 The held-out sets are the validation split of the sweep's `heldout` sources. The split is decided by each
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from tunelab.config import Config, ConfigError, load_config
-from tunelab.experiments.sweep_file import PlannedRun, SweepSpec, as_set_items, load_sweep, planned_runs
+from tunelab.experiments.sweep_file import PlannedRun, SweepSpec, as_set_items, grid_sweep, load_sweep, planned_runs
 
 RESULT_FILE = "sweep-result.json"
 
@@ -60,9 +61,24 @@ def check_requirements(spec: SweepSpec) -> None:
 
 
 def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> list[dict]:
+    """`tunelab sweep SWEEP.yaml`."""
+    spec, spec_dir = load_sweep(sweep_file)
+    return run_sweep(spec, spec_dir, output, log)
+
+
+def run_grid(
+    config: str | Path, grid_items: list[str], overrides: list[str] | None = None, output: Path | None = None, log=print
+) -> list[dict]:
+    """`tunelab sweep CONFIG --grid key=v1,v2 ...`: the sweep `grid_sweep` builds, run like a sweep file."""
+    spec, spec_dir = grid_sweep(config, grid_items, overrides)
+    return run_sweep(spec, spec_dir, output, log)
+
+
+def run_sweep(spec: SweepSpec, spec_dir: Path, output: Path | None = None, log=print) -> list[dict]:
+    """Every planned run of `spec` (relative paths in it are resolved against `spec_dir`), each skipped when
+    finished earlier; writes OUTPUT/sweep.yaml (the spec run), the run folders and the report."""
     from tunelab.experiments.results import write_report
 
-    spec, spec_dir = load_sweep(sweep_file)
     check_requirements(spec)
     runs = planned_runs(spec)
     output = Path(output or sweep_output(spec, spec_dir))
@@ -195,6 +211,8 @@ def heldout_sets(cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict[str, Pa
 
     folders = {}
     for name, sources in (("general", spec.heldout.general), ("travel", spec.heldout.travel)):
+        if not sources:
+            continue
         raw = cfg.model_dump(mode="json")
         raw["data"] = base_cfg.data.model_dump(mode="json")
         raw["train"]["max_seq_len"] = base_cfg.train.max_seq_len
@@ -206,12 +224,13 @@ def heldout_sets(cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict[str, Pa
 
 
 def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config) -> dict:
-    """Assistant-token loss of base and tuned on each fixed held-out set (the trainer's own loss)."""
+    """Assistant-token loss of base and tuned on each fixed held-out set (the trainer's own loss), with the number
+    and a digest of the rows scored (equal digests: the same tokenised conversations)."""
     import torch
 
     from tunelab.data.prepare import load_prepared
     from tunelab.models.runs import load_run_model
-    from tunelab.train.heldout import heldout_loss
+    from tunelab.train.heldout import heldout_loss_per_adapter
     from tunelab.train.precision import precision_for_this_machine
     from tunelab.train.recipe import rows_of
 
@@ -220,24 +239,32 @@ def heldout_losses(run_dir: Path, cfg: Config, spec: SweepSpec, base_cfg: Config
     losses = {}
     for name, folder in heldout_sets(cfg, spec, base_cfg).items():
         rows = rows_of(load_prepared(folder)[1])[: spec.heldout.max_rows]
-
-        def score(rows=rows) -> float:
-            return heldout_loss(
-                model,
-                rows,
-                cfg.eval.batch_size,
-                False,
-                tokenizer.pad_token_id,
-                precision,
-                torch.device("cpu"),
-                cfg.train.loss_chunk_tokens,
-            )
-
-        tuned = score()
-        with model.disable_adapter():
-            base = score()
-        losses[name] = {"rows": len(rows), "base": base, "tuned": tuned}
+        scored = heldout_loss_per_adapter(
+            model,
+            rows,
+            batch_size=cfg.eval.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            precision=precision,
+            device=torch.device("cpu"),
+            chunk_tokens=cfg.train.loss_chunk_tokens,
+        )
+        losses[name] = {
+            "rows": len(rows),
+            "rows_sha256": rows_digest(rows),
+            "base": scored["base"],
+            "tuned": scored["tuned"],
+        }
     return losses
+
+
+def rows_digest(rows) -> str:
+    """SHA-256 of (input_ids, labels) rows in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for input_ids, labels in rows:
+        digest.update(json.dumps([list(input_ids), list(labels)]).encode())
+    return digest.hexdigest()
 
 
 def cpu_latency(gguf: Path, spec: SweepSpec) -> dict:

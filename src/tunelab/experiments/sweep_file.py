@@ -11,6 +11,10 @@
     heldout: {...}                   # the fixed held-out sets every run is judged on (HeldoutSpec)
 
 Every run folder is a plain `tunelab train` run folder plus eval/ outputs and `sweep-result.json`.
+
+`tunelab sweep CONFIG --grid train.lr=1e-4,2e-4 --grid lora.r=8,16 [--set key=value]` is a shortcut for the sweep
+file `grid_sweep` builds: CONFIG as the base, the grid, and the held-out set fixed to CONFIG's own validation split
+(its data sources under its data settings), with no travel set, no export and no travel eval.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.config import ConfigError, SourceConfig
+from tunelab.config import ConfigError, SourceConfig, load_config, parse_value
 
 TRAVEL_KEYWORDS = ["travel", "trip", "itinerary", "vacation", "tourist", "sightseeing", "things to do in"]
 
@@ -38,9 +42,9 @@ class HeldoutSpec(_Spec):
     )
     travel: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig(preset="embedded:sharegpt", keywords=TRAVEL_KEYWORDS)],
-        description="Sources whose validation split is the travel held-out set (the same for every run).",
+        description="Sources whose validation split is the travel held-out set (the same for every run; [] for none).",
     )
-    max_rows: int = Field(64, gt=0, description="Conversations scored per held-out set.")
+    max_rows: int | None = Field(64, gt=0, description="Conversations scored per held-out set (None: all).")
 
 
 class TravelEvalSpec(_Spec):
@@ -117,6 +121,38 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
     if not spec.grid and not spec.runs:
         raise ConfigError(f"{path}: give `grid` or `runs` (or both)")
     return spec, path.resolve().parent
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`--grid` items -> a sweep grid: ["train.lr=1e-4,2e-4", "lora.r=8"] -> {"train.lr": [1e-4, 2e-4], "lora.r": [8]}."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ConfigError(f"--grid {item}: expected key.path=v1,v2,...")
+        if key in grid:
+            raise ConfigError(f"--grid {item}: `{key}` is given twice")
+        grid[key] = [parse_value(v.strip()) for v in values.split(",")]
+    return grid
+
+
+def grid_sweep(config: str | Path, grid_items: list[str], overrides: list[str] | None = None) -> tuple[SweepSpec, Path]:
+    """The sweep `tunelab sweep CONFIG --grid ...` runs, and the folder its paths are resolved against: every run is
+    judged on CONFIG's own validation split (with `overrides`), whatever the grid changes in a run's data."""
+    if not grid_items:
+        raise ConfigError("sweep: give at least one --grid key.path=v1,v2")
+    config = Path(config).resolve()
+    base = load_config(config, overrides or [])
+    spec = SweepSpec(
+        base=str(config),
+        set=list(overrides or []),
+        grid=parse_grid(grid_items),
+        heldout=HeldoutSpec(general=base.data.sources, travel=[], max_rows=base.eval.max_val_rows),
+        travel_eval=TravelEvalSpec(enabled=False),
+        export=False,
+    )
+    return spec, config.parent
 
 
 def planned_runs(spec: SweepSpec) -> list[PlannedRun]:

@@ -361,9 +361,12 @@ def gguf_sampler(
     small base model almost never writes a correctly sized plan on its own, so without it rejection sampling
     keeps next to nothing. The token budget is then the grammar's longest plan (it is never cut).
     """
+    from tunelab.errors import UserError
     from tunelab.eval.domain import answer_in_llama_cpp
     from tunelab.models.inference import load_backend
 
+    if Path(gguf).suffix != ".gguf":  # a run or HF folder would load in transformers, which cannot sample here
+        raise UserError(f"--model {gguf}: not a .gguf file (llama.cpp samples the answers)")
     llm = load_backend(gguf, threads=threads).llm
 
     def sample(prompt: TravelPrompt, seed: int) -> Answer:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tunelab.io import atomic_folder
 from tunelab.models.inference import turn_end_ids
 from tunelab.models.runs import load_run_model, run_config
-from tunelab.train.heldout import heldout_loss
+from tunelab.train.heldout import heldout_loss_per_adapter
 
 
 def fix_generation_config(model, tokenizer) -> None:
@@ -42,11 +42,9 @@ def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16) -> dict:
     model, tokenizer = load_run_model(run_dir, merge=False)
     rows = [(r["input_ids"], r["labels"]) for r in val_rows(run_dir, val_limit)]
     # The loss `tunelab eval` and the trainer report (one function), so the model card quotes the same figure.
-    score = lambda: heldout_loss(model, rows, batch_size=1, pad_id=tokenizer.pad_token_id or 0)  # noqa: E731
-    losses = {"val_rows": len(rows), "tuned": score() if rows else None}
+    losses = {"val_rows": len(rows), "tuned": None}
     if rows:
-        with model.disable_adapter():
-            losses["base"] = score()
+        losses.update(heldout_loss_per_adapter(model, rows, batch_size=1, pad_id=tokenizer.pad_token_id or 0))
     merged = model.merge_and_unload()
     fix_generation_config(merged, tokenizer)
     with atomic_folder(out_dir) as tmp:

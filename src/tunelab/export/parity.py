@@ -72,23 +72,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
-    ids = torch.tensor([prompt_ids])
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=eos_ids[0],
-            repetition_penalty=1.0,
-        )
-    new = out[0, len(prompt_ids) :].tolist()
-    stop = next((i for i, t in enumerate(new) if t in eos_ids), len(new))
-    return new[:stop]
-
-
 def gguf_greedy(llm, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
     out: list[int] = []
     for token in llm.generate(prompt_ids, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -217,7 +200,7 @@ def run_parity(
     """Compare every GGUF with the merged fp32 HF model; raise ParityError when the f16 file disagrees."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.models.inference import turn_end_ids
+    from tunelab.models.inference import greedy_tokens, turn_end_ids
 
     prompts = prompts or DEMO_PROMPTS
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
@@ -229,7 +212,7 @@ def run_parity(
     total, count = hf_nll(model, val_sequences)
     reference = {
         "prompt_ids": prompt_ids,
-        "tokens": [hf_greedy(model, ids, max_new_tokens, eos_ids) for ids in prompt_ids],
+        "tokens": [greedy_tokens(model, ids, max_new_tokens, eos_ids)[0] for ids in prompt_ids],
         "ppl": math.exp(total / count),
     }
     rows = [

@@ -212,6 +212,61 @@ def turn_end_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def chat_prompt(tokenizer, messages: Messages) -> dict:
+    """The prompt tensors (input_ids, attention_mask; batch of one) for `messages` in the model's chat template."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def greedy_tokens(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> tuple[list[int], bool]:
+    """Greedy decoding in transformers: the new tokens before the first of `eos_ids`, and whether one was reached
+    (False: cut at `max_new_tokens`). With a `seed`: one answer sampled at `temperature`/`top_p`, reproducibly.
+    The one HF decode outside the streaming backend: `tunelab eval`'s samples, the domain eval's adapter answers
+    (`greedy_reply`) and the export parity check's reference."""
+    import torch
+
+    ids = torch.tensor([prompt_ids], device=model.device)
+    sampling = {"do_sample": False}
+    if seed is not None:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **sampling,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id if pad_id is not None else eos_ids[0],
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    stop = next((i for i, token in enumerate(new) if token in eos_ids), None)
+    return (new, False) if stop is None else (new[:stop], True)
+
+
+def greedy_reply(
+    model, tokenizer, messages: Messages, max_new_tokens: int, repetition_penalty: float = 1.0, **sampling
+) -> tuple[str, bool]:
+    """The greedy assistant reply to `messages` (chat template, turn-end ids) and whether it ended its turn;
+    `sampling` (seed, temperature, top_p) as in `greedy_tokens`."""
+    prompt = chat_prompt(tokenizer, messages)["input_ids"][0].tolist()
+    tokens, finished = greedy_tokens(
+        model, prompt, max_new_tokens, turn_end_ids(model, tokenizer), tokenizer.pad_token_id, repetition_penalty,
+        **sampling,
+    )
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished
+
+
 class _StopWhenSet:
     """A StoppingCriteria that ends generate() once the reader has gone away (e.g. the app's Stop button)."""
 
@@ -239,9 +294,7 @@ class TransformersBackend:
         self.eos_ids = turn_end_ids(self.model, self.tokenizer)
 
     def prompt_ids(self, messages: Messages):
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        return chat_prompt(self.tokenizer, messages)
 
     def stream_chat(self, messages: Messages, params: GenerationParams | None = None) -> Iterator[str]:
         import torch

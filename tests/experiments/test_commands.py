@@ -1,0 +1,118 @@
+"""`tunelab promote`, `tunelab data travel` and `tunelab quickstart` through the command line: every bad input is one
+`error:` line and exit code 2, before any work; quickstart runs end to end with the smallest settings it accepts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import assert_one_clear_error, run_tunelab, small_llama_folder
+
+
+def test_promote_errors_are_one_line_exit_2(tmp_path, capsys):
+    from tunelab.serve.pointer import point_to
+
+    ggufs = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(b"GGUF")
+        ggufs.append(str(path))
+    a, b = ggufs
+    empty, served = tmp_path / "empty-serve", tmp_path / "serve"
+    empty.mkdir()
+    point_to(served, tmp_path / "a.gguf", None, None)  # one model, no history
+    cases = [
+        (["promote", "--rollback"], "--rollback: give --serve-dir"),
+        (["promote", "--rollback", "--serve-dir", str(empty)], "no current model yet"),
+        (["promote", "--rollback", "--serve-dir", str(served)], "nothing to roll back"),
+        (["promote"], "give CANDIDATE and --over"),
+        (["promote", a], "give CANDIDATE and --over"),
+        (["promote", a, "--serve-dir", str(empty)], "no current model yet"),
+        (["promote", str(tmp_path), "--over", b], "CANDIDATE"),
+        (["promote", a, "--over", str(tmp_path / "missing.gguf")], "--over"),
+        (["promote", a, "--over", b, "--set", "train.lr=1"], "only promote.* keys"),
+        (["promote", a, "--over", b, "--set", "promote.min_regression_win_rate=2"], "min_regression_win_rate"),
+        (["promote", a, "--over", b, "--evalset", str(tmp_path / "missing.jsonl")], "--evalset"),
+        (["promote", a, "--over", b, "--space", str(tmp_path / "space")], "--space: give --serve-dir"),
+    ]
+    for args, needle in cases:
+        assert_one_clear_error(run_tunelab(capsys, *args), needle)
+    assert not (tmp_path / "space").exists() and not (tmp_path / "promote").exists()
+    assert json.loads((served / "current.json").read_text())["model"] == str(tmp_path / "a.gguf")
+
+
+def test_data_travel_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import tunelab.experiments.travel_data as travel_data
+
+    monkeypatch.setattr(travel_data, "sharegpt_first_exchanges", lambda: iter([("Plan a day in Porto", "Day 1: go.")]))
+    (tmp_path / "model.bin").write_bytes(b"not a model")
+    hf_folder = small_llama_folder(tmp_path)  # loads in transformers, which has no llama.cpp sampler
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF but not really")
+    cases = [
+        (
+            ["data", "travel", str(tmp_path / "a"), "--prompts", "1", "--model", str(tmp_path / "none.gguf")],
+            "not found",
+        ),
+        (
+            ["data", "travel", str(tmp_path / "b"), "--prompts", "1", "--model", str(tmp_path / "model.bin")],
+            "model.bin",
+        ),
+        (
+            ["data", "travel", str(tmp_path / "c"), "--prompts", "1", "--model", str(hf_folder)],
+            "not a .gguf file",
+        ),
+        (
+            ["data", "travel", str(tmp_path / "d"), "--prompts", "1", "--model", str(tmp_path / "broken.gguf")],
+            "cannot load",
+        ),
+    ]
+    for args, needle in cases:
+        assert_one_clear_error(run_tunelab(capsys, *args), needle)
+
+
+def test_quickstart_errors_are_one_line_exit_2(tmp_path, capsys):
+    cases = [
+        (["quickstart", "--output", str(tmp_path / "q"), "--set", "train.nope=1"], "nope"),
+        (["quickstart", "--output", str(tmp_path / "q"), "--set", "train.max_steps=0"], "max_steps"),
+        (
+            ["quickstart", "--output", str(tmp_path / "q"), "--set", "data.sources.7.weight=1"],
+            "not an index of that list",
+        ),
+    ]
+    for args, needle in cases:
+        assert_one_clear_error(run_tunelab(capsys, *args), needle)
+    assert not (tmp_path / "q").exists()
+
+
+# The quickstart itself (embedded SmolLM2-135M, its config) made as small as its overrides allow: one training step
+# on 100 embedded ShareGPT conversations, two held-out rows, one four-token sample, no travel rubric (that part is the
+# export and `tunelab eval --prompts`, tested in tests/experiments/test_travel_eval.py and tests/export/).
+TINY_QUICKSTART = [
+    "data.sources=[{preset: 'embedded:sharegpt', max_records: 100}]",
+    "data.val_fraction=0.2",
+    "data.dedup.near=false",
+    "train.max_steps=1",
+    "train.save_steps=1",
+    "train.eval_steps=1",
+    "train.threads=2",
+    "eval.max_val_rows=2",
+    "eval.prompts=['Name a city in France.']",
+    "eval.max_new_tokens=4",
+]
+
+
+@pytest.mark.slow
+def test_quickstart_trains_and_judges_with_the_smallest_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "quickstart"
+    sets = [arg for item in TINY_QUICKSTART for arg in ("--set", item)]
+    done = run_tunelab(capsys, "quickstart", "--output", str(out), "--travel-prompts", "0", *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert summary["steps"] == 1 and report["val_rows"] == 2 and report["base_model"] == "embedded:smollm2-135m"
+    verdict = "lower" if report["improved"] else "NOT lower"
+    assert f"tuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base" in done.stdout
+    assert [s["prompt"] for s in report["samples"]] == ["Name a city in France."]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and "travel planner" not in done.stdout
