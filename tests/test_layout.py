@@ -95,3 +95,14 @@ def test_the_checker_sees_an_upward_import_even_inside_a_function(tmp_path):
     )
     assert upward_imports(module, "train") == ["line 4: tunelab.eval.evaluate (eval)"]
     assert stage_of("tunelab.io") == "<base>" and stage_of("tunelab.serve.app") == "serve"
+
+
+def test_design_doc_maps_every_module():
+    """docs/design.md names every module of the package (its layout block is the map a newcomer reads first)."""
+    design = (PACKAGE.parent.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    unnamed = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py" and path.name not in design
+    ]
+    assert unnamed == []
