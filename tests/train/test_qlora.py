@@ -125,7 +125,10 @@ def test_model_keys_choose_the_4bit_type_and_double_quant(llama32_folder):
 def adapter_like_params(seed=0):
     """Two LoRA-shaped weights with >= 4096 values each (bitsandbytes keeps smaller tensors' states in 32 bits)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(16, 512, generator=g)), torch.nn.Parameter(torch.randn(512, 16, generator=g))]
+    return [
+        torch.nn.Parameter(torch.randn(16, 512, generator=g)),
+        torch.nn.Parameter(torch.randn(512, 16, generator=g)),
+    ]
 
 
 def gradients(step, params):

@@ -269,7 +269,7 @@ def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, devi
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models.quantization import check_quantization_supported, quantization_config
+    from tunelab.models.quantization import check_quantization_supported, keep_one_layout, quantization_config
 
     check_quantization_supported(cfg)
     path = model_path or resolve_model_path(cfg.name, cfg.revision)
@@ -285,9 +285,12 @@ def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, devi
             converted = _load_converting_without_mmap(path, kwargs["dtype"])
             if converted is not None:
                 return converted
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.name: cannot load `{cfg.name}`: {str(exc).splitlines()[0]}") from None
+    if quantization is not None:
+        keep_one_layout(model)
+    return model
 
 
 _SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}

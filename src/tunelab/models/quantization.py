@@ -129,6 +129,23 @@ def describe_quantization(model) -> str | None:
     return f"8-bit base ({len(layers)} bitsandbytes layers)"
 
 
+def keep_one_layout(model) -> int:
+    """Turn off bitsandbytes' CPU inference layout on every 4-bit layer; returns how many were set.
+
+    On a CPU with avx512_bf16, bitsandbytes 0.50 repacks a `Linear4bit` the first time it runs in eval mode without
+    gradients: the block scales are rounded to bf16 (double quantisation undone) and its matmul then takes a kernel
+    with no backward, for evaluation and for every training step after it. In a training run that first happens at
+    the first held-out evaluation: the base silently changes and gradients stop flowing through the base weights,
+    so a resumed run (no evaluation yet in that process) diverges from an uninterrupted one. With this off, a 4-bit
+    model computes one function in training, evaluation, resume and export."""
+    count = 0
+    for module in quantized_layers(model):
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def dequantized(model, dtype):
     """The same model with each bitsandbytes layer replaced by an `nn.Linear` holding its dequantised weight in
     `dtype` (NF4 codes x block scales: the weights a QLoRA adapter was trained against). In place; returns it."""
