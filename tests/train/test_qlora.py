@@ -95,6 +95,22 @@ def test_packed_fast_path_on_a_4bit_base_equals_peft_and_bitsandbytes_with_label
         torch.testing.assert_close(grads[name], ref, rtol=0, atol=1e-4 * float(ref.norm()) + 1e-7, msg=name)
 
 
+def test_an_evaluation_leaves_the_4bit_base_and_its_gradients_as_they_were(llama32_folder):
+    """A held-out evaluation (eval mode, no gradients) between training steps changes nothing: bitsandbytes' CPU
+    inference repacking (bf16 block scales, a matmul without backward) stays off for tunelab's 4-bit models."""
+    from tunelab.train.heldout import heldout_loss
+
+    model = qlora_model(llama32_folder)
+    rows = examples()
+    before_loss, before_grads = reference_loss_and_grads(model, rows)
+    heldout_loss(model, rows, batch_size=3)  # what the trainer does every eval_steps
+    model.train()
+    after_loss, after_grads = reference_loss_and_grads(model, rows)
+    assert torch.equal(after_loss, before_loss)
+    for name, grad in before_grads.items():
+        assert torch.equal(after_grads[name], grad), name
+
+
 def test_the_4bit_comparison_can_fail(llama32_folder):
     """The comparison above means something: the same adapter over the unquantised base gives another loss."""
     from peft import LoraConfig, get_peft_model
