@@ -63,8 +63,17 @@ def test_config_show_applies_overrides():
     assert "lr: 0.0001" in result.stdout and "r: 4" in result.stdout
 
 
-@pytest.mark.parametrize("config", ["configs/llama32-1b-qlora.yaml", "configs/llama32-3b-qlora.yaml"])
-def test_shipped_qlora_configs_train_on_this_machine(config, tmp_path):
+def test_the_3b_qlora_config_is_the_1b_recipe_with_another_model():
+    """So the run below stands for both shipped QLoRA configs."""
+    from tunelab.config import load_config
+
+    one, three = (load_config(f"configs/llama32-{size}-qlora.yaml").model_dump() for size in ("1b", "3b"))
+    assert three["model"].pop("name").endswith("Llama-3.2-3B-Instruct") and three["train"].pop("output_dir")
+    one["model"].pop("name"), one["train"].pop("output_dir")
+    assert one == three
+
+
+def test_shipped_qlora_config_trains_on_this_machine(tmp_path):
     """The seeds' recipe as shipped (4-bit NF4 base, double quant, adamw_8bit, gradient checkpointing, packing,
     seq 2048, batch 2 x 4) trains with bitsandbytes on a CPU. Overridden: the model (a tiny random-init Llama with
     the real Llama-3.2 tokenizer, saved locally: no Hub here), the data (FineTome-100k is on the Hub: the same
@@ -78,7 +87,7 @@ def test_shipped_qlora_configs_train_on_this_machine(config, tmp_path):
     root = Path(__file__).resolve().parents[1]
     result = tunelab(
         "train",
-        str(root / config),
+        str(root / "configs/llama32-1b-qlora.yaml"),
         "--set",
         f"model.name={model_dir}",
         "--set",
@@ -91,7 +100,7 @@ def test_shipped_qlora_configs_train_on_this_machine(config, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     line = next(text for text in result.stdout.splitlines() if text.startswith("architecture:"))
     assert "fast path (packed attention" in line and "4-bit nf4 base" in line and "double quant" in line
-    run_dir = tmp_path / "runs" / Path(config).stem
+    run_dir = tmp_path / "runs" / "llama32-1b-qlora"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["global_batch"] == 8 and summary["final_val_loss"] > 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -78,7 +78,7 @@ def compare_qlora_merges(run_dir: Path, prompts: list[str], max_new_tokens: int,
 
     trained_loss, trained_tokens = measure("quantized", merge=False)
     report = {
-        "reference": "the trained model: " + QLORA_BASES["quantized"] + " + adapter, fp32 compute",
+        "reference": "the trained model: its 4/8-bit base (bitsandbytes layers) + adapter, fp32 compute",
         "default": DEFAULT_QLORA_BASE,
         "why": "the adapter was trained against the dequantised weights: merged into them it is the trained model "
         "(up to float rounding); merged into the original base, the quantisation error it learned around comes back",
