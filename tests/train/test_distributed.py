@@ -126,7 +126,12 @@ def test_two_process_ddp_on_a_4bit_base_with_adamw_8bit_matches_single_process(i
     out_two = launch("ddp.yaml", config_file(inputs, two, **keys))
     assert_ran_on(two, out_two.stdout, 2, "MULTI_CPU", 2)
     assert "4-bit nf4 base" in out_one.stdout and "4-bit nf4 base" in out_two.stdout
-    assert_same_adapter(adapter(one), adapter(two))
+    # The averaged gradient differs from the single-process one by float rounding (reduction order); with 8-bit
+    # states that can move a value to the neighbouring code (seen: 1 of 8192 values off by 2e-5, lr 1e-3).
+    single_adapter, ddp_adapter = adapter(one), adapter(two)
+    assert single_adapter.keys() == ddp_adapter.keys() and single_adapter
+    for key in single_adapter:
+        torch.testing.assert_close(single_adapter[key], ddp_adapter[key], rtol=0, atol=1e-4)
 
 
 def test_fsdp_matches_single_process_writes_checkpoints_once_and_resumes(inputs, tmp_path):
