@@ -224,6 +224,13 @@ def export_(
             "so one base in memory serves several adapters per request (llama-server)."
         ),
     ] = False,
+    merge_into: Annotated[
+        str | None,
+        typer.Option(
+            help="QLoRA runs: merge into `dequantized` (the 4-bit weights the adapter was trained on; default) or "
+            "`original` (the unquantised base); parity.json measures both against the trained model."
+        ),
+    ] = None,
 ) -> None:
     """Merge the adapter, write GGUF files, check parity with llama.cpp, optionally build a Space / push to the Hub."""
     from tunelab.export.gguf import llama_cpp_source_dir
@@ -240,7 +247,9 @@ def export_(
         check_repo_id(push_to_hub)
     run_config(run_dir)  # fail on a wrong folder before any work
     llama_cpp_source_dir()  # fetch the converter up front (prints what it does)
-    export_run(run_dir, quants, threads=threads, adapter_gguf=adapter_gguf)
+    if merge_into is not None and merge_into not in ("dequantized", "original"):
+        raise UserError(f"--merge-into: `{merge_into}` is not one of dequantized, original")
+    export_run(run_dir, quants, threads=threads, merge_into=merge_into, adapter_gguf=adapter_gguf)
     if space is not None:
         build_run_space(run_dir, space, model_repo=push_to_hub)
     if push_to_hub:

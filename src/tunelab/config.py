@@ -143,12 +143,29 @@ class ModelConfig(_Section):
         "tokenizer's own (gemma for embedded:gemma3-270m).",
     )
     load_in_4bit: bool = Field(
-        False, description="QLoRA: load the frozen base in 4-bit NF4 (CUDA + bitsandbytes only)."
+        False,
+        description="QLoRA: load the frozen base in 4-bit (bitsandbytes, on a CPU or a CUDA GPU); its compute dtype "
+        "follows train.precision.",
     )
-    load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (CUDA + bitsandbytes only).")
+    load_in_8bit: bool = Field(
+        False, description="Load the frozen base in 8-bit (bitsandbytes LLM.int8, on a CPU or a CUDA GPU)."
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="With load_in_4bit: the 4-bit data type, nf4 (NormalFloat, QLoRA's) or fp4."
+    )
+    bnb_4bit_use_double_quant: bool = Field(
+        True,
+        description="With load_in_4bit: quantise the per-block scales too (double quantisation, ~0.4 bit/weight less).",
+    )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the Hub repo to run (only for models you trust)."
     )
+
+    @model_validator(mode="after")
+    def _one_quantisation(self) -> ModelConfig:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive: set one of them")
+        return self
 
 
 # ----------------------------------------------------------------------------------------- lora
@@ -187,7 +204,7 @@ class TrainConfig(_Section):
         "linear", description="Learning-rate decay after the warm-up: linear or cosine to 0 at max_steps, or constant."
     )
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
-        "adamw", description="adamw (torch, fused) or adamw_8bit (bitsandbytes, CUDA only)."
+        "adamw", description="adamw (torch, fused) or adamw_8bit (bitsandbytes: 8-bit optimizer states, CPU or CUDA)."
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on the adapter weights.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (none: no clipping).")

@@ -6,7 +6,8 @@ import pytest
 
 from tunelab.config import ModelConfig
 from tunelab.models import ModelError, load_tokenizer, resolve_model_path
-from tunelab.models.loading import check_quantization_supported, embedded_gguf_path
+from tunelab.models.loading import embedded_gguf_path
+from tunelab.models.quantization import check_quantization_supported
 from tunelab.models.templates import TemplateError
 
 MESSAGES = [
@@ -80,13 +81,41 @@ def test_hub_id_offline_fails_fast_with_one_message(monkeypatch):
         resolve_model_path("someone/never-downloaded-model")
 
 
-def test_4bit_without_cuda_says_so():
-    import torch
+def test_4bit_and_8bit_bases_and_adamw_8bit_are_supported_on_this_machine():
+    from tunelab.models.quantization import check_bitsandbytes
 
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    with pytest.raises(ModelError, match="model.load_in_4bit: needs a CUDA GPU"):
-        check_quantization_supported(ModelConfig(load_in_4bit=True))
+    check_quantization_supported(ModelConfig(load_in_4bit=True))
+    check_quantization_supported(ModelConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"))
+    check_quantization_supported(ModelConfig(load_in_8bit=True))
+    check_bitsandbytes("train.optimizer: adamw_8bit", "adamw_8bit")
+
+
+def test_a_missing_bitsandbytes_op_is_one_line_naming_it(monkeypatch):
+    """A bitsandbytes build without the 4-bit kernels for this device: one UserError line, raised before loading."""
+    import bitsandbytes
+
+    from tunelab.models.quantization import QuantizationError, missing_op
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'bitsandbytes::quantize_4bit' with arguments from the 'CPU' backend.")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", no_kernel)
+    missing_op.cache_clear()
+    try:
+        with pytest.raises(QuantizationError) as caught:
+            check_quantization_supported(ModelConfig(load_in_4bit=True))
+    finally:
+        missing_op.cache_clear()
+    message = str(caught.value)
+    assert message.startswith("model.load_in_4bit: bitsandbytes 0.50.2 cannot run quantize_4bit(nf4) on this cpu")
+    assert "'CPU' backend" in message and "\n" not in message
+
+
+def test_4bit_and_8bit_together_is_a_config_error():
+    from tunelab.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="load_in_4bit and load_in_8bit are exclusive"):
+        config_from_dict({"model": {"load_in_4bit": True, "load_in_8bit": True}})
 
 
 def test_bf16_load_from_the_fp32_folder_reads_without_mmap_and_equals_from_pretrained(monkeypatch):

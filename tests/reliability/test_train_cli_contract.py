@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -76,15 +77,34 @@ def test_tokenizer_without_chat_template_is_one_line_and_nothing_written(ws, tmp
     assert not run_dir.exists() and not (tmp_path / "cache" / "data").exists()
 
 
-@pytest.mark.parametrize("key", ["load_in_4bit", "load_in_8bit"])
-def test_quantized_loading_without_cuda_is_one_line_and_nothing_written(ws, tmp_path, key):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+@pytest.mark.parametrize(
+    "keys, broken, expected",
+    [
+        ({"model": {"load_in_4bit": True}}, "functional.quantize_4bit", "model.load_in_4bit: bitsandbytes"),
+        ({"train": {"optimizer": "adamw_8bit"}}, "optim.AdamW8bit.step", "train.optimizer: adamw_8bit: bitsandbytes"),
+    ],
+    ids=["4bit", "adamw_8bit"],
+)
+def test_a_bitsandbytes_op_missing_is_one_line_and_nothing_written(ws, tmp_path, keys, broken, expected):
+    """A machine whose bitsandbytes lacks an op (simulated at interpreter start by sitecustomize) fails before
+    anything is written, in one line naming the op."""
+    site = tmp_path / "site"
+    site.mkdir()
+    owner, attr = broken.rsplit(".", 1)
+    (site / "sitecustomize.py").write_text(
+        "import bitsandbytes, operator\n"
+        f"owner = operator.attrgetter({owner!r})(bitsandbytes)\n"
+        "def missing(*args, **kwargs):\n"
+        "    raise NotImplementedError('no kernel registered for this device')\n"
+        f"setattr(owner, {attr!r}, missing)\n"
+    )
     run_dir = tmp_path / "run"
-    result = tunelab_train(ws, ws.config(run_dir, name="cfg", model={key: True}), cache=tmp_path / "cache")
-    assert_one_clear_error(result, f"model.{key}: needs a CUDA GPU")
+    config = ws.config(run_dir, name="cfg", **keys)
+    result = tunelab_train(
+        ws, config, cache=tmp_path / "cache", PYTHONPATH=f"{site}:{os.environ.get('PYTHONPATH', '')}"
+    )
+    line = assert_one_clear_error(result, expected, "no kernel registered for this device")
+    assert "cannot run" in line
     assert not run_dir.exists() and not (tmp_path / "cache").exists()
 
 

@@ -1,8 +1,8 @@
 """The GPU paths: QLoRA (4-bit NF4 base, bitsandbytes), adamw_8bit, gradient checkpointing, bf16 autocast.
 
 These need CUDA + bitsandbytes and are skipped on CPU-only machines (CI has no GPU); the figures from the
-last run on a GPU are in docs/benchmarks.md. The CPU-only guard for the same configs is tested in
-tests/test_cli.py (test_cuda_only_configs_fail_early_on_cpu).
+last run on a GPU are in docs/benchmarks.md. The same recipe on a CPU (bitsandbytes' CPU backend) is tested in
+tests/train/test_qlora.py, tests/models/test_qlora_run.py and tests/test_cli.py (the shipped QLoRA configs).
 """
 
 from __future__ import annotations

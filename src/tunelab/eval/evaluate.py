@@ -25,7 +25,7 @@ def evaluate_run(
     from tunelab.models.runs import load_run_model, run_config
     from tunelab.train.architectures import use_plan
     from tunelab.train.objectives import heldout_examples
-    from tunelab.train.precision import Precision, precision_for_this_machine
+    from tunelab.train.precision import precision_for_this_machine
     from tunelab.train.recipe import set_threads
 
     run_dir = Path(run_dir)
@@ -35,13 +35,12 @@ def evaluate_run(
     set_threads(cfg.train.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_for_this_machine(cfg.train.precision, device.type)
-    if (cfg.model.load_in_4bit or cfg.model.load_in_8bit) and device.type == "cpu":
-        precision = Precision("fp32", "QLoRA run on a CPU: its base is reloaded unquantised in fp32")
     _, val_set = load_prepared(prepare_dataset(cfg))
     val_rows = heldout_examples(cfg.train.objective, val_set)[: cfg.eval.max_val_rows or None]
 
-    # A QLoRA run is scored on its unquantised base (see load_run_model), on the GPU when there is one.
-    model, tokenizer = load_run_model(run_dir, dtype=precision.dtype, device=device, cfg=cfg)
+    # A QLoRA run is scored as it was trained: its 4/8-bit base (bitsandbytes) + adapter, in the training precision;
+    # "base" is that quantised base with the adapter off.
+    model, tokenizer = load_run_model(run_dir, dtype=precision.dtype, device=device, cfg=cfg, base="quantized")
     own_attention = model.config._attn_implementation
     packing = use_plan(model, cfg.train.packing, log=print if verbose else lambda *_: None)
     losses = heldout_loss_per_adapter(

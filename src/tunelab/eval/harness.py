@@ -156,7 +156,7 @@ def run_lm_eval(
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     set_threads(threads or cfg.train.threads)  # None: every core this process may use
-    # fp32 on the CPU; a QLoRA run's base is reloaded unquantised (see load_run_model).
+    # fp32 on the CPU; a QLoRA run's 4-bit base is dequantised, what its adapter was trained on (see load_run_model).
     model, tokenizer = load_run_model(run_dir, cfg=cfg)
     inner = model.get_base_model()  # the transformers model with the LoRA layers in it: lm-eval wants a PreTrainedModel
     log(f"lm-eval {', '.join(tasks.names)}{f' (first {limit} documents each)' if limit else ''}: tuned (adapter on)")

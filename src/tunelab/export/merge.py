@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 from tunelab.io import atomic_folder
-from tunelab.models.inference import turn_end_ids
+from tunelab.models.inference import greedy_tokens, turn_end_ids
 from tunelab.models.runs import load_run_model, run_config
-from tunelab.train.heldout import heldout_loss_per_adapter
+from tunelab.train.heldout import heldout_loss, heldout_loss_per_adapter
 
 
 def fix_generation_config(model, tokenizer) -> None:
@@ -37,9 +37,10 @@ def val_rows(run_dir: Path, limit: int = 16) -> list[dict]:
     return []
 
 
-def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16) -> dict:
-    """Save base+adapter merged to `out_dir` (atomically); return val losses measured on the way."""
-    model, tokenizer = load_run_model(run_dir, merge=False)
+def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16, merge_into: str | None = None) -> dict:
+    """Save base+adapter merged to `out_dir` (atomically); return val losses measured on the way. A QLoRA run's
+    adapter is merged into `merge_into` (tunelab.models.runs.QLORA_BASES; default: the dequantised 4-bit weights)."""
+    model, tokenizer = load_run_model(run_dir, merge=False, base=merge_into)
     rows = [(r["input_ids"], r["labels"]) for r in val_rows(run_dir, val_limit)]
     # The loss `tunelab eval` and the trainer report (one function), so the model card quotes the same figure.
     losses = {"val_rows": len(rows), "tuned": None}
@@ -65,6 +66,50 @@ def save_base(run_dir: Path, out_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         copy_sentencepiece_model(Path(base.name_or_path), tmp)
     return out_dir
+
+
+def compare_qlora_merges(run_dir: Path, prompts: list[str], max_new_tokens: int, val_limit: int = 16) -> dict:
+    """A QLoRA run's two merges against the trained model (4/8-bit base + adapter, bitsandbytes, fp32 compute):
+    held-out loss on the same rows and greedy agreement on the same prompts. One model in memory at a time."""
+    import torch
+
+    from tunelab.export.parity import common_prefix, prompt_token_ids
+    from tunelab.models.runs import DEFAULT_QLORA_BASE, QLORA_BASES
+
+    rows = [(r["input_ids"], r["labels"]) for r in val_rows(run_dir, val_limit)]
+
+    def measure(base: str, merge: bool) -> tuple[float | None, list[list[int]]]:
+        model, tokenizer = load_run_model(run_dir, merge=merge, dtype=torch.float32, base=base)
+        pad = tokenizer.pad_token_id or 0
+        loss = heldout_loss(model, rows, batch_size=1, pad_id=pad) if rows else None
+        eos = turn_end_ids(model, tokenizer)
+        tokens = [greedy_tokens(model, ids, max_new_tokens, eos)[0] for ids in prompt_token_ids(tokenizer, prompts)]
+        del model
+        return loss, tokens
+
+    trained_loss, trained_tokens = measure("quantized", merge=False)
+    report = {
+        "reference": "the trained model: its 4/8-bit base (bitsandbytes layers) + adapter, fp32 compute",
+        "default": DEFAULT_QLORA_BASE,
+        "why": "the adapter was trained against the dequantised weights: merged into them it is the trained model "
+        "(up to float rounding); merged into the original base, the quantisation error it learned around comes back",
+        "val_rows": len(rows),
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "trained": {"val_loss": trained_loss},
+        "merges": {},
+    }
+    for base in ("dequantized", "original"):
+        loss, tokens = measure(base, merge=True)
+        agreement = [common_prefix(a, b) / max(len(a), len(b), 1) for a, b in zip(trained_tokens, tokens)]
+        report["merges"][base] = {
+            "what": QLORA_BASES[base],
+            "val_loss": loss,
+            "val_loss_delta": None if loss is None or trained_loss is None else loss - trained_loss,
+            "greedy_exact": sum(a == b for a, b in zip(trained_tokens, tokens)),
+            "greedy_agreement": sum(agreement) / max(len(agreement), 1),
+        }
+    return report
 
 
 def copy_sentencepiece_model(base_dir: Path, out_dir: Path) -> bool:

@@ -30,24 +30,50 @@ def parse_quants(text: str, option: str = "--gguf") -> list[str]:
     return list(dict.fromkeys(quants))
 
 
-def export_run(run_dir: Path, quants: list[str], threads: int | None = None, adapter_gguf: bool = False) -> dict:
-    """Merge, GGUF files, parity, model card. Raises ParityError (a UserError) when the f16 GGUF is wrong."""
+def export_run(
+    run_dir: Path,
+    quants: list[str],
+    threads: int | None = None,
+    merge_into: str | None = None,
+    adapter_gguf: bool = False,
+) -> dict:
+    """Merge, GGUF files, parity, model card. Raises ParityError (a UserError) when the f16 GGUF is wrong.
+
+    A QLoRA run is merged into `merge_into` (tunelab.models.runs.QLORA_BASES: `dequantized`, the default, or
+    `original`); both merges are measured against the trained 4-bit model and recorded in parity.json."""
     from tunelab.export.card import model_card
-    from tunelab.export.merge import merge_run, val_rows
+    from tunelab.export.merge import compare_qlora_merges, merge_run, val_rows
     from tunelab.export.parity import parity_table, quantisation_warnings, raise_if_failed, run_parity
     from tunelab.export.quant_choice import recommend_quant
-    from tunelab.models.runs import run_config
+    from tunelab.models.runs import DEFAULT_QLORA_BASE, is_quantized_run, run_config
 
     cfg = run_config(run_dir)
+    quantized = is_quantized_run(cfg)
+    if merge_into is not None and not quantized:
+        raise UserError("--merge-into: only for a QLoRA run (model.load_in_4bit/8bit); this run has one base")
+    merge_into = (merge_into or DEFAULT_QLORA_BASE) if quantized else None
     export_dir = run_dir / "export"
     export_dir.mkdir(exist_ok=True)
     merged_dir = export_dir / "merged"
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    log(f">> merging adapter into {cfg.model.name} -> {merged_dir}")
-    losses = merge_run(run_dir, merged_dir)
-    timings["merge_s"] = time.perf_counter() - started
+    qlora_merges = None
+    if quantized:
+        log(">> QLoRA: both merges (dequantised 4-bit weights, original base) vs the trained 4-bit model")
+        qlora_merges = compare_qlora_merges(run_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
+        qlora_merges["exported"] = merge_into
+        for base, row in qlora_merges["merges"].items():
+            log(
+                f"   into {base:<11} val loss {_fmt(row['val_loss'])} (trained {_fmt(qlora_merges['trained']['val_loss'])}),"
+                f" greedy {row['greedy_exact']}/{qlora_merges['prompts']} exact"
+            )
+        timings["qlora_merges_s"] = time.perf_counter() - started
+    into = f" ({merge_into} weights)" if merge_into else ""
+    log(f">> merging adapter into {cfg.model.name}{into} -> {merged_dir}")
+    step = time.perf_counter()
+    losses = merge_run(run_dir, merged_dir, merge_into=merge_into)
+    timings["merge_s"] = time.perf_counter() - step
 
     # f16 is always made: it is the quantiser's input and the parity reference; dropped later if not asked.
     step = time.perf_counter()
@@ -66,6 +92,8 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None, ada
     rows = val_rows(run_dir, limit=8)
     report = run_parity(merged_dir, ggufs, [r["input_ids"][:256] for r in rows] or None, threads=threads)
     timings["parity_s"] = time.perf_counter() - step
+    if qlora_merges is not None:
+        report["qlora_merges"] = qlora_merges
     atomic_write(export_dir / "parity.json", json.dumps(report, indent=2))
     table = parity_table(report)
     log(table)
@@ -95,6 +123,7 @@ def export_run(run_dir: Path, quants: list[str], threads: int | None = None, ada
         "ggufs": {q: str(p) for q, p in ggufs.items()},
         "val_loss": losses,
         "adapter_gguf": {name: str(path) for name, path in adapter_files.items()},
+        "merged_into": merge_into,
         "recommended_quant": recommended,
         "warnings": warnings,
         "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -122,3 +151,7 @@ def export_adapter_gguf(run_dir: Path, export_dir: Path, quants: list[str], thre
     else:
         base_f16.unlink()
     return written
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

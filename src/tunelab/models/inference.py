@@ -261,7 +261,12 @@ def greedy_reply(
     `sampling` (seed, temperature, top_p) as in `greedy_tokens`."""
     prompt = chat_prompt(tokenizer, messages)["input_ids"][0].tolist()
     tokens, finished = greedy_tokens(
-        model, prompt, max_new_tokens, turn_end_ids(model, tokenizer), tokenizer.pad_token_id, repetition_penalty,
+        model,
+        prompt,
+        max_new_tokens,
+        turn_end_ids(model, tokenizer),
+        tokenizer.pad_token_id,
+        repetition_penalty,
         **sampling,
     )
     return tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished

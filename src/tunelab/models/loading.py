@@ -53,7 +53,7 @@ EMBEDDED_MODELS = {
 
 
 class ModelError(UserError):
-    """A user-facing model problem (missing file, offline hub, no CUDA for 4-bit)."""
+    """A user-facing model problem (missing file, offline hub, unreadable folder)."""
 
 
 def embedded_model(key: str) -> EmbeddedModel:
@@ -250,16 +250,6 @@ def _check_hub_reachable(repo_id: str, revision: str | None) -> None:
         ) from None
 
 
-def check_quantization_supported(cfg: ModelConfig) -> None:
-    import torch
-
-    for key in ("load_in_4bit", "load_in_8bit"):
-        if getattr(cfg, key) and not torch.cuda.is_available():
-            raise ModelError(
-                f"model.{key}: needs a CUDA GPU with bitsandbytes; this machine has none (set it to false)"
-            )
-
-
 def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
     from transformers import AutoTokenizer
 
@@ -274,36 +264,33 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
 
 
 def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, device_map=None):
-    """Load the base causal LM. `dtype` defaults to fp32; 4/8-bit via bitsandbytes on CUDA."""
+    """Load the base causal LM in `dtype` (default fp32). A 4/8-bit base (bitsandbytes, tunelab.models.quantization)
+    is placed on the first CUDA GPU when there is one, else on the CPU; its 4-bit layers compute in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from tunelab.models.quantization import check_quantization_supported, keep_one_layout, quantization_config
 
     check_quantization_supported(cfg)
     path = model_path or resolve_model_path(cfg.name, cfg.revision)
     kwargs = {"dtype": dtype or torch.float32, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=cfg.load_in_4bit,
-            load_in_8bit=cfg.load_in_8bit,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype or torch.float32,  # follows train.precision (fp16 on a T4)
-            bnb_4bit_use_double_quant=True,
-        )
-        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+    quantization = quantization_config(cfg, dtype or torch.float32)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        if not (
-            cfg.load_in_4bit or cfg.load_in_8bit or device_map is not None or cfg.trust_remote_code or cfg.revision
-        ):
+        if not (quantization is not None or device_map is not None or cfg.trust_remote_code or cfg.revision):
             converted = _load_converting_without_mmap(path, kwargs["dtype"])
             if converted is not None:
                 return converted
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.name: cannot load `{cfg.name}`: {str(exc).splitlines()[0]}") from None
+    if quantization is not None:
+        keep_one_layout(model)
+    return model
 
 
 _SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}

@@ -7,13 +7,18 @@ reproduce it exactly. For the families below they do: the attention modules pass
 and soft-capping to the packed attention, and `Head` carries what the model's own head does to the
 logits after `lm_head` (Gemma-2/3 final soft-capping, Cohere/Granite logit scaling; an `lm_head` bias is
 read from the module itself). Everything else — an unknown `model_type`, an attention kind tunelab does
-not implement, an `lm_head` wrapped by PEFT (a LoRA adapter or modules_to_save on it) — takes the
+not implement, an `lm_head` wrapped by PEFT (a LoRA adapter or modules_to_save on it) or quantised — takes the
 fallback: the model's own forward and logits, one padded row per conversation (no packing).
+
+A 4/8-bit base (bitsandbytes, tunelab.models.quantization) keeps the fast path: its quantised linears sit inside
+the decoder, whose forward the packed attention leaves to the model, and transformers keeps `lm_head` unquantised.
+What steps aside for it is the fused LoRA linear (tunelab.train.fused_layers: it multiplies by a plain weight), and
+the plan's line says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -46,18 +51,22 @@ class Plan:
     family: str
     reason: str
     head: Head = field(default_factory=Head)
+    quantized_base: str | None = None  # e.g. "4-bit nf4 base (...)" (tunelab.models.quantization), None: unquantised
 
     def describe(self, packing: bool = True) -> str:
         """The one line a run prints about it."""
+        base = ""
+        if self.quantized_base:
+            base = f"; {self.quantized_base}: its LoRA layers run PEFT's bitsandbytes forward (no fused LoRA linear)"
         if self.fast:
             attention = "packed attention" if packing else "padded rows (train.packing: false)"
             return (
                 f"architecture: {self.family} — tunelab's fast path ({attention}, assistant-only LM head): "
-                f"{self.reason}"
+                f"{self.reason}{base}"
             )
         return (
             f"architecture: {self.family} — fallback to the model's own forward and loss, one padded row per "
-            f"conversation (no packing): {self.reason}"
+            f"conversation (no packing): {self.reason}{base}"
         )
 
 
@@ -71,7 +80,13 @@ def causal_lm(model):
 
 def plan_for(model) -> Plan:
     """Fast path or fallback for this (possibly PEFT-wrapped) model, and why."""
-    inner = causal_lm(model)
+    from tunelab.models.quantization import describe_quantization
+
+    plan = _plan(causal_lm(model))
+    return replace(plan, quantized_base=describe_quantization(model))
+
+
+def _plan(inner) -> Plan:
     config = inner.config
     model_type = getattr(config, "model_type", None) or type(inner).__name__
     family = FAST_FAMILIES.get(model_type)
@@ -91,6 +106,12 @@ def plan_for(model) -> Plan:
     if getattr(config, "use_bidirectional_attention", False):
         return Plan(False, family, "bidirectional attention is not causal")
     lm_head = inner.lm_head
+    if type(lm_head).__module__.startswith("bitsandbytes."):
+        return Plan(
+            False,
+            family,
+            f"lm_head is quantised ({type(lm_head).__name__}), which the assistant-only head does not read",
+        )
     if type(lm_head) is not torch.nn.Linear:
         return Plan(
             False,

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from tunelab.config import Config, TrainConfig
-from tunelab.errors import UserError
 from tunelab.io import atomic_folder, atomic_write
 from tunelab.train.architectures import plan_for
 from tunelab.train.distributed import describe_launch, distribution_for
@@ -97,12 +96,11 @@ def rows_of(dataset):
 
 
 def check_hardware(cfg: Config) -> None:
-    if cfg.train.optimizer == "adamw_8bit" and not torch.cuda.is_available():
-        raise UserError(
-            "train.optimizer: adamw_8bit needs a CUDA GPU with bitsandbytes; this machine has none (use adamw)"
-        )
-    from tunelab.models.loading import check_quantization_supported
+    """bitsandbytes runs what the config asks of it on this machine (CPU or CUDA), or one line says what it lacks."""
+    from tunelab.models.quantization import check_bitsandbytes, check_quantization_supported
 
+    if cfg.train.optimizer == "adamw_8bit":
+        check_bitsandbytes("train.optimizer: adamw_8bit", "adamw_8bit")
     check_quantization_supported(cfg.model)
 
 
