@@ -126,20 +126,10 @@ def bench_train_cmd(
         from tunelab.bench.dpo import markdown_table as dpo_table
         from tunelab.bench.dpo import run_dpo_bench
 
-        doc = run_dpo_bench(
-            cfg,
-            steps=steps,
-            repeats=repeats,
-            precisions=precision or None,
-            threads=threads,
-            vs=None if vs == "none" else vs,
-            max_val_rows=max_val_rows,
-            command=command_line(),
-        )
-        write_results(json_path, doc, dpo_table(doc))
-        typer.echo(dpo_table(doc))
-        return
-    doc = run_bench(
+        run, table, show = run_dpo_bench, dpo_table, lambda doc: typer.echo(dpo_table(doc))
+    else:
+        run, table, show = run_bench, markdown_table, print_table
+    doc = run(
         cfg,
         steps=steps,
         repeats=repeats,
@@ -149,8 +139,8 @@ def bench_train_cmd(
         max_val_rows=max_val_rows,
         command=command_line(),
     )
-    write_results(json_path, doc, markdown_table(doc))
-    print_table(doc)
+    write_results(json_path, doc, table(doc))
+    show(doc)
     if plot is not None:
         plot_throughput(doc, plot)
         typer.echo(f"wrote {plot}")

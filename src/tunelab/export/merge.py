@@ -46,12 +46,7 @@ def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16, merge_into: str
     losses = {"val_rows": len(rows), "tuned": None}
     if rows:
         losses.update(heldout_loss_per_adapter(model, rows, batch_size=1, pad_id=tokenizer.pad_token_id or 0))
-    merged = model.merge_and_unload()
-    fix_generation_config(merged, tokenizer)
-    with atomic_folder(out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        copy_sentencepiece_model(Path(merged.name_or_path), tmp)
+    save_hf_folder(model.merge_and_unload(), tokenizer, out_dir)
     return losses
 
 
@@ -59,12 +54,17 @@ def save_base(run_dir: Path, out_dir: Path) -> Path:
     """Save the run's base model with the run's tokenizer and chat template (atomically), as the merge saves the
     merged one: the base that a GGUF LoRA of the adapter is applied to at run time."""
     model, tokenizer = load_run_model(run_dir, merge=False)
-    base = model.unload()  # the LoRA layers removed, not merged
-    fix_generation_config(base, tokenizer)
+    return save_hf_folder(model.unload(), tokenizer, out_dir)  # unload: the LoRA layers removed, not merged
+
+
+def save_hf_folder(model, tokenizer, out_dir: Path) -> Path:
+    """A plain HF model folder (safetensors, tokenizer with the run's chat template, generation config that stops
+    at the turn end), written atomically: what llama.cpp's converter and `from_pretrained` read."""
+    fix_generation_config(model, tokenizer)
     with atomic_folder(out_dir) as tmp:
-        base.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        copy_sentencepiece_model(Path(base.name_or_path), tmp)
+        copy_sentencepiece_model(Path(model.name_or_path), tmp)
     return out_dir
 
 
