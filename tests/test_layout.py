@@ -16,7 +16,7 @@ import tunelab
 PACKAGE = Path(tunelab.__file__).resolve().parent
 
 # Lowest first. Modules at the top of the package (errors.py, config.py, io.py, hub.py, ...) are the base.
-STAGES = ["<base>", "models", "data", "train", "eval", "export", "serve", "bench", "experiments", "cli"]
+STAGES = ["<base>", "models", "data", "train", "eval", "export", "serve", "doctor", "bench", "experiments", "cli"]
 RANK = {
     "<base>": 0,
     "models": 1,
@@ -25,9 +25,10 @@ RANK = {
     "eval": 4,
     "export": 5,
     "serve": 6,
-    "bench": 7,
-    "experiments": 7,
-    "cli": 8,
+    "doctor": 7,
+    "bench": 8,
+    "experiments": 8,
+    "cli": 9,
 }
 
 
