@@ -192,7 +192,7 @@ def check_pad(p: Preflight, collate: Collate | None = None) -> Check:
         return Check("pad token", SKIP, f"pad {pad} is the turn-end token; no trained turn end in the sample")
     collate = collate or tunelab_collated_labels(pad_id)
     wanted = kept = 0
-    for (ids, labels), trained in zip(rows, collate(rows)):
+    for (_ids, labels), trained in zip(rows, collate(rows)):
         for i, label in enumerate(labels):
             if label in p.turn_ends:
                 wanted += 1
