@@ -83,7 +83,7 @@ def check_labels(p: Preflight) -> Check:
     end_names = "/".join(p.tokenizer.convert_ids_to_tokens(list(p.turn_ends)))
     evidence = (
         f"{len(p.rows)} rows: {no_label_share:.1%} of rows without a trained token ({dropped} dropped at prepare); "
-        f"{outside_share:.1%} of {trained} trained tokens outside the assistant replies; "
+        f"{outside} of {trained} trained tokens ({outside_share:.1%}) outside the assistant replies; "
         f"{ended}/{replies} replies end with a trained {end_names}"
     )
     if outside or ended < replies:
