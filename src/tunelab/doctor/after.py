@@ -182,7 +182,8 @@ def check_merged(s: RunState) -> Check:
     for prompt, ids, want in zip(s.prompts, s.prompt_ids, s.tuned_answers):
         got = hf_greedy(merged, ids, GREEDY_TOKENS, s.turn_ends)
         at = common_prefix(want, got)
-        if got == want or is_near_tie(merged, ids, want, got, at, tie_margin=1e-3):
+        # a near-tie in the merged model's own logits (its pick first) is rounding, not a different model
+        if got == want or is_near_tie(merged, ids, got, want, at, tie_margin=1e-3):
             same += 1
         else:
             bad.append(f"{prompt[:30]!r} from token {at}")
