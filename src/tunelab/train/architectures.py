@@ -143,11 +143,12 @@ def use_plan(model, packing: bool, log=print) -> bool:
 
 
 @torch.no_grad()
-def batch_logits_gap(model, rows: list[tuple[list[int], list[int]]], packing: bool, pad_id: int) -> float:
-    """Largest |logit| difference, relative to the largest |logit|, between a micro-batch of `rows` as training
-    builds it (one packed row through tunelab's attention, or right-padded rows) and each row run alone through
-    the model's own eager attention. About 1e-6 in fp32 when conversations stay apart; a packed row whose
-    conversations see each other differs by far more from its second conversation on."""
+def batch_logits_gaps(model, rows: list[tuple[list[int], list[int]]], packing: bool, pad_id: int) -> list[float]:
+    """Per row: the largest |logit| difference, relative to the largest |logit|, between the row inside a
+    micro-batch as training builds it (one packed row through tunelab's attention, or right-padded rows) and the
+    row run alone through the model's own eager attention. In a packed row the first conversation cannot see
+    another one (attention is causal), so its gap is the rounding of the path alone; a later conversation that
+    sees the ones before it differs by far more."""
     from tunelab.train.batching import make_batch
 
     inner = causal_lm(model)
@@ -168,9 +169,8 @@ def batch_logits_gap(model, rows: list[tuple[list[int], list[int]]], packing: bo
     finally:
         inner.config._attn_implementation = own
         model.train(was_training)
-    gap, scale = 0.0, 0.0
+    gaps = []
     for got, want in zip(in_batch, alone):
         got, want = lm_head(got).float(), lm_head(want).float()
-        gap = max(gap, float((got - want).abs().max()))
-        scale = max(scale, float(want.abs().max()))
-    return gap / max(scale, 1e-12)
+        gaps.append(float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12))
+    return gaps
