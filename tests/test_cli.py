@@ -21,6 +21,7 @@ COMMANDS = [
     ["bench", "data"],
     ["bench", "infer"],
     ["quickstart"],
+    ["doctor"],
     ["feedback", "export"],
 ]
 

@@ -118,6 +118,9 @@ def tokens_outside_reply(tokenizer, run: list[int], content: str) -> int:
     text = tokenizer.decode(run)
     reply = content.strip()
     at = text.find(reply)
+    if at < 0:  # a tokenizer that normalises text (NFKC, spaces) decodes the reply as its own round trip
+        reply = tokenizer.decode(tokenizer(reply, add_special_tokens=False)["input_ids"]).strip()
+        at = text.find(reply)
     if at < 0:
         return len(run)
     before, after = text[:at], text[at + len(reply) :]

@@ -74,12 +74,17 @@ def test_train_stops_on_a_doctor_failure_before_the_run_folder_and_no_doctor_ski
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_train_runs_the_doctor_first(workspace):
+def test_train_runs_the_doctor_first_and_trains_the_same_as_without_it(workspace):
+    runner = CliRunner()
     good, run_dir = write_config(workspace, "train-good")
-    result = CliRunner().invoke(app, ["train", str(good)])
+    result = runner.invoke(app, ["train", str(good)])
     assert result.exit_code == 0, result.output
     assert "doctor: 7 pre-training checks in" in result.output
     assert result.output.index("doctor: 7") < result.output.index("done:")
+    skipped = runner.invoke(app, ["train", str(good), "--no-doctor", "--set", f"train.output_dir={run_dir}-plain"])
+    assert skipped.exit_code == 0, skipped.output
+    adapter = "adapter/adapter_model.safetensors"
+    assert (run_dir / adapter).read_bytes() == (run_dir.parent / f"{run_dir.name}-plain" / adapter).read_bytes()
 
 
 @pytest.mark.slow
