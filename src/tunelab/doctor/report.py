@@ -8,7 +8,9 @@ failed row naming the error, so one broken check never hides the others.
 from __future__ import annotations
 
 import json
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,7 +69,13 @@ def run_checks(target: str, stage: str, checks: list[tuple[str, CheckFn]]) -> Re
             result = Check(name, FAIL, str(exc), "fix what the message names, then run the doctor again")
         except Exception as exc:  # noqa: BLE001 - the report names it; the other checks still run
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            result = Check(name, FAIL, f"the check could not run: {type(exc).__name__}: {first}", "run with --debug")
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            result = Check(
+                name,
+                FAIL,
+                f"the check could not run: {type(exc).__name__}: {first} ({Path(where.filename).name}:{where.lineno})",
+                "an input this check does not handle: report it with this line",
+            )
         result.name = name
         result.seconds = round(time.perf_counter() - started, 3)
         results.append(result)
@@ -79,7 +87,7 @@ def render_report(report: Report, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=160)
+    console = console or Console(width=None if sys.stdout.isatty() else 160)  # a log file gets the full lines
     table = Table(title=f"tunelab doctor: {report.target} ({report.stage})", show_lines=False)
     table.add_column("status", no_wrap=True)
     table.add_column("check", no_wrap=True)
