@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -83,8 +84,16 @@ def test_train_runs_the_doctor_first_and_trains_the_same_as_without_it(workspace
     assert result.output.index("doctor: 7") < result.output.index("done:")
     skipped = runner.invoke(app, ["train", str(good), "--no-doctor", "--set", f"train.output_dir={run_dir}-plain"])
     assert skipped.exit_code == 0, skipped.output
+    # The same training: the same random draws and weights; only float rounding may differ (the checks' forward
+    # passes change which buffers later matmuls get; measured 1.5e-10 on weights of 0.18).
+    from safetensors.torch import load_file
+
     adapter = "adapter/adapter_model.safetensors"
-    assert (run_dir / adapter).read_bytes() == (run_dir.parent / f"{run_dir.name}-plain" / adapter).read_bytes()
+    with_doctor = load_file(str(run_dir / adapter))
+    without = load_file(str(run_dir.parent / f"{run_dir.name}-plain" / adapter))
+    assert with_doctor.keys() == without.keys()
+    for name, weight in with_doctor.items():
+        torch.testing.assert_close(weight, without[name], rtol=1e-6, atol=1e-8, msg=name)
 
 
 @pytest.mark.slow

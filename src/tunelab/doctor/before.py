@@ -18,13 +18,16 @@ Every check here costs well under a second on the quickstart model (docs/design.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tunelab.config import Config
@@ -428,11 +431,22 @@ def own_template(cfg: Config) -> str | None:
     return getattr(raw, "chat_template", None) or None
 
 
+@contextlib.contextmanager
+def rng_untouched():
+    """Every random state training draws from (torch CPU and CUDA, Python's `random`, NumPy) as it was before:
+    reading the prepared data draws from Python's (datasets' fingerprints), the LoRA check's dropout from torch's."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def pre_training_report(p: Preflight) -> Report:
-    """Every pre-training check on `p`, with the training RNG left as it was."""
-    devices = list(range(torch.cuda.device_count()))
-    with torch.random.fork_rng(devices=devices):
-        return run_checks(p.cfg.train.output_dir, "before training", [(n, lambda f=f: f(p)) for n, f in CHECKS])
+    """Every pre-training check on `p`."""
+    return run_checks(p.cfg.train.output_dir, "before training", [(n, lambda f=f: f(p)) for n, f in CHECKS])
 
 
 def doctor_config(cfg: Config, log=print) -> Report:
@@ -456,7 +470,8 @@ def doctor_config(cfg: Config, log=print) -> Report:
 def pre_training_gate(cfg: Config, data_dir: Path, tokenizer, model, log=print) -> Report:
     """What `tunelab train` runs before its first step: every check, the table, and a UserError on a failure."""
     started = time.perf_counter()
-    report = pre_training_report(preflight_of(cfg, data_dir, tokenizer, model))
+    with rng_untouched():  # a run trains the same with and without the doctor
+        report = pre_training_report(preflight_of(cfg, data_dir, tokenizer, model))
     render_report(report)
     log(f"doctor: {len(report.checks)} pre-training checks in {time.perf_counter() - started:.1f} s")
     if report.failed:
