@@ -23,7 +23,7 @@ from tunelab.doctor.report import FAIL, PASS, SKIP, WARN, Check, Report, run_che
 PROMPTS = 3  # eval prompts the greedy checks answer
 GREEDY_TOKENS = 32
 STOP_BUDGET = 256  # new tokens a turn has to end within
-HELDOUT_ROWS = 8  # validation rows the held-out loss is compared on (enough to see it move)
+HELDOUT_ROWS, HELDOUT_TOKENS = 8, 256  # validation rows (their first tokens) the held-out loss is compared on
 STOP_PROMPTS = ["What is the capital of Australia?", "Write a haiku about the sea."]
 CONVERSATION = [
     {"role": "system", "content": "You plan trips."},
@@ -101,7 +101,10 @@ class RunState:
         """(input_ids, labels) rows of the run's validation split, or of the parity's built-in conversations."""
         from tunelab.export.merge import val_rows
 
-        rows = [(r["input_ids"], r["labels"]) for r in val_rows(self.run_dir, limit=HELDOUT_ROWS)]
+        rows = [
+            (r["input_ids"][:HELDOUT_TOKENS], r["labels"][:HELDOUT_TOKENS])
+            for r in val_rows(self.run_dir, HELDOUT_ROWS)
+        ]
         if rows:
             return rows, f"{len(rows)} validation rows"
         from tunelab.data.masking import Encoded, encode_conversations
