@@ -29,7 +29,7 @@ def run_quickstart(
         report["travel"] = _travel_check(output, travel_prompts, log)
     doctor = doctor_run(output)  # after training (and the q4_k_m export, when the travel check made one)
     render_report(doctor)
-    write_json(doctor, output / "doctor.json")
+    write_json(doctor, Path(output) / "doctor.json")
     report["doctor"] = doctor.to_json()["counts"]
     log(
         f"\ntuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base {report['base']['val_loss']:.4f}"
