@@ -198,6 +198,68 @@ def build_tiny_llama(vocab_size: int = 256, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+# ------------------------------------------------------------------------------- run folders (export)
+def make_run_dir(
+    run_dir: Path, model_name: str = "embedded:smollm2-135m", seed: int = 0, lora_b_std: float | None = None
+) -> Path:
+    """A run folder shaped like `tunelab train` output (no training): the base, a LoRA adapter on every linear
+    layer with random non-zero weights (so it changes the outputs), the tokenizer and config.yaml.
+    `lora_b_std`: PEFT's own init instead (lora_B zero) with lora_B then drawn at this standard deviation, for an
+    adapter that changes the logits only a little."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.config import Config, ModelConfig
+    from tunelab.models import load_model, load_tokenizer
+
+    cfg = Config(model=ModelConfig(name=model_name))
+    cfg.train.output_dir = str(run_dir)
+    torch.manual_seed(seed)
+    base = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=lora_b_std is not None)
+    model = get_peft_model(base, lora)
+    if lora_b_std is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, lora_b_std)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
+def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """A random-init 2-layer Llama with the SmolLM2 tokenizer, saved as its own HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,  # peaky logits, so greedy decoding has clear winners (no fp16 near-ties)
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------ data files
 def make_config(tmp_path: Path, sources: list[dict], **data) -> Config:
     data = {"sources": sources, "output_dir": str(tmp_path / "prepared"), **data}

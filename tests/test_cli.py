@@ -23,6 +23,7 @@ COMMANDS = [
     ["bench", "data"],
     ["bench", "infer"],
     ["quickstart"],
+    ["doctor"],
     ["feedback", "export"],
 ]
 

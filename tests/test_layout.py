@@ -18,7 +18,7 @@ PACKAGE = Path(tunelab.__file__).resolve().parent
 # Lowest first, one rank per stage (no two stages may import each other). Modules at the top of the package
 # (errors.py, config.py, io.py, hub.py, ...) are the base. experiments/ sits above bench/: a study or a promotion
 # gate measures with the bench's functions; the bench needs nothing from the experiments.
-STAGES = ["<base>", "models", "data", "train", "eval", "export", "serve", "bench", "experiments", "cli"]
+STAGES = ["<base>", "models", "data", "train", "eval", "export", "serve", "doctor", "bench", "experiments", "cli"]
 RANK = {stage: rank for rank, stage in enumerate(STAGES)}
 
 

@@ -93,12 +93,20 @@ def train(
             help="Continue the run to a larger train.max_steps (the learning-rate schedule is recomputed over the new total)."
         ),
     ] = False,
+    doctor: Annotated[
+        bool, typer.Option(help="Run the doctor's pre-training checks first and stop on a failure.")
+    ] = True,
 ) -> None:
     """Fine-tune with LoRA; resumes an interrupted run in the same folder (never with changed settings or data)."""
+    from tunelab.doctor.before import pre_training_gate
     from tunelab.train.recipe import run_training
 
     cfg = load(config, set_)
-    run_training(cfg, resume=resume, overwrite=overwrite, extend=extend)
+    if not doctor:
+        typer.echo("doctor: pre-training checks skipped (--no-doctor)")
+    run_training(
+        cfg, resume=resume, overwrite=overwrite, extend=extend, preflight=pre_training_gate if doctor else None
+    )
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -293,10 +301,12 @@ def _register_stage_commands() -> None:
     """Commands owned by later stages live next to their code (serve/, bench/, experiments/)."""
     from tunelab.bench.commands import bench_data_cmd, bench_infer_cmd, bench_train_cmd
     from tunelab.bench.serve_load import bench_serve_cmd
+    from tunelab.doctor.commands import doctor_cmd
     from tunelab.experiments.commands import promote_cmd, report_cmd, sweep_cmd, travel_data_cmd
     from tunelab.serve.chat import chat_cmd
     from tunelab.serve.commands import feedback_export_cmd, serve_cmd
 
+    app.command("doctor")(doctor_cmd)
     app.command("chat")(chat_cmd)
     app.command("serve")(serve_cmd)
     app.command("sweep")(sweep_cmd)

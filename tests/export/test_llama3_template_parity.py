@@ -80,27 +80,20 @@ def test_gguf_carries_the_training_template_and_llama3_stop_tokens(exported):
 
 @pytest.mark.parametrize("gguf", ["model-f16.gguf", "model-q4_k_m.gguf"])
 def test_llama_cpp_renders_and_tokenises_what_training_saw_and_stops_at_eot(exported, gguf):
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoTokenizer
 
-    from tunelab.export.gguf import gguf_metadata
+    from tunelab.export.parity import llama_cpp_prompt, trained_prompt
     from tunelab.models.inference import open_llama
 
     tokenizer = AutoTokenizer.from_pretrained(exported / "merged")
-    trained_text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
-    trained_ids = tokenizer(trained_text, add_special_tokens=False)["input_ids"]
+    trained_text, trained_ids = trained_prompt(tokenizer, CONVERSATION)
     assert trained_ids.count(128000) == 1 and "Today Date" not in trained_text
 
     # what llama-cpp-python's chat completion does with the GGUF's template (Jinja2ChatFormatter, no extra BOS)
-    meta = gguf_metadata(exported / gguf)
-    formatter = Jinja2ChatFormatter(
-        template=meta["tokenizer.chat_template"], eos_token="<|eot_id|>", bos_token="<|begin_of_text|>"
-    )
-    formatted = formatter(messages=CONVERSATION)
-    assert formatted.prompt == trained_text
     llm = open_llama(exported / gguf, threads=1, n_ctx=256)
     try:
-        cpp_ids = llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+        cpp_text, cpp_ids = llama_cpp_prompt(llm, CONVERSATION)
+        assert cpp_text == trained_text
         assert cpp_ids == trained_ids
         reply = llm.create_chat_completion(messages=CONVERSATION, max_tokens=16, temperature=0.0)
         # the model's first token is <|eot_id|>: a runtime that did not stop there would repeat it 16 times

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tunelab.data.masking import IGNORE_INDEX as IGNORE
+from tunelab.train.adapters import adapter_gradients
 from tunelab.train.architectures import FAST_FAMILIES, plan_for, use_plan
 from tunelab.train.batching import pack, pad
 from tunelab.train.loss import LinearTokenLogProbs, masked_lm_loss
@@ -126,7 +127,7 @@ def tunelab_loss_and_grads(model, batch):
 
 
 def lora_grads(model):
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
+    grads = adapter_gradients(model)
     assert grads and all(g is not None for g in grads.values())
     return grads
 

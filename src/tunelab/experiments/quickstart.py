@@ -19,16 +19,23 @@ def run_quickstart(
     """Train, then judge where the user lives: held-out loss, and (travel_prompts > 0) the travel rubric on that
     many shipped prompts, base vs tuned, both from the q4_k_m GGUF the app serves: per prompt the greedy answer
     and `travel_samples` sampled ones, on `threads` llama.cpp threads, with the comparison's statistics."""
+    from tunelab.doctor.after import doctor_run
+    from tunelab.doctor.before import pre_training_gate
+    from tunelab.doctor.report import render_report, write_json
     from tunelab.eval.evaluate import evaluate_run
     from tunelab.train.recipe import run_training
 
     cfg = load_config(QUICKSTART_CONFIG, [f"train.output_dir={output}", *(overrides or [])])
     log(f"quickstart: config {QUICKSTART_CONFIG}, run folder {output}")
-    summary = run_training(cfg, resume=True, log=log)
+    summary = run_training(cfg, resume=True, log=log, preflight=pre_training_gate)
     report = evaluate_run(output, verbose=True)
     verdict = "lower" if report["improved"] else "NOT lower"
     if travel_prompts:
         report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads)
+    doctor = doctor_run(output)  # after training (and the q4_k_m export, when the travel check made one)
+    render_report(doctor)
+    write_json(doctor, Path(output) / "doctor.json")
+    report["doctor"] = doctor.to_json()["counts"]
     log(
         f"\ntuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base {report['base']['val_loss']:.4f}"
         f" ({summary['tokens_per_second']:.0f} train tok/s, {summary['precision']})\n"
@@ -37,6 +44,7 @@ def run_quickstart(
         f"  adapter/        PEFT adapter (peft.PeftModel.from_pretrained)\n"
         f"  eval/           base vs tuned loss and sample answers; travel.md: every travel answer and its scores\n"
         f"  metrics.jsonl   training curve (TensorBoard: tensorboard --logdir {output}/tb)\n"
+        f"  doctor.json     the doctor's checks after training (tunelab doctor {output})\n"
         f"next:\n"
         f"  tunelab export {output} --gguf q4_k_m,q8_0,f16 --space {output}/space\n"
         f"  tunelab chat {output}\n"

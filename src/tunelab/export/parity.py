@@ -125,6 +125,31 @@ def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     ]
 
 
+def trained_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    """The prompt text and ids training and transformers inference use: the chat template rendered up to the
+    assistant header, tokenised without added special tokens (the template writes them)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def llama_cpp_prompt(llm, messages: list[dict]) -> tuple[str, list[int]]:
+    """The prompt text and ids llama-cpp-python's chat completion builds from a GGUF's own `tokenizer.chat_template`:
+    its Jinja2ChatFormatter with the GGUF's BOS/EOS token texts, then a BOS only when the template wrote none."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def token_text(token_id: int) -> str:
+        return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace") if token_id >= 0 else ""
+
+    formatter = Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        eos_token=token_text(llm.token_eos()),
+        bos_token=token_text(llm.token_bos()),
+    )
+    formatted = formatter(messages=messages)
+    ids = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+    return formatted.prompt, list(ids)
+
+
 def fallback_val_sequences(tokenizer) -> list[list[int]]:
     return [
         list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])

@@ -164,3 +164,37 @@ def use_plan(model, packing: bool, log=print) -> bool:
 
         causal_lm(model).config._attn_implementation = register()
     return plan.fast and packing
+
+
+@torch.no_grad()
+def batch_logits_gaps(model, rows: list[tuple[list[int], list[int]]], packing: bool, pad_id: int) -> list[float]:
+    """Per row: the largest |logit| difference, relative to the largest |logit|, between the row inside a
+    micro-batch as training builds it (one packed row through tunelab's attention, or right-padded rows) and the
+    row run alone through the model's own eager attention. In a packed row the first conversation cannot see
+    another one (attention is causal), so its gap is the rounding of the path alone; a later conversation that
+    sees the ones before it differs by far more."""
+    from tunelab.train.batching import make_batch
+
+    inner = causal_lm(model)
+    decoder, lm_head = inner.model, inner.lm_head
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batch = make_batch(rows, packing, pad_id).to(device)
+    hidden = decoder(**batch.model_kwargs()).last_hidden_state
+    if packing:
+        in_batch = [hidden[0, start:end] for start, end in batch.segments]
+    else:
+        in_batch = [hidden[r, : len(ids)] for r, (ids, _) in enumerate(rows)]
+    own = inner.config._attn_implementation
+    inner.config._attn_implementation = "eager"  # the most literal form of the model's own attention
+    try:
+        alone = [decoder(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0] for ids, _ in rows]
+    finally:
+        inner.config._attn_implementation = own
+        model.train(was_training)
+    gaps = []
+    for got, want in zip(in_batch, alone):
+        got, want = lm_head(got).float(), lm_head(want).float()
+        gaps.append(float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12))
+    return gaps

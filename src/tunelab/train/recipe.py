@@ -62,7 +62,13 @@ def build_lora_model(cfg: Config, precision: Precision, log=lambda *_: None):
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     torch.manual_seed(cfg.train.seed)  # LoRA init is part of what the seed fixes
-    model = get_peft_model(model, peft_lora_config(cfg))  # PEFT keeps adapter weights in fp32 over a bf16 base
+    try:
+        model = get_peft_model(model, peft_lora_config(cfg))  # PEFT keeps adapter weights in fp32 over a bf16 base
+    except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
+        from tunelab.config import ConfigError
+
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"lora.target_modules: {cfg.lora.target_modules!r} gives no adapter: {first}") from None
     use_plan(model, cfg.train.packing, log)  # after PEFT: an adapter on lm_head rules the fast path out
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,7 +110,11 @@ def check_hardware(cfg: Config) -> None:
     check_quantization_supported(cfg.model)
 
 
-def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, extend: bool = False, log=print) -> dict:
+def run_training(
+    cfg: Config, resume: bool = True, overwrite: bool = False, extend: bool = False, log=print, preflight=None
+) -> dict:
+    """`preflight(cfg, data_dir, tokenizer, model, log)`, when given, runs once the LoRA model is built and before
+    the run folder is written (`tunelab train` passes the doctor's pre-training checks; it raises to stop)."""
     from accelerate import Accelerator
 
     from tunelab.data.prepare import load_prepared, prepare_dataset
@@ -127,14 +137,21 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
     train_set, val_set = load_prepared(data_dir)
     data_print = data_fingerprint(train_set)
     check_same_data(cfg, data_print, resume)
+    precision = precision_for_this_machine(cfg.train.precision, accelerator.device.type)
+
+    # model, and the pre-training checks on it and the data, before the run folder is touched
+    model = build_lora_model(cfg, precision, log)
+    if preflight is not None:
+        preflight(cfg, data_dir, tokenizer, model, log)
     with accelerator.main_process_first():
         run_dir = prepare_run_dir(cfg, resume, overwrite, data_print, extend) if is_main else Path(cfg.train.output_dir)
+    if cfg.train.packing and not plan_for(model).fast:  # the fallback pads: one conversation per row
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": False})})
     if extend:
         log(
             f"--extend: continuing to step {cfg.train.max_steps}; the {cfg.train.scheduler} learning-rate schedule is "
             f"recomputed over {cfg.train.max_steps} steps from the last checkpoint on"
         )
-    precision = precision_for_this_machine(cfg.train.precision, accelerator.device.type)
     log(
         f"{describe_launch(accelerator, cfg.train.batch_size, cfg.train.grad_accum)}; "
         f"precision: {precision.name} ({precision.reason}); threads: {threads}"
@@ -146,10 +163,7 @@ def run_training(cfg: Config, resume: bool = True, overwrite: bool = False, exte
         f"data: {len(train_rows)} train / {len(val_rows)} val {'conversations' if objective == 'sft' else objective + ' rows'} from {data_dir}"
     )
 
-    # model (and, for dpo/kto, the reference log-probs of the base model: once, cached with the data)
-    model = build_lora_model(cfg, precision, log)
-    if cfg.train.packing and not plan_for(model).fast:  # the fallback pads: one conversation per row
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": False})})
+    # the reference log-probs of the base model for dpo/kto: once, cached with the data
     if objective != "sft":
         from tunelab.train.reference import attach_reference_logps
 
