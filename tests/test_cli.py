@@ -13,15 +13,19 @@ COMMANDS = [
     [],
     ["config", "show"],
     ["data", "prepare"],
+    ["data", "travel"],
     ["train"],
     ["eval"],
     ["export"],
     ["chat"],
     ["serve"],
     ["sweep"],
+    ["report"],
+    ["promote"],
     ["bench", "train"],
     ["bench", "data"],
     ["bench", "infer"],
+    ["bench", "serve"],
     ["quickstart"],
     ["doctor"],
     ["feedback", "export"],
@@ -32,6 +36,23 @@ def tunelab(*args, timeout=300, **kw):
     return subprocess.run(
         [sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=timeout, **kw
     )
+
+
+def leaf_commands(group, prefix=()) -> set[tuple[str, ...]]:
+    found = set()
+    for name, command in group.commands.items():
+        path = (*prefix, name)
+        found |= leaf_commands(command, path) if hasattr(command, "commands") else {path}  # a group: its commands
+    return found
+
+
+def test_every_command_is_listed_here():
+    """COMMANDS (help on each) names every command the CLI registers, so a new command cannot go untested here."""
+    import typer
+
+    from tunelab.cli import app
+
+    assert leaf_commands(typer.main.get_command(app)) == {tuple(c) for c in COMMANDS if c}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
