@@ -90,7 +90,8 @@ def train(
     extend: Annotated[
         bool,
         typer.Option(
-            help="Continue the run to a larger train.max_steps (the learning-rate schedule is recomputed over the new total)."
+            help="Continue the run to a larger train.max_steps "
+            "(the learning-rate schedule is recomputed over the new total)."
         ),
     ] = False,
     doctor: Annotated[
@@ -139,7 +140,8 @@ def eval_(
     quant: Annotated[
         str,
         typer.Option(
-            help="With --prompts: the GGUF type compared (q4_k_m: what the app serves; q8_0 keeps more of a small fine-tune)."
+            help="With --prompts: the GGUF type compared "
+            "(q4_k_m: what the app serves; q8_0 keeps more of a small fine-tune)."
         ),
     ] = "q4_k_m",
     judge: Annotated[
@@ -175,7 +177,8 @@ def eval_(
 ) -> None:
     """Validation loss and perplexity of base vs tuned on the held-out split, plus sample generations;
     with --prompts, base vs tuned on domain prompts judged by the travel rubric (win/tie/loss, per criterion);
-    with --lm-eval, also lm-eval harness tasks (their data is loaded first: a task that cannot be is named and skipped)."""
+    with --lm-eval, also lm-eval harness tasks (their data is loaded first: a task that cannot be is named and
+    skipped)."""
     from tunelab.eval.harness import load_tasks, run_lm_eval
     from tunelab.models.runs import run_config
 

@@ -39,7 +39,8 @@ class DedupConfig(_Section):
         0.85,
         gt=0.0,
         le=1.0,
-        description="Estimated Jaccard similarity of word shingles above which two conversations are near-duplicates (0-1].",
+        description="Estimated Jaccard similarity of word shingles above which two conversations are "
+        "near-duplicates (0-1].",
     )
     num_perm: int = Field(
         64,
@@ -56,7 +57,8 @@ class SourceConfig(_Section):
     )
     preset: str | None = Field(
         None,
-        description="embedded:sharegpt | embedded:chatterbot | embedded:travel-plans | a Hugging Face Hub dataset id; give this or `path`.",
+        description="embedded:sharegpt | embedded:chatterbot | embedded:travel-plans | a Hugging Face Hub dataset id; "
+        "give this or `path`.",
     )
     format: Literal["auto", "sharegpt", "openai", "alpaca", "prompt_response", "chatterbot"] = Field(
         "auto", description="Record format; auto = recognised from the records themselves."
@@ -65,7 +67,8 @@ class SourceConfig(_Section):
     streaming: bool = Field(
         False,
         description="Hub dataset sources: read records as they stream in (datasets streaming) instead of downloading "
-        "the whole dataset first (bounded memory); an error mid-stream keeps the records before it and is reported as `stream_error` at its index.",
+        "the whole dataset first (bounded memory); an error mid-stream keeps the records before it and is reported "
+        "as `stream_error` at its index.",
     )
     weight: float = Field(
         1.0, gt=0.0, description="Mixing weight: rows kept = weight x rows available (<1 subsamples, >1 repeats)."
@@ -96,7 +99,8 @@ class DataConfig(_Section):
     )
     output_dir: str | None = Field(
         None,
-        description="Prepared dataset folder; default: a cache folder keyed by a hash of everything the data depends on.",
+        description="Prepared dataset folder; default: a cache folder keyed by a hash of everything the data "
+        "depends on.",
     )
     normalize: bool = Field(
         True, description="Normalize text (Unicode NFC, whitespace) and role names before filtering."
@@ -115,14 +119,16 @@ class DataConfig(_Section):
     )
     truncation: Literal["drop", "truncate"] = Field(
         "truncate",
-        description="Conversations longer than train.max_seq_len tokens: drop them, or keep the longest run of whole user->assistant exchanges that fits.",
+        description="Conversations longer than train.max_seq_len tokens: drop them, or keep the longest run of "
+        "whole user->assistant exchanges that fits.",
     )
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     val_fraction: float = Field(
         0.05,
         gt=0.0,
         lt=1.0,
-        description="Share of conversations held out for validation (0-1), chosen by content hash: stable when data is added.",
+        description="Share of conversations held out for validation (0-1), chosen by content hash: "
+        "stable when data is added.",
     )
     on_error: Literal["skip", "fail"] = Field(
         "skip", description="A bad record: count it in the report and skip it, or stop with an error naming it."
@@ -175,7 +181,8 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input during training [0-1).")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
-        description="Module names that get adapters (e.g. [q_proj, v_proj]), or all-linear (every linear layer but the LM head).",
+        description="Module names that get adapters (e.g. [q_proj, v_proj]), "
+        "or all-linear (every linear layer but the LM head).",
     )
 
 
@@ -192,7 +199,8 @@ class TrainConfig(_Section):
     max_steps: int = Field(
         60,
         gt=0,
-        description="Optimizer steps in the whole run (the schedule depends on it: a resume may raise it only with --extend).",
+        description="Optimizer steps in the whole run "
+        "(the schedule depends on it: a resume may raise it only with --extend).",
     )
     batch_size: int = Field(4, gt=0, description="Conversations per micro-batch (per process).")
     grad_accum: int = Field(
@@ -258,12 +266,14 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seeds the data order and the LoRA initialisation.")
     objective: Literal["sft", "dpo", "kto"] = Field(
         "sft",
-        description="sft: imitate assistant replies; dpo: prefer `chosen` over `rejected` (pairs); kto: unpaired thumbs (`completion` + `label`).",
+        description="sft: imitate assistant replies; dpo: prefer `chosen` over `rejected` (pairs); "
+        "kto: unpaired thumbs (`completion` + `label`).",
     )
     beta: float = Field(
         0.1,
         gt=0,
-        description="dpo/kto: β, how far the policy may move from the reference (base model, adapter off); larger = closer.",
+        description="dpo/kto: β, how far the policy may move from the reference (base model, adapter off); "
+        "larger = closer.",
     )
     dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field(
         "sigmoid",
@@ -311,7 +321,8 @@ class PromoteConfig(_Section):
         0.5,
         ge=0.0,
         le=1.0,
-        description="Smallest share of feedback regression prompts where the candidate gives the reference answer a higher log-prob.",
+        description="Smallest share of feedback regression prompts where the candidate gives the reference answer "
+        "a higher log-prob.",
     )
     min_rubric_win_rate: float = Field(
         0.5,
@@ -324,7 +335,8 @@ class PromoteConfig(_Section):
     max_latency_regression: float = Field(
         0.25,
         ge=0.0,
-        description="Largest allowed drop of q4_k_m decode tokens/s, as a fraction of the current model's (CPU timings are noisy).",
+        description="Largest allowed drop of q4_k_m decode tokens/s, as a fraction of the current model's "
+        "(CPU timings are noisy).",
     )
     max_val_rows: int | None = Field(64, gt=0, description="Held-out rows scored for the val-loss gate (None: all).")
     rubric_prompts: int = Field(

@@ -103,7 +103,8 @@ def test_gate_accepts_the_better_adapter_refuses_the_worse_and_rolls_back(runs):
     assert "PROMOTE" in reports[1].read_text()
 
     result = CliRunner().invoke(cli_app, [
-        "promote", str(runs["worse"]), "--over", str(runs["good"]), "--serve-dir", str(serve), "--evalset", str(evalset),
+        "promote", str(runs["worse"]), "--over", str(runs["good"]), "--serve-dir", str(serve),
+        "--evalset", str(evalset),
     ])  # fmt: skip
     assert result.exit_code == 1, result.output
     assert "KEEP CURRENT" in result.output and "gate(s) failed: val_loss" in result.output

@@ -15,7 +15,8 @@ from tunelab.experiments.travel_data import (
 TWO_DAYS = (
     "Day 1: the castle and the old town in the morning, then lunch by the river, a long walk through the markets "
     "and the cathedral, and a sunset from the viewpoint above the harbour.\n"
-    "Day 2: a morning at the main museum, the botanical garden after lunch, a tram ride along the coast to the old fort, "
+    "Day 2: a morning at the main museum, the botanical garden after lunch, "
+    "a tram ride along the coast to the old fort, "
     "and dinner at a seafood place near the station."
 )
 
@@ -128,9 +129,11 @@ def test_a_sample_failing_a_pass_fail_check_is_never_kept_whatever_its_score():
     prompt = TravelPrompt(prompt="Plan a 2-day trip to Porto for someone who loves food and art.", city="Porto", days=2,
                           preferences=("food", "art"))  # fmt: skip
     body = (
-        "Day 1: the old town and its food markets in the morning, a tiled church, a long lunch by the river, a slow walk up\n"
+        "Day 1: the old town and its food markets in the morning, a tiled church, a long lunch by the river, "
+        "a slow walk up\n"
         "to the cathedral and the viewpoint, then a small dinner in a family tavern near the square.\n"
-        "Day 2: the art museum in the park after breakfast, a port cellar across the bridge, the bookshop with the staircase,\n"
+        "Day 2: the art museum in the park after breakfast, a port cellar across the bridge, "
+        "the bookshop with the staircase,\n"
         "the beach at sunset and a last dinner with a view over the roofs of the old town."
     )
 

@@ -278,7 +278,8 @@ def test_space_bundle_is_a_gradio_space_with_the_vendored_app(tiny_cli_export):
     cmd, env = bundle_python(space)
     probe = (
         "import runpy, sys, json; runpy.run_path(sys.argv[1], run_name='space_app');"
-        "print(json.dumps({m: getattr(sys.modules[m], '__file__', None) for m in sys.modules if m.startswith('tunelab')}))"
+        "print(json.dumps({m: getattr(sys.modules[m], '__file__', None) "
+        "for m in sys.modules if m.startswith('tunelab')}))"
     )
     done = subprocess.run(
         [*cmd, "-c", probe, str(space / "app.py")],

@@ -48,8 +48,9 @@ def test_api_base_normalises_the_url():
 def test_stream_chat_sends_openai_request_and_joins_deltas():
     body = sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, chunk("Hel"), b": ping\n\n",
                chunk("lo"), chunk(None, "stop"), "[DONE]")  # fmt: skip
-    backend, seen = backend_with(lambda r: httpx.Response(200, content=body, headers={"content-type": "text/event-stream"}),
-                                 api_key="k")  # fmt: skip
+    backend, seen = backend_with(
+        lambda r: httpx.Response(200, content=body, headers={"content-type": "text/event-stream"}), api_key="k"
+    )
     messages = [{"role": "user", "content": "hi"}]
     params = GenerationParams(temperature=0.0, top_p=0.5, max_new_tokens=7, repetition_penalty=1.0, seed=3)
     assert list(backend.stream_chat(messages, params)) == ["Hel", "lo"]

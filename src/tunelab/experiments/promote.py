@@ -158,7 +158,8 @@ def adapter_checks(candidate: Path, current: Path, gates: PromoteConfig, evalset
     )
     limit = losses["current"] * (1 + gates.max_val_loss_regression)
     checks = [Check(
-        "val_loss", losses["current"], losses["candidate"], f"candidate <= current x {1 + gates.max_val_loss_regression:g}",
+        "val_loss", losses["current"], losses["candidate"],
+        f"candidate <= current x {1 + gates.max_val_loss_regression:g}",
         losses["candidate"] <= limit, f"{len(val_rows)} held-out rows of the current run",
     )]  # fmt: skip
     checks.append(
@@ -201,8 +202,10 @@ def _regression_check(
         win_rate,
         f"candidate win rate >= {gates.min_regression_win_rate:g}",
         win_rate >= gates.min_regression_win_rate,
-        f"evalset {frozen.version}: {wins} wins, {ties} ties, {len(rows) - wins - ties} losses over {len(rows)} references"
-        f" ({len(frozen.records) - len(with_reference)} prompts without a reference not scored); current column = chance",
+        f"evalset {frozen.version}: {wins} wins, {ties} ties, {len(rows) - wins - ties} losses "
+        f"over {len(rows)} references"
+        f" ({len(frozen.records) - len(with_reference)} prompts without a reference not scored); "
+        "current column = chance",
     )
 
 
@@ -226,7 +229,8 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
         f"{decoding.samples} sampled)"
     )
     summary = compare_pair(
-        prompts, gguf_generator(files["current"], decoding, threads), gguf_generator(files["candidate"], decoding, threads),
+        prompts,
+        gguf_generator(files["current"], decoding, threads), gguf_generator(files["candidate"], decoding, threads),
         log=log, label="rubric", decoding=decoding,
     )  # fmt: skip
     means = summary["mean_score"]

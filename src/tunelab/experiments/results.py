@@ -317,7 +317,8 @@ def _series_by_other_keys(results: list[dict], other_keys: list[str]) -> dict[st
 
 
 def _tied(results: list[dict], key: str, other: str) -> bool:
-    """Whether two swept keys move together (lora.r and lora.alpha = 2 x rank): then `other` is not a separate series."""
+    """Whether two swept keys move together (lora.r and lora.alpha = 2 x rank): then `other` is not a separate
+    series."""
     pairs = {(repr(r["overrides"].get(key)), repr(r["overrides"].get(other))) for r in results}
     return len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
 

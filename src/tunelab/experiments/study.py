@@ -4,7 +4,8 @@
 Per run, in its own folder (each step is skipped when its output is already there, so re-running the
 command skips finished runs and resumes an interrupted one where it stopped):
   train (tunelab.train.recipe, resumes from checkpoints) -> held-out loss on the sweep's fixed general and
-  travel sets (eval/heldout.json; no travel set when `heldout.travel` is empty) -> GGUF export (`quant`, q4_k_m by default) -> travel rubric base vs tuned
+  travel sets (eval/heldout.json; no travel set when `heldout.travel` is empty) -> GGUF export (`quant`, q4_k_m
+  by default) -> travel rubric base vs tuned
   (eval/travel.json; eval/travel-<quant>.json for another type) -> CPU latency of that GGUF (eval/latency.json,
   likewise) -> sweep-result.json.
 The held-out sets are the validation split of the sweep's `heldout` sources. The split is decided by each
@@ -95,7 +96,8 @@ def run_sweep(spec: SweepSpec, spec_dir: Path, output: Path | None = None, log=p
             embedded_gguf_path(cfg.model.name.split(":", 1)[1])
         if cfg.data.val_fraction != base_cfg.data.val_fraction:
             raise ConfigError(
-                f"sweep run {name}: data.val_fraction must stay {base_cfg.data.val_fraction} (the fixed held-out sets depend on it)"
+                f"sweep run {name}: data.val_fraction must stay {base_cfg.data.val_fraction} "
+                "(the fixed held-out sets depend on it)"
             )
     output.mkdir(parents=True, exist_ok=True)
     (output / "sweep.yaml").write_text(spec.model_dump_json(indent=2))  # what was run (JSON is valid YAML)

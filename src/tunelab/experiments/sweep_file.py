@@ -1,4 +1,5 @@
-"""A sweep file (`tunelab sweep SWEEP.yaml`): a base config, the runs (a grid or an explicit list), and what judges them.
+"""A sweep file (`tunelab sweep SWEEP.yaml`): a base config, the runs (a grid or an explicit list), and what
+judges them.
 
     base: quickstart.yaml            # relative to the sweep file
     output: runs/sweep-lr-rank       # one folder per run inside
@@ -86,7 +87,8 @@ class SweepSpec(_Spec):
     )
     export: bool = Field(
         True,
-        description="Export a GGUF per run (type `quant`); the travel eval then uses the GGUFs and CPU latency is measured.",
+        description="Export a GGUF per run (type `quant`); "
+        "the travel eval then uses the GGUFs and CPU latency is measured.",
     )
     quant: str = Field(
         "q4_k_m",
@@ -124,7 +126,8 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """`--grid` items -> a sweep grid: ["train.lr=1e-4,2e-4", "lora.r=8"] -> {"train.lr": [1e-4, 2e-4], "lora.r": [8]}."""
+    """`--grid` items -> a sweep grid:
+    ["train.lr=1e-4,2e-4", "lora.r=8"] -> {"train.lr": [1e-4, 2e-4], "lora.r": [8]}."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")

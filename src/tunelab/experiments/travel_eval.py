@@ -98,7 +98,8 @@ def run_domain_eval(
         ggufs = (export_base_gguf(run_dir, threads, log, base_gguf, quant), tuned_gguf_path(run_dir, quant))
     elif gguf:
         log(
-            f"no {tuned_gguf_path(run_dir, quant)}: GGUF comparison skipped (run `tunelab export {run_dir} --gguf {quant}` first)"
+            f"no {tuned_gguf_path(run_dir, quant)}: GGUF comparison skipped "
+            f"(run `tunelab export {run_dir} --gguf {quant}` first)"
         )
     if judge is None:
         log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: --lm-eval TASKS")

@@ -285,7 +285,8 @@ def quantisation_warnings(report: dict) -> list[str]:
         firsts = [r["first_divergence"] for r in row["results"]]
         if row["quant"] != "f16" and firsts and all(first == 0 for first in firsts):
             lines.append(
-                f"warning: {row['file']} differs from the merged model from the first greedy token on all {len(firsts)} "
+                f"warning: {row['file']} differs from the merged model from the first greedy token "
+                f"on all {len(firsts)} "
                 f"parity prompts: {row['quant']} may have rounded the fine-tune away; compare a finer type "
                 f"(--gguf q8_0) before shipping it"
             )

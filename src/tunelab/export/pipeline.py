@@ -65,7 +65,8 @@ def export_run(
         qlora_merges["exported"] = merge_into
         for base, row in qlora_merges["merges"].items():
             log(
-                f"   into {base:<11} val loss {_fmt(row['val_loss'])} (trained {_fmt(qlora_merges['trained']['val_loss'])}),"
+                f"   into {base:<11} val loss {_fmt(row['val_loss'])} "
+                f"(trained {_fmt(qlora_merges['trained']['val_loss'])}),"
                 f" greedy {row['greedy_exact']}/{qlora_merges['prompts']} exact"
             )
         timings["qlora_merges_s"] = time.perf_counter() - started

@@ -160,7 +160,8 @@ def run_training(
     train_rows = objective_rows(objective, train_set)
     val_rows = objective_rows(objective, val_set)[: cfg.eval.max_val_rows or None]
     log(
-        f"data: {len(train_rows)} train / {len(val_rows)} val {'conversations' if objective == 'sft' else objective + ' rows'} from {data_dir}"
+        f"data: {len(train_rows)} train / {len(val_rows)} val "
+        f"{'conversations' if objective == 'sft' else objective + ' rows'} from {data_dir}"
     )
 
     # the reference log-probs of the base model for dpo/kto: once, cached with the data
