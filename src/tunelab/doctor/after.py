@@ -77,16 +77,16 @@ class RunState:
 
     @cached_property
     def tuned_answers(self) -> list[list[int]]:
-        from tunelab.export.parity import hf_greedy
+        from tunelab.models.inference import greedy_tokens
 
-        return [hf_greedy(self.model, ids, GREEDY_TOKENS, self.turn_ends) for ids in self.prompt_ids]
+        return [greedy_tokens(self.model, ids, GREEDY_TOKENS, self.turn_ends)[0] for ids in self.prompt_ids]
 
     @cached_property
     def base_answers(self) -> list[list[int]]:
-        from tunelab.export.parity import hf_greedy
+        from tunelab.models.inference import greedy_tokens
 
         with self.model.disable_adapter():
-            return [hf_greedy(self.model, ids, GREEDY_TOKENS, self.turn_ends) for ids in self.prompt_ids]
+            return [greedy_tokens(self.model, ids, GREEDY_TOKENS, self.turn_ends)[0] for ids in self.prompt_ids]
 
     @cached_property
     def ggufs(self) -> dict[str, Path]:
@@ -177,14 +177,15 @@ def check_heldout_loss(s: RunState) -> Check:
 def check_merged(s: RunState) -> Check:
     from transformers import AutoModelForCausalLM
 
-    from tunelab.export.parity import common_prefix, hf_greedy, is_near_tie
+    from tunelab.export.parity import common_prefix, is_near_tie
+    from tunelab.models.inference import greedy_tokens
 
     if not (s.merged_dir / "config.json").is_file():
         return Check("merged = adapter", SKIP, f"no {s.merged_dir} yet", f"tunelab export {s.run_dir}")
     merged = AutoModelForCausalLM.from_pretrained(str(s.merged_dir), dtype=torch.float32).eval()
     same, bad = 0, []
     for prompt, ids, want in zip(s.prompts, s.prompt_ids, s.tuned_answers):
-        got = hf_greedy(merged, ids, GREEDY_TOKENS, s.turn_ends)
+        got = greedy_tokens(merged, ids, GREEDY_TOKENS, s.turn_ends)[0]
         at = common_prefix(want, got)
         # a near-tie in the merged model's own logits (its pick first) is rounding, not a different model
         if got == want or is_near_tie(merged, ids, got, want, at, tie_margin=1e-3):
