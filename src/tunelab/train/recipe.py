@@ -110,6 +110,14 @@ def check_hardware(cfg: Config) -> None:
     check_quantization_supported(cfg.model)
 
 
+def resumes_a_run(cfg: Config, resume: bool) -> bool:
+    """True when this start continues a run folder that has a checkpoint (the loop resumes from the newest valid
+    one)."""
+    from tunelab.train.checkpoint import list_checkpoints
+
+    return resume and bool(list_checkpoints(Path(cfg.train.output_dir)))
+
+
 def run_training(
     cfg: Config, resume: bool = True, overwrite: bool = False, extend: bool = False, log=print, preflight=None
 ) -> dict:
@@ -141,7 +149,12 @@ def run_training(
 
     # model, and the pre-training checks on it and the data, before the run folder is touched
     model = build_lora_model(cfg, precision, log)
-    if preflight is not None:
+    if preflight is not None and resumes_a_run(cfg, resume):
+        # The checks ran when the run started, and a resume refuses changed settings or data; running them again
+        # would put their forward/backward passes into a resumed process only, which then no longer continues
+        # bit for bit where the interrupted one stopped (seen on a 4-bit base).
+        log("doctor: pre-training checks skipped on resume (they ran when the run started)")
+    elif preflight is not None:
         preflight(cfg, data_dir, tokenizer, model, log)
     with accelerator.main_process_first():
         run_dir = prepare_run_dir(cfg, resume, overwrite, data_print, extend) if is_main else Path(cfg.train.output_dir)
