@@ -32,8 +32,9 @@ def launched(monkeypatch, tmp_path):
     model.write_bytes(b"GGUF")
 
     def run(*args: str, env: dict | None = None):
-        result = CliRunner().invoke(cli_app, ["serve", str(model), "--feedback-db", str(tmp_path / "fb.db"), *args],
-                                    env=env)  # fmt: skip
+        # --engine llama-cpp-python: the in-process backend these fakes replace (no llama-server child)
+        cmd = ["serve", str(model), "--feedback-db", str(tmp_path / "fb.db"), "--engine", "llama-cpp-python", *args]
+        result = CliRunner().invoke(cli_app, cmd, env=env)
         return result, seen
 
     return run

@@ -169,7 +169,7 @@ def test_serve_options_candidate_side_by_side_and_pointer(monkeypatch, tmp_path)
     point_to(serve_dir, current, None, None)
     result = CliRunner().invoke(cli_app, [
         "serve", str(serve_dir), "--candidate", str(candidate), "--side-by-side",
-        "--feedback-db", str(tmp_path / "fb.db"),
+        "--feedback-db", str(tmp_path / "fb.db"), "--engine", "llama-cpp-python",  # the faked in-process backend
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert seen["backend"].model_id == "current.gguf" and seen["candidate"].model_id == "candidate.gguf"
