@@ -154,9 +154,15 @@ def test_every_reported_held_out_loss_comes_from_the_one_function(tmp_path, monk
     from tunelab.train.recipe import run_training
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(
-        heldout, "masked_lm_loss", lambda model, batch, chunk: (MARKER * batch.num_targets, batch.num_targets)
-    )
+
+    class MarkerLoss(torch.nn.Module):  # heldout_loss's default loss module, answering MARKER per token
+        def __init__(self, model, chunk_tokens):
+            super().__init__()
+
+        def forward(self, batch):
+            return torch.tensor(MARKER * batch.num_targets)
+
+    monkeypatch.setattr(heldout, "AssistantLoss", MarkerLoss)
     data = conversations_file(tmp_path, n=24)
     config = {
         "model": {"name": str(small_llama_folder(tmp_path))},
