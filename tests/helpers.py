@@ -654,3 +654,21 @@ CONVERSATION = [
     {"role": "user", "content": "And of Italy?"},
     {"role": "assistant", "content": "Rome, since 1871!"},
 ]
+
+
+def labels_loss_and_lora_grads(model, rows: list[tuple[list[int], list[int]]]):
+    """The independent reference for tunelab's loss: plain transformers/PEFT on padded rows, the model's own loss
+    with `labels` (mean over labelled tokens), and every LoRA weight's gradient after its backward."""
+    from tunelab.data.masking import IGNORE_INDEX
+    from tunelab.train.adapters import adapter_gradients
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    model.zero_grad()
+    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = adapter_gradients(model)
+    assert grads and all(g is not None for g in grads.values())
+    return loss.detach(), grads

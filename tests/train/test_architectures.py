@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import labels_loss_and_lora_grads
 from tunelab.data.masking import IGNORE_INDEX as IGNORE
 from tunelab.train.adapters import adapter_gradients
 from tunelab.train.architectures import FAST_FAMILIES, plan_for, use_plan
@@ -106,18 +107,6 @@ def lora_model(config, target_modules="all-linear"):
     return get_peft_model(base_model(config), lora).train()
 
 
-def reference_loss_and_grads(model, rows):
-    """Plain transformers: padded rows, the model's own loss (mean over labelled tokens) with `labels`."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-    model.zero_grad()
-    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    return loss.detach(), lora_grads(model)
-
-
 def tunelab_loss_and_grads(model, batch):
     model.zero_grad()
     loss_sum, n = masked_lm_loss(model, batch, chunk_tokens=7)  # several chunks
@@ -145,7 +134,7 @@ def test_packed_fast_path_equals_the_models_own_loss_and_gradients(name):
     config = family_configs()[name]
     model = lora_model(config)
     rows = examples()
-    ref_loss, ref_grads = reference_loss_and_grads(model, rows)
+    ref_loss, ref_grads = labels_loss_and_lora_grads(model, rows)
     assert plan_for(model).fast, plan_for(model).reason
     assert use_plan(model, packing=True, log=lambda *_: None)
     loss, grads = tunelab_loss_and_grads(model, pack(rows))
@@ -161,7 +150,7 @@ def test_ignoring_the_sliding_window_would_be_caught():
     """The comparison above can fail: with the window removed from the packed path the loss differs."""
     model = lora_model(family_configs()["mistral-sliding"])
     rows = examples()
-    ref_loss, _ = reference_loss_and_grads(model, rows)
+    ref_loss, _ = labels_loss_and_lora_grads(model, rows)
     use_plan(model, packing=True, log=lambda *_: None)
     model.config.sliding_window = None
     loss, _ = tunelab_loss_and_grads(model, pack(rows))
@@ -272,7 +261,7 @@ def test_unknown_family_falls_back_to_the_models_own_forward_on_padded_rows():
     assert len(lines) == 1 and "fallback" in lines[0] and "no packing" in lines[0]
     assert model.config._attn_implementation == "eager"  # the model's own attention is left alone
     rows = examples()
-    ref_loss, ref_grads = reference_loss_and_grads(model, rows)
+    ref_loss, ref_grads = labels_loss_and_lora_grads(model, rows)
     loss, grads = tunelab_loss_and_grads(model, pad(rows, pad_id=0))
     assert_same(loss, grads, ref_loss, ref_grads)
     with pytest.raises(ValueError, match="fallback"):
@@ -284,7 +273,7 @@ def test_adapter_on_lm_head_falls_back():
     plan = plan_for(model)
     assert not plan.fast and "lm_head" in plan.reason
     rows = examples()
-    ref_loss, ref_grads = reference_loss_and_grads(model, rows)
+    ref_loss, ref_grads = labels_loss_and_lora_grads(model, rows)
     assert any("lm_head" in name for name in ref_grads)
     loss, grads = tunelab_loss_and_grads(model, pad(rows, pad_id=0))
     assert_same(loss, grads, ref_loss, ref_grads)

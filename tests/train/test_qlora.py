@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import llama32_shaped_folder
+from tests.helpers import labels_loss_and_lora_grads, llama32_shaped_folder
 from tunelab.config import ModelConfig, TrainConfig
 from tunelab.data.masking import IGNORE_INDEX as IGNORE
 from tunelab.train.architectures import plan_for, use_plan
@@ -54,18 +54,6 @@ def lora_grads(model):
     return grads
 
 
-def reference_loss_and_grads(model, rows):
-    """Plain PEFT + bitsandbytes: padded rows, the model's own loss with `labels` (mean over labelled tokens)."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-    model.zero_grad()
-    loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    return loss.detach(), lora_grads(model)
-
-
 def test_packed_fast_path_on_a_4bit_base_equals_peft_and_bitsandbytes_with_labels(llama32_folder):
     from bitsandbytes.nn import Linear4bit
 
@@ -76,7 +64,7 @@ def test_packed_fast_path_on_a_4bit_base_equals_peft_and_bitsandbytes_with_label
     assert isinstance(q_proj, Linear4bit) and q_proj.weight.dtype == torch.uint8
     assert q_proj.weight.quant_state.quant_type == "nf4" and q_proj.weight.quant_state.nested  # double quant
     rows = examples()
-    ref_loss, ref_grads = reference_loss_and_grads(model, rows)
+    ref_loss, ref_grads = labels_loss_and_lora_grads(model, rows)
 
     lines = []
     assert use_plan(model, packing=True, log=lines.append)  # the fast path, packed
@@ -102,10 +90,10 @@ def test_an_evaluation_leaves_the_4bit_base_and_its_gradients_as_they_were(llama
 
     model = qlora_model(llama32_folder)
     rows = examples()
-    before_loss, before_grads = reference_loss_and_grads(model, rows)
+    before_loss, before_grads = labels_loss_and_lora_grads(model, rows)
     heldout_loss(model, rows, batch_size=3)  # what the trainer does every eval_steps
     model.train()
-    after_loss, after_grads = reference_loss_and_grads(model, rows)
+    after_loss, after_grads = labels_loss_and_lora_grads(model, rows)
     assert torch.equal(after_loss, before_loss)
     for name, grad in before_grads.items():
         assert torch.equal(after_grads[name], grad), name
@@ -119,14 +107,14 @@ def test_the_4bit_comparison_can_fail(llama32_folder):
 
     quantised = qlora_model(llama32_folder)
     rows = examples()
-    loss_4bit, _ = reference_loss_and_grads(quantised, rows)
+    loss_4bit, _ = labels_loss_and_lora_grads(quantised, rows)
     torch.manual_seed(0)
     plain = get_peft_model(
         load_model(ModelConfig(name=str(llama32_folder)), dtype=torch.float32),
         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
     )
     plain.config._attn_implementation = "eager"
-    loss_fp32, _ = reference_loss_and_grads(plain, rows)
+    loss_fp32, _ = labels_loss_and_lora_grads(plain, rows)
     assert abs(float(loss_4bit) - float(loss_fp32)) > 1e-4
 
 
