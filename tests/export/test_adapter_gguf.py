@@ -53,3 +53,88 @@ def test_adapter_applied_per_request_answers_as_the_merged_model(exported):
         tuned = LlamaServerBackend(server.url, slots=2, lora_scales={0: 1.0})
         assert answer(tuned) == merged_answer
         assert answer(tuned.with_lora({0: 0.0}, model_id="base")) == base_answer  # one base in memory, two models
+
+
+# ------------------------------------------------------------------ champion and challenger on one base
+@pytest.fixture(scope="module")
+def challenger(exported, tmp_path_factory):
+    """A second run on the champion's base: its adapter with the update negated (lora_B x -1), exported alike."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path_factory.mktemp("challenger") / "challenger"
+    shutil.copytree(exported.parent, run, ignore=shutil.ignore_patterns("export"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    save_file({k: -v if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
+    result = CliRunner().invoke(app, ["export", str(run), "--gguf", "f16", "--adapter-gguf", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def llama_server_children(pid: int) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "llama-server"]
+
+
+def test_side_by_side_of_two_runs_serves_both_adapters_from_one_base(exported, challenger, tmp_path):
+    """`tunelab serve CHAMPION --candidate CHALLENGER`: one llama-server holds the shared base and both adapters,
+    and each side's greedy answer is its merged model's own, decoded by llama.cpp in this process."""
+    from gradio_client import Client
+
+    from tests.helpers import serve_process
+    from tunelab.serve.feedback_store import FeedbackStore
+    from tunelab.serve.handlers import ChatApp
+
+    champion, db = exported.parent, tmp_path / "fb.db"
+    chat = ("Plan a day in Porto.", "", 0.0, 0.9, 16)  # message, system prompt, temperature, top_p, max new tokens
+    args = ["--candidate", str(challenger), "--engine", "llama-server", "--parallel", "2"]
+    with serve_process(champion, db, extra_args=args, env={"TMPDIR": str(tmp_path)}) as served:
+        [server] = llama_server_children(served.proc.pid)
+        assert server.cmdline().count("--lora") == 2
+        client = Client(served.url, verbose=False)
+        *_, status = client.predict(*chat, api_name="/chat_compare")
+        assert status.startswith("Done"), status
+        assert client.predict("a", [], "", "", api_name="/chat_pick")[0].startswith("✅")
+        assert len(llama_server_children(served.proc.pid)) == 1
+        assert "one llama-server" in served.log()
+    [pick] = FeedbackStore(db).pairwise_rows()
+    answers = {pick["model_a_id"]: pick["answer_a"], pick["model_b_id"]: pick["answer_b"]}
+
+    request = ChatApp(None, FeedbackStore(tmp_path / "reference.db")).chat_request(*chat, [])
+    merged = {
+        run.name: "".join(LlamaCppBackend(run / "export" / "model-f16.gguf", threads=1).stream_chat(
+            request.messages, request.params))
+        for run in (champion, challenger)
+    }  # fmt: skip
+    assert merged[champion.name] != merged[challenger.name]  # two different models, so a swap would show
+    assert answers == merged
+
+
+def test_promote_rubric_answers_both_runs_from_one_base(exported, challenger, monkeypatch):
+    """The rubric gate of `tunelab promote CHALLENGER --over CHAMPION` runs both adapters on one llama-server; each
+    side's greedy answer is its merged GGUF's in llama.cpp in this process."""
+    import tunelab.eval.domain as domain
+    from tunelab.config import PromoteConfig
+    from tunelab.eval.rubric import load_travel_prompts
+    from tunelab.experiments.promote import rubric_check
+
+    started, summaries, lines = [], [], []
+    real_start, real_compare = LlamaServer.start, domain.compare_pair
+    monkeypatch.setattr(LlamaServer, "start", lambda self: started.append(self.command) or real_start(self))
+    monkeypatch.setattr(
+        domain, "compare_pair", lambda *a, **k: summaries.append(real_compare(*a, **k)) or summaries[-1]
+    )
+    gates = PromoteConfig(rubric_prompts=2, rubric_max_new_tokens=12, rubric_samples=1)
+    check = rubric_check(challenger, exported.parent, gates, 1, log=lines.append)
+    assert check.passed is not None and "one llama-server" in check.note
+    assert len(started) == 1 and started[0].count("--lora") == 2
+    assert [line for line in lines if "in memory once" in line] == [
+        f"run and challenger: one llama-server, {exported / 'base-f16.gguf'} in memory once, "
+        "each adapter applied per request"
+    ]
+
+    decoding = domain.Decoding(max_new_tokens=12)
+    prompts = load_travel_prompts("travel")[:2]
+    for side, run in (("base", exported.parent), ("tuned", challenger)):  # compare_pair's names: current, candidate
+        reference = domain.gguf_generator(run / "export" / "model-f16.gguf", decoding, threads=1)
+        assert [row[side]["text"] for row in summaries[0]["answers"]] == [reference(p, None).text for p in prompts]

@@ -23,7 +23,14 @@ from pathlib import Path
 
 from tunelab.eval.rubric import CRITERIA, Answer, TravelPrompt, score_answer
 from tunelab.eval.stats import describe, outcome, paired_comparison, sign_test_p, verdict
-from tunelab.models.inference import GenerationParams, greedy_reply, llama_grammar, load_backend, open_llama
+from tunelab.models.inference import (
+    GenerationParams,
+    greedy_reply,
+    llama_grammar,
+    load_backend,
+    open_llama,
+    takes_grammar,
+)
 
 # generate(prompt, seed): the greedy answer for seed None, else one sampled at Decoding.temperature with that seed.
 Generate = Callable[[TravelPrompt, "int | None"], Answer]
@@ -71,6 +78,9 @@ def adapter_generators(run_dir: Path, decoding: Decoding, threads: int | None = 
 def answer_in_llama_cpp(llm, prompt: TravelPrompt, day_grammar: bool, max_new_tokens: int, **sampling) -> Answer:
     """One answer from a llama.cpp model; finished means it stopped at end-of-turn, not at the token limit.
 
+    `llm`: a llama_cpp.Llama in this process, or a model on llama.cpp's server that takes the same
+    `create_chat_completion` call with the grammar as GBNF text (`takes_grammar`: serve/llama_server.py).
+
     day_grammar (and a prompt with a day count): decode under the day-plan grammar with the budget of the longest
     plan it allows, so a constrained plan is never cut; otherwise `max_new_tokens`. The app's Travel Planner decodes
     the same way when its "day-by-day format" box is ticked (serve/handlers.planner_decoding; the grammar reaches
@@ -78,19 +88,21 @@ def answer_in_llama_cpp(llm, prompt: TravelPrompt, day_grammar: bool, max_new_to
     from tunelab.eval.plan_grammar import day_plan_grammar, token_budget
 
     constrained = day_grammar and prompt.days is not None
+    gbnf = day_plan_grammar(prompt.days) if constrained else None
     result = llm.create_chat_completion(
         messages=[{"role": "user", "content": prompt.prompt}],
         max_tokens=token_budget(prompt.days) if constrained else max_new_tokens,
-        grammar=llama_grammar(day_plan_grammar(prompt.days) if constrained else None),
+        grammar=gbnf if takes_grammar(llm) else llama_grammar(gbnf),
         **sampling,
     )
     choice = result["choices"][0]
     return Answer((choice["message"].get("content") or "").strip(), finished=choice.get("finish_reason") == "stop")
 
 
-def gguf_generator(gguf: Path, decoding: Decoding, threads: int | None = None) -> Generate:
-    """Greedy (seed None) or sampled answers from a GGUF in llama.cpp."""
-    llm = load_backend(gguf, threads=threads).llm
+def gguf_generator(gguf, decoding: Decoding, threads: int | None = None) -> Generate:
+    """Greedy (seed None) or sampled answers from a GGUF file in llama.cpp in this process, or from a model already
+    on llama.cpp's server (a LlamaServerBackend: one adapter on a base GGUF shared with other adapters)."""
+    llm = load_backend(gguf, threads=threads).llm if isinstance(gguf, str | Path) else gguf
 
     def generate(prompt: TravelPrompt, seed: int | None) -> Answer:
         sampling = (

@@ -8,7 +8,8 @@ Checks (each is a row of the report; one that cannot be measured says why and is
               reference answer (a better answer or a side-by-side winner), which model gives the reference the
               higher log-probability per token. Win rate = (wins + ties/2) / prompts. Gate: >= min_regression_win_rate.
 - rubric:     the travel rubric (eval/rubric.py + eval/domain.py) on the first promote.rubric_prompts shipped
-              travel prompts, current vs candidate q4_k_m exports, the greedy answer and promote.rubric_samples
+              travel prompts, current vs candidate q4_k_m exports (two runs exported with --adapter-gguf from one
+              base: both adapters on that base in one llama-server), the greedy answer and promote.rubric_samples
               sampled ones per prompt; per prompt win/tie/loss on the mean rubric score. Gate: the lower end of the
               95 % bootstrap interval of the win rate among non-tied prompts >= min_rubric_win_rate (eval/stats.py).
 - latency:    decode tokens/s of both q4_k_m exports (RUN/export/model-q4_k_m.gguf, or the .gguf given), measured by
@@ -21,6 +22,7 @@ Promotion writes the report, then points `SERVE_DIR/current.json` at the candida
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -210,29 +212,35 @@ def _regression_check(
 
 
 def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:
-    """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate q4_k_m: the greedy
-    answer and promote.rubric_samples sampled ones per prompt, with the statistics of eval/stats.py."""
+    """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate: the greedy answer and
+    promote.rubric_samples sampled ones per prompt, with the statistics of eval/stats.py. Two runs exported with
+    --adapter-gguf from one base answer from one llama-server (serve/llama_server.adapter_backends); otherwise each
+    q4_k_m export is loaded on its own."""
     from tunelab.eval.domain import Decoding, compare_pair, gguf_generator
     from tunelab.eval.rubric import load_travel_prompts
     from tunelab.eval.stats import describe
+    from tunelab.serve.llama_server import adapter_backends
 
-    files = {"current": shipped_gguf(current), "candidate": shipped_gguf(candidate)}
-    missing = [name for name, path in files.items() if path is None]
-    if missing:
-        return _unmeasured(
-            "rubric", f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)"
-        )
     prompts = load_travel_prompts("travel")[: gates.rubric_prompts]
     decoding = Decoding(max_new_tokens=gates.rubric_max_new_tokens, samples=gates.rubric_samples)
-    log(
-        f"rubric: {len(prompts)} travel prompts, current vs candidate ({SHIPPED_QUANT}, greedy + "
-        f"{decoding.samples} sampled)"
-    )
-    summary = compare_pair(
-        prompts,
-        gguf_generator(files["current"], decoding, threads), gguf_generator(files["candidate"], decoding, threads),
-        log=log, label="rubric", decoding=decoding,
-    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        # Two runs exported with --adapter-gguf from one base: one llama-server, the base once, adapters per request
+        models = adapter_backends(stack, [current, candidate], parallel=1, threads=threads, log=log)
+        served = "one base GGUF + the two adapter GGUFs on one llama-server" if models else f"{SHIPPED_QUANT} exports"
+        if models is None:
+            models = [shipped_gguf(current), shipped_gguf(candidate)]
+            missing = [name for name, path in zip(("current", "candidate"), models) if path is None]
+            if missing:
+                return _unmeasured(
+                    "rubric",
+                    f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)",
+                )
+        log(f"rubric: {len(prompts)} travel prompts, current vs candidate ({served}, greedy + {decoding.samples} "
+            "sampled)")  # fmt: skip
+        summary = compare_pair(
+            prompts, *(gguf_generator(model, decoding, threads) for model in models),
+            log=log, label="rubric", decoding=decoding,
+        )  # fmt: skip
     means = summary["mean_score"]
     return Check(
         "rubric",
@@ -240,7 +248,7 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
         means["tuned"],
         f"lower end of the candidate's 95 % win-rate interval >= {gates.min_rubric_win_rate:g}",
         rubric_passes(summary, gates.min_rubric_win_rate),
-        f"{describe(summary)}; over {len(prompts)} shipped travel prompts, {threads} thread(s); "
+        f"{describe(summary)}; over {len(prompts)} shipped travel prompts, {served}, {threads} thread(s); "
         "columns = mean rubric score",
     )
 

@@ -20,6 +20,8 @@ from tunelab.export.gguf import QUANT_TYPES, convert_hf_to_gguf, quantize_gguf
 from tunelab.io import atomic_write
 
 log = print
+ADAPTER_GGUF = "adapter-f16.gguf"  # in RUN/export/, with the unmerged base as BASE_GGUF
+BASE_GGUF = "base-{quant}.gguf"
 
 
 def parse_quants(text: str, option: str = "--gguf") -> list[str]:
@@ -140,13 +142,11 @@ def export_adapter_gguf(run_dir: Path, export_dir: Path, quants: list[str], thre
     from tunelab.export.merge import save_base
 
     log(">> writing the adapter as a GGUF LoRA and the base it applies to")
-    written = {
-        "adapter": convert_lora_to_gguf(run_dir / "adapter", export_dir / "merged", export_dir / "adapter-f16.gguf")
-    }
+    written = {"adapter": convert_lora_to_gguf(run_dir / "adapter", export_dir / "merged", export_dir / ADAPTER_GGUF)}
     base_dir = save_base(run_dir, export_dir / "base")
-    base_f16 = convert_hf_to_gguf(base_dir, export_dir / "base-f16.gguf", "f16")
+    base_f16 = convert_hf_to_gguf(base_dir, export_dir / BASE_GGUF.format(quant="f16"), "f16")
     for quant in [q for q in quants if q != "f16"]:
-        written[f"base-{quant}"] = quantize_gguf(base_f16, export_dir / f"base-{quant}.gguf", quant, threads)
+        written[f"base-{quant}"] = quantize_gguf(base_f16, export_dir / BASE_GGUF.format(quant=quant), quant, threads)
     if "f16" in quants:
         written["base-f16"] = base_f16
     else:

@@ -40,7 +40,10 @@ def serve_cmd(
     share: Annotated[bool, typer.Option(help="Also create a public gradio.live link.")] = False,
     candidate: Annotated[
         Path | None,
-        typer.Option(help="A second model (same kinds as MODEL) for side-by-side picks against MODEL."),
+        typer.Option(
+            help="A second model (same kinds as MODEL) for side-by-side picks against MODEL. Two run folders "
+            "exported with --adapter-gguf from one base share one llama-server: the base once, adapters per request."
+        ),
     ] = None,
     side_by_side: Annotated[
         bool, typer.Option("--side-by-side", help="Start the chat in side-by-side mode (two answers, pick the better).")
@@ -76,7 +79,7 @@ def serve_cmd(
     from tunelab.models.inference import load_backend
     from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch
     from tunelab.serve.fingerprint import model_fingerprint
-    from tunelab.serve.llama_server import LlamaServer, LlamaServerBackend, server_for
+    from tunelab.serve.llama_server import LlamaServer, LlamaServerBackend, adapter_backends, server_for
     from tunelab.serve.pointer import resolve_model
 
     credentials = parse_auth(auth)
@@ -130,14 +133,18 @@ def serve_cmd(
             server = servers.enter_context(LlamaServer(binary, path, parallel=parallel, threads=threads))
             return LlamaServerBackend(server.url, slots=server.parallel, model=path.resolve().name)
 
+        second_path = resolve_model(candidate) if candidate is not None else None
+        # Two run folders exported from one base: one llama-server holds the base once, adapters chosen per request
+        pair = None
+        if backend_url is None and second_path is not None:
+            pair = adapter_backends(servers, [model, second_path], engine, parallel=parallel, threads=threads)
         if backend_url:
             from tunelab.models.openai_backend import OpenAIBackend
 
             backend, model_hash = OpenAIBackend(backend_url, api_key=api_key, model=str(model) if model else None), None
         else:
-            backend, model_hash = gguf_backend(model), model_fingerprint(model)
-        second_path = resolve_model(candidate) if candidate is not None else None
-        second = gguf_backend(second_path) if second_path is not None else None
+            backend, model_hash = (pair[0] if pair else gguf_backend(model)), model_fingerprint(model)
+        second = None if second_path is None else pair[1] if pair else gguf_backend(second_path)
         demo = build_app(
             backend, feedback_db, share_feedback_data=credentials is not None or not exposed,
             model_hash=model_hash, side_by_side=side_by_side,

@@ -4,6 +4,9 @@
     with LlamaServer(binary, "model-q4_k_m.gguf", parallel=4, threads=2) as server:
         backend = LlamaServerBackend(server.url)    # a ChatBackend (OpenAI API + grammar + per-request LoRA)
 
+    with contextlib.ExitStack() as stack:           # runs exported with --adapter-gguf from one base
+        backends = adapter_backends(stack, [run_a, run_b])  # a backend per run on one server; None: load each
+
 Why not llama-cpp-python's server: it answers one request at a time, so twenty users queue behind each other.
 `llama-server` decodes every active slot in one batch, which on a CPU costs little more than one sequence (decode
 is memory-bound), so aggregate throughput grows with the slot count. It is built once from the same pinned
@@ -265,6 +268,75 @@ class LlamaServerBackend(OpenAIBackend):
         twin.__dict__.update(self.__dict__)
         twin.lora_scales, twin.model_id = dict(scales), model_id
         return twin
+
+    def create_chat_completion(
+        self, messages, max_tokens: int, grammar: str | None = None, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int | None = None, repeat_penalty: float = 1.0,
+    ) -> dict:  # fmt: skip
+        """llama-cpp-python's `Llama.create_chat_completion` call (the part eval/domain.answer_in_llama_cpp uses),
+        answered whole by the server: the OpenAI response, `finish_reason` included. `grammar`: GBNF text."""
+        from tunelab.models.inference import GenerationParams
+        from tunelab.models.openai_backend import RemoteModelError
+
+        params = GenerationParams(temperature, top_p, max_tokens, repeat_penalty, seed).validate()
+        response = self.client.post("/chat/completions", json={**self.request_body(messages, params, grammar),
+                                                                "stream": False})  # fmt: skip
+        if response.status_code != 200:
+            raise RemoteModelError(f"HTTP {response.status_code} from {self.base_url}: {response.text[:300]}")
+        return response.json()
+
+
+def shared_base(runs: list[Path]) -> tuple[Path, list[Path]] | str:
+    """(base GGUF, adapter GGUF of each run) when every run folder's export holds its adapter as a GGUF LoRA
+    (`tunelab export RUN --adapter-gguf`) and a byte-identical base GGUF of one type (q4_k_m, what the app ships,
+    preferred); otherwise the reason why not."""
+    from tunelab.export.gguf import QUANT_TYPES
+    from tunelab.export.pipeline import ADAPTER_GGUF, BASE_GGUF
+    from tunelab.models.runs import is_run_dir
+    from tunelab.serve.fingerprint import model_fingerprint
+
+    not_runs = [str(run) for run in runs if not is_run_dir(run)]
+    if not_runs:
+        return f"{not_runs[0]} is not a run folder"
+    adapters = [run / "export" / ADAPTER_GGUF for run in runs]
+    missing = [str(path) for path in adapters if not path.is_file()]
+    if missing:
+        return f"no {missing[0]} (`tunelab export RUN --adapter-gguf` writes it)"
+    for quant in sorted(QUANT_TYPES, key=lambda q: q != "q4_k_m"):
+        bases = [run / "export" / BASE_GGUF.format(quant=quant) for run in runs]
+        if all(base.is_file() for base in bases) and len({model_fingerprint(base) for base in bases}) == 1:
+            return bases[0], adapters
+    return f"no {BASE_GGUF.format(quant='*')} file that every export holds byte for byte (different bases)"
+
+
+def adapter_backends(
+    stack: contextlib.ExitStack, runs: list[Path], engine: str = "auto", *, parallel: int | None = None,
+    threads: int | None = None, log=_log,
+) -> list[LlamaServerBackend] | None:  # fmt: skip
+    """One backend per run, all on ONE llama-server (stopped with `stack`): the runs' shared base GGUF in memory
+    once, each run's adapter applied per request. None where the runs do not share a base GGUF with adapter GGUFs,
+    or the engine is not llama-server; the caller then loads each model on its own. One log line says which."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine: choose one of {', '.join(ENGINES)} (got {engine!r})")
+    found = shared_base(runs)
+    binary = None
+    if engine == "llama-cpp-python":
+        found = "--engine llama-cpp-python"
+    elif not isinstance(found, str):
+        binary = llama_server_binary(build=engine == "llama-server")
+        found = found if binary is not None else f"no llama-server build at {binary_path()} (`make install`)"
+    names = " and ".join(run.resolve().name for run in runs)
+    if isinstance(found, str):
+        log(f"{names}: each loaded as its own model ({found})")
+        return None
+    base, adapters = found
+    server = stack.enter_context(LlamaServer(binary, base, parallel=parallel, threads=threads, loras=adapters))
+    log(f"{names}: one llama-server, {base} in memory once, each adapter applied per request")
+    backend = LlamaServerBackend(server.url, slots=server.parallel, model=base.name)
+    return [
+        backend.with_lora({i: float(i == index) for i in range(len(runs))}, model_id=run.resolve().name)
+        for index, run in enumerate(runs)
+    ]
 
 
 ENGINES = ("auto", "llama-server", "llama-cpp-python")
