@@ -155,9 +155,12 @@ def test_bench_infer(tmp_path):
 def test_bench_serve(tmp_path):
     out = tmp_path / "serve.json"
     tunelab(tmp_path, "bench", "serve", str(embedded_gguf()), "--users", "2", "--rounds", "1",
-            "--max-new-tokens", "16", "--threads", "1", "--engines", "llama-cpp-python,llama-server",
+            "--max-new-tokens", "16", "--threads", "1", "--engines", "llama-cpp-python,llama-server", "--parallel", "3",
             "--output", str(out), env={"TUNELAB_LLAMA_SERVER": str(llama_server_binary(build=False))})  # fmt: skip
     doc = json.loads(out.read_text())
+    # --parallel reaches llama-server (the slots its app logged), is recorded, and means nothing in-process
+    assert doc["parallel"] == 3 and all(r["parallel"] == 3 for r in doc["results"])
+    assert [r["slots"] for r in doc["results"]] == [None, None, 3, 3]
     crowd = doc["results"][0]  # the first engine with the crowd, then with one user; then the second engine
     assert [(r["engine"], r["users"]) for r in doc["results"]] == [
         ("llama-cpp-python", 2),

@@ -7,7 +7,8 @@ import sqlite3
 
 import pytest
 
-from tunelab.bench.serve_load import Answer, LoadResult, percentile, run_serve_load
+from tunelab.bench.serve_load import Answer, LoadResult, logged_slots, percentile, run_serve_load
+from tunelab.errors import UserError
 
 
 def test_percentile_is_nearest_rank():
@@ -25,6 +26,16 @@ def test_summary_rates_use_decode_time_after_the_first_token():
     summary = result.summary()
     assert summary["decode_tok_s_p50"] == 2.0  # sorted rates [2.0, 4.0], nearest rank 1
     assert summary["aggregate_tok_s"] == 1.6  # 16 tokens / 10 s
+
+
+def test_parallel_is_checked_before_any_app_starts_and_slots_come_from_the_app_log(tmp_path):
+    from tests.helpers import embedded_gguf
+
+    with pytest.raises(UserError, match="--parallel: must be >= 1"):
+        run_serve_load(embedded_gguf(), parallel=0, workdir=tmp_path)
+    assert not (tmp_path / "server.log").exists()
+    assert logged_slots("model: m.gguf (llama.cpp)\n") is None
+    assert logged_slots(">> llama-server: 16 slots, 2 threads, on http://127.0.0.1:5/v1\n") == 16
 
 
 @pytest.mark.slow

@@ -6,18 +6,20 @@ Reported: time to first token (TTFT, from submit to the first non-empty answer, 
 Gradio's queue: what a user feels), decode tokens/s per answer and in total, errors, and whether every
 submitted feedback row is in the SQLite file.
 
-Queue behaviour (serve/app.py): every model event shares one concurrency group of size 1 (llama.cpp is not
-thread-safe), so answers are generated one at a time, first come first served, and a waiting page shows its
-place in the queue; feedback events run beside them (limit 8). The queue holds at most 128 waiting events
-(`demo.queue(max_size=128)`, all event types together); past that Gradio refuses a new event at once
-(gradio/queueing.py `push`: "queue_full", HTTP 503): the browser shows "This application is currently busy.
-Please try again." on that output and gradio_client raises QueueError("Queue is full! Please try again.").
-Nothing already queued is dropped, and the user's typed input stays in the page.
+Queue behaviour (serve/app.py): every model event shares one concurrency group, of size 1 for llama.cpp in the
+app's process (not thread-safe: answers one at a time, first come first served, a waiting page shows its place
+in the queue) and of the slot count for llama-server (`--engine`, `--parallel`: that many decoded together);
+feedback events run beside them (limit 8). The queue holds at most 128 waiting events (`demo.queue(max_size=128)`,
+all event types together); past that Gradio refuses a new event at once (gradio/queueing.py `push`: "queue_full",
+HTTP 503): the browser shows "This application is currently busy. Please try again." on that output and
+gradio_client raises QueueError("Queue is full! Please try again."). Nothing already queued is dropped, and the
+user's typed input stays in the page.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -71,6 +73,8 @@ class LoadResult:
     unit: str = "tok"  # "words" for a folder model (no GGUF vocabulary to count tokens with)
     load_average: tuple[float, float] = (0.0, 0.0)  # 1-min load at start and end: the machine may be shared
     engine: str = "auto"  # `tunelab serve --engine` for a GGUF
+    parallel: int | None = None  # `tunelab serve --parallel` (llama-server slots); None: the engine's default
+    slots: int | None = None  # the slots the app's llama-server ran with (its log); None: no llama-server
 
     def summary(self) -> dict:
         ttft = sorted(a.ttft_s for a in self.answers)
@@ -102,9 +106,13 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------------------------- the server
-def start_app(model: Path, db: Path, port: int, threads: int, workdir: Path, engine: str = "auto") -> subprocess.Popen:
+def start_app(
+    model: Path, db: Path, port: int, threads: int, workdir: Path, engine: str = "auto", parallel: int | None = None
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tunelab.cli", "serve", str(model), "--port", str(port), "--feedback-db", str(db),
            "--threads", str(threads), "--engine", engine]  # fmt: skip
+    if parallel is not None:
+        cmd += ["--parallel", str(parallel)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(workdir)}
     log = (workdir / "server.log").open("wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -227,10 +235,12 @@ def warm_up(url: str, max_new_tokens: int) -> None:
 def run_serve_load(
     model: Path, *, users: int = 20, rounds: int = 1, max_new_tokens: int = 32, threads: int = 2,
     temperature: float = 0.7, time_limit_s: float = 900, startup_timeout_s: float = 300, workdir: Path | None = None,
-    engine: str = "auto",
+    engine: str = "auto", parallel: int | None = None,
 ) -> LoadResult:  # fmt: skip
     if not model.exists():
         raise UserError(f"{model}: model not found")
+    if parallel is not None and parallel < 1:
+        raise UserError(f"--parallel: must be >= 1 (got {parallel})")
     if users < 1 or rounds < 1:
         raise UserError("--users and --rounds: must be >= 1")
     if not 16 <= max_new_tokens <= 1024:
@@ -244,12 +254,12 @@ def run_serve_load(
     ):
         folder = Path(folder)
         db, port = folder / "feedback.db", free_port()
-        proc = start_app(model, db, port, threads, folder, engine)
+        proc = start_app(model, db, port, threads, folder, engine, parallel)
         try:
             url = f"http://127.0.0.1:{port}/"
             wait_until_up(url, proc, startup_timeout_s)
             warm_up(url, max_new_tokens)
-            result = LoadResult(users, rounds, max_new_tokens, threads, wall_s=0.0, engine=engine)
+            result = LoadResult(users, rounds, max_new_tokens, threads, wall_s=0.0, engine=engine, parallel=parallel)
             lock = threading.Lock()
             load_start = os.getloadavg()[0]
             start = time.monotonic()
@@ -268,8 +278,15 @@ def run_serve_load(
             result.load_average = (load_start, os.getloadavg()[0])
         finally:
             stop_app(proc)
+        result.slots = logged_slots((folder / "server.log").read_text(errors="replace"))
         check_feedback_rows(db, result, model)
     return result
+
+
+def logged_slots(app_log: str) -> int | None:
+    """The slot count of the app's llama-server, from the line `tunelab serve` prints when it starts one."""
+    found = re.search(r"llama-server: (\d+) slots", app_log)
+    return int(found.group(1)) if found else None
 
 
 def check_feedback_rows(db: Path, result: LoadResult, model: Path) -> None:
@@ -298,7 +315,8 @@ def check_feedback_rows(db: Path, result: LoadResult, model: Path) -> None:
 def report(result: LoadResult) -> str:
     s, unit = result.summary(), result.unit
     return "\n".join([
-        f"engine {result.engine}: users {result.users} x rounds {result.rounds} x (chat + planner), "
+        f"engine {result.engine} ({result.slots or 'no'} llama-server slots): "
+        f"users {result.users} x rounds {result.rounds} x (chat + planner), "
         f"max_new_tokens {result.max_new_tokens}, app threads {result.threads}; "
         f"1-min load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f}",
         f"| answers | errors | feedback submitted / stored | TTFT p50 s | TTFT p95 s | decode {unit}/s p50 "
@@ -335,6 +353,10 @@ def bench_serve_cmd(
             "user, in this order (the first is the baseline of the ratios)."
         ),
     ] = "auto",
+    parallel: Annotated[
+        int | None,
+        typer.Option(help="`tunelab serve --parallel`: llama-server slots (default: the engine's, 4 per core, <= 16)."),
+    ] = None,
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """N concurrent users (chat + planner) against the app: TTFT p50/p95, tokens/s, errors, feedback rows kept."""
@@ -348,17 +370,17 @@ def bench_serve_cmd(
     runs: dict[str, dict[str, dict]] = {}
     for engine in names:
         crowd = run_serve_load(model, users=users, rounds=rounds, max_new_tokens=max_new_tokens, threads=threads,
-                               time_limit_s=time_limit, engine=engine)  # fmt: skip
+                               time_limit_s=time_limit, engine=engine, parallel=parallel)  # fmt: skip
         results.append(crowd)
         runs[engine] = {"crowd": crowd.summary()}
         if len(names) > 1:
             alone = run_serve_load(model, users=1, rounds=rounds, max_new_tokens=max_new_tokens, threads=threads,
-                                   time_limit_s=time_limit, engine=engine)  # fmt: skip
+                                   time_limit_s=time_limit, engine=engine, parallel=parallel)  # fmt: skip
             results.append(alone)
             runs[engine]["single_user"] = alone.summary()
     ratios = {e: engine_ratios(runs, names[0], e) for e in names[1:]}
-    payload = {**run_header(threads=threads), "model": str(model), "engines": runs, "ratios_vs_first": ratios,
-               "results": [asdict(r) for r in results]}  # fmt: skip
+    payload = {**run_header(threads=threads), "model": str(model), "parallel": parallel, "engines": runs,
+               "ratios_vs_first": ratios, "results": [asdict(r) for r in results]}  # fmt: skip
     write_results(output, payload)
     typer.echo(f"model: {model.name}")
     for result in results:

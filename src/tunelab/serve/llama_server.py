@@ -212,6 +212,7 @@ class LlamaServer:
                 tail = " | ".join(self.log.read().decode(errors="replace").strip().splitlines()[-3:])
                 raise UserError(f"llama-server exited with code {self.process.returncode} while loading: {tail}")
             if self.healthy():
+                _log(f"llama-server: {self.parallel} slots, {self.threads} threads, on {self.url}")
                 return
             time.sleep(0.2)
         self.stop()
