@@ -16,7 +16,9 @@ tunelab's token ids directly (its tokenising step is bypassed), and both DPO sid
 log-probs once before training, outside the timed part. Model loading and data preparation are outside the timed
 part; the timed part is the sum of the optimizer steps. After training every adapter is scored by tunelab's own
 held-out evaluator on the same rows (sft: `heldout_loss` on assistant tokens; dpo: the preference objective's
-loss, accuracy and reward margin with the adapter disabled as the reference).
+loss, accuracy and reward margin with the adapter disabled as the reference). Peak RSS is the worker process's own
+high-water mark (`own_peak_rss_mib`); tunelab sides also split it into the model's loading and the training
+(`PhasePeaks`) and record how the base was quantised (`quantization`, `quantized_layer_types`).
 """
 
 from __future__ import annotations
