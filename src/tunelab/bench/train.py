@@ -174,7 +174,16 @@ def side_summary(rs: list[dict], peak: dict, flops: float) -> dict:
         "runs": [
             {
                 k: r.get(k)
-                for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens", "tok_per_cpu_s", "load_avg")
+                for k in (
+                    "tok_per_s",
+                    "s_per_step",
+                    "peak_rss_mib",
+                    "val_loss",
+                    "tokens",
+                    "tok_per_cpu_s",
+                    "load_avg",
+                    "wall_seconds",
+                )
             }
             for r in rs
         ],
