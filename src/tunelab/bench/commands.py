@@ -79,15 +79,45 @@ def _sizes(option: str, text: str, minimum: int) -> list[int]:
 
 def bench_train_cmd(
     vs: Annotated[
-        str, typer.Option("--vs", help="The peer to compare with (trl), or 'none' for tunelab alone.")
+        str,
+        typer.Option(
+            "--vs",
+            help=(
+                "What to compare: trl (tunelab vs TRL), qlora (4-bit NF4 base + LoRA vs bf16 LoRA vs fp32 LoRA, on "
+                "each of --models), or none (tunelab alone)."
+            ),
+        ),
     ] = "trl",
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "--vs qlora: comma-separated models, each `llama32-1b-shape` (Llama-3.2-1B's shape, random weights, "
+                "built once under the cache) or a model.name (embedded:..., a folder). "
+                "Default: the config's model,llama32-1b-shape."
+            )
+        ),
+    ] = None,
+    loop: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "--vs qlora: the loop every side runs: lean (gradient checkpointing + heap released every step, "
+                "as the QLoRA configs run) or fastest (the default loop)."
+            )
+        ),
+    ] = "lean",
     repeats: Annotated[int, typer.Option(min=1, help="Runs per side (alternating); medians are reported.")] = 3,
     steps: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=1, help="Optimizer steps per run (>= 40 moves the adapters enough for the held-out loss check)."
+            min=1,
+            help=(
+                "Optimizer steps per run (default 40: it moves the adapters enough for the held-out loss check; "
+                "5 with --vs qlora)."
+            ),
         ),
-    ] = 40,
+    ] = None,
     precision: Annotated[
         list[str] | None,
         typer.Option("--precision", help="fp32 and/or bf16 (default: fp32, plus bf16 where the CPU has native bf16)."),
@@ -99,7 +129,10 @@ def bench_train_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Config override, e.g. --set train.max_seq_len=256.")
     ] = None,
-    max_val_rows: Annotated[int, typer.Option(min=1, help="Held-out conversations scored after training.")] = 32,
+    max_val_rows: Annotated[
+        int | None,
+        typer.Option(min=1, help="Held-out conversations scored after training (default 32; 8 with --vs qlora)."),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a tokens/s bar chart (PNG) here.")] = None,
     objective: Annotated[
@@ -109,18 +142,35 @@ def bench_train_cmd(
         ),
     ] = "sft",
 ) -> None:
-    "tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT: real tokens/s, s/step, peak RSS, held-out figures."
+    """tunelab's training loop vs TRL SFTTrainer/DPOTrainer + PEFT (--vs trl), or QLoRA vs bf16 and fp32 LoRA
+    (--vs qlora): real tokens/s, s/step, peak RSS, held-out figures."""
     from tunelab.bench.machine import command_line
     from tunelab.bench.train import markdown_table, plot_throughput, print_table, run_bench
     from tunelab.config import QUICKSTART_CONFIG, load_config
 
-    if vs not in ("trl", "none"):
-        raise UserError(f"--vs {vs}: only `trl` (or `none`) is supported")
+    if vs not in ("trl", "qlora", "none"):
+        raise UserError(f"--vs {vs}: expected trl, qlora or none")
+    if objective not in ("sft", "dpo"):
+        raise UserError(f"--objective {objective}: expected sft or dpo")
+    if vs == "qlora":
+        for option, given in (("--precision", precision), ("--plot", plot), ("--objective dpo", objective == "dpo")):
+            if given:
+                raise UserError(
+                    f"{option}: not used with --vs qlora (its sides are qlora, bf16 and fp32 LoRA on sft; the 4-bit "
+                    "base computes in bf16 where the CPU has it)"
+                )
+        from tunelab.bench.qlora import markdown_table as qlora_table
+
+        doc = bench_qlora(models, loop, config, set_, steps, repeats, threads, max_val_rows)
+        write_results(json_path, doc, qlora_table(doc))
+        typer.echo(qlora_table(doc))
+        return
+    for option, value in (("--models", models), ("--loop", None if loop == "lean" else loop)):
+        if value is not None:
+            raise UserError(f"{option}: only with --vs qlora")
     for p in precision or []:
         if p not in ("fp32", "bf16"):
             raise UserError(f"--precision {p}: expected fp32 or bf16")
-    if objective not in ("sft", "dpo"):
-        raise UserError(f"--objective {objective}: expected sft or dpo")
     cfg = load_config(config or QUICKSTART_CONFIG, set_ or [])
     if objective == "dpo":
         from tunelab.bench.dpo import markdown_table as dpo_table
@@ -131,12 +181,12 @@ def bench_train_cmd(
         run, table, show = run_bench, markdown_table, print_table
     doc = run(
         cfg,
-        steps=steps,
+        steps=steps or 40,
         repeats=repeats,
         precisions=precision or None,
         threads=threads,
         vs=None if vs == "none" else vs,
-        max_val_rows=max_val_rows,
+        max_val_rows=max_val_rows or 32,
         command=command_line(),
     )
     write_results(json_path, doc, table(doc))
@@ -144,6 +194,31 @@ def bench_train_cmd(
     if plot is not None:
         plot_throughput(doc, plot)
         typer.echo(f"wrote {plot}")
+
+
+def bench_qlora(models, loop, config, set_, steps, repeats, threads, max_val_rows) -> dict:
+    """`tunelab bench train --vs qlora` (tunelab.bench.qlora): its own options checked, then the run's document."""
+    from tunelab.bench.llama32 import NAME
+    from tunelab.bench.machine import command_line
+    from tunelab.bench.qlora import DEFAULT_STEPS, DEFAULT_VAL_ROWS, LOOPS, run_qlora_bench
+    from tunelab.config import QUICKSTART_CONFIG, load_config
+
+    if loop not in LOOPS:
+        raise UserError(f"--loop {loop}: expected {' or '.join(LOOPS)}")
+    names = [m.strip() for m in (models or "").split(",") if m.strip()]
+    if models is not None and (not names or len(set(names)) < len(names)):
+        raise UserError(f"--models {models!r}: expected distinct comma-separated models, e.g. embedded:smollm2-135m")
+    cfg = load_config(config or QUICKSTART_CONFIG, set_ or [])
+    return run_qlora_bench(
+        cfg,
+        names or [cfg.model.name, NAME],
+        steps=steps or DEFAULT_STEPS,
+        repeats=repeats,
+        threads=threads,
+        loop=loop,
+        max_val_rows=max_val_rows or DEFAULT_VAL_ROWS,
+        command=command_line(),
+    )
 
 
 def bench_infer_cmd(

@@ -90,9 +90,10 @@ def worker_config(cfg: Config, model_path: str, steps: int, precision: str, thre
     )
 
 
-def write_spec(cfg: Config, data_file: Path, folder: Path) -> Path:
-    """The worker's SPEC.json: the job's whole Config and the file of prepared rows."""
-    spec_file = folder / f"spec-{cfg.train.precision}.json"
+def write_spec(cfg: Config, data_file: Path, folder: Path, name: str | None = None) -> Path:
+    """The worker's SPEC.json: the job's whole Config and the file of prepared rows (`name`: default the
+    precision)."""
+    spec_file = folder / f"spec-{name or cfg.train.precision}.json"
     spec_file.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "data_file": str(data_file)}))
     return spec_file
 
@@ -100,11 +101,19 @@ def write_spec(cfg: Config, data_file: Path, folder: Path) -> Path:
 def run_repeats(sides: list[str], cfg: Config, data_file: Path, folder: Path, repeats: int, log) -> dict[str, list]:
     """Every side `repeats` times, alternating who goes first; {side: [result of each run]}."""
     spec_file = write_spec(cfg, data_file, folder)
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    return run_alternating({side: (side, spec_file) for side in sides}, folder, repeats, log)
+
+
+def run_alternating(jobs: dict[str, tuple[str, Path]], folder: Path, repeats: int, log) -> dict[str, list]:
+    """Every job, {label: (worker side, spec file)}, `repeats` times, the order reversed every other repeat;
+    {label: [result of each run]}."""
+    labels = list(jobs)
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
     for repeat in range(repeats):
-        for side in sides if repeat % 2 == 0 else sides[::-1]:
-            out_file = folder / f"{side}-{cfg.train.precision}-{repeat}.json"
-            runs[side].append(run_side(side, spec_file, out_file, log))
+        for label in labels if repeat % 2 == 0 else labels[::-1]:
+            side, spec_file = jobs[label]
+            out_file = folder / f"{label}-{spec_file.stem}-{repeat}.json"
+            runs[label].append(run_side(side, spec_file, out_file, log, label=label))
     return runs
 
 
@@ -127,7 +136,7 @@ def ensure_trl() -> None:
 
 
 # --------------------------------------------------------------------------------- running
-def run_side(side: str, spec_file: Path, out_file: Path, log) -> dict:
+def run_side(side: str, spec_file: Path, out_file: Path, log, label: str | None = None) -> dict:
     args = ["--side", side, "--spec", str(spec_file), "--out", str(out_file)]
     cmd = [sys.executable, "-m", "tunelab.bench.worker", *args]
     threads = str(json.loads(spec_file.read_text())["config"]["train"]["threads"])
@@ -143,7 +152,8 @@ def run_side(side: str, spec_file: Path, out_file: Path, log) -> dict:
     result["wall_seconds"] = time.perf_counter() - started
     result["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # 1-min load: before, after
     log(
-        f"  {side:8s} {result['precision']}: {result['tok_per_s']:7.1f} tok/s, {result['s_per_step']:.2f} s/step, "
+        f"  {label or side:8s} {result['precision']}: {result['tok_per_s']:7.1f} tok/s, "
+        f"{result['s_per_step']:.2f} s/step, "
         f"peak RSS {result['peak_rss_mib']:.0f} MiB, val loss {result['val_loss']:.4f} ({result['tokens']} tokens), "
         f"load {result['load_avg'][0]}->{result['load_avg'][1]}"
     )
@@ -164,7 +174,16 @@ def side_summary(rs: list[dict], peak: dict, flops: float) -> dict:
         "runs": [
             {
                 k: r.get(k)
-                for k in ("tok_per_s", "s_per_step", "peak_rss_mib", "val_loss", "tokens", "tok_per_cpu_s", "load_avg")
+                for k in (
+                    "tok_per_s",
+                    "s_per_step",
+                    "peak_rss_mib",
+                    "val_loss",
+                    "tokens",
+                    "tok_per_cpu_s",
+                    "load_avg",
+                    "wall_seconds",
+                )
             }
             for r in rs
         ],

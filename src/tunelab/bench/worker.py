@@ -16,7 +16,9 @@ tunelab's token ids directly (its tokenising step is bypassed), and both DPO sid
 log-probs once before training, outside the timed part. Model loading and data preparation are outside the timed
 part; the timed part is the sum of the optimizer steps. After training every adapter is scored by tunelab's own
 held-out evaluator on the same rows (sft: `heldout_loss` on assistant tokens; dpo: the preference objective's
-loss, accuracy and reward margin with the adapter disabled as the reference).
+loss, accuracy and reward margin with the adapter disabled as the reference). Peak RSS is the worker process's own
+high-water mark (`own_peak_rss_mib`); tunelab sides also split it into the model's loading and the training
+(`PhasePeaks`) and record how the base was quantised (`quantization`, `quantized_layer_types`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,59 @@ SIDES = (*TUNELAB_CONFIGS, *TRL_CONFIGS)
 # same call from a callback, so the memory ratio compares the tools, not allocator settings.
 RELEASES_MEMORY = {"tunelab_lean", "trl_lean"}
 EVAL_BATCH = 8  # held-out rows per padded batch when scoring, the same for every side
+
+
+def _status_mib(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def own_peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM), not getrusage's ru_maxrss: a process started by vfork + exec (as
+    Python's subprocess starts the workers) begins with ru_maxrss at its parent's peak, so a worker would never
+    report less than the bench process's own peak (measured: 811 MiB in a child of an 811 MiB parent, whose own
+    peak was 10 MiB). Off Linux, ru_maxrss."""
+    own = _status_mib("VmHWM")
+    return own if own is not None else peak_rss_mib()
+
+
+class PhasePeaks:
+    """Peak RSS per phase of a tunelab worker: building the model (loading the base, LoRA), then the rest up to
+    the end of training (dpo: the reference pass included).
+
+    When loading ends, the kernel's high-water mark of this process (VmHWM) is set back to its current RSS
+    (`/proc/self/clear_refs`, Linux), so the training's own peak can be read too. The process's peak over both
+    phases is then the larger of the two: `process_peak`."""
+
+    def __init__(self) -> None:
+        self.earlier_peak = 0.0
+        self.figures: dict[str, float | None] = {}
+
+    def loaded(self) -> None:
+        self.earlier_peak = max(self.earlier_peak, own_peak_rss_mib())
+        self.figures["load_peak_rss_mib"] = self.earlier_peak
+        self.figures["rss_after_load_mib"] = _status_mib("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.figures["training_phase_peak_rss_mib"] = None  # read at the end of training
+        except OSError:  # not Linux: the peak after loading stays the process's
+            pass
+
+    def trained(self) -> None:
+        if "training_phase_peak_rss_mib" in self.figures:
+            self.figures["training_phase_peak_rss_mib"] = _status_mib("VmHWM")
+
+    def process_peak(self) -> float:
+        return max(self.earlier_peak, own_peak_rss_mib())
+
+
+PEAKS = PhasePeaks()
 
 
 def ordered_rows(train_rows: list, steps: int, per_step: int, seed: int) -> list:
@@ -146,6 +201,7 @@ def run_tunelab(cfg: Config, train_rows: list, val_rows: list, workdir: Path, si
     from accelerate import Accelerator
 
     from tunelab.models import load_tokenizer
+    from tunelab.models.quantization import describe_quantization, quantized_layers
     from tunelab.train.loop import train_lora
     from tunelab.train.precision import Precision
     from tunelab.train.recipe import build_lora_model, layer_surgery
@@ -156,6 +212,7 @@ def run_tunelab(cfg: Config, train_rows: list, val_rows: list, workdir: Path, si
     precision = Precision(train_cfg.precision, "bench")
     tokenizer = load_tokenizer(cfg.model)
     model = build_lora_model(cfg, precision)
+    PEAKS.loaded()
     extra = {}
     if train_cfg.objective == "dpo":
         from tunelab.train.reference import reference_logps, store
@@ -182,10 +239,14 @@ def run_tunelab(cfg: Config, train_rows: list, val_rows: list, workdir: Path, si
         log=lambda *_: None,
         progress=lambda step, record: timer.mark(record["tokens"]),  # after every step (logging_steps = 1)
     )
-    training_peak = peak_rss_mib()  # before the held-out scoring below (see main)
+    PEAKS.trained()
+    training_peak = PEAKS.process_peak()  # before the held-out scoring below (see main)
     return {
         **timer.after_first_step(),
         **extra,
+        **PEAKS.figures,
+        "quantization": describe_quantization(model),  # None for an unquantised base
+        "quantized_layer_types": sorted({type(m).__name__ for m in quantized_layers(model)}),
         "tokens": result.tokens,
         "train_seconds": result.train_seconds,
         "step_seconds": [h["step_s"] for h in result.history if "step_s" in h],  # the loop's own step times
@@ -327,7 +388,7 @@ def run_trl(cfg: Config, train_rows: list, val_rows: list, workdir: Path, side: 
     trainer.train()
     handle.remove()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    training_peak = peak_rss_mib()  # before the held-out scoring below (see main)
+    training_peak = own_peak_rss_mib()  # before the held-out scoring below (see main)
     return {
         **timer.after_first_step(),
         **({"reference_seconds": setup_seconds} if train.objective == "dpo" else {}),
@@ -370,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         # afterwards is the same code on every side and its logits chunks (~400 MiB) would hide the training's
         # peak and pull every ratio towards 1; the whole process's peak is kept beside it.
         peak_rss_mib=result.pop("training_peak_rss_mib"),
-        process_peak_rss_mib=peak_rss_mib(),
+        process_peak_rss_mib=PEAKS.process_peak(),
         pid=os.getpid(),
         allocator_env={k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "ONEDNN_"))},
     )
