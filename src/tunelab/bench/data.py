@@ -8,9 +8,9 @@ Two benchmarks:
 - `--rows 10000,100000`: FineTome-sized inputs. The embedded ShareGPT and chatterbot exchanges are resampled into
   N new conversations (1-3 exchanges each, seeded), written as a JSONL and a Parquet file under `--out`; then
   `tunelab data prepare` runs on each file in its own process, and its wall time, peak RSS (`wait4`'s ru_maxrss,
-  that process's own: see `measured`) and rows/s are reported, plus the peak RSS of a process reading every prepared training
-  row the way training does (memory-mapped). Bounded memory means peak RSS stays flat (within 1.5x) from the
-  smallest to the largest N. `--formats jsonl` (or `parquet`) measures one input format only.
+  that process's own: see `measured`) and rows/s are reported, plus the peak RSS of a process reading every
+  prepared training row the way training does (memory-mapped). Bounded memory means peak RSS stays flat (within
+  1.5x) from the smallest to the largest N. `--formats jsonl` (or `parquet`) measures one input format only.
   Beside each prepare, the plain Hugging Face floor on the same file, measured the same way in its own process:
   `datasets.load_dataset` + `.map` of the same tokenizer's chat template (tokenize=True, cut at max_seq_len tokens,
   batched, num_proc=2) + `.save_to_disk`, with a fresh datasets cache each time so nothing is reused. It does no
