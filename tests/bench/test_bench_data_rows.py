@@ -1,4 +1,5 @@
-"""bench/data.py's process measurement: wall seconds and the measured command's own peak RSS."""
+"""`tunelab bench data --rows`: its process measurement (wall seconds, the measured command's own peak RSS) and its
+options. The whole command runs in tests/bench/test_bench_cli.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import sys
 
 import pytest
 
+from tunelab.bench.commands import bench_data_cmd
 from tunelab.bench.data import measured
+from tunelab.errors import UserError
 
 MIB = 2**20
 
@@ -27,3 +30,10 @@ def test_a_failing_command_names_its_log(tmp_path):
     with pytest.raises(RuntimeError, match="fails.log"):
         measured([sys.executable, "-S", "-c", "import sys; print('why'); sys.exit(3)"], log)
     assert log.read_text().strip() == "why"
+
+
+@pytest.mark.parametrize("formats", ["csv", "jsonl,csv", ","])
+def test_unknown_formats_are_a_user_error_before_any_work(tmp_path, formats):
+    with pytest.raises(UserError, match=f"--formats {formats}: expected one or both of jsonl, parquet"):
+        bench_data_cmd(rows="100", out=tmp_path / "work", formats=formats)
+    assert not (tmp_path / "work").exists()
