@@ -121,10 +121,25 @@ def test_bench_data_scales(tmp_path):
 
 
 def test_bench_data_rows(tmp_path):
-    """This command died printing its table (after all the work) and lost every figure before it had a test."""
+    """This command died printing its table (after all the work) and lost every figure before it had a test.
+    The plain Hugging Face floor beside prepare must really load, tokenize and save every input row."""
+    import datasets
+    import pyarrow.parquet as pq
+
     out = tmp_path / "rows.json"
     tunelab(tmp_path, "bench", "data", "--rows", "100,150", "--out", str(tmp_path / "work"), "--json", str(out))
     doc = json.loads(out.read_text())
+    for r in doc["results"]:
+        floor = r["hf_floor"]
+        assert floor["wall_s"] > 0 and floor["rows_per_s"] > 0 and floor["peak_rss_mib"] > 0
+        assert r["prepare_over_floor"] == pytest.approx(r["prepare"]["wall_s"] / floor["wall_s"], abs=0.01)
+        inputs = tmp_path / "work" / "inputs" / f"conversations-{r['rows']}"
+        input_rows = pq.ParquetFile(f"{inputs}.parquet").metadata.num_rows
+        if r["format"] == "jsonl":
+            input_rows = sum(1 for line in open(f"{inputs}.jsonl", encoding="utf-8") if line.strip())
+        saved = datasets.load_from_disk(floor["saved_to"])
+        assert input_rows == len(saved) == r["rows"]
+        assert all(0 < len(ids) <= doc["config"]["max_seq_len"] for ids in saved["input_ids"])
     assert [(r["rows"], r["format"]) for r in doc["results"]] == [
         (100, "jsonl"), (100, "parquet"), (150, "jsonl"), (150, "parquet"),
     ]  # fmt: skip

@@ -34,17 +34,24 @@ def bench_data_cmd(
         int | None,
         typer.Option(min=1, help="--scales: read only the file's first N records per copy (a quick run; default all)."),
     ] = None,
+    formats: Annotated[
+        str, typer.Option(help="--rows: the input formats to measure, comma-separated (jsonl, parquet).")
+    ] = "jsonl,parquet",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
     """Time each data phase on the embedded ShareGPT file (--scales), or prepare FineTome-sized JSONL and Parquet
-    inputs and report wall time, peak RSS and rows/s (--rows)."""
-    from tunelab.bench.data import print_bench, print_rows_bench, run_bench, run_rows_bench
+    inputs and report wall time, peak RSS and rows/s, beside a plain Hugging Face datasets load + chat-template map
+    + save of the same file (--rows)."""
+    from tunelab.bench.data import INPUT_FORMATS, print_bench, print_rows_bench, run_bench, run_rows_bench
 
     if rows is not None:
         sizes = _sizes("--rows", rows, minimum=100)
         if len(sizes) == 1 and sizes[0] != 10_000:
             sizes = sorted({10_000, sizes[0]})  # flat memory is a comparison: measure the 10k baseline too
-        figures = run_rows_bench(sizes, out)
+        chosen = {f.strip().lower() for f in formats.split(",") if f.strip()}
+        if not chosen or not chosen <= set(INPUT_FORMATS):
+            raise UserError(f"--formats {formats}: expected one or both of {', '.join(INPUT_FORMATS)}")
+        figures = run_rows_bench(sizes, out, tuple(f for f in INPUT_FORMATS if f in chosen))
         write_results(json_path, figures)
         print_rows_bench(figures)
     else:

@@ -8,19 +8,26 @@ Two benchmarks:
 - `--rows 10000,100000`: FineTome-sized inputs. The embedded ShareGPT and chatterbot exchanges are resampled into
   N new conversations (1-3 exchanges each, seeded), written as a JSONL and a Parquet file under `--out`; then
   `tunelab data prepare` runs on each file in its own process, and its wall time, peak RSS (`wait4`'s ru_maxrss,
-  that process alone) and rows/s are reported, plus the peak RSS of a process reading every prepared training
-  row the way training does (memory-mapped). Bounded memory means peak RSS stays flat (within 1.5x) from the
-  smallest to the largest N.
+  that process's own: see `measured`) and rows/s are reported, plus the peak RSS of a process reading every
+  prepared training row the way training does (memory-mapped). Bounded memory means peak RSS stays flat (within
+  1.5x) from the smallest to the largest N. `--formats jsonl` (or `parquet`) measures one input format only.
+  Beside each prepare, the plain Hugging Face floor on the same file, measured the same way in its own process:
+  `datasets.load_dataset` + `.map` of the same tokenizer's chat template (tokenize=True, cut at max_seq_len tokens,
+  batched, num_proc=2) + `.save_to_disk`, with a fresh datasets cache each time so nothing is reused. It does no
+  normalisation, dedup, assistant-only masks, split or report; the ratio is prepare wall s / floor wall s. Its
+  peak RSS is wait4's: the largest of the main process and its two map workers, not their sum.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 import itertools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +44,8 @@ from tunelab.data.prepare import DataPipeline, SourceCounts
 from tunelab.data.problems import ProblemLog, RecordProblem
 
 PHASES = ("recover", "normalize", "dedup_exact", "dedup_near", "encode")
+INPUT_FORMATS = ("jsonl", "parquet")
+FLOOR_NUM_PROC = 2  # the plain Hugging Face floor's map workers (`.map(num_proc=2)`)
 FLAT_RSS_RATIO = 1.5  # the bounded-memory rule: peak RSS at the largest N <= 1.5 x peak RSS at the smallest
 MAX_MESSAGE_CHARS = 1_000  # resampled messages are cut here: files stay a few hundred MB at 100k rows
 
@@ -206,7 +215,8 @@ def resampled_conversations(pool: list[tuple[str, str]], rows: int, seed: int = 
 
 
 def write_inputs(folder: Path, pool: list[tuple[str, str]], rows: int) -> dict[str, Path]:
-    """The same `rows` conversations as `conversations-N.jsonl` and `conversations-N.parquet` (written in batches)."""
+    """The same `rows` conversations as `conversations-N.jsonl` and `conversations-N.parquet` (written in batches);
+    keyed by INPUT_FORMATS."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -235,48 +245,117 @@ print(sum(len(rows[i][0]) for i in range(len(rows))))
 """
 
 
-def measured(command: list[str], log_path: Path) -> dict[str, Any]:
-    """Run `command` in its own process: wall seconds and that process's own peak RSS (wait4's ru_maxrss)."""
+# What a plain Hugging Face user runs to tokenize a chat file (no tunelab import): argv is the input file, the
+# tokenizer folder, max_seq_len, the output folder and a datasets cache folder of its own.
+_HF_FLOOR = f"""
+import sys
+import datasets
+from transformers import AutoTokenizer
+data_file, tokenizer_dir, max_seq_len, out_dir, cache_dir = sys.argv[1:6]
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+builder = "parquet" if data_file.endswith(".parquet") else "json"
+dataset = datasets.load_dataset(builder, data_files=data_file, split="train", cache_dir=cache_dir)
+def template(batch):
+    ids = tokenizer.apply_chat_template(
+        batch["messages"], tokenize=True, truncation=True, max_length=int(max_seq_len), return_dict=False
+    )
+    return {{"input_ids": ids}}
+dataset.map(template, batched=True, num_proc={FLOOR_NUM_PROC}).save_to_disk(out_dir)
+"""
+
+
+# Saves the tokenizer prepare uses (ModelConfig's defaults, tunelab's chat template) as a plain HF folder (argv[1]).
+_SAVE_TOKENIZER = """
+import sys
+from tunelab.config import ModelConfig
+from tunelab.models import load_tokenizer
+load_tokenizer(ModelConfig()).save_pretrained(sys.argv[1])
+"""
+
+
+# The measuring process: runs argv[2:] with its output in the log file argv[1], waits for it and prints its wall
+# seconds, wait4's ru_maxrss (KiB) and exit code as JSON. The kernel starts a child's ru_maxrss at its parent's peak
+# RSS (recorded when the child execs), and the bench process has hundreds of MiB of libraries imported: started from
+# this small process instead, the figure is the measured command's own.
+_MEASURE = """
+import json, os, subprocess, sys, time
+with open(sys.argv[1], "w", encoding="utf-8") as log:
     start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+    child = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+print(json.dumps({"wall_s": wall, "maxrss_kib": usage.ru_maxrss, "exit": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def measured(command: list[str], log_path: Path, rows: int | None = None) -> dict[str, Any]:
+    """Run `command` in its own process: wall seconds and its own peak RSS (wait4's ru_maxrss: the largest of the
+    process and the children it waited for, from a small measuring process), plus rows/s when it handled `rows`."""
+    measure = [sys.executable, "-I", "-S", "-c", _MEASURE, str(log_path), *map(str, command)]
+    result = json.loads(subprocess.run(measure, capture_output=True, text=True, check=True).stdout)
+    if result["exit"] != 0:
         raise RuntimeError(f"{' '.join(map(str, command))} failed; see {log_path}")
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    figures = {"wall_s": round(result["wall_s"], 2), "peak_rss_mib": round(result["maxrss_kib"] / 1024, 1)}
+    if rows is not None:
+        figures["rows_per_s"] = round(rows / max(result["wall_s"], 1e-9), 1)
+    return figures
 
 
-def run_rows_bench(sizes: list[int], out: Path) -> dict[str, Any]:
-    """Prepare N-row JSONL and Parquet inputs for each N in `sizes`; measure prepare and the training read."""
+def hf_floor(path: Path, tokenizer_dir: Path, out: Path, label: str, rows: int) -> dict[str, Any]:
+    """The plain Hugging Face load + chat-template map + save of `path`, measured like prepare; its saved dataset is
+    `out/floor-LABEL`. The datasets cache starts empty (a cached load or map would skip the work) and is removed."""
+    cache = out / f"floor-{label}-cache"
+    saved = out / f"floor-{label}"
+    for folder in (cache, saved):
+        shutil.rmtree(folder, ignore_errors=True)
+    max_seq_len = str(Config().train.max_seq_len)
+    command = [sys.executable, "-c", _HF_FLOOR, str(path), str(tokenizer_dir), max_seq_len, str(saved), str(cache)]
+    try:
+        return {**measured(command, out / f"floor-{label}.log", rows), "saved_to": str(saved)}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def run_rows_bench(sizes: list[int], out: Path, formats: tuple[str, ...] = INPUT_FORMATS) -> dict[str, Any]:
+    """Write N-row JSONL and Parquet inputs for each N in `sizes`; for each of `formats`, measure prepare, the
+    training read and the plain Hugging Face floor."""
     import yaml
 
     out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = "tunelab bench data --rows " + ",".join(map(str, sizes))
     started = {  # command, machine, date and load when the run starts
-        **run_header("tunelab bench data --rows " + ",".join(map(str, sizes))),
+        **run_header(command + ("" if formats == INPUT_FORMATS else " --formats " + ",".join(formats))),
         "load_average_at_start": os.getloadavg()[0],
     }
+    tokenizer_dir = out / "floor-tokenizer"  # prepare's tokenizer and chat template, as a plain HF folder
+    measured([sys.executable, "-c", _SAVE_TOKENIZER, str(tokenizer_dir)], out / "floor-tokenizer.log")
     pool = exchange_pool()
     results = []
     for rows in sizes:
         inputs = write_inputs(out / "inputs", pool, rows)
-        for fmt, path in inputs.items():
+        for fmt in formats:
+            path = inputs[fmt]
             prepared = out / f"prepared-{fmt}-{rows}"
             config = out / f"config-{fmt}-{rows}.yaml"
             config.write_text(yaml.safe_dump({"data": {"sources": [{"path": str(path)}], "output_dir": str(prepared)}}))
             prepare = measured(
                 [sys.executable, "-m", "tunelab.cli", "data", "prepare", str(config), "--force"],
                 out / f"prepare-{fmt}-{rows}.log",
+                rows,
             )
             read = measured([sys.executable, "-c", _READ_ALL_ROWS, str(prepared)], out / f"read-{fmt}-{rows}.log")
+            floor = hf_floor(path, tokenizer_dir, out, f"{fmt}-{rows}", rows)
             report = json.loads((prepared / "report.json").read_text(encoding="utf-8"))
             results.append(
                 {
                     "rows": rows,
                     "format": fmt,
                     "input_mib": round(path.stat().st_size / 2**20, 1),
-                    "prepare": {**prepare, "rows_per_s": round(rows / max(prepare["wall_s"], 1e-9), 1)},
+                    "prepare": prepare,
                     "train_read": read,
+                    "hf_floor": floor,
+                    "prepare_over_floor": round(prepare["wall_s"] / max(floor["wall_s"], 1e-9), 2),
                     "train_rows": report["splits"]["train"],
                     "val_rows": report["splits"]["val"],
                     "near_duplicates": report["duplicates"]["near"]["count"],
@@ -285,6 +364,12 @@ def run_rows_bench(sizes: list[int], out: Path) -> dict[str, Any]:
     return {
         **started,
         "config": {"max_seq_len": Config().train.max_seq_len, "dedup": Config().data.dedup.model_dump()},
+        "hf_floor": {
+            "does": "datasets.load_dataset + .map(apply_chat_template, tokenize=True, truncation to max_seq_len, "
+            f"batched, num_proc={FLOOR_NUM_PROC}) + .save_to_disk",
+            "does_not": "normalise, dedup, mask labels to assistant tokens, split train/val, write a report",
+            "datasets": importlib.metadata.version("datasets"),
+        },
         "out": str(out),
         "results": results,
         "flat_rss": flat_rss(results),
@@ -329,6 +414,21 @@ def print_rows_bench(figures: dict[str, Any]) -> None:
             f"{r['train_rows']:,} / {r['val_rows']:,}",
         )
     Console().print(table)
+    floor = Table(title="beside it: plain Hugging Face datasets load + chat-template map (num_proc 2) + save")
+    for column in ("input", "rows", "prepare wall s", "floor wall s", "floor rows/s", "floor peak RSS MiB",
+                   "prepare / floor wall"):  # fmt: skip
+        floor.add_column(column, justify="right")
+    for r in figures["results"]:
+        floor.add_row(
+            r["format"],
+            f"{r['rows']:,}",
+            f"{r['prepare']['wall_s']:.1f}",
+            f"{r['hf_floor']['wall_s']:.1f}",
+            f"{r['hf_floor']['rows_per_s']:.0f}",
+            f"{r['hf_floor']['peak_rss_mib']:.0f}",
+            f"{r['prepare_over_floor']:.2f}x",
+        )
+    Console().print(floor)
     flat = figures["flat_rss"]
     verdict = "met" if flat["ok"] else "NOT met"
     Console().print(f"peak RSS, largest / smallest N: {flat['ratios']} (limit {flat['limit']}x: {verdict})")
