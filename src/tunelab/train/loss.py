@@ -19,10 +19,13 @@ from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.architectures import causal_lm, plan_for
 from tunelab.train.batching import Batch
 
-# Rows of a chunk's logits whose fp32 work (head, log-softmax, softmax, gradient) is done at once. 16 rows of a 49k
-# vocabulary are 3 MiB in fp32 and stay in the core's caches through that work's half-dozen passes; a whole chunk in
-# fp32 (50 MiB at 256 rows) is read and written from memory on every pass, and page-faulted in afresh for each chunk.
-SOFTMAX_ROWS = 16
+# Rows of a chunk's logits whose fp32 work (head, log-softmax, softmax, gradient) is done at once. 32 rows of a 49k
+# vocabulary are 6 MiB in fp32, which stay in cache through that work's passes; a whole chunk in fp32 (50 MiB at 256
+# rows) is read and written from memory on every pass, and page-faulted in afresh for each chunk. Fewer rows add
+# parallel regions (three per block), each a wait at a barrier when other processes hold the cores (16 rows: as fast
+# on one thread, 3x slower than the unblocked head with two threads on a loaded 2-core machine; 64 rows: slower on one
+# thread).
+SOFTMAX_ROWS = 32
 
 
 def head_chunk(
@@ -34,7 +37,7 @@ def head_chunk(
     softcap: float | None,
     with_gradient: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-prob of each target [c] fp32, d(log-prob)/d(hidden @ weight.T) [c, vocab] in hidden's dtype or None) for
+    """(log-prob of each target [c] fp32, d(-log-prob)/d(hidden @ weight.T) [c, vocab] in hidden's dtype or None) for
     one chunk of rows. The [c, vocab] matmul output is the only chunk-sized tensor: the head's fp32 maths runs
     SOFTMAX_ROWS rows at a time in small fp32 buffers, and each block's gradient overwrites its logits."""
     logits = hidden @ weight.T
@@ -58,15 +61,15 @@ def head_chunk(
             torch.tanh(zb.div_(softcap), out=capped[:n])
             torch.mul(capped[:n], softcap, out=zb)
         torch.log_softmax(zb, dim=1, out=lb)
-        logps[start : start + n] = lb.gather(1, target[:, None]).squeeze(1)
-        if with_gradient:
-            grad = lb.exp_().neg_()  # d(log-prob)/dz = one-hot(target) - softmax(z)
-            grad[torch.arange(n, device=grad.device), target] += 1.0
+        target_logps = lb.gather(1, target[:, None]).squeeze(1)
+        logps[start : start + n] = target_logps
+        if with_gradient:  # d(-log-prob)/dz = softmax(z) - one-hot(target), written over the block's logits
+            torch.exp(lb, out=block)
+            block[torch.arange(n, device=block.device), target] = target_logps.exp().sub_(1.0).to(block.dtype)
             if capped is not None:
-                grad.mul_(capped[:n].square_().neg_().add_(1.0))
+                block.mul_(capped[:n].square_().neg_().add_(1.0))
             if scale != 1.0:
-                grad.mul_(scale)
-            block.copy_(grad)
+                block.mul_(scale)
     return logps, logits if with_gradient else None
 
 
@@ -102,7 +105,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
             )
             out[start : start + chunk] = logps
             if jacobian is not None:
-                torch.mm(grad, weight_in_dtype, out=jacobian[start : start + chunk])
+                torch.mm(grad, weight_in_dtype, out=jacobian[start : start + chunk]).neg_()
         head_grads = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[4])
         ctx.save_for_backward(jacobian, *((hidden, weight, targets, bias) if head_grads else ()))
         ctx.head = (chunk, scale, softcap)
@@ -124,7 +127,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
                 _, grad = head_chunk(
                     h, weight_in_dtype, targets[start : start + chunk], bias, scale, softcap, with_gradient=True
                 )
-                grad = grad.float().mul_(grad_output[start : start + chunk, None].float())
+                grad = grad.float().mul_(grad_output[start : start + chunk, None].float().neg())
                 grad_weight += grad.T @ h.float()
                 if grad_bias is not None:
                     grad_bias += grad.sum(dim=0)
