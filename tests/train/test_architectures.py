@@ -14,6 +14,7 @@ import torch
 
 from tests.helpers import labels_loss_and_lora_grads
 from tunelab.data.masking import IGNORE_INDEX as IGNORE
+from tunelab.train import loss as loss_module
 from tunelab.train.adapters import adapter_gradients
 from tunelab.train.architectures import FAST_FAMILIES, plan_for, use_plan
 from tunelab.train.batching import pack, pad
@@ -157,9 +158,12 @@ def test_ignoring_the_sliding_window_would_be_caught():
     assert abs(float(loss) - float(ref_loss)) > 1e-4
 
 
-def test_head_maths_matches_autograd_with_bias_scale_and_softcap():
+@pytest.mark.parametrize("softmax_rows", [loss_module.SOFTMAX_ROWS, 3])
+def test_head_maths_matches_autograd_with_bias_scale_and_softcap(softmax_rows, monkeypatch):
     """LinearTokenLogProbs' hand-written gradients, against autograd on the plain formula, with a different
-    incoming gradient for every token (as dpo/kto give) and with the summed sft loss's."""
+    incoming gradient for every token (as dpo/kto give) and with the summed sft loss's; 11 rows in chunks of 4, and
+    with 3 rows: several softmax blocks per chunk, the last ones partial."""
+    monkeypatch.setattr(loss_module, "SOFTMAX_ROWS", softmax_rows)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(11, 16, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
