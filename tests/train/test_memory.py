@@ -51,3 +51,16 @@ def test_the_onednn_primitive_cache_is_bounded_unless_the_user_set_it(monkeypatc
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")  # the user's choice wins
     bound_onednn_primitive_cache()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's (elsewhere ru_maxrss is used)")
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A process started by subprocess begins with its parent's ru_maxrss; the loop and the bench workers report
+    their own peak. The parent here holds 512 MiB of written pages; the child holds next to nothing."""
+    held = bytearray(b"\x01") * (512 << 20)
+    child = subprocess.run(
+        [sys.executable, "-c", "from tunelab.train.memory import peak_rss_mib; print(peak_rss_mib())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert len(held) == 512 << 20
+    assert float(child.stdout) < 128, child.stdout

@@ -40,10 +40,9 @@ def count_tokens(backend, text: str) -> int:
 
 def measure_model(path: str, threads: int, max_new_tokens: int, repeats: int) -> dict:
     """Runs in a child process: load, warm up, then time every prompt."""
-    import resource
-
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from tunelab.models.inference import GenerationParams, load_backend
+    from tunelab.train.memory import peak_rss_mib  # the child's own peak, not its parent's
 
     started = time.perf_counter()
     backend = load_backend(path, threads=threads)
@@ -73,7 +72,7 @@ def measure_model(path: str, threads: int, max_new_tokens: int, repeats: int) ->
         "ttft_s": round(sum(ttfts) / len(ttfts), 3),
         "decode_tok_s": round(sum(rates) / len(rates), 1) if rates else None,
         "tokens_per_reply": round(sum(tokens) / len(tokens), 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
 

@@ -17,7 +17,7 @@ log-probs once before training, outside the timed part. Model loading and data p
 part; the timed part is the sum of the optimizer steps. After training every adapter is scored by tunelab's own
 held-out evaluator on the same rows (sft: `heldout_loss` on assistant tokens; dpo: the preference objective's
 loss, accuracy and reward margin with the adapter disabled as the reference). Peak RSS is the worker process's own
-high-water mark (`own_peak_rss_mib`); tunelab sides also split it into the model's loading and the training
+high-water mark (`train.memory.peak_rss_mib`); tunelab sides also split it into the model's loading and the training
 (`PhasePeaks`) and record how the base was quantised (`quantization`, `quantized_layer_types`).
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import Config, EvalConfig
-from tunelab.train.memory import peak_rss_mib
+from tunelab.train.memory import peak_rss_mib, process_status_mib
 
 # tunelab's two configurations, mirroring TRL's: its fastest (the default loop) and its memory-lean one (the same
 # loop recomputing each decoder layer in the backward pass and handing freed memory back to the OS every step).
@@ -58,26 +58,6 @@ RELEASES_MEMORY = {"tunelab_lean", "trl_lean"}
 EVAL_BATCH = 8  # held-out rows per padded batch when scoring, the same for every side
 
 
-def _status_mib(field: str) -> float | None:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def own_peak_rss_mib() -> float:
-    """This process's own peak RSS (VmHWM), not getrusage's ru_maxrss: a process started by vfork + exec (as
-    Python's subprocess starts the workers) begins with ru_maxrss at its parent's peak, so a worker would never
-    report less than the bench process's own peak (measured: 811 MiB in a child of an 811 MiB parent, whose own
-    peak was 10 MiB). Off Linux, ru_maxrss."""
-    own = _status_mib("VmHWM")
-    return own if own is not None else peak_rss_mib()
-
-
 class PhasePeaks:
     """Peak RSS per phase of a tunelab worker: building the model (loading the base, LoRA), then the rest up to
     the end of training (dpo: the reference pass included).
@@ -91,9 +71,9 @@ class PhasePeaks:
         self.figures: dict[str, float | None] = {}
 
     def loaded(self) -> None:
-        self.earlier_peak = max(self.earlier_peak, own_peak_rss_mib())
+        self.earlier_peak = max(self.earlier_peak, peak_rss_mib())
         self.figures["load_peak_rss_mib"] = self.earlier_peak
-        self.figures["rss_after_load_mib"] = _status_mib("VmRSS")
+        self.figures["rss_after_load_mib"] = process_status_mib("VmRSS")
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.figures["training_phase_peak_rss_mib"] = None  # read at the end of training
@@ -102,10 +82,10 @@ class PhasePeaks:
 
     def trained(self) -> None:
         if "training_phase_peak_rss_mib" in self.figures:
-            self.figures["training_phase_peak_rss_mib"] = _status_mib("VmHWM")
+            self.figures["training_phase_peak_rss_mib"] = process_status_mib("VmHWM")
 
     def process_peak(self) -> float:
-        return max(self.earlier_peak, own_peak_rss_mib())
+        return max(self.earlier_peak, peak_rss_mib())
 
 
 PEAKS = PhasePeaks()
@@ -388,7 +368,7 @@ def run_trl(cfg: Config, train_rows: list, val_rows: list, workdir: Path, side: 
     trainer.train()
     handle.remove()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    training_peak = own_peak_rss_mib()  # before the held-out scoring below (see main)
+    training_peak = peak_rss_mib()  # before the held-out scoring below (see main)
     return {
         **timer.after_first_step(),
         **({"reference_seconds": setup_seconds} if train.objective == "dpo" else {}),
