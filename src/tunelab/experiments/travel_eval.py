@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tunelab.eval.domain import Decoding, evaluate_domain
 from tunelab.eval.rubric import load_travel_prompts
+from tunelab.export.pipeline import BASE_GGUF
 
 SHIPPED_QUANT = "q4_k_m"  # what the app and the Space serve
 
@@ -29,7 +30,8 @@ def tuned_gguf_path(run_dir: Path, quant: str = SHIPPED_QUANT) -> Path:
 
 
 def base_gguf_path(run_dir: Path, quant: str = SHIPPED_QUANT) -> Path:
-    return run_dir / "export" / f"base-{quant}.gguf"
+    """The file `tunelab export RUN --adapter-gguf` also writes (the unmerged base), so either can reuse it."""
+    return run_dir / "export" / BASE_GGUF.format(quant=quant)
 
 
 def export_base_gguf(
@@ -39,7 +41,7 @@ def export_base_gguf(
 
     `target` lets a sweep share one base GGUF between runs of the same base model."""
     from tunelab.export.gguf import convert_hf_to_gguf, quantize_gguf
-    from tunelab.export.merge import copy_sentencepiece_model, fix_generation_config
+    from tunelab.export.merge import save_hf_folder
     from tunelab.models.loading import load_model
     from tunelab.models.runs import load_run_tokenizer, run_config
 
@@ -51,11 +53,7 @@ def export_base_gguf(
     folder = target.with_name(f".base-hf.tmp-{os.getpid()}")
     f16 = target.with_name(f".base-f16.tmp-{os.getpid()}.gguf")
     try:
-        model, tokenizer = load_model(run_config(run_dir).model), load_run_tokenizer(run_dir)
-        fix_generation_config(model, tokenizer)
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        copy_sentencepiece_model(Path(model.name_or_path), folder)  # Gemma: what llama.cpp's converter reads
+        save_hf_folder(load_model(run_config(run_dir).model), load_run_tokenizer(run_dir), folder)
         convert_hf_to_gguf(folder, f16, "f16")
         if quant == "f16":
             f16.replace(target)
