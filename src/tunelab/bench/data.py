@@ -414,7 +414,9 @@ def print_rows_bench(figures: dict[str, Any]) -> None:
             f"{r['train_rows']:,} / {r['val_rows']:,}",
         )
     Console().print(table)
-    floor = Table(title="beside it: plain Hugging Face datasets load + chat-template map (num_proc 2) + save")
+    floor = Table(
+        title=f"beside it: plain Hugging Face datasets load + chat-template map (num_proc {FLOOR_NUM_PROC}) + save"
+    )
     for column in ("input", "rows", "prepare wall s", "floor wall s", "floor rows/s", "floor peak RSS MiB",
                    "prepare / floor wall"):  # fmt: skip
         floor.add_column(column, justify="right")
