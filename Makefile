@@ -50,7 +50,7 @@ demo: install
 
 test: install browser lint
 	rm -rf .test-tmp
-	$(VENV)/bin/python -m pytest -q --durations=25
+	$(VENV)/bin/python -m pytest -q -n 2 --durations=25
 
 # The formatter and linter (configured in pyproject.toml): a change that is not formatted, or that ruff flags, fails.
 lint: install
@@ -58,7 +58,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test-fast: install
-	$(VENV)/bin/python -m pytest -q -m "not slow and not browser"
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow and not browser"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -619,6 +619,23 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+# The cache a test run starts with (TUNELAB_CACHE or ~/.cache/tunelab): it holds the embedded model converted from
+# its GGUF once (tests/conftest.py converts it before the workers start).
+SHARED_CACHE = Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
+
+
+def fresh_cache(path: Path) -> Path:
+    """An empty tunelab cache for a test's own prepared data and measurements, whose converted models (`models/`,
+    `gguf/`) are the shared cache's: a test that needs its own data does not convert the embedded GGUF again (~20 s
+    a time). The conversion itself is tested in tests/models/test_loading.py with caches of their own."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "gguf"):
+        (SHARED_CACHE / name).mkdir(parents=True, exist_ok=True)
+        if not (path / name).exists():
+            (path / name).symlink_to(SHARED_CACHE / name, target_is_directory=True)
+    return path
+
+
 def small_lora_run(tmp_path):
     """A finished-looking run folder on a small random Llama with a non-zero LoRA adapter (init_lora_weights=False,
     so base and tuned differ): RUN/adapter, RUN/tokenizer, RUN/config.yaml. Returns (run_dir, base_dir)."""

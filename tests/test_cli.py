@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import fresh_cache
+
 COMMANDS = [
     [],
     ["config", "show"],
@@ -117,7 +119,7 @@ def test_shipped_qlora_config_trains_on_this_machine(tmp_path):
         "--set",
         "train.max_steps=2",
         cwd=tmp_path,
-        env={**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "TUNELAB_CACHE": str(fresh_cache(tmp_path / "cache")), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     line = next(text for text in result.stdout.splitlines() if text.startswith("architecture:"))

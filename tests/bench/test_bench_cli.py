@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import conversations_file, embedded_gguf, save_tiny_llama_with_embedded_tokenizer
+from tests.helpers import conversations_file, embedded_gguf, fresh_cache, save_tiny_llama_with_embedded_tokenizer
 from tunelab.serve.llama_server import llama_server_binary
 
 pytestmark = pytest.mark.slow  # each runs the real CLI on the embedded tokenizer or model: 20-90 s on 2 busy cores
@@ -20,7 +20,7 @@ STEPS, PER_STEP, SEED = 2, 2, 42
 
 
 def tunelab(tmp_path: Path, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "TUNELAB_CACHE": str(fresh_cache(tmp_path / "cache")), "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )

@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import assert_one_clear_error, conversations_file, llama32_shaped_folder, run_tunelab
+from tests.helpers import assert_one_clear_error, conversations_file, fresh_cache, llama32_shaped_folder, run_tunelab
 
 LAYERS, LINEARS_PER_LAYER = 2, 7  # llama32_shaped_folder: 2 decoder layers of q, k, v, o, gate, up, down
 
@@ -39,7 +39,7 @@ def test_qlora_bench_runs_three_sides_with_a_4bit_base(tmp_path):
         )
     )
     out = tmp_path / "qlora.json"
-    env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TUNELAB_CACHE": str(fresh_cache(tmp_path / "cache")), "OMP_NUM_THREADS": "1"}
     args = ["bench", "train", "--vs", "qlora", "--models", str(model), "--config", str(config), "--steps", "1",
             "--repeats", "1", "--threads", "1", "--max-val-rows", "2", "--json", str(out)]  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, env=env)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import save_tiny_llama_with_embedded_tokenizer
+from tests.helpers import fresh_cache, save_tiny_llama_with_embedded_tokenizer
 from tunelab.data.masking import IGNORE_INDEX
 
 pytest.importorskip("trl")
@@ -46,7 +46,7 @@ def test_the_four_sides_train_the_same_tokens_with_the_same_allocator(tiny_model
     from tunelab.bench.train import ALLOCATOR_ENV, markdown_table, run_side, summarise, worker_config, write_spec
     from tunelab.config import Config
 
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))
     monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")  # the bench decides the allocator, not whoever started it
     vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     data = tmp_path / "data.json"

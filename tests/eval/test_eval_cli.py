@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import assert_one_clear_error, conversations_file, run_tunelab, small_lora_run
+from tests.helpers import assert_one_clear_error, conversations_file, fresh_cache, run_tunelab, small_lora_run
 from tunelab.data.masking import IGNORE_INDEX
 
 
@@ -17,7 +17,7 @@ def run(tmp_path, monkeypatch):
     """small_lora_run (a non-zero adapter on a small Llama) whose config trains on a small local sums file."""
     from tunelab.config import load_config
 
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))
     run_dir, base_dir = small_lora_run(tmp_path)
     cfg = load_config(run_dir / "config.yaml", [
         f"data.sources=[{{path: {conversations_file(tmp_path, n=24)}}}]", "data.val_fraction=0.25",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import assert_one_clear_error, run_tunelab, small_llama_folder
+from tests.helpers import assert_one_clear_error, fresh_cache, run_tunelab, small_llama_folder
 
 
 def test_promote_errors_are_one_line_exit_2(tmp_path, capsys):
@@ -95,7 +95,6 @@ TINY_QUICKSTART = [
     "train.max_steps=1",
     "train.save_steps=1",
     "train.eval_steps=1",
-    "train.threads=2",
     "eval.max_val_rows=2",
     "eval.prompts=['Name a city in France.']",
     "eval.max_new_tokens=4",
@@ -104,7 +103,7 @@ TINY_QUICKSTART = [
 
 @pytest.mark.slow
 def test_quickstart_trains_and_judges_with_the_smallest_settings(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))
     out = tmp_path / "quickstart"
     sets = [arg for item in TINY_QUICKSTART for arg in ("--set", item)]
     done = run_tunelab(capsys, "quickstart", "--output", str(out), "--travel-prompts", "0", *sets)

@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
                  "dedup": {"near": False}, "output_dir": str(root / "prepared")},
         "lora": {"r": 8, "alpha": 16},
         "train": {"output_dir": str(root / "good"), "max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0,
-                  "max_seq_len": 64, "save_steps": 30, "eval_steps": 30, "precision": "fp32", "threads": 2},
+                  "max_seq_len": 64, "save_steps": 30, "eval_steps": 30, "precision": "fp32"},
     }  # fmt: skip
     (root / "good.yaml").write_text(yaml.safe_dump(config))
     run_training(load_config(root / "good.yaml"), log=lambda *a, **k: None)

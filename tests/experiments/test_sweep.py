@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from tests.helpers import assert_one_clear_error, build_tiny_llama, run_tunelab
+from tests.helpers import assert_one_clear_error, build_tiny_llama, fresh_cache, run_tunelab
 from tunelab.config import ConfigError
 
 
@@ -19,7 +19,7 @@ def tiny_setup(tmp_path, monkeypatch):
     from tunelab.config import ModelConfig
     from tunelab.models import load_tokenizer
 
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))
     model_dir = tmp_path / "tiny"
     tokenizer = load_tokenizer(ModelConfig())
     build_tiny_llama(vocab_size=len(tokenizer)).save_pretrained(model_dir)

@@ -18,7 +18,7 @@ import torch
 from tests.helpers import Workspace, adapter_file, max_adapter_difference, tunelab_train, write_chat_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-STEPS = 4
+STEPS = 3
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def qlora_config(ws: Workspace, run_dir: Path) -> Path:
             "save_steps": 2,
             "eval_steps": 2,
             "grad_accum": 1,
-            "max_seq_len": 96,
+            "max_seq_len": 64,
             "optimizer": "adamw_8bit",
             "gradient_checkpointing": True,
         },

@@ -69,7 +69,7 @@ def run_config(root, base, sft_path, out_dir) -> dict:
                  "output_dir": str(root / "prepared")},
         "lora": {"r": 8, "alpha": 16},
         "train": {"output_dir": str(out_dir), "max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0,
-                  "max_seq_len": 96, "save_steps": 30, "eval_steps": 30, "precision": "fp32", "threads": 2},
+                  "max_seq_len": 96, "save_steps": 30, "eval_steps": 30, "precision": "fp32"},
     }  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tunelab
-from tests.helpers import build_tiny_llama
+from tests.helpers import build_tiny_llama, fresh_cache
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.heldout import heldout_loss
 
@@ -153,7 +153,7 @@ def test_every_reported_held_out_loss_comes_from_the_one_function(tmp_path, monk
     from tunelab.train import heldout
     from tunelab.train.recipe import run_training
 
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))
 
     class MarkerLoss(torch.nn.Module):  # heldout_loss's default loss module, answering MARKER per token
         def __init__(self, model, chunk_tokens):

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
-from tests.helpers import build_tiny_llama
+from tests.helpers import build_tiny_llama, fresh_cache
 from tunelab.config import EvalConfig, TrainConfig
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.checkpoint import latest_valid_checkpoint, list_checkpoints
@@ -159,7 +159,7 @@ def test_every_step_logs_mfu_from_the_hand_count_of_its_conversations(tmp_path, 
     from tunelab.train.batching import step_indices
     from tunelab.train.flops import shape_of, training_flops
 
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))
     monkeypatch.setattr(matmul_peak, "measure", lambda dtype, threads, device: {"gflops": 2.0, "shapes": {}})
     result, cfg = run(tmp_path / "run", max_steps=3)
     rows = make_rows()[:20]

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import fresh_cache
 from tunelab.data.masking import IGNORE_INDEX
 from tunelab.train.batching import make_batch
 from tunelab.train.preference import dpo_loss, kto_kl, kto_loss, sequence_logps
@@ -316,7 +317,9 @@ def tunelab_train(config, cache, fault=None):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TUNELAB_FAULT"}
-    env.update(TUNELAB_CACHE=str(cache), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        TUNELAB_CACHE=str(fresh_cache(cache)), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     if fault:
         env["TUNELAB_FAULT"] = fault
     return subprocess.run(
