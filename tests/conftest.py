@@ -56,6 +56,7 @@ def pytest_configure(config):
     resolve_model_path("embedded:smollm2-135m")
 
 
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest` without xdist still runs
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
