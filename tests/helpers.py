@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from tunelab.config import Config, config_from_dict
+from tunelab.io import cache_dir
 
 
 def tokenizer_for_tests():
@@ -619,15 +620,16 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-# The cache a test run starts with (TUNELAB_CACHE or ~/.cache/tunelab): it holds the embedded model converted from
-# its GGUF once (tests/conftest.py converts it before the workers start).
-SHARED_CACHE = Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
+# The cache a test run starts with, read before any test moves TUNELAB_CACHE: it holds the embedded model converted
+# from its GGUF once (tests/conftest.py converts it before the workers start).
+SHARED_CACHE = cache_dir()
 
 
 def fresh_cache(path: Path) -> Path:
-    """An empty tunelab cache for a test's own prepared data and measurements, whose converted models (`models/`,
-    `gguf/`) are the shared cache's: a test that needs its own data does not convert the embedded GGUF again (~20 s
-    a time). The conversion itself is tested in tests/models/test_loading.py with caches of their own."""
+    """A tunelab cache of a test's own (created empty when missing) for its prepared data and measurements, whose
+    converted models (`models/`, `gguf/`) are the shared cache's: a test that needs its own data does not convert
+    the embedded GGUF again (~20 s a time). The conversion itself is tested in tests/models/test_loading.py with
+    caches of their own."""
     path.mkdir(parents=True, exist_ok=True)
     for name in ("models", "gguf"):
         (SHARED_CACHE / name).mkdir(parents=True, exist_ok=True)
