@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -405,19 +406,49 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, *needles: str) -
 def run_tunelab(capsys, *args: str) -> subprocess.CompletedProcess:
     """`tunelab ARGS` in this process through the console entry point (`tunelab.cli.main`, which turns a UserError
     into one `error:` line and exit code 2), as a CompletedProcess for `assert_one_clear_error`."""
+    capsys.readouterr()
+    code = tunelab_main(*args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["tunelab", *args], code, captured.out, captured.err)
+
+
+def tunelab_main(*args: str) -> int:
+    """The exit code of `tunelab.cli.main` run on ARGS in this process."""
     from unittest.mock import patch
 
     from tunelab.cli import main
 
-    capsys.readouterr()
-    code = 0
     with patch.object(sys, "argv", ["tunelab", *args]):
         try:
             main()
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(["tunelab", *args], code, captured.out, captured.err)
+            return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return 0
+
+
+def tunelab_here(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`tunelab ARGS` in this process with its output captured, as a CompletedProcess; optionally with `env`'s
+    variables set (None: unset) and in the folder `cwd`, both restored afterwards."""
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (env or {}).items():
+            patch.setenv(key, value) if value is not None else patch.delenv(key, raising=False)
+        if cwd is not None:
+            patch.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = tunelab_main(*args)
+    return subprocess.CompletedProcess(["tunelab", *args], code, out.getvalue(), err.getvalue())
+
+
+def tunelab_train_here(
+    ws: Workspace, config: Path, *args: str, cache: Path | None = None, **env
+) -> subprocess.CompletedProcess:
+    """`tunelab_train` in this process, in the same environment and folder: the same run without an interpreter
+    start-up and its imports (~5 s a run). For runs that are not killed."""
+    variables = {"TUNELAB_FAULT": None, "HF_TOKEN": None, **ws.env(None, cache, **env)}
+    return tunelab_here("train", str(config), *args, env=variables, cwd=ws.root)
 
 
 def adapter_file(run_dir: Path) -> Path:

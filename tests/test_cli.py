@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,19 +96,22 @@ def test_the_3b_qlora_config_is_the_1b_recipe_with_another_model():
     assert one == three
 
 
-def test_shipped_qlora_config_trains_on_this_machine(tmp_path):
+def test_shipped_qlora_config_trains_on_this_machine(tmp_path, monkeypatch, capsys):
     """The seeds' recipe as shipped (4-bit NF4 base, double quant, adamw_8bit, gradient checkpointing, packing,
     seq 2048, batch 2 x 4) trains with bitsandbytes on a CPU. Overridden: the model (a tiny random-init Llama with
     the real Llama-3.2 tokenizer, saved locally: no Hub here), the data (FineTome-100k is on the Hub: the same
     ShareGPT format from a local file) and max_steps (2 of 60, to keep the test short)."""
     import json
 
-    from tests.helpers import llama32_shaped_folder, qa_rows, write_jsonl
+    from tests.helpers import llama32_shaped_folder, qa_rows, run_tunelab, write_jsonl
 
     model_dir = llama32_shaped_folder(tmp_path / "llama32-tiny", hidden_size=64)
     data = write_jsonl(tmp_path / "finetome-like.jsonl", qa_rows(300))
     root = Path(__file__).resolve().parents[1]
-    result = tunelab(
+    monkeypatch.chdir(tmp_path)  # the config's output_dir is relative: runs/llama32-1b-qlora
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))
+    result = run_tunelab(
+        capsys,
         "train",
         str(root / "configs/llama32-1b-qlora.yaml"),
         "--set",
@@ -118,8 +120,6 @@ def test_shipped_qlora_config_trains_on_this_machine(tmp_path):
         f"data.sources=[{{path: {data}, format: sharegpt}}]",
         "--set",
         "train.max_steps=2",
-        cwd=tmp_path,
-        env={**os.environ, "TUNELAB_CACHE": str(fresh_cache(tmp_path / "cache")), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     line = next(text for text in result.stdout.splitlines() if text.startswith("architecture:"))

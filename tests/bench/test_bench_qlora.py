@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -19,7 +16,7 @@ LAYERS, LINEARS_PER_LAYER = 2, 7  # llama32_shaped_folder: 2 decoder layers of q
 
 
 @pytest.mark.slow
-def test_qlora_bench_runs_three_sides_with_a_4bit_base(tmp_path):
+def test_qlora_bench_runs_three_sides_with_a_4bit_base(tmp_path, monkeypatch, capsys):
     from tunelab.bench.worker import ordered_rows
     from tunelab.config import load_config
     from tunelab.data.prepare import load_prepared, prepare_dataset
@@ -39,10 +36,10 @@ def test_qlora_bench_runs_three_sides_with_a_4bit_base(tmp_path):
         )
     )
     out = tmp_path / "qlora.json"
-    env = {**os.environ, "TUNELAB_CACHE": str(fresh_cache(tmp_path / "cache")), "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("TUNELAB_CACHE", str(fresh_cache(tmp_path / "cache")))  # the workers inherit it
     args = ["bench", "train", "--vs", "qlora", "--models", str(model), "--config", str(config), "--steps", "1",
             "--repeats", "1", "--threads", "1", "--max-val-rows", "2", "--json", str(out)]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, env=env)
+    result = run_tunelab(capsys, *args)  # the CLI in this process; each side is still a worker process of its own
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     doc = json.loads(out.read_text())

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import Workspace, adapter_file, max_adapter_difference, tunelab_train, write_chat_jsonl
+from tests.helpers import (
+    Workspace,
+    adapter_file,
+    max_adapter_difference,
+    tunelab_train,
+    tunelab_train_here,
+    write_chat_jsonl,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 STEPS = 3
@@ -58,16 +65,17 @@ def qlora_config(ws: Workspace, run_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def qlora_run(qlora_ws):
-    """(killed-and-resumed run, uninterrupted run, stdout of the resumed session)."""
+    """(killed-and-resumed run, uninterrupted run, stdout of the resumed session). Only the killed run needs a
+    process of its own; the other two run in this one."""
     ws = qlora_ws
     reference = ws.root / "reference" / "run"
-    result = tunelab_train(ws, qlora_config(ws, reference))
+    result = tunelab_train_here(ws, qlora_config(ws, reference))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = ws.root / "killed" / "run"
     config = qlora_config(ws, run_dir)
     killed = tunelab_train(ws, config, fault="step:3")  # SIGKILL after step 3's update, before it is recorded
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = tunelab_train(ws, config)
+    resumed = tunelab_train_here(ws, config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return run_dir, reference, resumed.stdout
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 
 import pytest
@@ -19,6 +18,7 @@ from tests.helpers import (
     assert_one_clear_error,
     copy_run,
     tunelab_train,
+    tunelab_train_here,
 )
 
 pytestmark = pytest.mark.timeout(900)
@@ -85,24 +85,26 @@ def test_tokenizer_without_chat_template_is_one_line_and_nothing_written(ws, tmp
     ],
     ids=["4bit", "adamw_8bit"],
 )
-def test_a_bitsandbytes_op_missing_is_one_line_and_nothing_written(ws, tmp_path, keys, broken, expected):
-    """A machine whose bitsandbytes lacks an op (simulated at interpreter start by sitecustomize) fails before
+def test_a_bitsandbytes_op_missing_is_one_line_and_nothing_written(ws, tmp_path, monkeypatch, keys, broken, expected):
+    """A machine whose bitsandbytes lacks an op (simulated: the op raises as a missing kernel does) fails before
     anything is written, in one line naming the op."""
-    site = tmp_path / "site"
-    site.mkdir()
+    import operator
+
+    import bitsandbytes
+
+    from tunelab.models.quantization import missing_op
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no kernel registered for this device")
+
     owner, attr = broken.rsplit(".", 1)
-    (site / "sitecustomize.py").write_text(
-        "import bitsandbytes, operator\n"
-        f"owner = operator.attrgetter({owner!r})(bitsandbytes)\n"
-        "def missing(*args, **kwargs):\n"
-        "    raise NotImplementedError('no kernel registered for this device')\n"
-        f"setattr(owner, {attr!r}, missing)\n"
-    )
+    monkeypatch.setattr(operator.attrgetter(owner)(bitsandbytes), attr, missing)
     run_dir = tmp_path / "run"
-    config = ws.config(run_dir, name="cfg", **keys)
-    result = tunelab_train(
-        ws, config, cache=tmp_path / "cache", PYTHONPATH=f"{site}:{os.environ.get('PYTHONPATH', '')}"
-    )
+    missing_op.cache_clear()  # the probe's answer is kept per process: this one must ask the broken library
+    try:
+        result = tunelab_train_here(ws, ws.config(run_dir, name="cfg", **keys), cache=tmp_path / "cache")
+    finally:
+        missing_op.cache_clear()
     line = assert_one_clear_error(result, expected, "no kernel registered for this device")
     assert "cannot run" in line
     assert not run_dir.exists() and not (tmp_path / "cache").exists()

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import conversations_file, small_llama_folder
+from tests.helpers import conversations_file, small_llama_folder, tunelab_here
 from tunelab.train.checkpoint import latest_valid_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,10 @@ train:
 
 
 def single(config: Path) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "tunelab.cli", "train", str(config)])
+    """The single-process reference, run in this process (no interpreter start-up)."""
+    done = tunelab_here("train", str(config))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
 
 
 def launch(accelerate_config: str, config: Path, *train_args: str, fsdp: bool = False) -> subprocess.CompletedProcess:

@@ -41,13 +41,21 @@ def merge_run(run_dir: Path, out_dir: Path, val_limit: int = 16, merge_into: str
     """Save base+adapter merged to `out_dir` (atomically); return val losses measured on the way. A QLoRA run's
     adapter is merged into `merge_into` (tunelab.models.runs.QLORA_BASES; default: the dequantised 4-bit weights)."""
     model, tokenizer = load_run_model(run_dir, merge=False, base=merge_into)
-    rows = [(r["input_ids"], r["labels"]) for r in val_rows(run_dir, val_limit)]
-    # The loss `tunelab eval` and the trainer report (one function), so the model card quotes the same figure.
-    losses = {"val_rows": len(rows), "tuned": None}
-    if rows:
-        losses.update(heldout_loss_per_adapter(model, rows, batch_size=1, pad_id=tokenizer.pad_token_id or 0))
-    save_hf_folder(model.merge_and_unload(), tokenizer, out_dir)
+    losses, _ = merge_and_save(model, tokenizer, val_rows(run_dir, val_limit), out_dir)
     return losses
+
+
+def merge_and_save(model, tokenizer, rows: list[dict], out_dir: Path) -> tuple[dict, object]:
+    """(held-out losses base vs tuned on `rows`, the merged model) for a loaded PeftModel, merged and saved to
+    `out_dir` atomically."""
+    examples = [(r["input_ids"], r["labels"]) for r in rows]
+    # The loss `tunelab eval` and the trainer report (one function), so the model card quotes the same figure.
+    losses = {"val_rows": len(examples), "tuned": None}
+    if examples:
+        losses.update(heldout_loss_per_adapter(model, examples, batch_size=1, pad_id=tokenizer.pad_token_id or 0))
+    merged = model.merge_and_unload()
+    save_hf_folder(merged, tokenizer, out_dir)
+    return losses, merged
 
 
 def save_base(run_dir: Path, out_dir: Path) -> Path:
@@ -68,39 +76,52 @@ def save_hf_folder(model, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def compare_qlora_merges(run_dir: Path, prompts: list[str], max_new_tokens: int, val_limit: int = 16) -> dict:
+def compare_qlora_merges(
+    run_dir: Path, prompts: list[str], max_new_tokens: int, export: tuple[str, Path], val_limit: int = 16
+) -> tuple[dict, dict]:
     """A QLoRA run's two merges against the trained model (4/8-bit base + adapter, bitsandbytes, fp32 compute):
-    held-out loss on the same rows and greedy agreement on the same prompts. One model in memory at a time."""
+    held-out loss on the same rows and greedy agreement on the same prompts. The merge `export` names, (base,
+    folder), is the one saved there, as `merge_run` saves it, so no model is loaded twice; its base-vs-tuned losses
+    are returned beside the report. One model in memory at a time."""
     import torch
 
     from tunelab.export.parity import common_prefix, prompt_token_ids
     from tunelab.models.runs import DEFAULT_QLORA_BASE, QLORA_BASES
 
-    rows = [(r["input_ids"], r["labels"]) for r in val_rows(run_dir, val_limit)]
+    exported_base, out_dir = export
+    rows = val_rows(run_dir, val_limit)
+    examples = [(r["input_ids"], r["labels"]) for r in rows]
+    export_losses: dict = {}
 
-    def measure(base: str, merge: bool) -> tuple[float | None, list[list[int]]]:
-        model, tokenizer = load_run_model(run_dir, merge=merge, dtype=torch.float32, base=base)
+    def measure(base: str) -> tuple[float | None, list[list[int]]]:
+        model, tokenizer = load_run_model(run_dir, dtype=torch.float32, base=base)
+        if base == exported_base:
+            losses, model = merge_and_save(model, tokenizer, rows, out_dir)
+            export_losses.update(losses)
+        elif base != "quantized":
+            model = model.merge_and_unload()
         pad = tokenizer.pad_token_id or 0
-        loss = heldout_loss(model, rows, batch_size=1, pad_id=pad) if rows else None
+        loss = heldout_loss(model, examples, batch_size=1, pad_id=pad) if examples else None
         eos = turn_end_ids(model, tokenizer)
         tokens = [greedy_tokens(model, ids, max_new_tokens, eos)[0] for ids in prompt_token_ids(tokenizer, prompts)]
         del model
         return loss, tokens
 
-    trained_loss, trained_tokens = measure("quantized", merge=False)
+    trained_loss, trained_tokens = measure("quantized")
     report = {
         "reference": "the trained model: its 4/8-bit base (bitsandbytes layers) + adapter, fp32 compute",
         "default": DEFAULT_QLORA_BASE,
+        "exported": exported_base,
         "why": "the adapter was trained against the dequantised weights: merged into them it is the trained model "
         "(up to float rounding); merged into the original base, the quantisation error it learned around comes back",
-        "val_rows": len(rows),
+        "val_rows": len(examples),
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "trained": {"val_loss": trained_loss},
         "merges": {},
     }
     for base in ("dequantized", "original"):
-        loss, tokens = measure(base, merge=True)
+        loss, tokens = measure(base)
         agreement = [common_prefix(a, b) / max(len(a), len(b), 1) for a, b in zip(trained_tokens, tokens)]
         report["merges"][base] = {
             "what": QLORA_BASES[base],
@@ -109,7 +130,7 @@ def compare_qlora_merges(run_dir: Path, prompts: list[str], max_new_tokens: int,
             "greedy_exact": sum(a == b for a, b in zip(trained_tokens, tokens)),
             "greedy_agreement": sum(agreement) / max(len(agreement), 1),
         }
-    return report
+    return report, export_losses
 
 
 def copy_sentencepiece_model(base_dir: Path, out_dir: Path) -> bool:

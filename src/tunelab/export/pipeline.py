@@ -63,20 +63,20 @@ def export_run(
     qlora_merges = None
     if quantized:
         log(">> QLoRA: both merges (dequantised 4-bit weights, original base) vs the trained 4-bit model")
-        qlora_merges = compare_qlora_merges(run_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
-        qlora_merges["exported"] = merge_into
+        log(f">> merging adapter into {cfg.model.name} ({merge_into} weights) -> {merged_dir}")
+        qlora_merges, losses = compare_qlora_merges(
+            run_dir, cfg.eval.prompts, cfg.eval.max_new_tokens, export=(merge_into, merged_dir)
+        )
         for base, row in qlora_merges["merges"].items():
             log(
                 f"   into {base:<11} val loss {_fmt(row['val_loss'])} "
                 f"(trained {_fmt(qlora_merges['trained']['val_loss'])}),"
                 f" greedy {row['greedy_exact']}/{qlora_merges['prompts']} exact"
             )
-        timings["qlora_merges_s"] = time.perf_counter() - started
-    into = f" ({merge_into} weights)" if merge_into else ""
-    log(f">> merging adapter into {cfg.model.name}{into} -> {merged_dir}")
-    step = time.perf_counter()
-    losses = merge_run(run_dir, merged_dir, merge_into=merge_into)
-    timings["merge_s"] = time.perf_counter() - step
+    else:
+        log(f">> merging adapter into {cfg.model.name} -> {merged_dir}")
+        losses = merge_run(run_dir, merged_dir)
+    timings["merge_s"] = time.perf_counter() - started  # a QLoRA run's: both merges measured, one saved
 
     # f16 is always made: it is the quantiser's input and the parity reference; dropped later if not asked.
     step = time.perf_counter()
