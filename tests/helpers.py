@@ -434,7 +434,10 @@ def tunelab_here(*args: str, env: dict | None = None, cwd: Path | None = None) -
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in (env or {}).items():
-            patch.setenv(key, value) if value is not None else patch.delenv(key, raising=False)
+            if value is None:
+                patch.delenv(key, raising=False)
+            else:
+                patch.setenv(key, value)
         if cwd is not None:
             patch.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
