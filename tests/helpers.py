@@ -545,6 +545,11 @@ class GrammarBackend(ScriptedBackend):
         yield from super().stream_chat(messages, params)
 
 
+def starting_values(demo) -> dict:
+    """{elem_id: value} of a built Gradio app's input components, as a page opens with them."""
+    return {block.elem_id: block.value for block in demo.blocks.values() if block.elem_id and hasattr(block, "value")}
+
+
 def embedded_gguf() -> Path:
     from tunelab.models.loading import embedded_gguf_path
 

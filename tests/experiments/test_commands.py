@@ -115,3 +115,35 @@ def test_quickstart_trains_and_judges_with_the_smallest_settings(tmp_path, capsy
     assert f"tuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base" in done.stdout
     assert [s["prompt"] for s in report["samples"]] == ["Name a city in France."]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and "travel planner" not in done.stdout
+
+
+def test_the_quickstart_judges_the_travel_planner_as_the_app_decodes_it(tmp_path, monkeypatch):
+    """The quickstart's travel check decodes as the app's Travel Planner starts out for a GGUF: the planner tab's
+    temperature, token budget and day-by-day box (read from the built app), and the app's repetition penalty."""
+    import tunelab.experiments.travel_eval as travel_eval
+    from tests.helpers import GrammarBackend, starting_values
+    from tunelab.experiments.quickstart import _travel_check
+    from tunelab.models.inference import GenerationParams
+    from tunelab.serve.app import build_app
+
+    demo = build_app(GrammarBackend(), tmp_path / "fb.db")  # a model that takes grammars, as a GGUF does
+    try:
+        starts = starting_values(demo)
+    finally:
+        demo.close()
+    asked = {}
+
+    def judged(run_dir, prompts_source, **decoding):
+        asked.update(decoding)
+        return {"pairs": {"gguf": {"wins": 1}}, "decoding": {"day_grammar": decoding["day_grammar"]}}
+
+    exported = tmp_path / "model-q4_k_m.gguf"
+    exported.touch()
+    monkeypatch.setattr(travel_eval, "tuned_gguf_path", lambda run_dir: exported)  # already exported: no export
+    monkeypatch.setattr(travel_eval, "run_domain_eval", judged)
+    _travel_check(tmp_path, prompts=3, log=lambda *_: None, samples=2, threads=1)
+    assert asked["day_grammar"] is starts["planner-day-format"] is True
+    assert asked["temperature"] == starts["planner-temperature"]
+    assert asked["max_new_tokens"] == starts["planner-max-tokens"]
+    assert asked["repetition_penalty"] == GenerationParams().repetition_penalty
+    assert (asked["samples"], asked["threads"], asked["limit"], asked["adapter"]) == (2, 1, 3, False)

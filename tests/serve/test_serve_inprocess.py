@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import GrammarBackend, ScriptedBackend, free_port, listening_addresses
+from tests.helpers import GrammarBackend, ScriptedBackend, free_port, listening_addresses, starting_values
 from tunelab.serve.app import build_app, launch
 
 pytestmark = pytest.mark.timeout(180)
@@ -103,7 +103,8 @@ def test_feedback_with_the_same_submission_id_is_stored_once(served):
 
 
 def test_the_planner_day_format_box_reaches_the_backend_through_the_api(tmp_path):
-    """/plan takes the box after Max new tokens; clients that leave it out (9 arguments) get its default, off."""
+    """/plan takes the box after Max new tokens; clients that leave it out (9 arguments) get its default: ticked
+    for a model that takes a grammar (the app's measured default decoding), unticked for one that cannot."""
     from gradio_client import Client
 
     from tunelab.eval.plan_grammar import day_plan_grammar
@@ -112,16 +113,23 @@ def test_the_planner_day_format_box_reaches_the_backend_through_the_api(tmp_path
     demo = build_app(backend, tmp_path / "fb.db")
     url = launch(demo, port=free_port(), block=False, quiet=True)
     try:
+        assert starting_values(demo)["planner-day-format"] is True
         client = Client(url, verbose=False)
         trip = ("Porto", 2, "any time", "budget", "relaxed", [], "", 0.0, 16)
-        _, status = client.predict(*trip, True, api_name="/plan")
-        assert status.startswith("Done") and backend.grammars == [day_plan_grammar(2)]
+        _, status = client.predict(*trip, False, api_name="/plan")
+        assert status.startswith("Done") and backend.grammars == [None]
         _, status = client.predict(*trip, api_name="/plan")
-        assert status.startswith("Done") and backend.grammars[-1] is None
+        assert status.startswith("Done") and backend.grammars[-1] == day_plan_grammar(2)
         client.predict(*trip[:-2], 0.7, 16, True, api_name="/plan_compare")
         assert backend.grammars[-2:] == [day_plan_grammar(2)] * 2
     finally:
         demo.close()
+    without_grammars = build_app(SlowBackend(), tmp_path / "fb2.db")
+    try:
+        # unticked: no "planned without the day-by-day format" notice on every plan
+        assert starting_values(without_grammars)["planner-day-format"] is False
+    finally:
+        without_grammars.close()
 
 
 def test_a_taken_port_is_a_user_error(tmp_path):

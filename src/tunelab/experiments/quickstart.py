@@ -23,6 +23,8 @@ def run_quickstart(
     from tunelab.doctor.before import pre_training_gate
     from tunelab.doctor.report import render_report, write_json
     from tunelab.eval.evaluate import evaluate_run
+    from tunelab.experiments.travel_eval import domain_eval_name
+    from tunelab.serve.limits import PLANNER_DAY_FORMAT
     from tunelab.train.recipe import run_training
 
     cfg = load_config(QUICKSTART_CONFIG, [f"train.output_dir={output}", *(overrides or [])])
@@ -30,6 +32,7 @@ def run_quickstart(
     summary = run_training(cfg, resume=True, log=log, preflight=pre_training_gate)
     report = evaluate_run(output, verbose=True)
     verdict = "lower" if report["improved"] else "NOT lower"
+    check_file = domain_eval_name("travel", PLANNER_DAY_FORMAT)  # what the travel check writes in RUN/eval
     if travel_prompts:
         report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads)
     doctor = doctor_run(output)  # after training (and the q4_k_m export, when the travel check made one)
@@ -42,7 +45,8 @@ def run_quickstart(
         f"{_travel_line(report.get('travel'))}"
         f"run folder: {output}\n"
         f"  adapter/        PEFT adapter (peft.PeftModel.from_pretrained)\n"
-        f"  eval/           base vs tuned loss and sample answers; travel.md: every travel answer and its scores\n"
+        f"  eval/           base vs tuned loss and sample answers; {check_file}.md: every travel answer and "
+        f"its scores\n"
         f"  metrics.jsonl   training curve (TensorBoard: tensorboard --logdir {output}/tb)\n"
         f"  doctor.json     the doctor's checks after training (tunelab doctor {output})\n"
         f"next:\n"
@@ -61,13 +65,13 @@ def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: i
     from tunelab.experiments.travel_eval import run_domain_eval, tuned_gguf_path
     from tunelab.export.pipeline import export_run
     from tunelab.models.inference import GenerationParams
-    from tunelab.serve.limits import PLANNER_MAX_NEW_TOKENS
+    from tunelab.serve.limits import PLANNER_DAY_FORMAT, PLANNER_MAX_NEW_TOKENS
 
     if not tuned_gguf_path(run_dir).is_file():
         export_run(run_dir, ["q4_k_m"])
-    # Decoded as the app's planner decodes (its token budget, repetition penalty and temperature): the greedy
-    # answer plus `samples` sampled ones from fixed seeds, so that one greedy path tipped by the thread count does
-    # not decide a prompt. `tunelab eval RUN --prompts travel` varies these settings.
+    # Decoded as the app's planner decodes GGUFs (its token budget, repetition penalty, temperature and day-plan
+    # grammar): the greedy answer plus `samples` sampled ones from fixed seeds, so that one greedy path tipped by the
+    # thread count does not decide a prompt. `tunelab eval RUN --prompts travel` varies these settings.
     params = GenerationParams()
     domain = run_domain_eval(
         run_dir,
@@ -80,6 +84,7 @@ def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: i
         log=log,
         samples=samples,
         temperature=params.temperature,
+        day_grammar=PLANNER_DAY_FORMAT,
     )
     pair = domain["pairs"]["gguf"]
     return {
@@ -94,8 +99,9 @@ def _travel_line(travel: dict | None) -> str:
 
     if not travel:
         return ""
+    grammar = " under the day-plan grammar" if travel["decoding"].get("day_grammar") else ""
     return (
-        f"travel planner, q4_k_m GGUFs, tuned vs base: {describe(travel)}; mean rubric score"
+        f"travel planner, q4_k_m GGUFs{grammar}, tuned vs base: {describe(travel)}; mean rubric score"
         f" {travel['mean_score']['base']:.3f} -> {travel['mean_score']['tuned']:.3f}\n"
         "  per criterion, base -> tuned: "
         + ", ".join(f"{name} {_share(v['base'])} -> {_share(v['tuned'])}" for name, v in travel["criteria"].items())

@@ -65,6 +65,12 @@ def export_base_gguf(
     return target
 
 
+def domain_eval_name(prompts_source: str, day_grammar: bool = False, quant: str = SHIPPED_QUANT) -> str:
+    """The stem of a domain eval's files in RUN/eval (`travel`, `travel-grammar`, `domain-<file>-q8_0`, ...)."""
+    name = "travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}"
+    return name + ("-grammar" if day_grammar else "") + quant_suffix(quant)
+
+
 def run_domain_eval(
     run_dir: Path,
     prompts_source: str,
@@ -87,10 +93,7 @@ def run_domain_eval(
 
     run_config(run_dir)  # a clear error for a folder that is not a finished run
     prompts = load_travel_prompts(prompts_source)[: limit or None]
-    name = ("travel" if prompts_source == "travel" else f"domain-{Path(prompts_source).stem}") + (
-        "-grammar" if day_grammar else ""
-    )
-    name += quant_suffix(quant)
+    name = domain_eval_name(prompts_source, day_grammar, quant)
     ggufs = None
     if gguf and tuned_gguf_path(run_dir, quant).is_file():
         ggufs = (export_base_gguf(run_dir, threads, log, base_gguf, quant), tuned_gguf_path(run_dir, quant))

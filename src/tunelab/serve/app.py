@@ -39,6 +39,7 @@ from tunelab.serve.handlers import (  # noqa: E402
     FeedbackResult,
     Overview,
     PlanUpdate,
+    default_day_format,
 )
 from tunelab.serve.limits import PLANNER_MAX_NEW_TOKENS, Limits, escape_for_display  # noqa: E402
 from tunelab.serve.planner import BUDGETS, INTERESTS, PACES, WHEN_CHOICES, PlannerPrompt  # noqa: E402
@@ -225,7 +226,8 @@ def _planner_tab(app: ChatApp, sbs: SideBySide, side_by_side: bool) -> None:
             elem_id="planner-max-tokens",
         )
         day_format = gr.Checkbox(
-            value=False, label="Follow the day-by-day format (grammar)", elem_id="planner-day-format",
+            value=default_day_format(app.backend), label="Follow the day-by-day format (grammar)",
+            elem_id="planner-day-format",
             info="Exactly one \"Day n:\" section per day, 2–3 items each, under a llama.cpp grammar "
                  "(.gguf models only; the plan then gets the tokens the format needs, whatever Max new tokens says).",
         )  # fmt: skip

@@ -37,6 +37,7 @@ from tunelab.serve.feedback_store import (
     canonical_reasons,
 )
 from tunelab.serve.limits import (
+    PLANNER_DAY_FORMAT,
     InputError,
     Limits,
     check_length,
@@ -139,6 +140,12 @@ def friendly_generation_error(exc: Exception) -> str:
     if "context window" in text or "exceed context" in text:
         return "The conversation is too long for this model. Press Clear to start a new one."
     return f"Generation failed ({type(exc).__name__}). Please try again or start a new conversation."
+
+
+def default_day_format(backend: ChatBackend) -> bool:
+    """Whether the planner's "Follow the day-by-day format" box starts ticked: PLANNER_DAY_FORMAT wherever the
+    served backend takes a grammar (an unticked box elsewhere: no notice on every plan)."""
+    return PLANNER_DAY_FORMAT and takes_grammar(backend)
 
 
 def planner_decoding(

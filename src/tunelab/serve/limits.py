@@ -16,6 +16,10 @@ from typing import Any
 from tunelab.models.inference import GenerationParams
 
 PLANNER_MAX_NEW_TOKENS = 600  # the Travel Planner's default token budget (its slider starts here)
+# The Travel Planner decodes under the day-plan grammar by default wherever the served model takes a grammar
+# (llama.cpp): on the 48 shipped prompts it raised the rubric score of the embedded base and of the quickstart's
+# tuned q4_k_m alike (docs/experiments.md, "The planner's default decoding").
+PLANNER_DAY_FORMAT = True
 
 
 @dataclass(frozen=True)
