@@ -390,7 +390,7 @@ def test_space_bundle_serves_tunelabs_app(tiny_cli_export, tmp_path):
         )
         assert status.startswith("✅"), status
         plan, status = client.predict(
-            "Lisbon", 1, "spring", "mid-range", "relaxed", ["food"], "", 0.0, 16, api_name="/plan"
+            "Lisbon", 1, "spring", "mid-range", "relaxed", ["food"], "", 0.0, 16, False, api_name="/plan"
         )
         assert status.startswith("Done"), status
         headline, *_ = client.predict(api_name="/feedback_overview")

@@ -112,13 +112,13 @@ def test_feedback_round_trip_to_a_promoted_model(tmp_path):
             assert status.startswith("Done") and a and b, status
             assert client.predict("a", ["too short"], "A is fine", "", api_name="/chat_pick")[0].startswith("✅")
         plan, status = client.predict(
-            "Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.0, 16, api_name="/plan"
+            "Porto", 2, "any time", "budget", "relaxed", ["food"], "", 0.0, 16, False, api_name="/plan"
         )
         assert status.startswith("Done") and "Porto" in plan
         assert client.predict("down", [], "", better_answer("Porto"), "", api_name="/planner_feedback")[0].startswith(
             "✅"
         )
-        client.predict("Rome", 1, "any time", "budget", "relaxed", [], "", 0.7, 16, api_name="/plan_compare")
+        client.predict("Rome", 1, "any time", "budget", "relaxed", [], "", 0.7, 16, False, api_name="/plan_compare")
         assert client.predict("both_bad", ["unhelpful"], "", "", api_name="/planner_pick")[0].startswith("✅")
     store = FeedbackStore(db)
     rows, picks = store.rows(), store.pairwise_rows()

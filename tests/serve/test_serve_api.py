@@ -84,8 +84,9 @@ def test_follow_up_turn_carries_history(client, server):
 
 
 def test_planner_streams_a_plan_and_its_feedback_row_matches(client, server):
+    """The day-by-day box unticked (False after Max new tokens): the slider's budget reaches the model."""
     plan, status = client.predict(
-        "Lisbon", 2, "May", "budget", "relaxed", ["food", "museums"], "I like tiles", 0.0, 64, api_name="/plan"
+        "Lisbon", 2, "May", "budget", "relaxed", ["food", "museums"], "I like tiles", 0.0, 64, False, api_name="/plan"
     )
     assert status.startswith("Done"), status
     assert plan.startswith("# 2-day plan for Lisbon\n\n")

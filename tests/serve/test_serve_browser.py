@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ARTIFACTS, db_rows, embedded_gguf, serve_process
+from tunelab.eval.plan_grammar import token_budget
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -146,6 +147,8 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         page.get_by_text("Settings").nth(1).click()
         set_slider(page, "planner-temperature", 0)
         set_slider(page, "planner-max-tokens", 96)
+        # a GGUF plans under the day-by-day grammar unless the user unticks it: the box starts ticked
+        assert page.locator("#planner-day-format input").is_checked()
         page.locator("#planner-go").click()
         page.locator("#planner-status").get_by_text("Done").wait_for(timeout=180_000)
         heading = page.locator("#planner-plan h1").inner_text()
@@ -155,7 +158,9 @@ def test_chat_feedback_planner_and_overview_in_a_real_browser(tmp_path, page):
         planner_row = db_rows(db, "tab = 'planner'")[-1]
         assert json.loads(planner_row["inputs"])["city"] == XSS_CITY and planner_row["rating"] == 1
         planner_params = json.loads(planner_row["params"])  # what the sliders said, as the server received it
-        assert (planner_params["temperature"], planner_params["max_new_tokens"]) == (0.0, 96)
+        # under the grammar the plan's budget is the longest plan the format allows, not the slider's
+        assert (planner_params["temperature"], planner_params["day_grammar"]) == (0.0, True)
+        assert planner_params["max_new_tokens"] == token_budget(2)
         page.screenshot(path=str(ARTIFACTS / "app-planner.png"), full_page=True)
 
         # ---- overview: counts and the recent comment, as text
