@@ -345,7 +345,12 @@ class PromoteConfig(_Section):
         description="Shipped travel prompts answered by both q4_k_m exports for the rubric gate (an interval from "
         "fewer prompts is wide: 12 prompts can hardly show any difference).",
     )
-    rubric_max_new_tokens: int = Field(256, gt=0, description="Longest answer in tokens for the rubric gate.")
+    rubric_max_new_tokens: int = Field(
+        256,
+        gt=0,
+        description="Longest answer in tokens for the rubric gate (a prompt with a day count decodes under the app's "
+        "day-plan grammar, with the grammar's budget).",
+    )
     rubric_samples: int = Field(
         2,
         ge=0,

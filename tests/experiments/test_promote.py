@@ -234,16 +234,19 @@ def test_over_defaults_to_the_run_behind_what_the_serve_dir_serves(tmp_path):
 
 
 def test_rubric_gate_on_two_q4_k_m_files(tmp_path):
-    """The same GGUF on both sides, greedy plus one sampled answer from the same seed: every prompt ties, so nothing
-    shows the candidate better and the gate (on the interval, not the point) refuses it."""
+    """The same GGUF on both sides, greedy plus one sampled answer from the same seed, decoded as the app's planner
+    decodes (the day-plan grammar): the prompt ties, so nothing shows the candidate better and the gate (on the
+    interval, not the point) refuses it."""
     from tests.helpers import embedded_gguf
     from tunelab.config import PromoteConfig
     from tunelab.experiments.promote import rubric_check
 
     gguf = embedded_gguf()
-    gates = PromoteConfig(rubric_prompts=2, rubric_max_new_tokens=12, rubric_samples=1)
+    gates = PromoteConfig(rubric_prompts=1, rubric_max_new_tokens=12, rubric_samples=1)
     check = rubric_check(gguf, gguf, gates, 1, log=lambda *a: None)
     assert check.passed is False and check.current == check.candidate
-    assert "0 wins / 2 ties / 0 losses" in check.note and "no detectable difference" in check.note
+    assert "0 wins / 1 ties / 0 losses" in check.note and "no detectable difference" in check.note
+    assert "under the day-plan grammar" in check.note
+    assert check.current > 0.8  # a 12-token answer could not score so: the grammar's budget decided the length
     run_without_export = tmp_path / "run"
     assert rubric_check(run_without_export, gguf, gates, 1, log=lambda *a: None).passed is None

@@ -207,3 +207,24 @@ def test_the_training_loss_winner_is_judged_on_the_last_ten_steps_not_one_batch(
     assert training_loss_winner([lucky, steady])["name"] == "steady"
     assert train_loss_tail({"final_train_loss": 1.25, "curves": {"train": []}}) == 1.25  # no curve: the final loss
     assert "1.9," in results_csv([lucky], [])  # the CSV carries the tail mean beside the last step's loss
+
+
+def test_a_sweep_judges_its_ggufs_as_the_app_decodes_them(tmp_path, monkeypatch):
+    """The shipped sweeps' travel rubric decodes as the app's planner does by default (day-plan grammar, the app's
+    repetition penalty); the adapter comparison (no export) cannot take a grammar and is judged without it."""
+    import tunelab.experiments.travel_eval as travel_eval
+    from tunelab.experiments.study import _travel_eval
+    from tunelab.experiments.sweep_file import load_sweep
+    from tunelab.models.inference import GenerationParams
+    from tunelab.serve.limits import PLANNER_DAY_FORMAT
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    spec, spec_dir = load_sweep(configs / "sweep-lr-rank-short.yaml")
+    asked = {}
+    monkeypatch.setattr(travel_eval, "run_domain_eval", lambda run_dir, prompts, **kwargs: asked.update(kwargs))
+    cfg = type("Cfg", (), {"model": type("M", (), {"name": "embedded:smollm2-135m"})})()
+    _travel_eval(spec, spec_dir, tmp_path, cfg, tmp_path, log=lambda *_: None)
+    assert PLANNER_DAY_FORMAT and asked["day_grammar"] is True
+    assert asked["repetition_penalty"] == GenerationParams().repetition_penalty == 1.1
+    _travel_eval(spec.model_copy(update={"export": False}), spec_dir, tmp_path, cfg, tmp_path, log=lambda *_: None)
+    assert asked["day_grammar"] is False

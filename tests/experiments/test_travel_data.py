@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from tunelab.eval.rubric import Answer, TravelPrompt, load_travel_prompts
+from tunelab.eval.rubric import Answer, TravelPrompt, load_travel_prompts, score_answer
 from tunelab.experiments.travel_data import (
     recheck_plans,
     rejection_sample,
     requested_city,
     requested_days,
     select_itineraries,
+    synthetic_cities,
     synthetic_prompts,
 )
 
@@ -93,6 +94,20 @@ def test_synthetic_prompts_never_use_an_eval_city_or_prompt():
     assert synthetic_prompts(80, seed=1) == prompts  # deterministic
 
 
+def test_synthetic_prompts_carry_their_citys_country_and_places_and_the_rubric_reads_them():
+    prompts = synthetic_prompts(80, seed=1)
+    assert all(p.country and len(p.places) >= 9 for p in prompts)
+    for city, country, places in synthetic_cities():
+        # A plan naming only the city's listed places is all real and in the city: no listed place reads as a
+        # far city ("Mount Wellington" in Hobart) or as an invented one, and the gazetteer knows the city.
+        prompt = TravelPrompt(prompt=f"One day in {city}", city=city, days=1, country=country, places=places)
+        plan = f"Day 1: {city}\n" + "\n".join(f"- See {place} in {city}." for place in places)
+        criteria = score_answer(Answer(plan, True), prompt).criteria
+        assert (criteria["names_real_places"], criteria["stays_in_city"]) == (1.0, 1.0), city
+        wandering = score_answer(Answer(plan + "\n- Fly to Madrid and Tokyo.", True), prompt).criteria
+        assert wandering["stays_in_city"] == 0.0 and wandering["names_real_places"] < 1.0, city
+
+
 def test_rejection_sampling_keeps_the_best_sample_that_passes():
     prompts = synthetic_prompts(3, seed=0)
 
@@ -107,7 +122,8 @@ def test_rejection_sampling_keeps_the_best_sample_that_passes():
                 "the covered market for breakfast, a cooking class at noon and a farewell dinner uphill",
             ]
             days = f"A plan for {target.city}, full of {' and '.join(target.preferences)}.\n" + "\n".join(
-                f"Day {d}: {plans[d - 1]}; keep the afternoon {d} free for whatever you liked best so far."
+                f"Day {d}: {plans[d - 1]}, and {target.places[d - 1]}; keep the afternoon {d} free for whatever you"
+                " liked best so far."
                 for d in range(1, target.days + 1)
             )
             return Answer(days, finished=True)

@@ -219,10 +219,18 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
     from tunelab.eval.domain import Decoding, compare_pair, gguf_generator
     from tunelab.eval.rubric import load_travel_prompts
     from tunelab.eval.stats import describe
+    from tunelab.models.inference import GenerationParams
+    from tunelab.serve.limits import PLANNER_DAY_FORMAT
     from tunelab.serve.llama_server import adapter_backends
 
     prompts = load_travel_prompts("travel")[: gates.rubric_prompts]
-    decoding = Decoding(max_new_tokens=gates.rubric_max_new_tokens, samples=gates.rubric_samples)
+    # Decoded as the app's Travel Planner decodes a GGUF by default: the gate judges what users would get.
+    decoding = Decoding(
+        max_new_tokens=gates.rubric_max_new_tokens,
+        repetition_penalty=GenerationParams.repetition_penalty,
+        day_grammar=PLANNER_DAY_FORMAT,
+        samples=gates.rubric_samples,
+    )
     with contextlib.ExitStack() as stack:
         # Two runs exported with --adapter-gguf from one base: one llama-server, the base once, adapters per request
         models = adapter_backends(stack, [current, candidate], parallel=1, threads=threads, log=log)
@@ -235,8 +243,9 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
                     "rubric",
                     f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)",
                 )
+        grammar = ", under the day-plan grammar" if decoding.day_grammar else ""
         log(f"rubric: {len(prompts)} travel prompts, current vs candidate ({served}, greedy + {decoding.samples} "
-            "sampled)")  # fmt: skip
+            f"sampled{grammar})")  # fmt: skip
         summary = compare_pair(
             prompts, *(gguf_generator(model, decoding, threads) for model in models),
             log=log, label="rubric", decoding=decoding,
@@ -248,7 +257,7 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
         means["tuned"],
         f"lower end of the candidate's 95 % win-rate interval >= {gates.min_rubric_win_rate:g}",
         rubric_passes(summary, gates.min_rubric_win_rate),
-        f"{describe(summary)}; over {len(prompts)} shipped travel prompts, {served}, {threads} thread(s); "
+        f"{describe(summary)}; over {len(prompts)} shipped travel prompts, {served}{grammar}, {threads} thread(s); "
         "columns = mean rubric score",
     )
 

@@ -5,9 +5,9 @@ Per run, in its own folder (each step is skipped when its output is already ther
 command skips finished runs and resumes an interrupted one where it stopped):
   train (tunelab.train.recipe, resumes from checkpoints) -> held-out loss on the sweep's fixed general and
   travel sets (eval/heldout.json; no travel set when `heldout.travel` is empty) -> GGUF export (`quant`, q4_k_m
-  by default) -> travel rubric base vs tuned
-  (eval/travel.json; eval/travel-<quant>.json for another type) -> CPU latency of that GGUF (eval/latency.json,
-  likewise) -> sweep-result.json.
+  by default) -> travel rubric base vs tuned, decoded as the app's planner decodes by default
+  (eval/travel-grammar.json; eval/travel.json without the grammar; -<quant> for another type) -> CPU latency of
+  that GGUF (eval/latency.json, likewise) -> sweep-result.json.
 The held-out sets are the validation split of the sweep's `heldout` sources. The split is decided by each
 conversation's content hash (tunelab.data.split), so with the same `data.val_fraction` no run trains on them,
 whatever its own sources, dedup or weights; the sweep refuses runs that change `data.val_fraction`.
@@ -128,7 +128,7 @@ def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> lis
 
 
 def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, output: Path, log, base_cfg: Config) -> dict:
-    from tunelab.experiments.travel_eval import quant_suffix
+    from tunelab.experiments.travel_eval import domain_eval_name, quant_suffix
     from tunelab.io import atomic_write
     from tunelab.train.recipe import run_training
 
@@ -152,8 +152,10 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
     suffix = quant_suffix(spec.quant)  # a run judged from two types keeps both
     travel = None
     if spec.travel_eval.enabled:
+        # Named by its decoding too: a sweep re-run under another decoding judges again instead of reusing.
+        judged_as = domain_eval_name("travel", spec.travel_eval.day_grammar and spec.export, spec.quant)
         travel = _cached(
-            run_dir / "eval" / f"travel{suffix}.json",
+            run_dir / "eval" / f"{judged_as}.json",
             lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log),
             log,
             "travel eval",
@@ -192,6 +194,8 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
         run_dir,
         prompts,
         max_new_tokens=spec.travel_eval.max_new_tokens,
+        repetition_penalty=spec.travel_eval.repetition_penalty,
+        day_grammar=spec.travel_eval.day_grammar and spec.export,
         limit=spec.travel_eval.limit,
         gguf=spec.export,
         adapter=not spec.export,

@@ -28,6 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunelab.config import ConfigError, SourceConfig, load_config, parse_value
+from tunelab.models.inference import GenerationParams
+from tunelab.serve.limits import PLANNER_DAY_FORMAT
 
 TRAVEL_KEYWORDS = ["travel", "trip", "itinerary", "vacation", "tourist", "sightseeing", "things to do in"]
 
@@ -53,7 +55,17 @@ class TravelEvalSpec(_Spec):
         "travel", description="`travel` (the shipped set) or a JSONL prompt file, relative to the sweep file."
     )
     limit: int | None = Field(12, gt=0, description="Only the first N prompts (None: all); bounds CPU time per run.")
-    max_new_tokens: int = Field(256, gt=0, description="New tokens per answer (greedy).")
+    max_new_tokens: int = Field(
+        256, gt=0, description="New tokens per answer (a prompt under the day-plan grammar: the grammar's budget)."
+    )
+    day_grammar: bool = Field(
+        PLANNER_DAY_FORMAT,
+        description="Decode the GGUFs under the day-plan grammar, as the app's Travel Planner does by default "
+        "(`export` runs only: the adapter comparison cannot take a grammar).",
+    )
+    repetition_penalty: float = Field(
+        GenerationParams.repetition_penalty, gt=0, description="Repetition penalty of every answer (the app's)."
+    )
     samples: int = Field(
         0,
         ge=0,

@@ -13,10 +13,12 @@ plans made earlier through today's pass/fail checks.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
 
 from tunelab.eval.rubric import (
@@ -138,49 +140,19 @@ def select_itineraries(exchanges, max_request_chars: int = 1500) -> tuple[list[d
 
 
 # ------------------------------------------------------------------------ self-generated data
-# Cities for synthetic prompts; none of them is in the shipped eval set (checked in synthetic_prompts).
-SYNTHETIC_CITIES = [
-    "Porto",
-    "Seville",
-    "Florence",
-    "Munich",
-    "Budapest",
-    "Krakow",
-    "Dublin",
-    "Stockholm",
-    "Helsinki",
-    "Bruges",
-    "Valencia",
-    "Naples",
-    "Osaka",
-    "Taipei",
-    "Shanghai",
-    "Kuala Lumpur",
-    "Chiang Mai",
-    "Jaipur",
-    "Colombo",
-    "Tbilisi",
-    "Fez",
-    "Dakar",
-    "Addis Ababa",
-    "Windhoek",
-    "Kigali",
-    "Chicago",
-    "Boston",
-    "Quebec City",
-    "Oaxaca",
-    "Seattle",
-    "Bogota",
-    "Quito",
-    "Montevideo",
-    "La Paz",
-    "Valparaiso",
-    "Perth",
-    "Hobart",
-    "Wellington",
-    "Brisbane",
-    "Adelaide",
-]
+# Cities for synthetic prompts, each with its ISO country code and 9-11 real, well-known places written from general
+# knowledge (so rejection sampling can judge `names_real_places` too); none of them is in the shipped eval set
+# (checked in synthetic_prompts).
+SYNTHETIC_CITIES_FILE = Path(__file__).with_name("travel_cities.jsonl")
+
+
+@cache
+def synthetic_cities() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(city, country, places) of each line of `SYNTHETIC_CITIES_FILE`."""
+    rows = [json.loads(line) for line in SYNTHETIC_CITIES_FILE.read_text(encoding="utf-8").splitlines() if line]
+    return tuple((row["city"], row["country"], tuple(row["places"])) for row in rows)
+
+
 INTERESTS = [
     "food",
     "museums",
@@ -227,11 +199,11 @@ _WORDS = {1: "One day", 2: "Two days", 3: "Three days", 4: "Four days", 5: "Five
 def synthetic_prompts(n: int, seed: int = 0, max_days: int = 4) -> list[TravelPrompt]:
     """`n` travel prompts (city x days x interests x constraint) that share no city with the shipped eval set."""
     eval_cities = {p.city.lower() for p in load_travel_prompts(SHIPPED_TRAVEL_PROMPTS) if p.city}
-    cities = [c for c in SYNTHETIC_CITIES if c.lower() not in eval_cities]
+    cities = [c for c in synthetic_cities() if c[0].lower() not in eval_cities]
     rng = random.Random(seed)
     prompts = []
     for i in range(n):
-        city, days = cities[i % len(cities)], rng.randint(1, max_days)
+        (city, country, places), days = cities[i % len(cities)], rng.randint(1, max_days)
         a, b = rng.sample(INTERESTS, 2)
         constraint = rng.choice(CONSTRAINTS)
         n_days = "1 day" if days == 1 else f"{days} days"
@@ -243,7 +215,16 @@ def synthetic_prompts(n: int, seed: int = 0, max_days: int = 4) -> list[TravelPr
             if constraint
             else (a, b)
         )
-        prompts.append(TravelPrompt(prompt=text, city=city, days=days, preferences=tuple(p for p in preferences if p)))
+        prompts.append(
+            TravelPrompt(
+                prompt=text,
+                city=city,
+                days=days,
+                preferences=tuple(p for p in preferences if p),
+                country=country,
+                places=places,
+            )
+        )
     return prompts
 
 
