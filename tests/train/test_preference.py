@@ -452,3 +452,20 @@ def test_tunelab_eval_scores_a_dpo_run_on_its_chosen_completions(dpo_run, dpo_wo
     assert report["val_rows"] == len(val)
     # the adapter learnt to put more mass on "sure, ..." answers: the chosen completions got likelier
     assert report["tuned"]["val_loss"] < report["base"]["val_loss"]
+
+
+def test_tunelab_export_merges_a_dpo_run_judged_on_its_chosen_completions(dpo_run, dpo_workspace):
+    """`tunelab export` of a preference run: the merge's held-out check reads the chosen completions (a dpo run's
+    prepared rows have no plain input_ids)."""
+    from tests.helpers import tunelab_here
+    from tunelab.data.prepare import load_prepared
+    from tunelab.export.merge import val_rows
+
+    run_dir = dpo_run[0]
+    _, val = load_prepared(dpo_workspace / "prepared")
+    rows = val_rows(run_dir, limit=3)
+    assert rows and [r["input_ids"] for r in rows] == val["chosen_input_ids"][: len(rows)]
+    assert [r["labels"] for r in rows] == val["chosen_labels"][: len(rows)]
+    result = tunelab_here("export", str(run_dir), "--gguf", "f16", "--threads", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "export" / "model-f16.gguf").is_file()

@@ -23,17 +23,20 @@ def fix_generation_config(model, tokenizer) -> None:
 
 
 def val_rows(run_dir: Path, limit: int = 16) -> list[dict]:
-    """Up to `limit` held-out rows (input_ids, labels) of the run's prepared data, or [] when absent."""
+    """Up to `limit` held-out rows (input_ids, labels) of the run's prepared data, or [] when absent: the
+    conversations of an sft run, the chosen completions of a dpo run, the thumbs-up ones of a kto run."""
+    from tunelab.train.objectives import heldout_examples
+
     summary_file = run_dir / "summary.json"
     data_dir = json.loads(summary_file.read_text()).get("data_dir") if summary_file.is_file() else None
-    cfg_dir = run_config(run_dir).data.output_dir
-    for candidate in (data_dir, cfg_dir):
+    cfg = run_config(run_dir)
+    for candidate in (data_dir, cfg.data.output_dir):
         if candidate and (Path(candidate) / "val").is_dir():
             from datasets import load_from_disk
 
             val = load_from_disk(str(Path(candidate) / "val"))
-            n = min(limit, len(val))
-            return [{"input_ids": val[i]["input_ids"], "labels": val[i]["labels"]} for i in range(n)]
+            rows = heldout_examples(cfg.train.objective, val)[:limit]
+            return [{"input_ids": ids, "labels": labels} for ids, labels in rows]
     return []
 
 
