@@ -153,7 +153,7 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
     travel = None
     if spec.travel_eval.enabled:
         # Named by its decoding too: a sweep re-run under another decoding judges again instead of reusing.
-        judged_as = domain_eval_name("travel", spec.travel_eval.day_grammar and spec.export, spec.quant)
+        judged_as = domain_eval_name("travel", spec.travel_day_grammar, spec.quant)
         travel = _cached(
             run_dir / "eval" / f"{judged_as}.json",
             lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log),
@@ -195,7 +195,7 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
         prompts,
         max_new_tokens=spec.travel_eval.max_new_tokens,
         repetition_penalty=spec.travel_eval.repetition_penalty,
-        day_grammar=spec.travel_eval.day_grammar and spec.export,
+        day_grammar=spec.travel_day_grammar,
         limit=spec.travel_eval.limit,
         gguf=spec.export,
         adapter=not spec.export,

@@ -110,6 +110,13 @@ class SweepSpec(_Spec):
     latency: LatencySpec = Field(default_factory=LatencySpec, description="CPU latency settings for the exported GGUF.")
     requires: list[str] = Field(default_factory=list, description="`cuda` and/or `hub`: refuse to start without them.")
 
+    @property
+    def travel_day_grammar(self) -> bool:
+        """Whether the travel eval decodes under the day-plan grammar: only GGUFs are judged with it (the adapter
+        comparison decodes in transformers, which has no grammar). The eval's decoding and its cache file's name
+        both read this, so a result is never cached under another decoding's name."""
+        return self.travel_eval.day_grammar and self.export
+
 
 class PlannedRun(BaseModel):
     name: str
