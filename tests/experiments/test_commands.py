@@ -67,8 +67,31 @@ def test_data_travel_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
             "cannot load",
         ),
     ]
+    plan = {
+        "messages": [{"role": "user", "content": "A day in Porto"}, {"role": "assistant", "content": "Day 1: Ribeira."}]
+    }
+    bad_plan_files = {
+        "not-json.jsonl": (json.dumps(plan) + "\n\n{oops\n", "not-json.jsonl line 3: not valid JSON"),
+        "a-list.jsonl": ("[1, 2]\n", "a-list.jsonl line 1: expected a JSON object"),
+        "no-messages.jsonl": (json.dumps(plan) + "\n" + json.dumps({"city": "Porto"}) + "\n", "line 2: missing key"),
+        "bad-messages.jsonl": (
+            json.dumps({"messages": [{"content": 3}, {"content": "x"}]}) + "\n",
+            "plan 1: 'messages'",
+        ),
+    }
+    earlier = tmp_path / "earlier"  # a folder from an earlier run: a refused command leaves it as it was
+    earlier.mkdir()
+    (earlier / "counts.json").write_text('{"itineraries": {}}')
+    for name, (text, needle) in bad_plan_files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        cases.append((["data", "travel", str(earlier), "--prompts", "0", "--recheck", str(tmp_path / name)], needle))
+    cases.append(
+        (["data", "travel", str(earlier), "--prompts", "0", "--recheck", str(tmp_path / "no.jsonl")], "no.jsonl")
+    )
     for args, needle in cases:
         assert_one_clear_error(run_tunelab(capsys, *args), needle)
+    assert sorted(p.name for p in earlier.iterdir()) == ["counts.json"]
+    assert (earlier / "counts.json").read_text() == '{"itineraries": {}}'
 
 
 def test_quickstart_errors_are_one_line_exit_2(tmp_path, capsys):

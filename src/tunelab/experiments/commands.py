@@ -92,8 +92,9 @@ def travel_data_cmd(
         sharegpt_first_exchanges,
         synthetic_prompts,
     )
-    from tunelab.io import write_jsonl
+    from tunelab.io import atomic_write, write_jsonl
 
+    earlier_plans = _plans_to_recheck(recheck) if recheck is not None else None  # refused before any sampling
     kept, counts = select_itineraries(sharegpt_first_exchanges())
     write_jsonl(output / "itineraries.jsonl", kept)
     report = {"itineraries": dict(counts)}
@@ -117,17 +118,32 @@ def travel_data_cmd(
         typer.echo(
             f"self-generated: kept {sampled['kept']} of {sampled['prompts']} prompts from {sampled['samples']} samples"
         )
-    if recheck is not None:
+    if earlier_plans is not None:
         from tunelab.experiments.travel_data import recheck_plans
 
-        if not recheck.is_file():
-            raise UserError(f"--recheck {recheck}: file not found")
-        rows = [json.loads(line) for line in recheck.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rechecked, recounted = recheck_plans(rows)
+        rechecked, recounted = recheck_plans(earlier_plans)
         write_jsonl(output / "rechecked.jsonl", rechecked)
         report["rechecked"] = {"source": str(recheck), **dict(recounted)}
         typer.echo(f"rechecked {recheck}: kept {recounted['kept']} of {recounted['plans']}; filters: {dict(recounted)}")
-    (output / "counts.json").write_text(json.dumps(report, indent=2))
+    atomic_write(output / "counts.json", json.dumps(report, indent=2))
+
+
+def _plans_to_recheck(path: Path) -> list[dict]:
+    """The --recheck file's plans: each a {"messages": [user, ..., assistant]} record with text contents."""
+    from tunelab.io import read_jsonl
+
+    if not path.is_file():
+        raise UserError(f"--recheck {path}: file not found")
+    plans = read_jsonl(path, required=("messages",))
+    for number, plan in enumerate(plans, 1):
+        messages = plan["messages"]
+        if not (
+            isinstance(messages, list)
+            and len(messages) >= 2
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+        ):
+            raise UserError(f"--recheck {path}: plan {number}: 'messages' is not a list of messages with text content")
+    return plans
 
 
 def promote_cmd(

@@ -13,7 +13,6 @@ plans made earlier through today's pass/fail checks.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -149,7 +148,9 @@ SYNTHETIC_CITIES_FILE = Path(__file__).with_name("travel_cities.jsonl")
 @cache
 def synthetic_cities() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """(city, country, places) of each line of `SYNTHETIC_CITIES_FILE`."""
-    rows = [json.loads(line) for line in SYNTHETIC_CITIES_FILE.read_text(encoding="utf-8").splitlines() if line]
+    from tunelab.io import read_jsonl
+
+    rows = read_jsonl(SYNTHETIC_CITIES_FILE, required=("city", "country", "places"))
     return tuple((row["city"], row["country"], tuple(row["places"])) for row in rows)
 
 
