@@ -138,6 +138,7 @@ def test_quickstart_trains_and_judges_with_the_smallest_settings(tmp_path, capsy
     assert f"tuned val loss {report['tuned']['val_loss']:.4f} is {verdict} than base" in done.stdout
     assert [s["prompt"] for s in report["samples"]] == ["Name a city in France."]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and "travel planner" not in done.stdout
+    assert "travel" not in done.stdout.split("run folder:")[1].split("metrics.jsonl")[0]  # no travel file named
 
 
 def test_the_quickstart_judges_the_travel_planner_as_the_app_decodes_it(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ def run_quickstart(
     report = evaluate_run(output, verbose=True)
     verdict = "lower" if report["improved"] else "NOT lower"
     check_file = domain_eval_name("travel", PLANNER_DAY_FORMAT)  # what the travel check writes in RUN/eval
+    travel_answers = f"; {check_file}.md: every travel answer and its scores" if travel_prompts else ""
     if travel_prompts:
         report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads)
     doctor = doctor_run(output)  # after training (and the q4_k_m export, when the travel check made one)
@@ -45,8 +46,7 @@ def run_quickstart(
         f"{_travel_line(report.get('travel'))}"
         f"run folder: {output}\n"
         f"  adapter/        PEFT adapter (peft.PeftModel.from_pretrained)\n"
-        f"  eval/           base vs tuned loss and sample answers; {check_file}.md: every travel answer and "
-        f"its scores\n"
+        f"  eval/           base vs tuned loss and sample answers{travel_answers}\n"
         f"  metrics.jsonl   training curve (TensorBoard: tensorboard --logdir {output}/tb)\n"
         f"  doctor.json     the doctor's checks after training (tunelab doctor {output})\n"
         f"next:\n"
