@@ -75,19 +75,19 @@ def test_write_jsonl_that_fails_midway_keeps_the_old_file_and_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export.jsonl"]
 
 
-def test_read_jsonl_reads_objects_and_names_the_line_of_a_bad_one(tmp_path):
+def test_jsonl_records_reads_objects_and_names_the_line_of_a_bad_one(tmp_path):
     from tunelab.errors import UserError
-    from tunelab.io import read_jsonl
+    from tunelab.io import jsonl_records
 
     good = tmp_path / "good.jsonl"
     good.write_bytes(b'\xef\xbb\xbf{"a": 1, "b": "\xc3\xa9"}\n\n  \n{"a": 2}\n')  # a BOM, blank lines, UTF-8
-    assert read_jsonl(good) == [{"a": 1, "b": "\u00e9"}, {"a": 2}]
-    for text, required, message in [
-        ('{"a": 1}\n{"a": 2,}\n', (), "bad.jsonl line 2: not valid JSON ("),
-        ('{"a": 1}\n\n"text"\n', (), "bad.jsonl line 3: expected a JSON object, got str"),
-        ('{"a": 1}\n{"b": 1}\n', ("a", "c"), "bad.jsonl line 1: missing key 'c'"),
+    assert list(jsonl_records(good)) == [(f"{good}:1", {"a": 1, "b": "\u00e9"}), (f"{good}:4", {"a": 2})]
+    bad = tmp_path / "bad.jsonl"
+    for text, message in [
+        ('{"a": 1}\n{"a": 2,}\n', f"{bad}:2: not valid JSON ("),
+        ('{"a": 1}\n\n"text"\n', f"{bad}:3: expected a JSON object, got str"),
     ]:
-        (tmp_path / "bad.jsonl").write_text(text, encoding="utf-8")
+        bad.write_text(text, encoding="utf-8")
         with pytest.raises(UserError) as error:
-            read_jsonl(tmp_path / "bad.jsonl", required=required)
-        assert str(error.value).startswith(str(tmp_path / "bad.jsonl")) and message in str(error.value)
+            list(jsonl_records(bad))
+        assert str(error.value).startswith(message)

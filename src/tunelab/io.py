@@ -86,27 +86,23 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
     return count
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Every object of a small JSON Lines file (blank lines skipped). A line that is not a JSON object, or lacks one
-    of `required`, is a UserError naming the file and line. Training data has its own reader with a problem log
-    (`data.readers.iter_jsonl`); this one is for files a command needs whole."""
+def jsonl_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """("FILE:LINE", object) for each non-blank line of a JSON Lines file a command reads whole (prompt files,
+    regression sets, plans); a line that is not a JSON object is a UserError naming FILE:LINE. Training data has its
+    own reader, which logs bad records and goes on (`data.readers.iter_jsonl`)."""
     from tunelab.errors import UserError
 
-    rows = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
-            row = json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-        missing = [key for key in required if key not in row]
-        if missing:
-            raise UserError(f"{path} line {lineno}: missing key {', '.join(map(repr, missing))}")
-        rows.append(row)
-    return rows
+            raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 @contextlib.contextmanager

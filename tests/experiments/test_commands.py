@@ -71,12 +71,15 @@ def test_data_travel_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         "messages": [{"role": "user", "content": "A day in Porto"}, {"role": "assistant", "content": "Day 1: Ribeira."}]
     }
     bad_plan_files = {
-        "not-json.jsonl": (json.dumps(plan) + "\n\n{oops\n", "not-json.jsonl line 3: not valid JSON"),
-        "a-list.jsonl": ("[1, 2]\n", "a-list.jsonl line 1: expected a JSON object"),
-        "no-messages.jsonl": (json.dumps(plan) + "\n" + json.dumps({"city": "Porto"}) + "\n", "line 2: missing key"),
+        "not-json.jsonl": (json.dumps(plan) + "\n\n{oops\n", "not-json.jsonl:3: not valid JSON"),
+        "a-list.jsonl": ("[1, 2]\n", "a-list.jsonl:1: expected a JSON object"),
+        "no-messages.jsonl": (
+            json.dumps(plan) + "\n" + json.dumps({"city": "Porto"}) + "\n",
+            "no-messages.jsonl:2: needs `messages`",
+        ),
         "bad-messages.jsonl": (
             json.dumps({"messages": [{"content": 3}, {"content": "x"}]}) + "\n",
-            "plan 1: 'messages'",
+            "bad-messages.jsonl:1: needs `messages`",
         ),
     }
     earlier = tmp_path / "earlier"  # a folder from an earlier run: a refused command leaves it as it was

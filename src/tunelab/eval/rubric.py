@@ -15,7 +15,6 @@ Neither checks that what is said about a place is true; that is what a judge mod
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,6 +23,7 @@ from pathlib import Path
 from tunelab.errors import UserError
 from tunelab.eval.gazetteer import far_cities, fold, locate
 from tunelab.eval.stats import outcome
+from tunelab.io import jsonl_records
 
 SHIPPED_TRAVEL_PROMPTS = Path(__file__).resolve().parent / "travel_prompts.jsonl"
 
@@ -300,29 +300,18 @@ def load_travel_prompts(source: str | Path) -> list[TravelPrompt]:
     path = SHIPPED_TRAVEL_PROMPTS if str(source) == "travel" else Path(source)
     if not path.is_file():
         raise UserError(f"--prompts {source}: file not found (give `travel` or a .jsonl file)")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip() and not _is_evalset_header(line):
-            prompts.append(_prompt_from_record(line, f"{path}:{number}"))
+    prompts = [
+        _prompt_from_record(record, where)
+        for where, record in jsonl_records(path)
+        if not ("evalset" in record and "prompt" not in record)  # a regression set's header line
+    ]
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
 
 
-def _is_evalset_header(line: str) -> bool:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(record, dict) and "evalset" in record and "prompt" not in record
-
-
-def _prompt_from_record(line: str, where: str) -> TravelPrompt:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+def _prompt_from_record(record: dict, where: str) -> TravelPrompt:
+    if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
         raise UserError(f"{where}: needs a non-empty string `prompt`")
     days, city, country = record.get("days"), record.get("city"), record.get("country")
     if days is not None and (not isinstance(days, int) or isinstance(days, bool) or days < 1):

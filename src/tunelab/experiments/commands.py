@@ -130,19 +130,20 @@ def travel_data_cmd(
 
 def _plans_to_recheck(path: Path) -> list[dict]:
     """The --recheck file's plans: each a {"messages": [user, ..., assistant]} record with text contents."""
-    from tunelab.io import read_jsonl
+    from tunelab.io import jsonl_records
 
     if not path.is_file():
         raise UserError(f"--recheck {path}: file not found")
-    plans = read_jsonl(path, required=("messages",))
-    for number, plan in enumerate(plans, 1):
-        messages = plan["messages"]
+    plans = []
+    for where, plan in jsonl_records(path):
+        messages = plan.get("messages")
         if not (
             isinstance(messages, list)
             and len(messages) >= 2
             and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
         ):
-            raise UserError(f"--recheck {path}: plan {number}: 'messages' is not a list of messages with text content")
+            raise UserError(f"{where}: needs `messages`, a list of at least two messages with text `content`")
+        plans.append(plan)
     return plans
 
 

@@ -148,9 +148,9 @@ SYNTHETIC_CITIES_FILE = Path(__file__).with_name("travel_cities.jsonl")
 @cache
 def synthetic_cities() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """(city, country, places) of each line of `SYNTHETIC_CITIES_FILE`."""
-    from tunelab.io import read_jsonl
+    from tunelab.io import jsonl_records
 
-    rows = read_jsonl(SYNTHETIC_CITIES_FILE, required=("city", "country", "places"))
+    rows = [row for _, row in jsonl_records(SYNTHETIC_CITIES_FILE)]
     return tuple((row["city"], row["country"], tuple(row["places"])) for row in rows)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
-from tunelab.io import write_jsonl
+from tunelab.io import jsonl_records, write_jsonl
 from tunelab.serve.feedback_store import iter_pairwise_rows, iter_rows
 
 EVALSET_GLOB = "evalset-*.jsonl"
@@ -141,20 +141,12 @@ def read_evalset(path: str | Path) -> EvalsetFile:
     if not path.is_file():
         raise UserError(f"{path}: regression set not found")
     version, records = "", []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object")
+    for where, record in jsonl_records(path):
         if "evalset" in record:
             version = str(record["evalset"].get("version", ""))
             continue
         if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise UserError(f"{path}:{number}: needs a non-empty string `prompt`")
+            raise UserError(f"{where}: needs a non-empty string `prompt`")
         record.setdefault("messages", [{"role": "user", "content": record["prompt"]}])
         records.append(record)
     return EvalsetFile(path, version or content_version(records), records)
