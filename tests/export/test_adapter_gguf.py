@@ -39,6 +39,21 @@ def test_export_writes_the_lora_and_its_base(exported):
     assert any(t.name.endswith(".lora_a") for t in lora.tensors)
     base = GGUFReader(str(exported / "base-f16.gguf"))
     assert "tokenizer.chat_template" in base.fields  # the training template, as in the merged GGUF
+    assert not [p.name for p in exported.iterdir() if p.name.startswith(".") or p.name == "base"]  # nothing left over
+
+
+def test_the_travel_eval_base_is_the_same_file_as_the_exported_base(exported, tmp_path):
+    """One producer of a run's base GGUF: the travel eval's (made by the quickstart check and sweeps) and the one
+    `export --adapter-gguf` writes are the same bytes, named `base` rather than after a temp folder."""
+    from gguf import GGUFReader
+
+    from tunelab.experiments.travel_eval import export_base_gguf
+
+    made = export_base_gguf(exported.parent, threads=1, log=lambda _: None, target=tmp_path / "b.gguf", quant="f16")
+    assert made.read_bytes() == (exported / "base-f16.gguf").read_bytes()
+    name = GGUFReader(str(made)).fields["general.name"]
+    assert str(bytes(name.parts[name.data[0]]), "utf-8") == "Base"
+    assert [p.name for p in tmp_path.iterdir()] == ["b.gguf"]
 
 
 def test_adapter_applied_per_request_answers_as_the_merged_model(exported):

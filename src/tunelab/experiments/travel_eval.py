@@ -9,8 +9,6 @@ This lives above export/ and eval/ because it needs both.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from tunelab.eval.domain import Decoding, evaluate_domain
@@ -37,32 +35,17 @@ def base_gguf_path(run_dir: Path, quant: str = SHIPPED_QUANT) -> Path:
 def export_base_gguf(
     run_dir: Path, threads: int | None = None, log=print, target: Path | None = None, quant: str = SHIPPED_QUANT
 ) -> Path:
-    """The run's base model (no adapter) with the run's tokenizer and chat template, as a GGUF of type `quant`.
+    """The run's base model (no adapter) as a GGUF of type `quant`, made once (`export.pipeline.export_base_ggufs`).
 
     `target` lets a sweep share one base GGUF between runs of the same base model."""
-    from tunelab.export.gguf import convert_hf_to_gguf, quantize_gguf
-    from tunelab.export.merge import save_hf_folder
-    from tunelab.models.loading import load_model
-    from tunelab.models.runs import load_run_tokenizer, run_config
+    from tunelab.export.pipeline import export_base_ggufs
 
     target = target or base_gguf_path(run_dir, quant)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"exporting the base model to {target} (once, for a like-for-like GGUF comparison)")
-    folder = target.with_name(f".base-hf.tmp-{os.getpid()}")
-    f16 = target.with_name(f".base-f16.tmp-{os.getpid()}.gguf")
-    try:
-        save_hf_folder(load_model(run_config(run_dir).model), load_run_tokenizer(run_dir), folder)
-        convert_hf_to_gguf(folder, f16, "f16")
-        if quant == "f16":
-            f16.replace(target)
-        else:
-            quantize_gguf(f16, target, quant, threads)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        f16.unlink(missing_ok=True)
-    return target
+    return export_base_ggufs(run_dir, {quant: target}, threads)[quant]
 
 
 def domain_eval_name(prompts_source: str, day_grammar: bool = False, quant: str = SHIPPED_QUANT) -> str:

@@ -139,19 +139,34 @@ def export_run(
 def export_adapter_gguf(run_dir: Path, export_dir: Path, quants: list[str], threads: int | None) -> dict[str, Path]:
     """adapter-f16.gguf (the LoRA) and base-<quant>.gguf for each asked type (the unmerged base, same template)."""
     from tunelab.export.gguf import convert_lora_to_gguf
-    from tunelab.export.merge import save_base
 
     log(">> writing the adapter as a GGUF LoRA and the base it applies to")
     written = {"adapter": convert_lora_to_gguf(run_dir / "adapter", export_dir / "merged", export_dir / ADAPTER_GGUF)}
-    base_dir = save_base(run_dir, export_dir / "base")
-    base_f16 = convert_hf_to_gguf(base_dir, export_dir / BASE_GGUF.format(quant="f16"), "f16")
-    for quant in [q for q in quants if q != "f16"]:
-        written[f"base-{quant}"] = quantize_gguf(base_f16, export_dir / BASE_GGUF.format(quant=quant), quant, threads)
-    if "f16" in quants:
-        written["base-f16"] = base_f16
-    else:
-        base_f16.unlink()
-    return written
+    bases = export_base_ggufs(run_dir, {quant: export_dir / BASE_GGUF.format(quant=quant) for quant in quants}, threads)
+    return written | {f"base-{quant}": path for quant, path in bases.items()}
+
+
+def export_base_ggufs(run_dir: Path, targets: dict[str, Path], threads: int | None = None) -> dict[str, Path]:
+    """The run's base model without its adapter (for a QLoRA run the dequantised 4-bit weights the adapter was
+    trained on), with the run's tokenizer and chat template, as a GGUF file per type: {quant: path}.
+
+    The HF folder and f16 file in between live in a temp folder beside the first target; the folder is named `base`
+    because llama.cpp's converter names the model after it, so every base GGUF of a run is the same bytes."""
+    import os
+    import shutil
+
+    from tunelab.export.merge import save_base
+
+    work = next(iter(targets.values())).parent / f".base-gguf.tmp-{os.getpid()}"
+    try:
+        hf_folder = save_base(run_dir, work / "base")
+        f16 = convert_hf_to_gguf(hf_folder, targets.get("f16", work / "base-f16.gguf"), "f16")
+        for quant, target in targets.items():
+            if quant != "f16":
+                quantize_gguf(f16, target, quant, threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return targets
 
 
 def _fmt(value: float | None) -> str:
