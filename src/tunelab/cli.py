@@ -187,24 +187,28 @@ def eval_(
         run_config(run_dir)  # fail on a wrong folder before loading any task
         harness_tasks = load_tasks(lm_eval)
     if prompts is not None:
+        from tunelab.eval.domain import Decoding
         from tunelab.experiments.travel_eval import run_domain_eval
         from tunelab.export.pipeline import parse_quants
 
+        decoding = Decoding(
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            day_grammar=grammar,
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
+        )
         run_domain_eval(
             run_dir,
             prompts,
-            max_new_tokens,
-            repetition_penalty,
+            decoding,
             limit,
             gguf,
             adapter,
             judge=judge,
             threads=threads,
-            day_grammar=grammar,
             quant=parse_quants(quant, "--quant")[0],
-            samples=samples,
-            temperature=temperature,
-            seed=seed,
         )
     else:
         from tunelab.eval.evaluate import evaluate_run

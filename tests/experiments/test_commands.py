@@ -160,17 +160,18 @@ def test_the_quickstart_judges_the_travel_planner_as_the_app_decodes_it(tmp_path
         demo.close()
     asked = {}
 
-    def judged(run_dir, prompts_source, **decoding):
-        asked.update(decoding)
-        return {"pairs": {"gguf": {"wins": 1}}, "decoding": {"day_grammar": decoding["day_grammar"]}}
+    def judged(run_dir, prompts_source, decoding, **settings):
+        asked.update(settings, decoding=decoding)
+        return {"pairs": {"gguf": {"wins": 1}}, "decoding": {"day_grammar": decoding.day_grammar}}
 
     exported = tmp_path / "model-q4_k_m.gguf"
     exported.touch()
     monkeypatch.setattr(travel_eval, "tuned_gguf_path", lambda run_dir: exported)  # already exported: no export
     monkeypatch.setattr(travel_eval, "run_domain_eval", judged)
     _travel_check(tmp_path, prompts=3, log=lambda *_: None, samples=2, threads=1)
-    assert asked["day_grammar"] is starts["planner-day-format"] is True
-    assert asked["temperature"] == starts["planner-temperature"]
-    assert asked["max_new_tokens"] == starts["planner-max-tokens"]
-    assert asked["repetition_penalty"] == GenerationParams().repetition_penalty
-    assert (asked["samples"], asked["threads"], asked["limit"], asked["adapter"]) == (2, 1, 3, False)
+    decoding = asked["decoding"]
+    assert decoding.day_grammar is starts["planner-day-format"] is True
+    assert decoding.temperature == starts["planner-temperature"]
+    assert decoding.max_new_tokens == starts["planner-max-tokens"]
+    assert decoding.repetition_penalty == GenerationParams().repetition_penalty
+    assert (decoding.samples, asked["threads"], asked["limit"], asked["adapter"]) == (2, 1, 3, False)

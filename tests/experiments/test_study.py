@@ -221,10 +221,18 @@ def test_a_sweep_judges_its_ggufs_as_the_app_decodes_them(tmp_path, monkeypatch)
     configs = Path(__file__).resolve().parents[2] / "configs"
     spec, spec_dir = load_sweep(configs / "sweep-lr-rank-short.yaml")
     asked = {}
-    monkeypatch.setattr(travel_eval, "run_domain_eval", lambda run_dir, prompts, **kwargs: asked.update(kwargs))
+    monkeypatch.setattr(
+        travel_eval, "run_domain_eval", lambda run_dir, prompts, decoding, **kwargs: asked.update(decoding=decoding)
+    )
     cfg = type("Cfg", (), {"model": type("M", (), {"name": "embedded:smollm2-135m"})})()
     _travel_eval(spec, spec_dir, tmp_path, cfg, tmp_path, log=lambda *_: None)
-    assert PLANNER_DAY_FORMAT and asked["day_grammar"] is True
-    assert asked["repetition_penalty"] == GenerationParams().repetition_penalty == 1.1
+    assert PLANNER_DAY_FORMAT and asked["decoding"].day_grammar is True
+    assert asked["decoding"].repetition_penalty == GenerationParams().repetition_penalty == 1.1
     _travel_eval(spec.model_copy(update={"export": False}), spec_dir, tmp_path, cfg, tmp_path, log=lambda *_: None)
-    assert asked["day_grammar"] is False
+    assert asked["decoding"].day_grammar is False
+
+    # Every shipped study judges as the quickstart's check does: the app's planner decoding, greedy + 2 samples.
+    from tunelab.experiments.travel_eval import planner_decoding
+
+    for name in ("sweep-lr-rank", "sweep-lr-rank-short", "sweep-data", "sweep-model-size", "sweep-model-size-gpu"):
+        assert load_sweep(configs / f"{name}.yaml")[0].travel_decoding == planner_decoding(samples=2), name

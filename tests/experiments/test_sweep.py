@@ -104,6 +104,18 @@ def test_grid_sweep_judges_every_run_on_the_same_held_out_rows(tiny_setup, capsy
     assert rank2["rows_sha256"] == general["exact-True"]["rows_sha256"]
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 3
 
+    # Resumed under a sweep file that judges otherwise, or with a finished run's settings changed: refused before
+    # anything is trained or written, so one table never mixes two judges.
+    finished = (out / "rank-2" / "sweep-result.json").read_text()
+    for changed, needle in (
+        ({**extended, "travel_eval": {**spec["travel_eval"], "limit": 5}}, "differs in travel_eval"),
+        ({**extended, "runs": [{"name": "rank-2", "set": {"lora.r": 4, "lora.alpha": 8}}]}, "run rank-2 finished"),
+    ):
+        (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+        assert_one_clear_error(run_tunelab(capsys, "sweep", str(tmp_path / "changed.yaml")), needle)
+    assert (out / "rank-2" / "sweep-result.json").read_text() == finished
+    assert yaml.safe_load((out / "sweep.yaml").read_text())["runs"] == extended["runs"]
+
     (out / "results.csv").unlink()
     done = run_tunelab(capsys, "report", str(out))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -148,6 +148,7 @@ def test_the_verdict_is_the_same_on_one_and_two_threads(tmp_path):
     on 1 and on 2 threads: every prompt has the same outcome and the comparison the same verdict, and each run's
     mean score difference lies in the other's 95 % interval; the same thread count again samples the same answers.
     Threads, k and the seeds are in the report."""
+    from tunelab.eval.domain import Decoding
     from tunelab.experiments.travel_eval import run_domain_eval
     from tunelab.export.pipeline import export_run
 
@@ -155,8 +156,9 @@ def test_the_verdict_is_the_same_on_one_and_two_threads(tmp_path):
     export_run(run_dir, ["q8_0"], threads=1)
     reports = []
     for threads in (1, 2, 1):
-        report = run_domain_eval(run_dir, str(prompts), max_new_tokens=16, adapter=False, threads=threads,
-                                 quant="q8_0", samples=2, seed=5, log=lambda *a: None)  # fmt: skip
+        decoding = Decoding(max_new_tokens=16, samples=2, seed=5)
+        report = run_domain_eval(run_dir, str(prompts), decoding, adapter=False, threads=threads, quant="q8_0",
+                                 log=lambda *a: None)  # fmt: skip
         assert report["threads"] == threads
         decoding = report["decoding"]
         assert (decoding["samples"], decoding["seed"], decoding["temperature"]) == (2, 5, 0.7)
@@ -177,3 +179,39 @@ def test_the_verdict_is_the_same_on_one_and_two_threads(tmp_path):
     assert texts == [
         [[s["text"] for s in row[side]["samples"]] for side in ("base", "tuned")] for row in again["answers"]
     ]
+
+
+def test_a_shared_base_gguf_answers_once_and_its_kept_answers_are_the_ones_llama_cpp_gives(tmp_path, monkeypatch):
+    """A sweep's runs of one base model share its base GGUF (`base_gguf`): the base side is answered in llama.cpp
+    once and reused by the next run; the reused answers equal the ones llama.cpp gave, and another decoding asks
+    llama.cpp again."""
+    import tunelab.eval.domain as domain
+    from tunelab.eval.domain import Decoding
+    from tunelab.experiments.travel_eval import run_domain_eval
+    from tunelab.export.pipeline import export_run
+
+    run_dir, _, prompts = _small_run(tmp_path)
+    export_run(run_dir, ["q8_0"], threads=1)
+    shared = tmp_path / "base-models" / "small-q8_0.gguf"
+    calls = []
+    real_answer = domain.answer_in_llama_cpp
+    monkeypatch.setattr(domain, "answer_in_llama_cpp", lambda *a, **k: calls.append(1) or real_answer(*a, **k))
+
+    def judged(decoding):
+        calls.clear()
+        report = run_domain_eval(run_dir, str(prompts), decoding, adapter=False, threads=1, log=lambda *a: None,
+                                 base_gguf=shared, quant="q8_0")  # fmt: skip
+        return report["pairs"]["gguf"]["answers"], len(calls)
+
+    decoding = Decoding(max_new_tokens=8, samples=1, seed=3)
+    per_side = len(PROMPTS) * 2  # greedy + 1 sample per prompt
+    fresh, asked = judged(decoding)
+    assert asked == 2 * per_side and shared.with_suffix(".answers.json").is_file()
+    again, asked = judged(decoding)
+    assert asked == per_side  # the tuned side only
+    for side in ("base", "tuned"):
+        assert [(r[side]["text"], r[side]["samples"]) for r in again] == [
+            (r[side]["text"], r[side]["samples"]) for r in fresh
+        ]
+    _, asked = judged(Decoding(max_new_tokens=5, samples=1, seed=3))
+    assert asked == 2 * per_side

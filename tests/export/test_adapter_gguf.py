@@ -131,7 +131,8 @@ def test_promote_rubric_answers_both_runs_from_one_base(exported, challenger, mo
     import tunelab.eval.domain as domain
     from tunelab.config import PromoteConfig
     from tunelab.eval.rubric import load_travel_prompts
-    from tunelab.experiments.promote import rubric_check, rubric_decoding
+    from tunelab.experiments.promote import rubric_check
+    from tunelab.experiments.travel_eval import planner_decoding
     from tunelab.models.inference import GenerationParams
     from tunelab.serve import limits
 
@@ -155,7 +156,7 @@ def test_promote_rubric_answers_both_runs_from_one_base(exported, challenger, mo
         "each adapter applied per request"
     ]
 
-    decoding = rubric_decoding(gates)
+    decoding = planner_decoding(gates.rubric_max_new_tokens, gates.rubric_samples)
     prompts = load_travel_prompts("travel")[:2]
     for side, run in (("base", exported.parent), ("tuned", challenger)):  # compare_pair's names: current, candidate
         reference = domain.gguf_generator(run / "export" / "model-f16.gguf", decoding, threads=1)

@@ -116,6 +116,33 @@ def gguf_generator(gguf, decoding: Decoding, threads: int | None = None) -> Gene
     return generate
 
 
+def remembered(generate: Generate, store: Path, model: Path, decoding: Decoding, threads: int | None) -> Generate:
+    """`generate` (answers from the GGUF `model`) with its answers kept in the JSON file `store`, so that a sweep's
+    runs of one base model answer the base side once instead of once per run. An answer is reused only for the
+    same prompt and seed, the same file (path, size, modification time), decoding, thread count and llama.cpp
+    version: llama.cpp repeats its answers exactly under those (docs/experiments.md, "Thread count did not move
+    a single answer"), so a reused answer is the one a new call would give."""
+    import llama_cpp
+
+    from tunelab.io import atomic_write
+
+    stat = model.stat()
+    identity = json.dumps(
+        [str(model.resolve()), stat.st_size, stat.st_mtime_ns, asdict(decoding), threads, llama_cpp.__version__]
+    )
+    kept = json.loads(store.read_text()) if store.is_file() else {}
+
+    def generate_once(prompt: TravelPrompt, seed: int | None) -> Answer:
+        key = json.dumps([identity, prompt.prompt, prompt.days, seed])
+        if key not in kept:
+            answer = generate(prompt, seed)
+            kept[key] = {"text": answer.text, "finished": answer.finished}
+            atomic_write(store, json.dumps(kept, ensure_ascii=False))
+        return Answer(kept[key]["text"], kept[key]["finished"])
+
+    return generate_once
+
+
 # -------------------------------------------------------------------------------------- compare
 def compare_pair(
     prompts: list[TravelPrompt],
@@ -248,8 +275,10 @@ def evaluate_domain(
     adapter: bool = True,
     threads: int | None = None,
     log=print,
+    base_answers: Path | None = None,
 ) -> dict:
-    """Base vs tuned on `prompts`, from the adapter and (when `ggufs` = (base, tuned) is given) the GGUFs."""
+    """Base vs tuned on `prompts`, from the adapter and (when `ggufs` = (base, tuned) is given) the GGUFs;
+    `base_answers`: a file that keeps the base GGUF's answers for reuse (`remembered`)."""
     from tunelab.io import atomic_write
 
     run_dir = Path(run_dir)
@@ -265,12 +294,15 @@ def evaluate_domain(
     if ggufs is not None:
         base_gguf, tuned_gguf = ggufs
         log(f"domain eval ({name}): {base_gguf.name} vs {tuned_gguf.name} in llama.cpp, {_decodes(decoding)}")
+        base = gguf_generator(base_gguf, decoding, threads)
+        if base_answers is not None:
+            base = remembered(base, base_answers, base_gguf, decoding, threads)
         pairs["gguf"] = {
             "base": str(base_gguf),
             "tuned": str(tuned_gguf),
             **compare_pair(
                 prompts,
-                gguf_generator(base_gguf, decoding, threads),
+                base,
                 gguf_generator(tuned_gguf, decoding, threads),
                 log,
                 "gguf",

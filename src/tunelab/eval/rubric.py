@@ -301,13 +301,17 @@ def load_travel_prompts(source: str | Path) -> list[TravelPrompt]:
     if not path.is_file():
         raise UserError(f"--prompts {source}: file not found (give `travel` or a .jsonl file)")
     prompts = [
-        _prompt_from_record(record, where)
-        for where, record in jsonl_records(path)
-        if not ("evalset" in record and "prompt" not in record)  # a regression set's header line
+        _prompt_from_record(record, where) for where, record in jsonl_records(path) if not is_evalset_header(record)
     ]
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
+
+
+def is_evalset_header(record: dict) -> bool:
+    """A frozen regression set's first line (`{"evalset": {"version": ...}}`, serve/evalset.write_evalset): the set's
+    description, not a prompt."""
+    return "evalset" in record and "prompt" not in record
 
 
 def _prompt_from_record(record: dict, where: str) -> TravelPrompt:

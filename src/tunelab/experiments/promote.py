@@ -211,21 +211,6 @@ def _regression_check(
     )
 
 
-def rubric_decoding(gates: PromoteConfig):
-    """How the rubric gate decodes: as the app's Travel Planner decodes a GGUF by default (day-plan grammar, the app's
-    repetition penalty and temperature), so the gate judges what users would get."""
-    from tunelab.eval.domain import Decoding
-    from tunelab.models.inference import GenerationParams
-    from tunelab.serve.limits import PLANNER_DAY_FORMAT
-
-    return Decoding(
-        max_new_tokens=gates.rubric_max_new_tokens,
-        repetition_penalty=GenerationParams.repetition_penalty,
-        day_grammar=PLANNER_DAY_FORMAT,
-        samples=gates.rubric_samples,
-    )
-
-
 def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: int, log) -> Check:
     """The travel rubric (eval/rubric.py) on the shipped travel prompts, current vs candidate: the greedy answer and
     promote.rubric_samples sampled ones per prompt, with the statistics of eval/stats.py. Two runs exported with
@@ -234,10 +219,11 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
     from tunelab.eval.domain import compare_pair, gguf_generator
     from tunelab.eval.rubric import load_travel_prompts
     from tunelab.eval.stats import describe
+    from tunelab.experiments.travel_eval import planner_decoding
     from tunelab.serve.llama_server import adapter_backends
 
     prompts = load_travel_prompts("travel")[: gates.rubric_prompts]
-    decoding = rubric_decoding(gates)
+    decoding = planner_decoding(gates.rubric_max_new_tokens, gates.rubric_samples)  # what users would get
     with contextlib.ExitStack() as stack:
         # Two runs exported with --adapter-gguf from one base: one llama-server, the base once, adapters per request
         models = adapter_backends(stack, [current, candidate], parallel=1, threads=threads, log=log)

@@ -62,29 +62,15 @@ def run_quickstart(
 def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: int = 2) -> dict:
     """Base vs tuned q4_k_m GGUF on the shipped travel prompts: win rate of non-tied with its interval, sign test,
     verdict and per-criterion means."""
-    from tunelab.experiments.travel_eval import run_domain_eval, tuned_gguf_path
+    from tunelab.experiments.travel_eval import planner_decoding, run_domain_eval, tuned_gguf_path
     from tunelab.export.pipeline import export_run
-    from tunelab.models.inference import GenerationParams
-    from tunelab.serve.limits import PLANNER_DAY_FORMAT, PLANNER_MAX_NEW_TOKENS
 
     if not tuned_gguf_path(run_dir).is_file():
         export_run(run_dir, ["q4_k_m"])
-    # Decoded as the app's planner decodes GGUFs (its token budget, repetition penalty, temperature and day-plan
-    # grammar): the greedy answer plus `samples` sampled ones from fixed seeds, so that one greedy path tipped by the
-    # thread count does not decide a prompt. `tunelab eval RUN --prompts travel` varies these settings.
-    params = GenerationParams()
+    # The greedy answer plus `samples` sampled ones from fixed seeds, so that one greedy path tipped by the thread
+    # count does not decide a prompt. `tunelab eval RUN --prompts travel` varies these settings.
     domain = run_domain_eval(
-        run_dir,
-        "travel",
-        max_new_tokens=PLANNER_MAX_NEW_TOKENS,
-        repetition_penalty=params.repetition_penalty,
-        limit=prompts,
-        adapter=False,
-        threads=threads,
-        log=log,
-        samples=samples,
-        temperature=params.temperature,
-        day_grammar=PLANNER_DAY_FORMAT,
+        run_dir, "travel", planner_decoding(samples=samples), limit=prompts, adapter=False, threads=threads, log=log
     )
     pair = domain["pairs"]["gguf"]
     return {

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from tunelab.config import Config, ConfigError, load_config
+from tunelab.errors import UserError
 from tunelab.experiments.sweep_file import PlannedRun, SweepSpec, as_set_items, grid_sweep, load_sweep, planned_runs
 
 RESULT_FILE = "sweep-result.json"
@@ -99,6 +100,7 @@ def run_sweep(spec: SweepSpec, spec_dir: Path, output: Path | None = None, log=p
                 f"sweep run {name}: data.val_fraction must stay {base_cfg.data.val_fraction} "
                 "(the fixed held-out sets depend on it)"
             )
+    refuse_mixed_runs(output, spec, runs)
     output.mkdir(parents=True, exist_ok=True)
     (output / "sweep.yaml").write_text(spec.model_dump_json(indent=2))  # what was run (JSON is valid YAML)
     log(f"sweep: {len(runs)} runs into {output}")
@@ -115,6 +117,32 @@ def run_sweep(spec: SweepSpec, spec_dir: Path, output: Path | None = None, log=p
         write_report(output, results_from_runs(output, runs))
     write_report(output, results_from_runs(output, runs))
     return results
+
+
+# What every run of a sweep is trained and judged with; the grid and the runs may grow between invocations.
+SHARED_BY_ALL_RUNS = ("base", "set", "heldout", "travel_eval", "export", "quant", "latency")
+
+
+def refuse_mixed_runs(output: Path, spec: SweepSpec, runs: list[PlannedRun]) -> None:
+    """A sweep folder resumed under a sweep file that trains or judges otherwise (another `travel_eval.limit`,
+    held-out set, ...), or with a finished run's own settings changed, would mix two judges in one table: refused,
+    naming what differs, before anything is written."""
+    previous_file = output / "sweep.yaml"
+    if previous_file.is_file():
+        previous, current = json.loads(previous_file.read_text()), json.loads(spec.model_dump_json())
+        differs = [key for key in SHARED_BY_ALL_RUNS if previous.get(key) != current.get(key)]
+        if differs:
+            raise UserError(
+                f"{output}: its runs were made under another sweep file (it differs in {', '.join(differs)}; see "
+                f"{previous_file}); give another --output, or delete the folder to start again"
+            )
+    for run in runs:
+        done = output / run.name / RESULT_FILE
+        if done.is_file() and (finished := json.loads(done.read_text()).get("overrides")) != run.overrides:
+            raise UserError(
+                f"{done}: run {run.name} finished earlier with other settings ({finished}, now {run.overrides}); "
+                "delete that file to run it again, or give another --output"
+            )
 
 
 def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> list[dict]:
@@ -153,7 +181,7 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
     travel = None
     if spec.travel_eval.enabled:
         # Named by its decoding too: a sweep re-run under another decoding judges again instead of reusing.
-        judged_as = domain_eval_name("travel", spec.travel_day_grammar, spec.quant)
+        judged_as = domain_eval_name("travel", spec.travel_decoding.day_grammar, spec.quant)
         travel = _cached(
             run_dir / "eval" / f"{judged_as}.json",
             lambda: _travel_eval(spec, spec_dir, run_dir, cfg, output, log),
@@ -193,9 +221,7 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
     return run_domain_eval(
         run_dir,
         prompts,
-        max_new_tokens=spec.travel_eval.max_new_tokens,
-        repetition_penalty=spec.travel_eval.repetition_penalty,
-        day_grammar=spec.travel_day_grammar,
+        spec.travel_decoding,
         limit=spec.travel_eval.limit,
         gguf=spec.export,
         adapter=not spec.export,
@@ -203,7 +229,6 @@ def _travel_eval(spec: SweepSpec, spec_dir: Path, run_dir: Path, cfg: Config, ou
         log=log,
         base_gguf=output / "base-models" / f"{slug}-{spec.quant}.gguf",
         quant=spec.quant,
-        samples=spec.travel_eval.samples,
     )
 
 

@@ -111,11 +111,18 @@ class SweepSpec(_Spec):
     requires: list[str] = Field(default_factory=list, description="`cuda` and/or `hub`: refuse to start without them.")
 
     @property
-    def travel_day_grammar(self) -> bool:
-        """Whether the travel eval decodes under the day-plan grammar: only GGUFs are judged with it (the adapter
-        comparison decodes in transformers, which has no grammar). The eval's decoding and its cache file's name
+    def travel_decoding(self):
+        """How the travel eval decodes (`eval.domain.Decoding`): under the day-plan grammar only when GGUFs are judged
+        (the adapter comparison decodes in transformers, which has no grammar). The eval and its cache file's name
         both read this, so a result is never cached under another decoding's name."""
-        return self.travel_eval.day_grammar and self.export
+        from tunelab.eval.domain import Decoding
+
+        return Decoding(
+            max_new_tokens=self.travel_eval.max_new_tokens,
+            repetition_penalty=self.travel_eval.repetition_penalty,
+            day_grammar=self.travel_eval.day_grammar and self.export,
+            samples=self.travel_eval.samples,
+        )
 
 
 class PlannedRun(BaseModel):

@@ -54,11 +54,26 @@ def domain_eval_name(prompts_source: str, day_grammar: bool = False, quant: str 
     return name + ("-grammar" if day_grammar else "") + quant_suffix(quant)
 
 
+def planner_decoding(max_new_tokens: int | None = None, samples: int = 0) -> Decoding:
+    """How the app's Travel Planner decodes a GGUF by default (its token budget, day-plan grammar, repetition penalty
+    and temperature): the quickstart's check and the promotion gate judge what users would get. `samples` sampled
+    answers per prompt besides the greedy one, from fixed seeds."""
+    from tunelab.models.inference import GenerationParams
+    from tunelab.serve import limits
+
+    return Decoding(
+        max_new_tokens=max_new_tokens or limits.PLANNER_MAX_NEW_TOKENS,
+        repetition_penalty=GenerationParams.repetition_penalty,
+        day_grammar=limits.PLANNER_DAY_FORMAT,
+        samples=samples,
+        temperature=GenerationParams.temperature,
+    )
+
+
 def run_domain_eval(
     run_dir: Path,
     prompts_source: str,
-    max_new_tokens: int = 384,
-    repetition_penalty: float = 1.0,
+    decoding: Decoding | None = None,
     limit: int | None = None,
     gguf: bool = True,
     adapter: bool = True,
@@ -66,17 +81,14 @@ def run_domain_eval(
     threads: int | None = None,
     log=print,
     base_gguf: Path | None = None,
-    day_grammar: bool = False,
     quant: str = SHIPPED_QUANT,
-    samples: int = 0,
-    temperature: float = Decoding.temperature,
-    seed: int = Decoding.seed,
 ) -> dict:
     from tunelab.models.runs import run_config
 
+    decoding = decoding or Decoding()
     run_config(run_dir)  # a clear error for a folder that is not a finished run
     prompts = load_travel_prompts(prompts_source)[: limit or None]
-    name = domain_eval_name(prompts_source, day_grammar, quant)
+    name = domain_eval_name(prompts_source, decoding.day_grammar, quant)
     ggufs = None
     if gguf and tuned_gguf_path(run_dir, quant).is_file():
         ggufs = (export_base_gguf(run_dir, threads, log, base_gguf, quant), tuned_gguf_path(run_dir, quant))
@@ -87,7 +99,7 @@ def run_domain_eval(
         )
     if judge is None:
         log("judge: none given (--judge MODEL.gguf adds pairwise verdicts); lm-eval harness tasks: --lm-eval TASKS")
-    if day_grammar and adapter:
+    if decoding.day_grammar and adapter:
         log("--grammar constrains llama.cpp only: the adapter comparison is skipped")
         adapter = False
     if not adapter and ggufs is None:
@@ -97,14 +109,17 @@ def run_domain_eval(
             f"{run_dir}: nothing to compare — no {tuned_gguf_path(run_dir, quant).name} in RUN/export and the "
             "adapter comparison is off (drop --no-adapter, or export first)"
         )
-    decoding = Decoding(
-        max_new_tokens=max_new_tokens,
-        repetition_penalty=repetition_penalty,
-        day_grammar=day_grammar,
-        samples=samples,
-        temperature=temperature,
-        seed=seed,
-    )
+    # A base GGUF shared by a sweep's runs keeps its answers beside it: the base side is answered once per sweep.
+    base_answers = base_gguf.with_suffix(".answers.json") if base_gguf is not None and ggufs is not None else None
     return evaluate_domain(
-        run_dir, prompts, name, decoding, ggufs=ggufs, judge=judge, adapter=adapter, threads=threads, log=log
+        run_dir,
+        prompts,
+        name,
+        decoding,
+        ggufs=ggufs,
+        judge=judge,
+        adapter=adapter,
+        threads=threads,
+        log=log,
+        base_answers=base_answers,
     )

@@ -12,6 +12,8 @@ push come after it: tunelab.serve.space, tunelab.hub).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -152,8 +154,6 @@ def export_base_ggufs(run_dir: Path, targets: dict[str, Path], threads: int | No
 
     The HF folder and f16 file in between live in a temp folder beside the first target; the folder is named `base`
     because llama.cpp's converter names the model after it, so every base GGUF of a run is the same bytes."""
-    import os
-    import shutil
 
     from tunelab.export.merge import save_base
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
+from tunelab.eval.rubric import is_evalset_header
 from tunelab.io import jsonl_records, write_jsonl
 from tunelab.serve.feedback_store import iter_pairwise_rows, iter_rows
 
@@ -142,7 +143,7 @@ def read_evalset(path: str | Path) -> EvalsetFile:
         raise UserError(f"{path}: regression set not found")
     version, records = "", []
     for where, record in jsonl_records(path):
-        if "evalset" in record:
+        if is_evalset_header(record):
             version = str(record["evalset"].get("version", ""))
             continue
         if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
