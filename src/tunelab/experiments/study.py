@@ -180,7 +180,7 @@ def run_one(spec: SweepSpec, spec_dir: Path, run: PlannedRun, cfg: Config, outpu
     suffix = quant_suffix(spec.quant)  # a run judged from two types keeps both
     travel = None
     if spec.travel_eval.enabled:
-        # Named by its decoding too: a sweep re-run under another decoding judges again instead of reusing.
+        # Named as `tunelab eval` names it (decoding and type); a folder judged otherwise is refused earlier.
         judged_as = domain_eval_name("travel", spec.travel_decoding.day_grammar, spec.quant)
         travel = _cached(
             run_dir / "eval" / f"{judged_as}.json",
