@@ -113,6 +113,10 @@ def test_grid_sweep_judges_every_run_on_the_same_held_out_rows(tiny_setup, capsy
     ):
         (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
         assert_one_clear_error(run_tunelab(capsys, "sweep", str(tmp_path / "changed.yaml")), needle)
+    # --threads pins every run's cores (training, judging, latency): resuming on other cores is refused as well.
+    assert_one_clear_error(
+        run_tunelab(capsys, "sweep", str(tmp_path / "extended.yaml"), "--threads", "3"), "differs in set, latency"
+    )
     assert (out / "rank-2" / "sweep-result.json").read_text() == finished
     assert yaml.safe_load((out / "sweep.yaml").read_text())["runs"] == extended["runs"]
 
@@ -142,6 +146,19 @@ def test_sweep_and_report_errors_are_one_line_exit_2(tiny_setup, capsys):
     for args, needle in cases:
         assert_one_clear_error(run_tunelab(capsys, *args), needle)
     assert not (tmp_path / "runs").exists()  # every error came before anything was trained
+
+
+def test_threads_pin_every_runs_training_and_llama_cpp(tiny_setup):
+    from tunelab.experiments.study import run_config_for
+    from tunelab.experiments.sweep_file import grid_sweep, planned_runs, with_threads
+
+    config, tmp_path = tiny_setup  # its train.threads is 1
+    spec, spec_dir = grid_sweep(config, ["lora.r=2,4"], [])
+    pinned = with_threads(spec, 3)
+    assert (pinned.latency.threads, spec.latency.threads) == (3, 2)
+    configs = [run_config_for(pinned, spec_dir, run, tmp_path / "out") for run in planned_runs(pinned)]
+    assert [cfg.train.threads for cfg in configs] == [3, 3]
+    assert with_threads(spec, None) is spec
 
 
 def test_grid_items_parse_to_a_sweep_grid():

@@ -30,6 +30,14 @@ def sweep_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="With --grid: override applied to every grid point.")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads of every run: training, llama.cpp judging and latency (default: the sweep file's "
+            "train.threads and latency.threads). Give each of two sweeps on one machine its own cores.",
+        ),
+    ] = None,
 ) -> None:
     """Train, export and judge one run per sweep point on the same held-out sets; results.csv/.md and plots.
 
@@ -37,11 +45,11 @@ def sweep_cmd(
     from tunelab.experiments.study import run_grid, run_study
 
     if grid:
-        run_grid(config, grid, set_ or [], output=output)
+        run_grid(config, grid, set_ or [], output=output, threads=threads)
         return
     if set_:
         raise UserError("--set: only with --grid (put overrides for every run in the sweep file's `set`)")
-    run_study(config, output=output)
+    run_study(config, output=output, threads=threads)
 
 
 def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder written by `tunelab sweep`.")]) -> None:

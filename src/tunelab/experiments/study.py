@@ -21,7 +21,15 @@ from pathlib import Path
 
 from tunelab.config import Config, ConfigError, load_config
 from tunelab.errors import UserError
-from tunelab.experiments.sweep_file import PlannedRun, SweepSpec, as_set_items, grid_sweep, load_sweep, planned_runs
+from tunelab.experiments.sweep_file import (
+    PlannedRun,
+    SweepSpec,
+    as_set_items,
+    grid_sweep,
+    load_sweep,
+    planned_runs,
+    with_threads,
+)
 
 RESULT_FILE = "sweep-result.json"
 
@@ -62,18 +70,23 @@ def check_requirements(spec: SweepSpec) -> None:
             ) from None
 
 
-def run_study(sweep_file: str | Path, output: Path | None = None, log=print) -> list[dict]:
+def run_study(sweep_file: str | Path, output: Path | None = None, log=print, threads: int | None = None) -> list[dict]:
     """`tunelab sweep SWEEP.yaml`."""
     spec, spec_dir = load_sweep(sweep_file)
-    return run_sweep(spec, spec_dir, output, log)
+    return run_sweep(with_threads(spec, threads), spec_dir, output, log)
 
 
 def run_grid(
-    config: str | Path, grid_items: list[str], overrides: list[str] | None = None, output: Path | None = None, log=print
+    config: str | Path,
+    grid_items: list[str],
+    overrides: list[str] | None = None,
+    output: Path | None = None,
+    log=print,
+    threads: int | None = None,
 ) -> list[dict]:
     """`tunelab sweep CONFIG --grid key=v1,v2 ...`: the sweep `grid_sweep` builds, run like a sweep file."""
     spec, spec_dir = grid_sweep(config, grid_items, overrides)
-    return run_sweep(spec, spec_dir, output, log)
+    return run_sweep(with_threads(spec, threads), spec_dir, output, log)
 
 
 def run_sweep(spec: SweepSpec, spec_dir: Path, output: Path | None = None, log=print) -> list[dict]:

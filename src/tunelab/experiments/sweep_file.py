@@ -125,6 +125,20 @@ class SweepSpec(_Spec):
         )
 
 
+def with_threads(spec: SweepSpec, threads: int | None) -> SweepSpec:
+    """`spec` with every run's CPU threads pinned to `threads`: training (`train.threads`), llama.cpp judging and the
+    latency measurement (`latency.threads`). Two sweeps sharing a machine each get their own cores this way; more
+    threads than free cores make llama.cpp's spinning threads wait on each other."""
+    if threads is None:
+        return spec
+    return spec.model_copy(
+        update={
+            "set": [*spec.set, f"train.threads={threads}"],
+            "latency": spec.latency.model_copy(update={"threads": threads}),
+        }
+    )
+
+
 class PlannedRun(BaseModel):
     name: str
     overrides: dict[str, Any]  # key.path -> value, on top of the base config and `set`
