@@ -292,8 +292,13 @@ def quickstart(
         ),
     ] = 2,
     threads: Annotated[
-        int, typer.Option(min=1, help="llama.cpp threads of the travel check (recorded with its results).")
-    ] = 2,
+        int | None,
+        typer.Option(
+            min=1,
+            help="llama.cpp threads per model in the travel check (recorded with its results; default: half the "
+            "cores, so base and tuned answer side by side).",
+        ),
+    ] = None,
 ) -> None:
     """Prepare embedded data, fine-tune the embedded SmolLM2-135M on this CPU, evaluate base vs tuned."""
     from tunelab.experiments.quickstart import run_quickstart

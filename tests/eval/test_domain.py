@@ -1,10 +1,14 @@
-"""eval/domain.py's answer store: what makes a kept answer reusable, and what does not."""
+"""eval/domain.py: the answer store (what makes a kept answer reusable, and what does not) and answering the two
+sides of a comparison at once."""
 
 from __future__ import annotations
 
 import os
+import threading
 
-from tunelab.eval.domain import Decoding, remembered
+import pytest
+
+from tunelab.eval.domain import Decoding, compare_pair, remembered, sides_fit_side_by_side
 from tunelab.eval.rubric import Answer, TravelPrompt
 
 
@@ -39,3 +43,32 @@ def test_a_kept_answer_is_reused_only_for_the_same_prompt_seed_file_decoding_and
     before = len(asked)
     remembered(generate, store, model, Decoding(samples=1), threads=1)(oslo, None)
     assert len(asked) == before + 1
+
+
+def test_side_by_side_answers_both_sides_at_once_and_compares_as_one_after_the_other():
+    prompts = [TravelPrompt(f"Plan {days} days in Oslo.", city="Oslo", days=days) for days in (1, 2, 3)]
+
+    def generator(extra_day: bool, both_inside: threading.Barrier | None = None):
+        def generate(prompt, seed):
+            if both_inside is not None:
+                both_inside.wait()  # raises after its timeout unless the other side is answering at the same time
+            days = prompt.days + (extra_day and seed is None)
+            return Answer("\n".join(f"Day {d}: Oslo harbour, seed {seed}" for d in range(1, days + 1)), finished=True)
+
+        return generate
+
+    together = threading.Barrier(2, timeout=30)
+    at_once = compare_pair(prompts, generator(False, together), generator(True, together), lambda *a: None,
+                           decoding=Decoding(samples=1), side_by_side=True)  # fmt: skip
+    in_turn = compare_pair(prompts, generator(False), generator(True), lambda *a: None, decoding=Decoding(samples=1))
+    assert at_once == in_turn
+    assert [row["outcome"] for row in at_once["answers"]] == ["loss"] * 3  # the tuned greedy plan has a day too many
+    with pytest.raises(threading.BrokenBarrierError):  # one side at a time: the barrier is never passed
+        compare_pair(prompts[:1], generator(False, threading.Barrier(2, timeout=1)), generator(True), lambda *a: None)
+
+
+def test_two_models_go_side_by_side_only_on_cores_of_their_own():
+    cores = len(os.sched_getaffinity(0))
+    assert sides_fit_side_by_side(cores // 2) is (cores >= 2)
+    assert not sides_fit_side_by_side(cores // 2 + 1)
+    assert not sides_fit_side_by_side(None)  # llama.cpp's default takes every core for one model

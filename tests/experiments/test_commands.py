@@ -175,3 +175,13 @@ def test_the_quickstart_judges_the_travel_planner_as_the_app_decodes_it(tmp_path
     assert decoding.max_new_tokens == starts["planner-max-tokens"]
     assert decoding.repetition_penalty == GenerationParams().repetition_penalty
     assert (decoding.samples, asked["threads"], asked["limit"], asked["adapter"]) == (2, 1, 3, False)
+
+
+def test_the_quickstart_check_answers_base_and_tuned_side_by_side_by_default(monkeypatch):
+    from tunelab.eval.domain import sides_fit_side_by_side
+    from tunelab.experiments.quickstart import half_the_cores
+
+    for cores, threads in ((1, 1), (2, 1), (3, 1), (16, 8)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert half_the_cores() == threads
+        assert sides_fit_side_by_side(threads) is (cores >= 2)

@@ -160,6 +160,8 @@ def test_the_verdict_is_the_same_on_one_and_two_threads(tmp_path):
         report = run_domain_eval(run_dir, str(prompts), decoding, adapter=False, threads=threads, quant="q8_0",
                                  log=lambda *a: None)  # fmt: skip
         assert report["threads"] == threads
+        # On 2 or more cores the 1-thread runs answer base and tuned at once, the 2-thread run one after the other.
+        assert report["gguf_sides_at_once"] is (2 * threads <= len(os.sched_getaffinity(0)))
         decoding = report["decoding"]
         assert (decoding["samples"], decoding["seed"], decoding["temperature"]) == (2, 5, 0.7)
         reports.append(report["pairs"]["gguf"])

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from tunelab.eval.rubric import CRITERIA, Answer, TravelPrompt, score_answer
@@ -151,30 +154,41 @@ def compare_pair(
     log=print,
     label: str = "",
     decoding: Decoding = Decoding(),
+    side_by_side: bool = False,
 ) -> dict:
     """Answer every prompt on both sides (the greedy answer, then one per sampled seed) and score the answers; a
-    prompt's score per side is the mean over its answers. Per-prompt outcome, per-criterion means, statistics."""
+    prompt's score per side is the mean over its answers. Per-prompt outcome, per-criterion means, statistics.
+
+    side_by_side: answer a prompt's two sides at once, in two Python threads. Only for generators that share no
+    model (two llama.cpp models): llama.cpp releases the GIL while it computes, so each side gets its own core."""
     rows = []
-    for i, prompt in enumerate(prompts, 1):
-        sides = {
-            side: _answer_record(prompt, generate, decoding) for side, generate in (("base", base), ("tuned", tuned))
-        }
-        result = outcome(sides["base"]["score"], sides["tuned"]["score"])
-        log(
-            f"  [{label} {i}/{len(prompts)}] {result:4s} base {sides['base']['score']:.2f} "
-            f"tuned {sides['tuned']['score']:.2f}  {prompt.prompt[:60]}"
-        )
-        rows.append(
-            {
-                "prompt": prompt.prompt,
-                "city": prompt.city,
-                "days": prompt.days,
-                "preferences": list(prompt.preferences),
-                "outcome": result,
-                **sides,
-            }
-        )
+    with ThreadPoolExecutor(max_workers=2) if side_by_side else contextlib.nullcontext() as pool:
+        answer_sides = pool.map if pool else map
+        for i, prompt in enumerate(prompts, 1):
+            base_record, tuned_record = answer_sides(partial(_answer_record, prompt, decoding=decoding), (base, tuned))
+            rows.append(_prompt_row(prompt, base_record, tuned_record, log, f"{label} {i}/{len(prompts)}"))
     return summarise(rows)
+
+
+def _prompt_row(prompt: TravelPrompt, base: dict, tuned: dict, log, where: str) -> dict:
+    result = outcome(base["score"], tuned["score"])
+    log(f"  [{where}] {result:4s} base {base['score']:.2f} tuned {tuned['score']:.2f}  {prompt.prompt[:60]}")
+    return {
+        "prompt": prompt.prompt,
+        "city": prompt.city,
+        "days": prompt.days,
+        "preferences": list(prompt.preferences),
+        "outcome": result,
+        "base": base,
+        "tuned": tuned,
+    }
+
+
+def sides_fit_side_by_side(threads: int | None) -> bool:
+    """Whether two llama.cpp models of `threads` threads each fit this process's cores at once. Never when they
+    would share cores: llama.cpp's threads spin while they wait for each other, and two models on the same cores
+    slow each other down far more than running them one after the other."""
+    return threads is not None and 2 * threads <= len(os.sched_getaffinity(0))
 
 
 def _answer_record(prompt: TravelPrompt, generate: Generate, decoding: Decoding) -> dict:
@@ -283,6 +297,7 @@ def evaluate_domain(
 
     run_dir = Path(run_dir)
     pairs: dict[str, dict] = {}
+    side_by_side = sides_fit_side_by_side(threads)  # the GGUF pair only: the adapter pair shares one model
     if adapter:
         log(f"domain eval ({name}, {len(prompts)} prompts): adapter on vs off, {_decodes(decoding)}")
         base, tuned = adapter_generators(run_dir, decoding, threads)
@@ -293,7 +308,8 @@ def evaluate_domain(
         }
     if ggufs is not None:
         base_gguf, tuned_gguf = ggufs
-        log(f"domain eval ({name}): {base_gguf.name} vs {tuned_gguf.name} in llama.cpp, {_decodes(decoding)}")
+        at_once = f", both sides at once on {threads} thread(s) each" if side_by_side else ""
+        log(f"domain eval ({name}): {base_gguf.name} vs {tuned_gguf.name} in llama.cpp, {_decodes(decoding)}{at_once}")
         base = gguf_generator(base_gguf, decoding, threads)
         if base_answers is not None:
             base = remembered(base, base_answers, base_gguf, decoding, threads)
@@ -307,6 +323,7 @@ def evaluate_domain(
                 log,
                 "gguf",
                 decoding,
+                side_by_side,
             ),
         }
     if judge is not None:
@@ -320,6 +337,7 @@ def evaluate_domain(
         "prompts": name,
         "decoding": asdict(decoding),
         "threads": threads,  # None: every core llama.cpp / torch chose to use
+        "gguf_sides_at_once": side_by_side and ggufs is not None,
         "pairs": pairs,
     }
     out = run_dir / "eval"

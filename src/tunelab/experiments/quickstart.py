@@ -1,7 +1,9 @@
-"""`tunelab quickstart`: the whole loop on the embedded model and data, on this CPU, in about 15 minutes."""
+"""`tunelab quickstart`: the whole loop on the embedded model and data, on this CPU: training takes minutes, the
+48-prompt travel check most of the time (README: how long on which machine)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tunelab.config import QUICKSTART_CONFIG, load_config
@@ -14,11 +16,12 @@ def run_quickstart(
     travel_prompts: int = 48,
     log=print,
     travel_samples: int = 2,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> dict:
     """Train, then judge where the user lives: held-out loss, and (travel_prompts > 0) the travel rubric on that
     many shipped prompts, base vs tuned, both from the q4_k_m GGUF the app serves: per prompt the greedy answer
-    and `travel_samples` sampled ones, on `threads` llama.cpp threads, with the comparison's statistics."""
+    and `travel_samples` sampled ones, on `threads` llama.cpp threads per model (default: half the cores, so the
+    two models answer side by side), with the comparison's statistics."""
     from tunelab.doctor.after import doctor_run
     from tunelab.doctor.before import pre_training_gate
     from tunelab.doctor.report import render_report, write_json
@@ -35,7 +38,7 @@ def run_quickstart(
     check_file = domain_eval_name("travel", PLANNER_DAY_FORMAT)  # what the travel check writes in RUN/eval
     travel_answers = f"; {check_file}.md: every travel answer and its scores" if travel_prompts else ""
     if travel_prompts:
-        report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads)
+        report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads or half_the_cores())
     doctor = doctor_run(output)  # after training (and the q4_k_m export, when the travel check made one)
     render_report(doctor)
     write_json(doctor, Path(output) / "doctor.json")
@@ -57,6 +60,12 @@ def run_quickstart(
     if serve:
         _export_and_serve(output, log)
     return report
+
+
+def half_the_cores() -> int:
+    """The travel check's llama.cpp threads per model when not given: base and tuned then answer side by side
+    (eval.domain.sides_fit_side_by_side), which for a small model beats one model on every core."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: int = 2) -> dict:
