@@ -231,8 +231,11 @@ def test_a_sweep_judges_its_ggufs_as_the_app_decodes_them(tmp_path, monkeypatch)
     _travel_eval(spec.model_copy(update={"export": False}), spec_dir, tmp_path, cfg, tmp_path, log=lambda *_: None)
     assert asked["decoding"].day_grammar is False
 
-    # Every shipped study judges as the quickstart's check does: the app's planner decoding, greedy + 2 samples.
+    # Every shipped study judges as the quickstart's check does: the app's planner decoding, greedy + 2 samples (the
+    # smoke sweep checks the machinery in minutes, with 96 tokens and greedy answers only).
     from tunelab.experiments.travel_eval import planner_decoding
 
-    for name in ("sweep-lr-rank", "sweep-lr-rank-short", "sweep-data", "sweep-model-size", "sweep-model-size-gpu"):
+    studies = sorted(path.stem for path in configs.glob("sweep-*.yaml") if path.stem != "sweep-smoke")
+    assert {"sweep-lr-rank-short", "sweep-data", "sweep-model-size", "sweep-recipe"} <= set(studies)
+    for name in studies:
         assert load_sweep(configs / f"{name}.yaml")[0].travel_decoding == planner_decoding(samples=2), name
