@@ -38,7 +38,7 @@ def run_quickstart(
     check_file = domain_eval_name("travel", PLANNER_DAY_FORMAT)  # what the travel check writes in RUN/eval
     travel_answers = f"; {check_file}.md: every travel answer and its scores" if travel_prompts else ""
     if travel_prompts:
-        report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads or half_the_cores())
+        report["travel"] = _travel_check(output, travel_prompts, log, travel_samples, threads)
     doctor = doctor_run(output)  # after training (and the q4_k_m export, when the travel check made one)
     render_report(doctor)
     write_json(doctor, Path(output) / "doctor.json")
@@ -68,7 +68,7 @@ def half_the_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
-def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: int = 2) -> dict:
+def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: int | None = None) -> dict:
     """Base vs tuned q4_k_m GGUF on the shipped travel prompts: win rate of non-tied with its interval, sign test,
     verdict and per-criterion means."""
     from tunelab.experiments.travel_eval import planner_decoding, run_domain_eval, tuned_gguf_path
@@ -76,6 +76,7 @@ def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: i
 
     if not tuned_gguf_path(run_dir).is_file():
         export_run(run_dir, ["q4_k_m"])
+    threads = threads or half_the_cores()
     # The greedy answer plus `samples` sampled ones from fixed seeds, so that one greedy path tipped by the thread
     # count does not decide a prompt. `tunelab eval RUN --prompts travel` varies these settings.
     domain = run_domain_eval(
