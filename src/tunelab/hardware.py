@@ -6,6 +6,7 @@ precision, benchmark reports) reads the hardware the same way.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def cpu_flags() -> frozenset[str]:
 def cpu_model() -> str:
     """The CPU's marketing name, for benchmark reports (timings mean little without it)."""
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a container's cpuset), not the machine's count.
+
+    Thread counts follow this so that two jobs pinned to a core each do not both spawn a thread per machine core.
+    """
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def cuda_capability() -> tuple[int, int] | None:

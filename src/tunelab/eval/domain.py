@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from tunelab.eval.rubric import CRITERIA, Answer, TravelPrompt, score_answer
 from tunelab.eval.stats import describe, outcome, paired_comparison, sign_test_p, verdict
+from tunelab.hardware import usable_cores
 from tunelab.models.inference import (
     GenerationParams,
     greedy_reply,
@@ -188,7 +188,7 @@ def sides_fit_side_by_side(threads: int | None) -> bool:
     """Whether two llama.cpp models of `threads` threads each fit this process's cores at once. Never when they
     would share cores: llama.cpp's threads spin while they wait for each other, and two models on the same cores
     slow each other down far more than running them one after the other."""
-    return threads is not None and 2 * threads <= len(os.sched_getaffinity(0))
+    return threads is not None and 2 * threads <= usable_cores()
 
 
 def _answer_record(prompt: TravelPrompt, generate: Generate, decoding: Decoding) -> dict:

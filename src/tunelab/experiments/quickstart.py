@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from tunelab.config import QUICKSTART_CONFIG, load_config
+from tunelab.hardware import usable_cores
 
 
 def run_quickstart(
@@ -65,7 +65,7 @@ def run_quickstart(
 def half_the_cores() -> int:
     """The travel check's llama.cpp threads per model when not given: base and tuned then answer side by side
     (eval.domain.sides_fit_side_by_side), which for a small model beats one model on every core."""
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    return max(1, usable_cores() // 2)
 
 
 def _travel_check(run_dir: Path, prompts: int, log, samples: int = 2, threads: int | None = None) -> dict:

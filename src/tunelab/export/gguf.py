@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.hardware import usable_cores
 from tunelab.io import atomic_folder, atomic_path
 
 # What the converter needs from the sdist (paths under vendor/llama.cpp/).
@@ -208,7 +209,7 @@ def quantize_gguf(src_file: Path, out_file: Path, qtype: str, threads: int | Non
         raise UserError(f"--gguf: unknown type `{qtype}` (known: {', '.join(QUANT_TYPES)})")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[qtype]
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or usable_cores()
     with atomic_path(out_file) as tmp:
         with native_stderr_captured() as captured:
             status = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))

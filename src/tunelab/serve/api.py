@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunelab.errors import UserError
+from tunelab.hardware import usable_cores
 
 # OpenAI's defaults where a request leaves a field out (vLLM and llama.cpp's server use the same ones).
 DEFAULT_TEMPERATURE = 1.0
@@ -82,7 +83,7 @@ def llama_cpp_app(gguf_path: Path, *, api_key: str | None, threads: int | None, 
     from tunelab.models.inference import _plain_cpu_buffers, amx_build_needs_plain_buffers
 
     check_chat_template(gguf_path)
-    thread_count = threads or _default_threads()
+    thread_count = threads or usable_cores()
     model = ModelSettings(
         model=str(gguf_path),
         model_alias=served_model_name(gguf_path),
@@ -108,12 +109,6 @@ def check_chat_template(gguf_path: Path) -> None:
         raise UserError(f"{gguf_path}: not a readable GGUF file ({exc})") from None
     if "tokenizer.chat_template" not in fields:
         raise UserError(f"{gguf_path}: the GGUF has no tokenizer.chat_template; re-export it with `tunelab export`")
-
-
-def _default_threads() -> int:
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 # --------------------------------------------------------------------------------- transformers

@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.hardware import usable_cores
 from tunelab.models.openai_backend import OpenAIBackend
 
 # llama.cpp's AMX kernels crash on VMs that advertise AMX without granting it (Makefile: NO_AMX, same reason).
@@ -62,7 +63,7 @@ def default_parallel(cores: int | None = None) -> int:
     """Slots for a CPU: 4 per core, at most 16. Decode on a CPU is bound by reading the weights once per step,
     so a batch of a few sequences per core costs little more than one; past ~8 per core the attention over every
     slot's context starts to dominate and each user's tokens slow down."""
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     return max(1, min(16, 4 * cores))
 
 
@@ -112,7 +113,7 @@ def build_llama_server(target: Path) -> Path:
             tar.extractall(work / "src", filter="data")
         source = next((work / "src").glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
         env = dict(os.environ, CFLAGS=NO_AMX_FLAGS, CXXFLAGS=NO_AMX_FLAGS)
-        jobs = str(len(os.sched_getaffinity(0)))
+        jobs = str(usable_cores())
         for cmd in (
             ["cmake", "-S", str(source), "-B", str(work / "build"), *CMAKE_OPTIONS],
             ["cmake", "--build", str(work / "build"), "--target", "llama-server", "-j", jobs],
@@ -162,7 +163,7 @@ class LlamaServer:
         self.parallel = parallel or default_parallel()
         if self.parallel < 1:
             raise UserError(f"--parallel: must be >= 1 (got {self.parallel})")
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or usable_cores()
         self.host, self.port = host, port or free_port(host)
         self.api_key = api_key
         self.command = [

@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the tunelab/ copied next to this file (tunelab is not on PyPI)
 
+from tunelab.hardware import usable_cores  # noqa: E402
 from tunelab.models.inference import load_backend  # noqa: E402
 from tunelab.serve.app import LOOPBACK_HOSTS, build_app, launch  # noqa: E402
 from tunelab.serve.fingerprint import model_fingerprint  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
     on_space = bool(os.environ.get("SPACE_ID"))
     host = "0.0.0.0" if on_space else "127.0.0.1"
     port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
-    threads = int(os.environ.get("THREADS") or os.cpu_count() or 2)
+    threads = int(os.environ.get("THREADS") or usable_cores())
     auth = parse_auth(os.environ.get("TUNELAB_AUTH", ""))
     db = Path(os.environ.get("FEEDBACK_DB") or default_db(on_space))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import Config, TrainConfig
+from tunelab.hardware import usable_cores
 from tunelab.io import atomic_folder, atomic_write
 from tunelab.train.architectures import plan_for
 from tunelab.train.distributed import describe_launch, distribution_for
@@ -30,7 +31,7 @@ from tunelab.train.run_folder import (
 
 def set_threads(threads: int | None) -> int:
     """Intra-op threads = cores (no oversubscription from tokenizers or dataloaders)."""
-    n = threads or len(os.sched_getaffinity(0))
+    n = threads or usable_cores()
     torch.set_num_threads(n)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return n
