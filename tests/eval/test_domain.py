@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,32 @@ def test_two_models_go_side_by_side_only_on_cores_of_their_own():
     assert sides_fit_side_by_side(max(1, cores // 2)) is (cores >= 2)  # `make test` pins each worker to one core
     assert not sides_fit_side_by_side(cores // 2 + 1)
     assert not sides_fit_side_by_side(None)  # llama.cpp's default takes every core for one model
+
+
+def test_a_base_whose_answers_are_all_kept_is_never_loaded(tmp_path, monkeypatch):
+    """A sweep's later runs judge only the tuned side: the base GGUF's answers come from the store, and llama.cpp
+    never loads the base file (a few seconds and its memory per run for a larger base)."""
+    from tests.helpers import embedded_gguf
+    from tunelab.eval import domain
+
+    base = embedded_gguf()
+    tuned = tmp_path / "tuned.gguf"
+    tuned.symlink_to(base)
+    loaded = []
+    real_load = domain.load_backend
+    monkeypatch.setattr(domain, "load_backend", lambda path, **kw: loaded.append(Path(path)) or real_load(path, **kw))
+    prompts = [TravelPrompt("Plan 1 day in Oslo.", city="Oslo", days=1)]
+    decoding = Decoding(max_new_tokens=8, samples=1)
+    store = tmp_path / "base-answers.json"
+
+    def judge(run: str) -> dict:
+        (tmp_path / run).mkdir()
+        return domain.evaluate_domain(tmp_path / run, prompts, decoding=decoding, ggufs=(base, tuned), adapter=False,
+                                      threads=1, log=lambda *a: None, base_answers=store)  # fmt: skip
+
+    first = judge("first")
+    assert sorted(loaded) == sorted([base, tuned])
+    loaded.clear()
+    later = judge("later")
+    assert loaded == [tuned]
+    assert later["pairs"]["gguf"]["answers"] == first["pairs"]["gguf"]["answers"]

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from tunelab.eval.rubric import CRITERIA, Answer, TravelPrompt, score_answer
@@ -104,8 +104,12 @@ def answer_in_llama_cpp(llm, prompt: TravelPrompt, day_grammar: bool, max_new_to
 
 def gguf_generator(gguf, decoding: Decoding, threads: int | None = None) -> Generate:
     """Greedy (seed None) or sampled answers from a GGUF file in llama.cpp in this process, or from a model already
-    on llama.cpp's server (a LlamaServerBackend: one adapter on a base GGUF shared with other adapters)."""
-    llm = load_backend(gguf, threads=threads).llm if isinstance(gguf, str | Path) else gguf
+    on llama.cpp's server (a LlamaServerBackend: one adapter on a base GGUF shared with other adapters). A file is
+    loaded at its first answer, so a side whose answers are all kept (`remembered`) never loads it."""
+
+    @cache
+    def model():
+        return load_backend(gguf, threads=threads).llm if isinstance(gguf, str | Path) else gguf
 
     def generate(prompt: TravelPrompt, seed: int | None) -> Answer:
         sampling = (
@@ -113,7 +117,7 @@ def gguf_generator(gguf, decoding: Decoding, threads: int | None = None) -> Gene
             if seed is None
             else {"temperature": decoding.temperature, "top_p": decoding.top_p, "seed": seed}
         )
-        return answer_in_llama_cpp(llm, prompt, decoding.day_grammar, decoding.max_new_tokens,
+        return answer_in_llama_cpp(model(), prompt, decoding.day_grammar, decoding.max_new_tokens,
                                    repeat_penalty=decoding.repetition_penalty, **sampling)  # fmt: skip
 
     return generate
