@@ -248,5 +248,11 @@ def test_rubric_gate_on_two_q4_k_m_files(tmp_path):
     assert "0 wins / 1 ties / 0 losses" in check.note and "no detectable difference" in check.note
     assert "under the day-plan grammar" in check.note
     assert check.current > 0.8  # a 12-token answer could not score so: the grammar's budget decided the length
+    assert "side by side" not in check.note  # `make test` gives each worker one core: no room for two models
+    with pytest.MonkeyPatch.context() as two_cores:
+        two_cores.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+        at_once = rubric_check(gguf, gguf, gates, 1, log=lambda *a: None)
+    assert "side by side on 1 thread(s) each" in at_once.note
+    assert (at_once.current, at_once.candidate, at_once.passed) == (check.current, check.candidate, check.passed)
     run_without_export = tmp_path / "run"
     assert rubric_check(run_without_export, gguf, gates, 1, log=lambda *a: None).passed is None

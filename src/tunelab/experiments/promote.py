@@ -216,7 +216,7 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
     promote.rubric_samples sampled ones per prompt, with the statistics of eval/stats.py. Two runs exported with
     --adapter-gguf from one base answer from one llama-server (serve/llama_server.adapter_backends); otherwise each
     q4_k_m export is loaded on its own."""
-    from tunelab.eval.domain import compare_pair, gguf_generator
+    from tunelab.eval.domain import compare_pair, gguf_generator, sides_fit_side_by_side
     from tunelab.eval.rubric import load_travel_prompts
     from tunelab.eval.stats import describe
     from tunelab.experiments.travel_eval import planner_decoding
@@ -236,12 +236,16 @@ def rubric_check(candidate: Path, current: Path, gates: PromoteConfig, threads: 
                     "rubric",
                     f"no {SHIPPED_QUANT} export for the {' and '.join(missing)} model (run `tunelab export RUN`)",
                 )
+        # Two files in this process answer side by side when each model's threads fit cores of their own; the
+        # server's two adapters share one base model, so they answer one after the other.
+        side_by_side = isinstance(models[0], Path) and sides_fit_side_by_side(threads)
+        served += f", side by side on {threads} thread(s) each" if side_by_side else ""
         grammar = ", under the day-plan grammar" if decoding.day_grammar else ""
         log(f"rubric: {len(prompts)} travel prompts, current vs candidate ({served}, greedy + {decoding.samples} "
             f"sampled{grammar})")  # fmt: skip
         summary = compare_pair(
             prompts, *(gguf_generator(model, decoding, threads) for model in models),
-            log=log, label="rubric", decoding=decoding,
+            log=log, label="rubric", decoding=decoding, side_by_side=side_by_side,
         )  # fmt: skip
     means = summary["mean_score"]
     return Check(
