@@ -177,7 +177,14 @@ def promote_cmd(
         Path | None,
         typer.Option(help="Also rebuild this Space bundle around the model --serve-dir now serves (a q4_k_m export)."),
     ] = None,
-    threads: Annotated[int, typer.Option(min=1, help="Threads for the latency measurement.")] = 2,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="llama.cpp threads per model, for the rubric gate (its two files answer side by side when twice "
+            "this fits the cores) and the latency measurement.",
+        ),
+    ] = 2,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Gate override, e.g. --set promote.min_regression_win_rate=0.6."),
