@@ -3,7 +3,7 @@ keys that move together (alpha = 2 x rank) not split into series."""
 
 import pytest
 
-from tunelab.experiments.results import _base_value, _series_by_other_keys, _tied, _x_axis, swept_keys
+from tunelab.experiments.results import _base_marks, _series_by_other_keys, _tied, _x_axis, swept_keys
 
 
 def _run(name, base_travel=0.5, **overrides):
@@ -42,8 +42,15 @@ def test_alpha_that_follows_the_rank_is_not_a_series_but_the_learning_rate_is():
 
 
 def test_the_base_line_is_the_base_value_of_a_tuned_metric_only():
-    assert _base_value(GRID, "travel_score_tuned") == 0.5
-    assert _base_value(GRID, "final_train_loss") is None
+    positions = _x_axis([r["overrides"]["train.lr"] for r in GRID])[0]
+    assert _base_marks(GRID, "travel_score_tuned", "train.lr", positions) == [(0.5, None)]  # one line for all runs
+    assert _base_marks(GRID, "final_train_loss", "train.lr", positions) == []
+
+
+def test_a_sweep_over_the_base_model_marks_each_runs_own_base():
+    sizes = [_run("small", 0.825, **{"model.name": "small"}), _run("large", 0.788, **{"model.name": "large"})]
+    positions = _x_axis([r["overrides"]["model.name"] for r in sizes])[0]
+    assert _base_marks(sizes, "travel_score_tuned", "model.name", positions) == [(0.825, 0.0), (0.788, 1.0)]
 
 
 def test_a_swept_source_list_is_shown_by_its_source_names():

@@ -259,9 +259,14 @@ def write_plots(output: Path, results: list[dict], keys: list[str]) -> list[Path
                 errors = None if any(e is None for e in bars) else [[e[0] for e in bars], [e[1] for e in bars]]
                 ax.errorbar([x for x, _, _ in points], [y for _, y, _ in points], yerr=errors, fmt="o-", capsize=3,
                             label=label or None)  # fmt: skip
-            base = 0.5 if metric == "travel_win_rate" else _base_value(results, metric)
-            if base is not None:  # where the untrained model stands (a win rate of 0.5): a run below it got worse
-                ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base")
+            # Where the untrained model stands (a win rate of 0.5): a run below it got worse. One line when every
+            # run shares its base; a mark at each run when the sweep changes the base model itself.
+            bases = [(0.5, None)] if metric == "travel_win_rate" else _base_marks(results, metric, key, positions)
+            if len(bases) == 1:
+                ax.axhline(bases[0][0], color="grey", linestyle="--", linewidth=1, label="base")
+            elif bases:
+                ax.scatter([x for _, x in bases], [y for y, _ in bases], marker="_", s=300, color="grey",
+                           label="each run's base")  # fmt: skip
             if log_x:
                 ax.set_xscale("log")
             if tick_labels:
@@ -323,13 +328,17 @@ def _tied(results: list[dict], key: str, other: str) -> bool:
     return len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
 
 
-def _base_value(results: list[dict], metric: str):
-    """The base model's value of a tuned metric (the same for every run: the held-out sets are fixed by the sweep)."""
+def _base_marks(results: list[dict], metric: str, key: str, positions: dict[str, float]) -> list[tuple]:
+    """The base model's values of a tuned metric as (value, x) marks: one (value, None) when every run shares it
+    (the held-out sets and prompts are fixed by the sweep, so runs of one base model do), else one per run at its x
+    (a sweep over model.name: each run has a base of its own); [] for a metric without a base."""
     if not metric.endswith("_tuned"):
-        return None
-    values = [r.get(metric.removesuffix("_tuned") + "_base") for r in results]
-    values = [v for v in values if v is not None]
-    return values[0] if values else None
+        return []
+    base_key = metric.removesuffix("_tuned") + "_base"
+    marks = [(r[base_key], positions[repr(r["overrides"].get(key))]) for r in results if r.get(base_key) is not None]
+    if len({value for value, _ in marks}) == 1:
+        return [(marks[0][0], None)]
+    return marks
 
 
 def rebuild_report(sweep_dir: Path) -> list[Path]:
