@@ -13,7 +13,7 @@ import platform
 import shlex
 import sys
 
-from tunelab.hardware import cpu_flags, cpu_model
+from tunelab.hardware import cpu_flags, cpu_model, usable_cores
 from tunelab.train.precision import NATIVE_BF16_CPU_FLAGS
 
 
@@ -23,7 +23,10 @@ def command_line() -> str:
 
 
 def machine_info() -> dict:
-    """CPU model, logical CPUs, native bf16 flags, OS and the versions of the libraries that set the speed."""
+    """CPU model, logical CPUs (the machine's and those this run may use), native bf16 flags, OS and library versions.
+
+    `usable_cores` is the affinity mask: a benchmark pinned with `taskset -c 0` on a 2-core machine ran on one core.
+    """
     versions = {}
     for dist in ("torch", "transformers", "peft", "llama-cpp-python"):
         try:
@@ -33,6 +36,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "native_bf16": sorted(cpu_flags() & set(NATIVE_BF16_CPU_FLAGS)),
         "python": platform.python_version(),
         "os": platform.platform(),
@@ -41,10 +45,12 @@ def machine_info() -> dict:
 
 
 def machine_line(info: dict, threads: int | None = None) -> str:
-    """One line for a table caption: `CPU, N logical CPUs (flags), T threads, torch X`."""
+    """One line for a table caption: `CPU, N logical CPUs [, M usable] (flags), T threads, torch X`."""
     flags = ",".join(info["native_bf16"]) or "no native bf16"
+    usable = info.get("usable_cores", info["cores"])  # results written before the field existed lack it
+    pinned = f", {usable} usable" if usable != info["cores"] else ""
     used = f", {threads} threads" if threads else ""
-    return f"{info['cpu']}, {info['cores']} logical CPUs ({flags}){used}, torch {info['torch']}"
+    return f"{info['cpu']}, {info['cores']} logical CPUs{pinned} ({flags}){used}, torch {info['torch']}"
 
 
 def run_header(command: str | None = None, threads: int | None = None) -> dict:
