@@ -239,3 +239,21 @@ def test_a_sweep_judges_its_ggufs_as_the_app_decodes_them(tmp_path, monkeypatch)
     assert {"sweep-lr-rank-short", "sweep-data", "sweep-model-size", "sweep-recipe"} <= set(studies)
     for name in studies:
         assert load_sweep(configs / f"{name}.yaml")[0].travel_decoding == planner_decoding(samples=2), name
+
+
+def test_the_report_is_rebuilt_in_the_order_the_sweep_ran_not_by_folder_name(tmp_path):
+    from tunelab.experiments.study import RESULT_FILE, results_from_runs
+    from tunelab.experiments.sweep_file import SweepSpec
+
+    spec = SweepSpec.model_validate(
+        {
+            "base": "base.yaml",
+            "runs": [{"name": "zeta", "set": {"train.lr": 1e-3}}, {"name": "alpha", "set": {"train.lr": 1e-2}}],
+        }
+    )
+    for name in ("zeta", "alpha", "left-from-an-older-plan"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RESULT_FILE).write_text(json.dumps({"name": name}))
+    assert [r["name"] for r in results_from_runs(tmp_path)] == ["alpha", "left-from-an-older-plan", "zeta"]
+    (tmp_path / "sweep.yaml").write_text(spec.model_dump_json(indent=2))  # as `tunelab sweep` records its plan
+    assert [r["name"] for r in results_from_runs(tmp_path)] == ["zeta", "alpha"]

@@ -159,7 +159,11 @@ def refuse_mixed_runs(output: Path, spec: SweepSpec, runs: list[PlannedRun]) -> 
 
 
 def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> list[dict]:
-    """Every finished run's result, in sweep order (or folder order when the plan is not at hand)."""
+    """Every finished run's result, in sweep order: of `runs`, else of the plan OUTPUT/sweep.yaml records (so
+    `tunelab report` rebuilds the tables the sweep wrote), else in folder-name order."""
+    recorded = output / "sweep.yaml"
+    if runs is None and recorded.is_file():
+        runs = planned_runs(SweepSpec.model_validate_json(recorded.read_text()))
     folders = (
         [output / r.name for r in runs]
         if runs is not None
