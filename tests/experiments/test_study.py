@@ -257,3 +257,5 @@ def test_the_report_is_rebuilt_in_the_order_the_sweep_ran_not_by_folder_name(tmp
     assert [r["name"] for r in results_from_runs(tmp_path)] == ["alpha", "left-from-an-older-plan", "zeta"]
     (tmp_path / "sweep.yaml").write_text(spec.model_dump_json(indent=2))  # as `tunelab sweep` records its plan
     assert [r["name"] for r in results_from_runs(tmp_path)] == ["zeta", "alpha"]
+    (tmp_path / "sweep.yaml").write_text('{"base": "base.yaml", "a_field_of_an_older_schema": 1}')
+    assert [r["name"] for r in results_from_runs(tmp_path)] == ["alpha", "left-from-an-older-plan", "zeta"]

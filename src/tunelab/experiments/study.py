@@ -163,7 +163,10 @@ def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> lis
     `tunelab report` rebuilds the tables the sweep wrote), else in folder-name order."""
     recorded = output / "sweep.yaml"
     if runs is None and recorded.is_file():
-        runs = planned_runs(SweepSpec.model_validate_json(recorded.read_text()))
+        try:
+            runs = planned_runs(SweepSpec.model_validate_json(recorded.read_text()))
+        except ValueError:  # a plan recorded under an older sweep schema: only the rows' order depends on it
+            runs = None
     folders = (
         [output / r.name for r in runs]
         if runs is not None
