@@ -32,6 +32,7 @@ from tunelab.experiments.sweep_file import (
 )
 
 RESULT_FILE = "sweep-result.json"
+PLAN_FILE = "sweep.yaml"  # the spec a sweep folder was run under, as JSON (valid YAML)
 
 
 def run_config_for(spec: SweepSpec, spec_dir: Path, run: PlannedRun, output: Path) -> Config:
@@ -115,7 +116,7 @@ def run_sweep(spec: SweepSpec, spec_dir: Path, output: Path | None = None, log=p
             )
     refuse_mixed_runs(output, spec, runs)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "sweep.yaml").write_text(spec.model_dump_json(indent=2))  # what was run (JSON is valid YAML)
+    (output / PLAN_FILE).write_text(spec.model_dump_json(indent=2))
     log(f"sweep: {len(runs)} runs into {output}")
     results = []
     for i, run in enumerate(runs, 1):
@@ -140,7 +141,7 @@ def refuse_mixed_runs(output: Path, spec: SweepSpec, runs: list[PlannedRun]) -> 
     """A sweep folder resumed under a sweep file that trains or judges otherwise (another `travel_eval.limit`,
     held-out set, ...), or with a finished run's own settings changed, would mix two judges in one table: refused,
     naming what differs, before anything is written."""
-    previous_file = output / "sweep.yaml"
+    previous_file = output / PLAN_FILE
     if previous_file.is_file():
         previous, current = json.loads(previous_file.read_text()), json.loads(spec.model_dump_json())
         differs = [key for key in SHARED_BY_ALL_RUNS if previous.get(key) != current.get(key)]
@@ -161,7 +162,7 @@ def refuse_mixed_runs(output: Path, spec: SweepSpec, runs: list[PlannedRun]) -> 
 def results_from_runs(output: Path, runs: list[PlannedRun] | None = None) -> list[dict]:
     """Every finished run's result, in sweep order: of `runs`, else of the plan OUTPUT/sweep.yaml records (so
     `tunelab report` rebuilds the tables the sweep wrote), else in folder-name order."""
-    recorded = output / "sweep.yaml"
+    recorded = output / PLAN_FILE
     if runs is None and recorded.is_file():
         try:
             runs = planned_runs(SweepSpec.model_validate_json(recorded.read_text()))
